@@ -1,0 +1,36 @@
+# Two commands on a fresh machine:  make run  (demo pipeline)   make test  (test suite)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CORES  ?= all
+CONFIG ?= config/config.yaml
+
+.PHONY: run test lint dryrun bench clean venv
+
+# The venv is rebuilt when pyproject.toml changes. torch is pinned (==2.13.0): pip takes
+# the CPU build from local disk; an open range would pull a multi-GB CUDA build.
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+run: venv
+	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG) --printshellcmds
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/snakemake --lint
+
+dryrun: venv
+	$(BIN)/snakemake -n --cores 1
+
+bench: venv
+	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf results .snakemake resources/demo

@@ -1,0 +1,18 @@
+"""Rule `baselines`: Gaussian 2D (per frame) and Gaussian 3D (t, y, x) denoising."""
+import numpy as np
+
+from emdenoise import filters, io, stage
+
+
+def main(smk):
+    b = smk.params.dataset.baselines
+    aligned, attrs = io.read_zarr(smk.input[0])
+    stack = np.asarray(aligned[:], dtype=np.float32)
+    px = attrs.get("pixel_size")
+    io.write_zarr(smk.output.gaussian2d, filters.gaussian2d(stack, b.gaussian2d_sigma), pixel_size=px,
+                  attrs={**attrs, "method": "gaussian2d", "sigma": b.gaussian2d_sigma})
+    io.write_zarr(smk.output.gaussian3d, filters.gaussian3d(stack, tuple(b.gaussian3d_sigma)), pixel_size=px,
+                  attrs={**attrs, "method": "gaussian3d", "sigma": list(b.gaussian3d_sigma)})
+
+
+stage.run(snakemake, main)  # noqa: F821

@@ -1,0 +1,27 @@
+"""Rule `drift`: measure drift on the pre-filtered stack, apply it to the raw stack."""
+import numpy as np
+
+from emdenoise import drift, io, stage
+
+
+def main(smk):
+    ds = smk.params.dataset
+    raw, attrs = io.read_zarr(smk.input.raw)
+    stack = np.asarray(raw[:], dtype=np.float32)
+    if "prefiltered" in smk.input.keys():
+        pre, _ = io.read_zarr(smk.input.prefiltered)
+        shifts = drift.measure_drift(np.asarray(pre[:]), upsample=ds.drift.upsample)
+    else:  # drift correction disabled (tilt series by default): identity alignment
+        shifts = np.zeros((stack.shape[0], 2))
+    aligned, info = drift.apply_shifts(stack, shifts, mode=ds.drift.apply, crop=ds.drift.crop)
+    table = drift.drift_table(shifts, info["applied"], info["residual"])
+    with io.atomic_path(smk.output.table) as tmp:
+        table.to_csv(tmp, index=False)
+    with io.atomic_path(smk.output.plot) as tmp:
+        drift.plot_drift(table, tmp, title=ds.name)
+    record = {"enabled": ds.drift_enabled, "mode": info["mode"], "crop_yx": [int(v) for v in info["crop"]],
+              "max_shift_px": float(np.abs(shifts).max()) if len(shifts) else 0.0}
+    io.write_zarr(smk.output.aligned, aligned, pixel_size=attrs.get("pixel_size"), attrs={**attrs, "drift": record})
+
+
+stage.run(snakemake, main)  # noqa: F821

@@ -1,0 +1,24 @@
+"""Rule `noise`: noise-correlation heatmaps and the blind-spot size (SHINE)."""
+import json
+
+from emdenoise import io, noise, stage
+from emdenoise.errors import InputError
+
+
+def main(smk):
+    ds = smk.params.dataset
+    aligned, attrs = io.read_zarr(smk.input[0])
+    if attrs.get("drift", {}).get("mode", "integer") != "integer":
+        raise InputError(smk.input[0], "noise must be measured on frames that were never interpolated; "
+                            "set drift.apply: integer for this dataset")
+    result = noise.estimate_blindspot(aligned[:], max_lag=ds.noise.max_lag, threshold=ds.noise.threshold,
+                                      estimate=ds.noise.estimate)
+    with io.atomic_path(smk.output.table) as tmp:
+        noise.result_table(result).to_csv(tmp, index=False)
+    with io.atomic_path(smk.output.plot) as tmp:
+        noise.plot_heatmaps(result, tmp, title=ds.name)
+    with io.atomic_path(smk.output.blindspot) as tmp, open(tmp, "w") as fh:
+        json.dump({"dataset": ds.name, **result}, fh, indent=2)
+
+
+stage.run(snakemake, main)  # noqa: F821

@@ -1,0 +1,89 @@
+"""Typed configuration: defaults in one place, overrides, globbing, clear errors."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from emdenoise import config as emcfg
+from emdenoise.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_config_yaml_defaults_match_the_typed_defaults():
+    shipped = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    emcfg.validate(shipped)
+    for stage, cls in emcfg.STAGES.items():
+        typed = dataclasses.asdict(cls())
+        listed = {k: tuple(v) if isinstance(v, list) else v for k, v in shipped["defaults"][stage].items()}
+        assert listed == typed, stage
+
+
+def test_dataset_overrides_defaults_and_defaults_override_builtin(tmp_path):
+    (tmp_path / "a.tif").touch()
+    cfg = {
+        "datasets": {"a": {"path": str(tmp_path / "a.tif"), "drift": {"upsample": 50}}},
+        "defaults": {"drift": {"apply": "fourier"}, "noise": {"threshold": 0.2}},
+    }
+    emcfg.validate(cfg)
+    a = emcfg.build(cfg).datasets["a"]
+    assert a.drift.upsample == 50 and a.drift.apply == "fourier"
+    assert a.noise.threshold == 0.2 and a.noise.max_lag == 4
+    assert a.drift_enabled  # movie by default
+
+
+def test_tilt_series_skip_drift_unless_asked(tmp_path):
+    (tmp_path / "t.mrc").touch()
+    base = {"path": str(tmp_path / "t.mrc"), "kind": "tilt_series"}
+    assert not emcfg.build({"datasets": {"t": base}}).datasets["t"].drift_enabled
+    forced = {**base, "drift": {"enabled": True}}
+    assert emcfg.build({"datasets": {"t": forced}}).datasets["t"].drift_enabled
+
+
+@pytest.mark.parametrize("bad, key", [
+    ({"datasets": {"a": {"path": "x", "pixelsize": 1}}}, "pixelsize"),
+    ({"datasets": {"a": {"path": "x", "kind": "video"}}}, "kind"),
+    ({"datasets": {"a": {"path": "x"}}, "defaults": {"noise": {"threshold": "high"}}}, "threshold"),
+    ({"datasets": {"a": {"path": "x"}}, "defualts": {}}, "defualts"),
+])
+def test_schema_errors_name_the_key(bad, key):
+    with pytest.raises(InputError, match=key):
+        emcfg.validate(bad)
+
+
+def test_missing_path_is_named(tmp_path):
+    with pytest.raises(InputError, match="nowhere.tif.*does not exist"):
+        emcfg.build({"datasets": {"a": {"path": str(tmp_path / "nowhere.tif")}}})
+
+
+def test_glob_makes_datasets_named_after_files(tmp_path):
+    for name in ("run 1.tif", "run2.mrc"):
+        (tmp_path / name).touch()
+    cfg = emcfg.build({"datasets_glob": [{"pattern": str(tmp_path / "*"), "kind": "movie", "pixel_size": 0.5}]})
+    assert sorted(cfg.datasets) == ["run2", "run_1"]
+    assert cfg.datasets["run2"].pixel_size == 0.5
+
+
+def test_glob_name_collision_is_an_error(tmp_path):
+    (tmp_path / "a.tif").touch()
+    (tmp_path / "a.mrc").touch()
+    with pytest.raises(InputError, match="collides"):
+        emcfg.build({"datasets_glob": [{"pattern": str(tmp_path / "a.*")}]})
+
+
+def test_empty_glob_and_no_datasets_are_errors(tmp_path):
+    with pytest.raises(InputError, match="matches no file"):
+        emcfg.build({"datasets_glob": [{"pattern": str(tmp_path / "*.tif")}]})
+    with pytest.raises(InputError, match="no datasets"):
+        emcfg.build({})
+
+
+def test_demo_paths_need_not_exist_yet():
+    cfg = {"demo": {"d": {"format": "mrc"}},
+           "datasets": {"d": {"path": "resources/demo/d.mrc", "ground_truth": "resources/demo/d_truth.mrc"}}}
+    built = emcfg.build(cfg)
+    assert built.demo["d"].format == "mrc" and np.isclose(built.demo["d"].dose, 1.0)

@@ -1,0 +1,19 @@
+# Classical baselines of the WCVD paper: Gaussian 2D per frame and Gaussian 3D.
+
+
+rule baselines:
+    input:
+        f"{RESULTS}/{{ds}}/aligned.zarr",
+    output:
+        gaussian2d=directory(f"{RESULTS}/{{ds}}/gaussian2d.zarr"),
+        gaussian3d=directory(f"{RESULTS}/{{ds}}/gaussian3d.zarr"),
+    params:
+        dataset=dataset,
+    log:
+        f"{RESULTS}/logs/{{ds}}/baselines.log",
+    resources:
+        mem_mb=4000,
+    conda:
+        "../../envs/emdenoise.yaml"
+    script:
+        "../../scripts/baselines.py"

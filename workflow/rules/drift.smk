@@ -1,0 +1,39 @@
+# Drift measured on the pre-filtered stack, applied (whole pixels by default) to the raw one.
+
+
+rule drift:
+    input:
+        unpack(drift_inputs),
+    output:
+        aligned=directory(f"{RESULTS}/{{ds}}/aligned.zarr"),
+        table=f"{RESULTS}/{{ds}}/drift.csv",
+        plot=f"{RESULTS}/{{ds}}/drift.png",
+    params:
+        dataset=dataset,
+    log:
+        f"{RESULTS}/logs/{{ds}}/drift.log",
+    resources:
+        mem_mb=4000,
+    conda:
+        "../../envs/emdenoise.yaml"
+    script:
+        "../../scripts/drift.py"
+
+
+rule align_truth:
+    input:
+        truth=f"{RESULTS}/{{ds}}/truth.zarr",
+        table=f"{RESULTS}/{{ds}}/drift.csv",
+        aligned=f"{RESULTS}/{{ds}}/aligned.zarr",
+    output:
+        directory(f"{RESULTS}/{{ds}}/truth_aligned.zarr"),
+    params:
+        dataset=dataset,
+    log:
+        f"{RESULTS}/logs/{{ds}}/align_truth.log",
+    resources:
+        mem_mb=2000,
+    conda:
+        "../../envs/emdenoise.yaml"
+    script:
+        "../../scripts/align_truth.py"

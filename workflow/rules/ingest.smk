@@ -1,0 +1,35 @@
+# Raw frames (TIFF, MRC, NPY, Zarr, folder) -> float32 (T, Y, X) Zarr with metadata.
+
+
+rule ingest:
+    input:
+        lambda wildcards: dataset(wildcards).path,
+    output:
+        directory(f"{RESULTS}/{{ds}}/raw.zarr"),
+    params:
+        dataset=dataset,
+    log:
+        f"{RESULTS}/logs/{{ds}}/ingest.log",
+    resources:
+        mem_mb=2000,
+    conda:
+        "../../envs/emdenoise.yaml"
+    script:
+        "../../scripts/ingest.py"
+
+
+rule ingest_truth:
+    input:
+        lambda wildcards: dataset(wildcards).ground_truth,
+    output:
+        directory(f"{RESULTS}/{{ds}}/truth.zarr"),
+    params:
+        dataset=dataset,
+    log:
+        f"{RESULTS}/logs/{{ds}}/ingest_truth.log",
+    resources:
+        mem_mb=2000,
+    conda:
+        "../../envs/emdenoise.yaml"
+    script:
+        "../../scripts/ingest.py"

@@ -1,0 +1,22 @@
+# uMSE / uPSNR / SNR (and PSNR / SSIM against ground truth) per method, plus a preview.
+
+
+rule metrics:
+    input:
+        unpack(method_stacks),
+        unpack(truth_stack),
+        raw=f"{RESULTS}/{{ds}}/aligned.zarr",
+    output:
+        table=f"{RESULTS}/{{ds}}/metrics.csv",
+        preview=f"{RESULTS}/{{ds}}/preview.png",
+    params:
+        dataset=dataset,
+        methods=lambda wildcards: methods(wildcards.ds),
+    log:
+        f"{RESULTS}/logs/{{ds}}/metrics.log",
+    resources:
+        mem_mb=4000,
+    conda:
+        "../../envs/emdenoise.yaml"
+    script:
+        "../../scripts/metrics.py"

@@ -1,0 +1,20 @@
+# Spatial noise-correlation heatmaps (SHINE) and the blind-spot size they ask for.
+
+
+rule noise:
+    input:
+        f"{RESULTS}/{{ds}}/aligned.zarr",
+    output:
+        table=f"{RESULTS}/{{ds}}/noise_correlation.csv",
+        plot=f"{RESULTS}/{{ds}}/noise_correlation.png",
+        blindspot=f"{RESULTS}/{{ds}}/blindspot.json",
+    params:
+        dataset=dataset,
+    log:
+        f"{RESULTS}/logs/{{ds}}/noise.log",
+    resources:
+        mem_mb=2000,
+    conda:
+        "../../envs/emdenoise.yaml"
+    script:
+        "../../scripts/noise.py"

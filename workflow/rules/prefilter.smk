@@ -1,0 +1,18 @@
+# Pre-denoise (gaussian2d | wcid | none) used only to measure drift.
+
+
+rule prefilter:
+    input:
+        f"{RESULTS}/{{ds}}/raw.zarr",
+    output:
+        directory(f"{RESULTS}/{{ds}}/prefiltered.zarr"),
+    params:
+        dataset=dataset,
+    log:
+        f"{RESULTS}/logs/{{ds}}/prefilter.log",
+    resources:
+        mem_mb=4000,
+    conda:
+        "../../envs/emdenoise.yaml"
+    script:
+        "../../scripts/prefilter.py"

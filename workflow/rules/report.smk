@@ -1,0 +1,24 @@
+# One table and one page for all datasets.
+
+
+rule report:
+    input:
+        metrics=expand(f"{RESULTS}/{{ds}}/metrics.csv", ds=DATASETS),
+        previews=expand(f"{RESULTS}/{{ds}}/preview.png", ds=DATASETS),
+        drift=expand(f"{RESULTS}/{{ds}}/drift.png", ds=DATASETS),
+        noise=expand(f"{RESULTS}/{{ds}}/noise_correlation.png", ds=DATASETS),
+        blindspot=expand(f"{RESULTS}/{{ds}}/blindspot.json", ds=DATASETS),
+    output:
+        table=f"{RESULTS}/report/metrics.csv",
+        markdown=f"{RESULTS}/report/report.md",
+        html=f"{RESULTS}/report/report.html",
+    params:
+        datasets=DATASETS,
+    log:
+        f"{RESULTS}/logs/report.log",
+    resources:
+        mem_mb=1000,
+    conda:
+        "../../envs/emdenoise.yaml"
+    script:
+        "../../scripts/report.py"
