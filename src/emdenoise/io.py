@@ -1,0 +1,929 @@
+"""Reading and writing EM frame stacks.
+
+Every reader returns a lazy ``(T, Y, X)`` array (``np.memmap``, ``zarr.Array`` or
+:class:`LazyStack`) plus a metadata dict; nothing is loaded until sliced, and input
+files are only ever opened read-only. Every writer writes to a temporary name in the
+target directory and renames it when complete (:func:`atomic_path`).
+
+Pixel sizes are in Å (ångström) throughout. TIFF files written here use the unit
+``nm`` in their ImageJ metadata, because every TIFF reader understands it (``Å`` needs
+a non-ASCII escape that many tools mangle).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import operator
+import os
+import re
+import secrets
+import shutil
+import threading
+import warnings
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import tifffile
+import zarr
+
+from . import __version__
+from .errors import InputError
+
+SUPPORTED_DTYPES = tuple(np.dtype(t) for t in (
+    "uint8", "int8", "uint16", "int16", "uint32", "int32", "float16", "float32", "float64"))
+
+_EXT_FORMAT = {".tif": "tiff", ".tiff": "tiff", ".npy": "npy", ".mrc": "mrc",
+               ".mrcs": "mrc", ".st": "mrc", ".ali": "mrc", ".rec": "mrc", ".map": "mrc"}
+_FOLDER_EXT = {".tif", ".tiff", ".mrc", ".npy"}
+_TIFF_META_TAG = 65000  # private TIFF tag holding emdenoise metadata as JSON
+_MAX_BLOCK_BYTES = 256 * 2**20  # bound on memory used when streaming frames
+_TO_ANGSTROM = {  # lower-case unit name -> Å per unit
+    "a": 1.0, "å": 1.0, "angstrom": 1.0, "angstroms": 1.0, "ångström": 1.0,
+    "pm": 0.01, "picometer": 0.01, "nm": 10.0, "nanometer": 10.0, "nanometers": 10.0,
+    "um": 1e4, "µm": 1e4, "μm": 1e4, "micron": 1e4, "microns": 1e4, "micrometer": 1e4,
+    "mm": 1e7, "millimeter": 1e7, "cm": 1e8, "centimeter": 1e8, "m": 1e10, "meter": 1e10,
+    "in": 2.54e8, "inch": 2.54e8}
+_TIFF_RESUNIT_ANGSTROM = {2: 2.54e8, 3: 1e8, 4: 1e7, 5: 1e4}  # inch, cm, mm, µm
+
+
+# --------------------------------------------------------------------------- lazy arrays
+class LazyStack:
+    """Read-only ``(T, Y, X)`` stack whose frames are read on demand.
+
+    Parameters
+    ----------
+    read : callable
+        ``read(start, stop) -> ndarray`` of shape ``(stop - start, Y, X)``.
+    shape : tuple of int
+        ``(T, Y, X)``.
+    dtype : numpy dtype
+        Dtype of the frames as stored.
+
+    Supports ``arr[i]``, ``arr[a:b:s]``, integer lists and trailing Y/X indices, so it
+    works with ``np.asarray`` and ``dask.array.from_array``.
+    """
+
+    ndim = 3
+
+    def __init__(self, read, shape, dtype):
+        self._read, self.shape, self.dtype = read, tuple(int(n) for n in shape), np.dtype(dtype)
+
+    def __len__(self):
+        return self.shape[0]
+
+    @property
+    def size(self):
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self):
+        return self.size * self.dtype.itemsize
+
+    def _frames(self, start, stop):
+        if stop <= start:
+            return np.empty((0,) + self.shape[1:], self.dtype)
+        return np.asarray(self._read(start, stop))
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        if any(k is Ellipsis for k in key):
+            i = key.index(Ellipsis)
+            key = key[:i] + (slice(None),) * (3 - len(key) + 1) + key[i + 1:]
+        first, rest = (key[0] if key else slice(None)), key[1:]
+        n = self.shape[0]
+        if isinstance(first, (int, np.integer)):
+            i = operator.index(first) + (n if first < 0 else 0)
+            if not 0 <= i < n:
+                raise IndexError(f"frame {first} out of range for {n} frames")
+            return self._frames(i, i + 1)[0][rest]
+        if isinstance(first, slice):
+            start, stop, step = first.indices(n)
+            out = self._frames(start, stop)[::step] if step > 0 else self[list(range(start, stop, step))]
+        else:  # integer list/array or boolean mask
+            idx = np.arange(n)[np.asarray(first)]
+            parts = [self._frames(int(i), int(i) + 1) for i in idx]
+            out = np.concatenate(parts) if parts else self._frames(0, 0)
+        return out[(slice(None),) + rest]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __repr__(self):
+        return f"LazyStack(shape={self.shape}, dtype={self.dtype})"
+
+
+class _Offset:
+    """Frames ``[start + a, start + b)`` of ``base`` (picklable, unlike a lambda)."""
+
+    def __init__(self, base, start, squeeze_axis=None):
+        self.base, self.start, self.axis = base, start, squeeze_axis
+
+    def __call__(self, a, b):
+        if self.axis is None:  # plain (T, Y, X)
+            return np.asarray(self.base[self.start + a:self.start + b])
+        # base has singleton axes; `axis` is the only leading one that is not (if any)
+        key = tuple(slice(self.start + a, self.start + b) if d == self.axis else 0
+                    for d in range(self.base.ndim - 2))
+        return np.asarray(self.base[key]).reshape((b - a,) + tuple(self.base.shape[-2:]))
+
+
+class _TiffReader:
+    """Reads frames of TIFF series 0 page by page; keeps one handle open per process."""
+
+    def __init__(self, path, frame_shape, per_page):
+        self.path, self.frame_shape, self.per_page = path, frame_shape, per_page
+        self._tif, self._lock = None, threading.Lock()
+
+    def __getstate__(self):  # file handles and locks do not pickle
+        return {k: v for k, v in self.__dict__.items() if k not in ("_tif", "_lock")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _tif=None, _lock=threading.Lock())
+
+    def __call__(self, a, b):
+        with self._lock:
+            if self._tif is None:
+                self._tif = tifffile.TiffFile(self.path)
+            if self.per_page:
+                data = self._tif.asarray(series=0, key=range(a, b))
+            else:  # frames are not one per page: read the whole (small) series
+                data = self._tif.series[0].asarray().reshape((-1,) + self.frame_shape)[a:b]
+        return data.reshape((b - a,) + self.frame_shape)
+
+    def __del__(self):
+        if getattr(self, "_tif", None) is not None:
+            self._tif.close()
+
+
+class _FolderReader:
+    """Reads frame ``i`` from the i-th single-frame file of a folder."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def __call__(self, a, b):
+        return np.stack([np.asarray(_open_file(f)[0][0]) for f in self.files[a:b]])
+
+
+# --------------------------------------------------------------------------- helpers
+def _natural_key(path):
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", Path(path).name)]
+
+
+def _to_angstrom(value, unit):
+    """``value`` in ``unit`` -> Å, or None if the unit is unknown or the value invalid."""
+    if unit is None or value is None:
+        return None
+    unit = str(unit).strip()
+    if "\\u" in unit:  # ImageJ escapes non-ASCII units, e.g. '\\u00C5'
+        unit = unit.encode("ascii", "ignore").decode("unicode_escape")
+    factor = _TO_ANGSTROM.get(unit.lower())
+    return _clean_pixel_size(float(value) * factor) if factor else None
+
+
+def _clean_pixel_size(px):
+    """Positive finite float rounded to 9 significant digits (hides rational noise), else None."""
+    try:
+        px = float(px)
+    except (TypeError, ValueError):
+        return None
+    return float(f"{px:.9g}") if math.isfinite(px) and px > 0 else None
+
+
+def _check_dtype(dtype, path):
+    dtype = np.dtype(dtype)
+    if dtype.newbyteorder("=") not in SUPPORTED_DTYPES:
+        names = ", ".join(d.name for d in SUPPORTED_DTYPES)
+        raise InputError(path, f"unsupported dtype {dtype.name!r}; supported: {names}")
+
+
+def _to_tyx(arr, path):
+    """Give a 2D (Y, X) array a leading T=1 axis without reading it; reject other ndim."""
+    if arr.ndim == 3:
+        return arr
+    if arr.ndim == 2:
+        if isinstance(arr, np.ndarray):
+            return arr[np.newaxis]
+        return LazyStack(_Offset(arr, 0, squeeze_axis=0), (1,) + tuple(arr.shape), arr.dtype)
+    raise InputError(path, f"has {arr.ndim} dimensions {tuple(arr.shape)}; "
+                           "expected 2 (Y, X) or 3 (T, Y, X)")
+
+
+def _iter_blocks(arr, max_frames=64):
+    """Yield ``(start, block)`` over frames, each block at most ``_MAX_BLOCK_BYTES``."""
+    t = arr.shape[0]
+    frame_bytes = max(1, math.prod(arr.shape[1:]) * np.dtype(arr.dtype).itemsize)
+    step = max(1, min(max_frames, _MAX_BLOCK_BYTES // frame_bytes))
+    for a in range(0, t, step):
+        yield a, np.asarray(arr[a:a + step])
+
+
+def _stack_for_writing(stack):
+    if stack.ndim == 2:
+        return np.asarray(stack)[np.newaxis]
+    if stack.ndim != 3:
+        raise ValueError(f"expected a (T, Y, X) or (Y, X) stack, got shape {tuple(stack.shape)}")
+    return stack
+
+
+def _jsonable(obj):
+    """Deep copy of ``obj`` with numpy scalars/arrays and paths made JSON-safe."""
+    def default(o):
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        return str(o)
+    return json.loads(json.dumps(obj or {}, default=default))
+
+
+# --------------------------------------------------------------------------- checksums, atomic writes
+def _hash_file(h, path):
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(2**20), b""):
+            h.update(chunk)
+    return h
+
+
+def _sha256_files(root, files):
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f).relative_to(root).as_posix().encode() + b"\0")
+        h.update(Path(f).stat().st_size.to_bytes(8, "little"))
+        _hash_file(h, f)
+    return h.hexdigest()
+
+
+def sha256_path(path) -> str:
+    """Hex SHA-256 of a file, or of every file in a directory tree (sorted relative
+    paths, each hashed as name + size + contents, so renames change the digest)."""
+    p = Path(path)
+    if p.is_file():
+        return _hash_file(hashlib.sha256(), p).hexdigest()
+    if p.is_dir():
+        files = sorted((f for f in p.rglob("*") if f.is_file()),
+                       key=lambda f: f.relative_to(p).as_posix())
+        return _sha256_files(p, files)
+    raise InputError(p, "does not exist")
+
+
+def _temp_name(final, tag="tmp"):
+    final = Path(final)
+    stem, suffix = (final.stem, final.suffix) if final.suffix else (final.name, "")
+    return final.with_name(f".{stem}.{tag}-{secrets.token_hex(4)}{suffix}")
+
+
+def _discard(tmp):
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif tmp.exists() or tmp.is_symlink():
+        tmp.unlink()
+
+
+def _commit(tmp, final):
+    if final.exists() and (final.is_dir() or tmp.is_dir()):
+        # directories cannot be replaced in one step: move the old one aside first
+        old = _temp_name(final, "old")
+        os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(old, final)
+            raise
+        _discard(old)
+    else:
+        os.replace(tmp, final)  # atomic for files on one filesystem
+
+
+@contextlib.contextmanager
+def atomic_path(final_path):
+    """Yield a temporary path beside ``final_path``; rename it there on success.
+
+    The temporary name is hidden and keeps the extension last (``denoised.tif`` ->
+    ``.denoised.tmp-1a2b3c4d.tif``) so writers choose the right format. The body must
+    create it (file or directory). On an exception the temporary is deleted and the
+    exception re-raised; an existing ``final_path`` is left untouched. The parent
+    directory is created if needed.
+    """
+    final = Path(final_path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(final)
+    try:
+        yield tmp
+    except BaseException:
+        _discard(tmp)
+        raise
+    _commit(tmp, final)
+
+
+# --------------------------------------------------------------------------- TIFF
+class _LogCapture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _tifffile_warnings():
+    """Collect tifffile's logged warnings (it logs, rather than raises, on truncation)."""
+    handler, logger = _LogCapture(), logging.getLogger("tifffile")
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def _tiff_pixel_size(tif, page):
+    if tif.is_ome:
+        px = _ome_tiff_pixel_size(tif.ome_metadata)
+        if px:
+            return px
+    xres, resunit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
+    if xres is None or not xres.value[0]:
+        return None
+    per_pixel = xres.value[1] / xres.value[0]  # resolution is pixels per unit
+    unit = (tif.imagej_metadata or {}).get("unit")
+    if unit:
+        return _to_angstrom(per_pixel, unit)
+    factor = _TIFF_RESUNIT_ANGSTROM.get(int(resunit.value) if resunit else 1)
+    return _clean_pixel_size(per_pixel * factor) if factor else None
+
+
+def _ome_tiff_pixel_size(xml):
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    for el in root.iter():
+        if el.tag.endswith("Pixels") and el.get("PhysicalSizeX"):
+            return _to_angstrom(el.get("PhysicalSizeX"), el.get("PhysicalSizeXUnit", "µm"))
+    return None
+
+
+def _tiff_layout(path, series, page):
+    """(T, Y, X) shape of series 0 and notes on how other axes were mapped to T."""
+    kept = [(a, n) for a, n in zip(series.axes, series.shape) if n > 1 or a in "YX"]
+    axes, sizes = "".join(a for a, _ in kept), [n for _, n in kept]
+    if not axes.endswith("YX") or page.photometric == tifffile.PHOTOMETRIC.PALETTE:
+        raise InputError(path, f"unsupported TIFF layout (axes {series.axes!r}, shape {series.shape}, "
+                               f"{page.photometric.name}); expected grayscale frames of (Y, X)")
+    lead = dict(zip(axes[:-2], sizes[:-2]))
+    if "C" in lead:
+        raise InputError(path, f"has {lead['C']} channels; expected a single-channel stack")
+    notes = []
+    if "S" in lead:  # old tifffile wrote 3-4 frame stacks as planar RGB
+        notes.append(f"read {lead['S']} planar samples ({page.photometric.name}) as frames")
+    if len(lead) > 1:
+        notes.append(f"flattened TIFF axes {axes[:-2]!r} of sizes {sizes[:-2]} into "
+                     f"{math.prod(sizes[:-2])} frames")
+    return (math.prod(sizes[:-2]), sizes[-2], sizes[-1]), notes
+
+
+def _tiff_check_complete(path, tif, series, shape, warnings_seen):
+    size = path.stat().st_size
+    bad = [m for m in warnings_seen if re.search(r"invalid|corrupt|truncat|failed|reshape", m, re.I)]
+    if bad:
+        raise InputError(path, f"truncated or corrupt TIFF ({bad[0]})")
+    images = (tif.imagej_metadata or {}).get("images", 1)
+    if series.dataoffset is not None and series.dataoffset + series.nbytes > size or images > shape[0]:
+        raise InputError(path, f"truncated TIFF: file has {size} bytes, less than its headers describe")
+    for page in [] if series.dataoffset is not None else series.pages:
+        ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts)] if page else []
+        if ends and max(ends) > size:
+            raise InputError(path, f"truncated TIFF: image data ends past the end of the file ({size} bytes)")
+
+
+def _open_tiff(path):
+    with _tifffile_warnings() as seen:
+        try:
+            tif = tifffile.TiffFile(path)
+        except Exception as exc:  # tifffile raises many types for corrupt headers
+            raise InputError(path, f"not a readable TIFF file ({exc})") from exc
+        with tif:
+            try:
+                series, page = tif.series[0], tif.pages.first
+                shape, notes = _tiff_layout(path, series, page)
+                _tiff_check_complete(path, tif, series, shape, seen)
+            except InputError:
+                raise
+            except Exception as exc:
+                raise InputError(path, f"corrupt TIFF ({exc})") from exc
+            meta = {"pixel_size": _tiff_pixel_size(tif, page), "notes": notes}
+            tag = page.tags.get(_TIFF_META_TAG)
+            if tag is not None:
+                with contextlib.suppress(ValueError, TypeError):
+                    meta["extra"] = json.loads(tag.value)
+            contiguous = series.dataoffset is not None
+            per_page, dtype = len(series.pages) == shape[0], series.dtype
+    if contiguous:  # uncompressed and contiguous: map it, no copy
+        with contextlib.suppress(ValueError):
+            return tifffile.memmap(path, series=0, mode="r").reshape(shape), meta
+    return LazyStack(_TiffReader(path, shape[1:], per_page), shape, dtype), meta
+
+
+# --------------------------------------------------------------------------- MRC, NPY
+def _mrc_problem(exc):
+    msg = str(exc)
+    if "Map ID" in msg:
+        return "not a valid MRC header (bad MAP id)"
+    if "mode" in msg.lower():
+        mode = re.search(r"'?(-?\d+)'?", msg)
+        return f"not a valid MRC header (mode {mode.group(1) if mode else '?'} unsupported)"
+    if "enough bytes" in msg:
+        return "truncated: too small to hold an MRC header (1024 bytes)"
+    return f"not a valid MRC file ({msg})"
+
+
+def _read_tilt_angles(path, n_frames, meta):
+    for tlt in (path.with_suffix(".tlt"), path.with_suffix(".rawtlt")):
+        if not tlt.is_file():
+            continue
+        try:
+            angles = [float(line.split()[0]) for line in tlt.read_text().splitlines() if line.strip()]
+        except (ValueError, OSError, UnicodeDecodeError) as exc:
+            meta["notes"].append(f"ignored {tlt.name}: unreadable ({exc})")
+            continue
+        if len(angles) != n_frames:  # not fatal: the stack itself is still usable
+            meta["notes"].append(f"ignored {tlt.name}: {len(angles)} angles for {n_frames} frames")
+            continue
+        meta["tilt_angles"], meta["tilt_angles_file"] = angles, str(tlt)
+        return
+
+
+def _open_mrc(path):
+    try:
+        with mrcfile.open(path, mode="r", permissive=False, header_only=True) as mrc:
+            h = mrc.header
+            dims, mode, nsymbt = (int(h.nx), int(h.ny), int(h.nz)), int(h.mode), int(h.nsymbt)
+            itemsize = mrcfile.utils.dtype_from_mode(h.mode).itemsize
+    except ValueError as exc:
+        raise InputError(path, _mrc_problem(exc)) from exc
+    expected, size = 1024 + nsymbt + math.prod(dims) * itemsize, path.stat().st_size
+    if size < expected:
+        raise InputError(path, f"truncated MRC: file has {size} bytes, header (mode {mode}, "
+                               f"{dims[0]}x{dims[1]}x{dims[2]}) needs {expected}")
+    try:
+        with mrcfile.mmap(path, mode="r", permissive=False) as mrc:
+            d = mrc.data  # own memmap below so it outlives the mrcfile object
+            arr = np.memmap(path, dtype=d.dtype, mode="r", offset=d.offset, shape=d.shape)
+            meta = {"pixel_size": _clean_pixel_size(mrc.voxel_size.x), "notes": [],
+                    "extra": {"mode": mode, "ispg": int(mrc.header.ispg), "nsymbt": nsymbt,
+                              "exttyp": bytes(mrc.header.exttyp).decode("ascii", "replace").strip("\0 "),
+                              "labels": [s.strip() for s in mrc.get_labels()]}}
+    except ValueError as exc:
+        raise InputError(path, _mrc_problem(exc)) from exc
+    _read_tilt_angles(path, 1 if arr.ndim == 2 else arr.shape[0], meta)
+    return arr, meta
+
+
+def _open_npy(path):
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        msg = str(exc)
+        if "mmap length" in msg or "file size" in msg:
+            problem = "truncated .npy file (data shorter than its header says)"
+        elif "Python objects" in msg:
+            problem = "unsupported dtype 'object'"
+        else:
+            problem = f"not a valid .npy file ({msg.split('.')[0]})"
+        raise InputError(path, problem) from exc
+    return arr, {"pixel_size": None, "notes": []}
+
+
+# --------------------------------------------------------------------------- Zarr
+def _open_zarr_node(path):
+    if not Path(path).exists():
+        raise InputError(path, "does not exist")
+    try:
+        return zarr.open(store=str(path), mode="r")
+    except Exception as exc:  # zarr raises several types for non-zarr directories
+        raise InputError(path, f"not a readable Zarr array or group ({type(exc).__name__}: {exc})") from exc
+
+
+def _ome_dataset(path, attrs):
+    """(dataset path, pixel size in Å or None) from OME-Zarr 0.4/0.5 multiscales."""
+    ome = attrs.get("ome", attrs)  # 0.5 nests under 'ome'; 0.4 is top-level
+    try:
+        ms = ome["multiscales"][0]
+        ds = ms["datasets"][0]
+    except (KeyError, IndexError, TypeError):
+        return None, None
+    axes = [a if isinstance(a, dict) else {"name": a} for a in ms.get("axes", [])]
+    names = [a.get("name") for a in axes]
+    ix = names.index("x") if "x" in names else len(names) - 1
+    scale = next((t.get("scale") for t in ds.get("coordinateTransformations", [])
+                  if t.get("type") == "scale"), None)
+    px = None
+    if scale and axes and len(scale) == len(axes):
+        px = _to_angstrom(scale[ix], axes[ix].get("unit"))
+    return ds.get("path"), px
+
+
+def read_zarr(path):
+    """Open a Zarr array, an OME-Zarr group or a group written by :func:`write_zarr`.
+
+    Returns
+    -------
+    arr : zarr.Array
+        Read-only; ``(T, Y, X)`` for stacks written here.
+    attrs : dict
+        The group's ``'emdenoise'`` attributes (for a plain array: its attributes),
+        with ``'pixel_size'`` (Å or None) filled from the OME scale if absent.
+    """
+    node = _open_zarr_node(path)
+    if isinstance(node, zarr.Array):
+        attrs = dict(node.attrs)
+        return node, dict(attrs.get("emdenoise", attrs))
+    attrs = dict(node.attrs)
+    ds_path, px = _ome_dataset(path, attrs)
+    ds_path = ds_path or "0"
+    try:
+        arr = node[ds_path]
+    except KeyError as exc:
+        raise InputError(path, f"Zarr group has no array {ds_path!r} (and no OME multiscales)") from exc
+    if not isinstance(arr, zarr.Array):
+        raise InputError(path, f"Zarr node {ds_path!r} is a group, not an array")
+    out = dict(attrs.get("emdenoise", {}))
+    if out.get("pixel_size") is None:
+        out["pixel_size"] = px
+    return arr, out
+
+
+def _open_zarr(path):
+    arr, attrs = read_zarr(path)
+    lead = [d for d in range(arr.ndim - 2) if arr.shape[d] > 1]
+    if arr.ndim > 3 and len(lead) <= 1:  # e.g. OME (t, c, z, y, x) with singletons
+        axis = lead[0] if lead else 0
+        shape = (arr.shape[axis],) + tuple(arr.shape[-2:])
+        arr = LazyStack(_Offset(arr, 0, squeeze_axis=axis), shape, arr.dtype)
+    extra = {k: v for k, v in attrs.items() if k != "pixel_size"}
+    meta = {"pixel_size": _clean_pixel_size(attrs.get("pixel_size")), "notes": [], "extra": extra}
+    if "detector_mode" in extra:
+        meta["detector_mode"] = extra["detector_mode"]
+    return arr, meta
+
+
+# --------------------------------------------------------------------------- folders, dispatch
+def _open_folder(path):
+    files = sorted((f for f in path.iterdir() if f.is_file() and not f.name.startswith(".")
+                    and f.suffix.lower() in _FOLDER_EXT), key=_natural_key)
+    if not files:
+        raise InputError(path, "empty folder: no frame files (" + ", ".join(sorted(_FOLDER_EXT)) + ")")
+    first, meta = _open_file(files[0])
+    for f in files:
+        arr = first if f == files[0] else _open_file(f)[0]
+        if arr.shape[0] != 1:
+            raise InputError(f, f"has {arr.shape[0]} frames; folder members must be single frames")
+        if arr.shape != first.shape or arr.dtype != first.dtype:
+            raise InputError(f, f"frame shape/dtype {arr.shape[1:]} {arr.dtype.name} differs from "
+                                f"{files[0].name} {first.shape[1:]} {first.dtype.name}")
+    shape = (len(files),) + tuple(first.shape[1:])
+    meta = {"pixel_size": meta["pixel_size"], "notes": [], "n_files": len(files),
+            "files": [files[0].name, files[-1].name]}
+    return LazyStack(_FolderReader(files), shape, first.dtype), meta, files
+
+
+_OPENERS = {"tiff": _open_tiff, "mrc": _open_mrc, "npy": _open_npy}
+
+
+def _detect_format(path):
+    if not path.exists():
+        raise InputError(path, "does not exist (no such file or directory)")
+    if path.is_dir():
+        markers = ("zarr.json", ".zarray", ".zgroup")
+        is_zarr = path.suffix.lower() == ".zarr" or any((path / m).exists() for m in markers)
+        return "zarr" if is_zarr else "folder"
+    fmt = _EXT_FORMAT.get(path.suffix.lower())
+    if fmt is None:
+        known = ", ".join(sorted(_EXT_FORMAT)) + ", .zarr (directory) or a folder of frames"
+        raise InputError(path, f"unknown file extension {path.suffix!r}; expected {known}")
+    if path.stat().st_size == 0:
+        raise InputError(path, "empty file (0 bytes)")
+    return fmt
+
+
+def _open_file(path):
+    """Open one file as (T, Y, X) with a supported dtype; no checksum."""
+    fmt = _detect_format(path)
+    try:
+        arr, meta = _OPENERS[fmt](path)
+    except OSError as exc:
+        raise InputError(path, f"cannot read ({exc.strerror or exc})") from exc
+    arr = _to_tyx(arr, path)
+    _check_dtype(arr.dtype, path)
+    return arr, meta
+
+
+def _select_frames(arr, frames, path):
+    try:
+        start, stop = frames
+        start, stop, _ = slice(start, stop).indices(arr.shape[0])
+    except (TypeError, ValueError) as exc:
+        raise InputError(path, f"frames must be (start, stop) integers, got {frames!r}") from exc
+    if stop <= start:
+        raise InputError(path, f"frames={tuple(frames)} selects no frames (stack has {arr.shape[0]})")
+    if isinstance(arr, np.ndarray):
+        return arr[start:stop]  # a view of the memmap
+    return LazyStack(_Offset(arr, start), (stop - start,) + tuple(arr.shape[1:]), arr.dtype)
+
+
+def read_stack(path, pixel_size: float | None = None, frames: tuple[int, int] | None = None):
+    """Open a stack lazily, read-only.
+
+    Parameters
+    ----------
+    path : str or Path
+        TIFF / OME-TIFF / ImageJ hyperstack, MRC (.mrc .mrcs .st .ali .rec .map), .npy,
+        a Zarr v3 array or OME-Zarr group directory, or a folder of single-frame files
+        (.tif .tiff .mrc .npy, natural sort order, hidden files ignored).
+    pixel_size : float, optional
+        Pixel size in Å; overrides the file's.
+    frames : (int, int), optional
+        ``(start, stop)`` frame range with Python slice semantics.
+
+    Returns
+    -------
+    arr : np.memmap, zarr.Array or LazyStack
+        Shape ``(T, Y, X)``, the file's dtype. Use ``np.asarray(arr[a:b], dtype=np.float32)``.
+    meta : dict
+        ``source``, ``format``, ``pixel_size`` (Å or None), ``pixel_size_source``
+        ('file', 'config' or None), ``sha256``, ``dtype``, ``shape``, ``notes`` and,
+        where available, ``n_files``, ``tilt_angles``, ``detector_mode``, ``extra``.
+
+    Raises
+    ------
+    InputError
+        Missing, empty, truncated or corrupt input, unknown format, unsupported dtype
+        or dimensionality, inconsistent folder members, or an invalid ``frames``.
+    """
+    p = Path(path)
+    fmt = _detect_format(p)
+    if fmt == "folder":
+        arr, meta, files = _open_folder(p)
+        digest = _sha256_files(p, files)
+    else:
+        if fmt == "zarr":
+            arr, meta = _open_zarr(p)
+            arr = _to_tyx(arr, p)
+            _check_dtype(arr.dtype, p)
+        else:
+            arr, meta = _open_file(p)
+        digest = sha256_path(p)
+    meta.update(source=str(p.resolve()), format=fmt, sha256=digest, dtype=np.dtype(arr.dtype).name,
+                pixel_size_source="file" if meta.get("pixel_size") else None)
+    if pixel_size is not None:
+        px = _clean_pixel_size(pixel_size)
+        if px is None:
+            raise InputError(p, f"pixel_size must be a positive number of Å, got {pixel_size!r}")
+        meta.update(pixel_size_file=meta.get("pixel_size"), pixel_size=px, pixel_size_source="config")
+    meta["n_frames_total"] = int(arr.shape[0])
+    if frames is not None:
+        arr = _select_frames(arr, frames, p)
+        meta["frames"] = [*slice(*frames).indices(meta["n_frames_total"])[:2]]
+    meta["shape"] = [int(n) for n in arr.shape]
+    return arr, meta
+
+
+def validate_stack(arr, path, *, min_frames: int = 1, min_size: int = 16,
+                   check_finite: bool = True, chunk_frames: int = 64) -> None:
+    """Check that a ``(T, Y, X)`` stack is usable by a stage.
+
+    Non-square frames are fine. Finite-ness is checked for float dtypes only, reading
+    at most ``chunk_frames`` frames (and at most 256 MiB) at a time.
+
+    Raises
+    ------
+    InputError
+        If ndim != 3, the dtype is unsupported, T < ``min_frames``, Y or X <
+        ``min_size`` px, or (``check_finite``) any NaN/Inf is present — with the count
+        and the first bad frame index.
+    """
+    shape = tuple(arr.shape)
+    if len(shape) != 3:
+        raise InputError(path, f"has shape {shape}; expected (T, Y, X)")
+    _check_dtype(arr.dtype, path)
+    t, y, x = shape
+    if t < min_frames:
+        raise InputError(path, f"has {t} frame{'' if t == 1 else 's'}; this stage needs at least {min_frames}")
+    if min(y, x) < min_size:
+        raise InputError(path, f"frames are too small ({y}x{x} px); this stage needs at least "
+                               f"{min_size} px in Y and X")
+    if not (check_finite and np.dtype(arr.dtype).kind == "f"):
+        return
+    n_nan = n_inf = 0
+    first = None
+    for a, block in _iter_blocks(arr, chunk_frames):
+        nan, inf = np.isnan(block), np.isinf(block)
+        n_nan, n_inf = n_nan + int(nan.sum()), n_inf + int(inf.sum())
+        if first is None and (n_nan or n_inf):
+            first = a + int(np.argmax((nan | inf).reshape(len(block), -1).any(axis=1)))
+    if n_nan or n_inf:
+        raise InputError(path, f"contains {n_nan} NaN and {n_inf} Inf values "
+                               f"(first in frame {first}); all pixels must be finite")
+
+
+def describe(path, pixel_size: float | None = None) -> dict:
+    """Summary used by ``emdenoise info``: format, shape, dtype, pixel size (Å; the
+    argument overrides the file's), sha256, and min/max/mean of finite values plus
+    NaN/Inf counts over up to 16 evenly spaced frames (``sampled_frames``)."""
+    arr, meta = read_stack(path, pixel_size=pixel_size)
+    t = arr.shape[0]
+    idx = np.unique(np.linspace(0, t - 1, min(t, 16)).round().astype(int))
+    lo, hi, total, count, n_nan, n_inf = math.inf, -math.inf, 0.0, 0, 0, 0
+    for i in idx:
+        f = np.asarray(arr[int(i)], dtype=np.float32)
+        finite = np.isfinite(f)
+        n_nan, n_inf = n_nan + int(np.isnan(f).sum()), n_inf + int(np.isinf(f).sum())
+        if finite.any():
+            v = f[finite]
+            lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
+            total, count = total + float(v.sum(dtype=np.float64)), count + v.size
+    keys = ("source", "format", "shape", "dtype", "pixel_size", "pixel_size_source", "sha256", "notes")
+    return {**{k: meta.get(k) for k in keys}, "sampled_frames": idx.tolist(),
+            "min": lo if count else None, "max": hi if count else None,
+            "mean": total / count if count else None, "n_nan": n_nan, "n_inf": n_inf}
+
+
+# --------------------------------------------------------------------------- writers
+def write_tiff(path, stack, pixel_size: float | None = None, metadata: dict | None = None) -> None:
+    """Write an ImageJ-compatible float32 hyperstack (axes ``'TYX'``), atomically.
+
+    ``pixel_size`` (Å) is stored as resolution in ``nm`` (ImageJ unit ``'nm'``), so
+    Fiji shows the calibrated size. ``metadata`` is stored as JSON in private tag
+    65000 (ImageJ owns the ImageDescription). BigTIFF is used above 4 GiB. Frames are
+    streamed, so ``stack`` may be a lazy or Zarr array.
+    """
+    stack = _stack_for_writing(stack)
+    shape = tuple(int(n) for n in stack.shape)
+    kwargs = {"metadata": {"axes": "TYX"}}
+    if pixel_size:
+        per_nm = 10.0 / float(pixel_size)
+        kwargs = {"resolution": (per_nm, per_nm), "metadata": {"axes": "TYX", "unit": "nm"}}
+    extra = json.dumps(_jsonable({**(metadata or {}), "pixel_size": pixel_size,
+                                  "emdenoise_version": __version__}))
+    frames = (f for _, block in _iter_blocks(stack) for f in block.astype(np.float32, copy=False))
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        # BigTIFF ImageJ files are "nonconformant" but Fiji reads them
+        warnings.filterwarnings("ignore", message=".*nonconformant BigTIFF ImageJ")
+        tifffile.imwrite(tmp, frames, shape=shape, dtype=np.float32, imagej=True,
+                         photometric="minisblack", bigtiff=math.prod(shape) * 4 > 2**32 - 2**25,
+                         extratags=[(_TIFF_META_TAG, "s", 0, extra, True)], **kwargs)
+
+
+def write_mrc(path, stack, pixel_size: float | None = None, tilt_angles=None) -> None:
+    """Write a float32 MRC (mode 2) image stack (``ispg`` 0) for IMOD/RELION, atomically.
+
+    ``pixel_size`` (Å) goes to the voxel size (0 = unknown). Header statistics are
+    computed while streaming frames. ``tilt_angles`` (degrees, one per frame) are
+    written to an IMOD ``.tlt`` beside the file, also atomically.
+    """
+    stack = _stack_for_writing(stack)
+    shape = tuple(int(n) for n in stack.shape)
+    if tilt_angles is not None and len(tilt_angles) != shape[0]:
+        raise ValueError(f"{len(tilt_angles)} tilt angles for {shape[0]} frames")
+    lo, hi, s1, s2 = math.inf, -math.inf, 0.0, 0.0
+    with atomic_path(path) as tmp:
+        with mrcfile.new_mmap(tmp, shape, mrc_mode=2, overwrite=True) as mrc:
+            for a, block in _iter_blocks(stack):
+                block = block.astype(np.float32, copy=False)
+                mrc.data[a:a + len(block)] = block
+                lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+                s1, s2 = s1 + float(block.sum(dtype=np.float64)), s2 + float(np.square(block, dtype=np.float64).sum())
+            mrc.set_image_stack()
+            if pixel_size:
+                mrc.voxel_size = float(pixel_size)
+            n = math.prod(shape)  # mrcfile's update_header_stats would load everything
+            mean = s1 / n
+            mrc.header.dmin, mrc.header.dmax, mrc.header.dmean = lo, hi, mean
+            mrc.header.rms = math.sqrt(max(s2 / n - mean * mean, 0.0))
+            mrc.add_label(f"emdenoise {__version__}")
+        if tilt_angles is not None:
+            with atomic_path(Path(path).with_suffix(".tlt")) as tlt:
+                tlt.write_text("".join(f"{float(a):.2f}\n" for a in tilt_angles))
+
+
+def _ome_attrs(name, pixel_size, attrs):
+    space = {"type": "space", "unit": "angstrom"} if pixel_size else {"type": "space"}
+    px = float(pixel_size) if pixel_size else 1.0
+    ms = {"name": name, "axes": [{"name": "t", "type": "time"}, {"name": "y", **space},
+                                 {"name": "x", **space}],
+          "datasets": [{"path": "0", "coordinateTransformations": [
+              {"type": "scale", "scale": [1.0, px, px]}]}]}
+    return {"ome": {"version": "0.5", "multiscales": [ms]},
+            "emdenoise": _jsonable({**(attrs or {}), "pixel_size": pixel_size})}
+
+
+class ZarrStackWriter:
+    """Stream frames into an OME-Zarr 0.5 group (zarr v3), renamed into place on success.
+
+    Layout: group ``path`` with attributes ``{'ome': {...multiscales...}, 'emdenoise':
+    attrs + pixel_size}`` and the ``(T, Y, X)`` array at ``path/0`` (default chunks:
+    whole frames ``(1, Y, X)``). Space axes carry unit ``'angstrom'`` and scale
+    ``pixel_size`` when it is known, else no unit and scale 1.0.
+
+    Use as a context manager: ``w[i] = frame`` or ``w[a:b] = block``; ``w.array`` is
+    the writable Zarr array. On an exception the temporary group is removed.
+    """
+
+    def __init__(self, path, shape, *, pixel_size=None, attrs=None, chunks=None, dtype="float32"):
+        self.path, self.shape = Path(path), tuple(int(n) for n in shape)
+        if len(self.shape) != 3:
+            raise ValueError(f"shape must be (T, Y, X), got {self.shape}")
+        self.pixel_size, self.attrs, self.dtype = pixel_size, attrs, np.dtype(dtype)
+        self.chunks = tuple(chunks) if chunks else (1,) + self.shape[1:]
+        self.array, self._tmp = None, None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = _temp_name(self.path)
+        try:
+            group = zarr.open_group(str(self._tmp), mode="w", zarr_format=3)
+            group.attrs.update(_ome_attrs(self.path.stem, self.pixel_size, self.attrs))
+            self.array = group.create_array("0", shape=self.shape, chunks=self.chunks,
+                                            dtype=self.dtype, fill_value=0)
+        except BaseException:
+            _discard(self._tmp)
+            raise
+        return self
+
+    def __setitem__(self, key, value):
+        self.array[key] = np.asarray(value, dtype=self.dtype)
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            _commit(self._tmp, self.path)
+        else:
+            _discard(self._tmp)
+        return False
+
+
+def write_zarr(path, stack, *, pixel_size=None, attrs: dict | None = None, chunks=None,
+               dtype="float32") -> None:
+    """Write a ``(T, Y, X)`` (or ``(Y, X)``) stack as OME-Zarr; see :class:`ZarrStackWriter`."""
+    stack = _stack_for_writing(stack)
+    with ZarrStackWriter(path, stack.shape, pixel_size=pixel_size, attrs=attrs,
+                         chunks=chunks, dtype=dtype) as w:
+        for a, block in _iter_blocks(stack):
+            w[a:a + len(block)] = block
+
+
+def _write_npy(path, stack):
+    stack = _stack_for_writing(stack)
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=tuple(stack.shape))
+        for a, block in _iter_blocks(stack):
+            out[a:a + len(block)] = block
+        out.flush()
+        del out
+
+
+def write_stack(path, stack, pixel_size=None, metadata=None) -> None:
+    """Write float32 ``stack`` in the format named by the extension of ``path``:
+    .tif/.tiff, .mrc/.mrcs/.st, .zarr (OME-Zarr) or .npy (metadata not stored)."""
+    ext = Path(path).suffix.lower()
+    if ext in (".tif", ".tiff"):
+        write_tiff(path, stack, pixel_size, metadata)
+    elif ext in (".mrc", ".mrcs", ".st", ".ali", ".rec"):
+        write_mrc(path, stack, pixel_size, tilt_angles=(metadata or {}).get("tilt_angles"))
+    elif ext == ".zarr":
+        write_zarr(path, stack, pixel_size=pixel_size, attrs=metadata)
+    elif ext == ".npy":
+        _write_npy(path, stack)
+    else:
+        raise InputError(path, f"unknown output extension {ext!r}; use .tif, .mrc, .zarr or .npy")
+
+
+def ingest(src, dst, *, pixel_size: float | None = None, frames: tuple[int, int] | None = None,
+           extra_attrs: dict | None = None, min_frames: int = 4, min_size: int = 16) -> dict:
+    """Copy any readable stack to a float32 OME-Zarr (``raw.zarr``), streaming frames.
+
+    Checks shape and dtype up front (:func:`validate_stack`) and finiteness while
+    copying, so bad input fails in one pass and leaves no output. The read metadata
+    (source, sha256, pixel size, ...) plus ``extra_attrs`` go into the 'emdenoise'
+    attributes, which are also returned. ``min_frames`` defaults to 4 because uMSE
+    needs frames t-1, t+1 and t+2 around every scored frame t.
+    """
+    arr, meta = read_stack(src, pixel_size=pixel_size, frames=frames)
+    validate_stack(arr, src, min_frames=min_frames, min_size=min_size, check_finite=False)
+    attrs = {**meta, **(extra_attrs or {}), "emdenoise_version": __version__}
+    with ZarrStackWriter(dst, arr.shape, pixel_size=meta["pixel_size"], attrs=attrs) as w:
+        for a, block in _iter_blocks(arr):
+            block = block.astype(np.float32, copy=False)
+            bad = ~np.isfinite(block)
+            if bad.any():
+                first = a + int(np.argmax(bad.reshape(len(block), -1).any(axis=1)))
+                raise InputError(src, f"contains NaN/Inf values (first in frame {first}); "
+                                      "all pixels must be finite")
+            w[a:a + len(block)] = block
+    return _jsonable(attrs)
