@@ -18,7 +18,7 @@ def main(smk):
     with io.atomic_path(smk.output.table) as tmp:
         table.to_csv(tmp, index=False)
     with io.atomic_path(smk.output.plot) as tmp:
-        drift.plot_drift(table, tmp, title=ds.name)
+        drift.plot_drift(table, tmp)
     record = {"enabled": ds.drift_enabled, "mode": info["mode"], "crop_yx": [int(v) for v in info["crop"]],
               "max_shift_px": float(np.abs(shifts).max()) if len(shifts) else 0.0}
     io.write_zarr(smk.output.aligned, aligned, pixel_size=attrs.get("pixel_size"), attrs={**attrs, "drift": record})

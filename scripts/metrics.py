@@ -15,8 +15,13 @@ def main(smk):
     truth = None
     if "truth" in smk.input.keys():
         truth = np.asarray(io.read_zarr(smk.input.truth)[0][:], dtype=np.float32)
-    table = metrics.compute_metrics(stacks, raw, truth=truth, peak=ds.metrics.peak)
+    radius = metrics.feasible_radius(raw.shape[0], ds.metrics.temporal_radius)
+    if radius < ds.metrics.temporal_radius:
+        stage.log.warning("only %d frames: uMSE temporal radius lowered from %d to %d (3D methods then look "
+                          "better than they are)", raw.shape[0], ds.metrics.temporal_radius, radius)
+    table = metrics.compute_metrics(stacks, raw, truth=truth, peak=ds.metrics.peak, temporal_radius=radius)
     table.insert(0, "dataset", ds.name)
+    table["umse_radius"] = radius
     with io.atomic_path(smk.output.table) as tmp:
         table.to_csv(tmp, index=False)
     with io.atomic_path(smk.output.preview) as tmp:

@@ -1,6 +1,8 @@
 """Rule `noise`: noise-correlation heatmaps and the blind-spot size (SHINE)."""
 import json
 
+import pandas as pd
+
 from emdenoise import io, noise, stage
 from emdenoise.errors import InputError
 
@@ -14,9 +16,11 @@ def main(smk):
     result = noise.estimate_blindspot(aligned[:], max_lag=ds.noise.max_lag, threshold=ds.noise.threshold,
                                       estimate=ds.noise.estimate)
     with io.atomic_path(smk.output.table) as tmp:
-        noise.result_table(result).to_csv(tmp, index=False)
+        tables = [noise.heatmap_table(result[f"heatmap_{kind}"]).assign(estimate=kind)
+                  for kind in ("frame", "difference") if result.get(f"heatmap_{kind}") is not None]
+        pd.concat(tables)[["estimate", "dy", "dx", "r"]].to_csv(tmp, index=False)
     with io.atomic_path(smk.output.plot) as tmp:
-        noise.plot_heatmaps(result, tmp, title=ds.name)
+        noise.plot_heatmaps(result, tmp)
     with io.atomic_path(smk.output.blindspot) as tmp, open(tmp, "w") as fh:
         json.dump({"dataset": ds.name, **result}, fh, indent=2)
 

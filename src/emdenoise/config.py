@@ -53,6 +53,7 @@ class BaselinesConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     peak: float | None = None  # M of uPSNR; None: max of the raw aligned stack
+    temporal_radius: int = 2  # uMSE views a, b, c start r+1 frames from t (see metrics.umse)
 
 
 STAGES = {

@@ -1,0 +1,314 @@
+"""Drift measurement (sub-pixel phase correlation) and drift correction.
+
+Sign convention, used everywhere in emdenoise (and by :mod:`emdenoise.synthetic`):
+``shifts[t] = (dy, dx)`` in pixels is the displacement of the *specimen* in frame ``t``
+relative to frame 0, i.e. ``frame[t](y, x) ~= frame[0](y - dy, x - dx)``: a feature at
+``(y, x)`` in frame 0 is at ``(y + dy, x + dx)`` in frame ``t``. ``shifts[0] == (0, 0)``.
+:func:`apply_shifts` *undoes* such shifts, so ``apply_shifts(stack,
+measure_drift(prefiltered))`` aligns every frame onto frame 0's grid.
+
+Strategy of :func:`measure_drift` (``reference='auto'``), chosen by measurement:
+registering each frame to frame 0 alone is limited by frame 0's noise and breaks when
+the specimen evolves or the dose is very low - it locks onto a neighbouring lattice
+peak (jumps up to 20 px on synthetic movies at 0.5 count/px; 42 of 100 frames of the
+real Au liquid-cell movie off by up to 280 px). Cumulative pairwise registration
+accumulates a random walk of errors. So the frame-0 estimate only initialises an
+iteration in which every frame is re-registered to the mean of all *other* frames
+aligned with the current estimates (leave-one-out, so a frame's own noise cannot pull
+the peak towards its previous estimate), until no estimate changes by more than one
+sub-pixel step (at most 5 rounds). Synthetic counting movies, 20 frames, drift up to
+10 px, gaussian2d(sigma=1.5) prefilter, RMS error over 8 seeds (min / median / max):
+
+    256 px, 1 count/px:    auto 0.10/0.14/0.17   first 0.19/0.24/0.30   pairwise 0.22/0.51/0.90
+    192 px, 1 count/px:    auto 0.18/0.23/0.30   first 0.27/0.36/2.0    pairwise 0.40/0.90/1.7
+    256 px, 0.5 count/px:  auto 0.19/0.28/0.37   first 0.41/0.52/4.6    pairwise 0.93/2.0/21
+
+'auto' sits near the Cramer-Rao bound for an error measured relative to one noisy
+frame 0 (about 0.15 px at 256 px and 0.2 px at 192 px, 1 count/px).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from scipy.signal.windows import tukey
+from skimage.registration import phase_cross_correlation
+
+from .errors import InputError
+
+__all__ = ["measure_drift", "apply_shifts", "drift_table", "plot_drift", "valid_crop"]
+
+_MODES = ("integer", "fourier", "spline")
+
+
+def _check_stack(stack, what: str, min_frames: int = 1) -> np.ndarray:
+    stack = np.asarray(stack)
+    if stack.ndim != 3:
+        raise InputError(None, f"{what}: expected a (T, Y, X) stack, got shape {stack.shape}")
+    if stack.shape[0] < min_frames:
+        raise InputError(None, f"{what}: needs at least {min_frames} frames, got {stack.shape[0]}")
+    return stack
+
+
+def _prepare(frame: np.ndarray) -> np.ndarray:
+    """Zero-mean, Tukey-windowed copy: the frame edges would otherwise wrap around in
+    the FFT and add a correlation peak at zero shift that biases towards no drift."""
+    frame = np.asarray(frame, dtype=np.float64)
+    window = np.outer(tukey(frame.shape[0], 0.25), tukey(frame.shape[1], 0.25))
+    return (frame - frame.mean()) * window
+
+
+def _register(reference: np.ndarray, moving: np.ndarray, upsample: int, max_shift: float | None) -> np.ndarray:
+    """Displacement (dy, dx) of the content of ``moving`` relative to ``reference``, px.
+
+    phase_cross_correlation returns the shift that *registers* moving onto reference,
+    i.e. minus the content displacement, hence the sign flip. With ``max_shift`` the
+    integer peak is searched only within ``|dy|, |dx| <= max_shift`` and then refined on
+    the overlapping crops (whose residual shift is below a pixel).
+    """
+    ref, mov = _prepare(reference), _prepare(moving)
+    if max_shift is None:
+        shift, _, _ = phase_cross_correlation(ref, mov, upsample_factor=upsample, normalization=None)
+        return -np.asarray(shift, dtype=np.float64)
+    guess = _masked_integer_peak(ref, mov, max_shift)
+    dy, dx = int(guess[0]), int(guess[1])
+    ny, nx = reference.shape
+    # Overlap: reference[y, x] matches moving[y + dy, x + dx].
+    ref_crop = reference[max(0, -dy):ny - max(0, dy), max(0, -dx):nx - max(0, dx)]
+    mov_crop = moving[max(0, dy):ny - max(0, -dy), max(0, dx):nx - max(0, -dx)]
+    if min(ref_crop.shape) < 8:
+        return guess.astype(np.float64)
+    fine, _, _ = phase_cross_correlation(_prepare(ref_crop), _prepare(mov_crop),
+                                         upsample_factor=upsample, normalization=None)
+    fine = -np.asarray(fine, dtype=np.float64)
+    # A refinement beyond one pixel means it jumped to another peak: keep the integer one.
+    return guess + fine if np.all(np.abs(fine) <= 1.0) else guess.astype(np.float64)
+
+
+def _masked_integer_peak(ref: np.ndarray, mov: np.ndarray, max_shift: float) -> np.ndarray:
+    """Integer content displacement maximising the cross-correlation within the bound."""
+    cc = np.fft.ifft2(np.conj(np.fft.fft2(ref)) * np.fft.fft2(mov)).real
+    ny, nx = cc.shape
+    lag_y = np.fft.fftfreq(ny, 1.0 / ny)
+    lag_x = np.fft.fftfreq(nx, 1.0 / nx)
+    allowed = (np.abs(lag_y)[:, None] <= max_shift) & (np.abs(lag_x)[None, :] <= max_shift)
+    cc = np.where(allowed, cc, -np.inf)
+    iy, ix = np.unravel_index(np.argmax(cc), cc.shape)
+    return np.array([lag_y[iy], lag_x[ix]])
+
+
+def _shift_for_reference(frame: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Move a frame back by ``shift`` for building a reference only (measurement, never
+    output data, so linear interpolation is fine; 'nearest' avoids dark wrap-in edges)."""
+    return ndimage.shift(np.asarray(frame, dtype=np.float64), -shift, order=1, mode="nearest")
+
+
+def _register_to_first(stack, upsample, max_shift):
+    return np.array([_register(stack[0], stack[t], upsample, max_shift) for t in range(len(stack))])
+
+
+def _register_pairwise(stack, upsample, max_shift):
+    steps = [np.zeros(2)] + [_register(stack[t - 1], stack[t], upsample, max_shift) for t in range(1, len(stack))]
+    return np.cumsum(steps, axis=0)
+
+
+def _register_to_mean(stack, upsample, max_shift, max_iter=5):
+    """Iterative leave-one-out mean reference, initialised by registration to frame 0.
+
+    Stops when no shift moves by more than one sub-pixel step (1/upsample px): the
+    estimates are quantised to that step, so smaller changes cannot happen. The mean is
+    a running sum and each frame is re-shifted when needed instead of stored, so the
+    extra memory is a few frames whatever T is.
+    """
+    n = len(stack)
+    shifts = _register_to_first(stack, upsample, max_shift)
+    for _ in range(max_iter):
+        total = np.zeros(stack.shape[1:], dtype=np.float64)
+        for t in range(n):
+            total += _shift_for_reference(stack[t], shifts[t])
+        new = np.array([_register((total - _shift_for_reference(stack[t], shifts[t])) / (n - 1),
+                                  stack[t], upsample, max_shift) for t in range(n)])
+        new -= new[0]  # the mean reference sits near frame 0's grid; make frame 0 exact
+        change = np.max(np.abs(new - shifts))
+        shifts = new
+        if change <= 1.0 / upsample + 1e-9:
+            break
+    return shifts
+
+
+def measure_drift(stack, *, upsample: int = 20, reference: str = "auto", max_shift: float | None = None) -> np.ndarray:
+    """Measure the drift of each frame relative to frame 0 by phase correlation.
+
+    Measure on a pre-filtered stack (gaussian2d with sigma 1-2 px, or a WCID model):
+    on raw low-dose frames the correlation peak drowns in noise.
+
+    Parameters
+    ----------
+    stack : (T, Y, X) array
+        Pre-filtered frames, T >= 2.
+    upsample : int
+        Sub-pixel precision 1/upsample px (Guizar-Sicairos upsampled DFT).
+    reference : {'auto', 'mean', 'first', 'pairwise'}
+        'auto' = 'mean': iterative leave-one-out mean of the aligned frames (see the
+        module docstring for why); 'first': every frame against frame 0; 'pairwise':
+        each frame against the previous one, cumulated.
+    max_shift : float or None
+        Largest ``|dy|`` and ``|dx|`` (px) allowed for one registration (frame against
+        its reference); None = anywhere in the frame. Guards against jumps to a
+        neighbouring lattice peak when the drift is known to be small.
+
+    Returns
+    -------
+    shifts : (T, 2) float64
+        ``(dy, dx)`` in px of frame ``t``'s content relative to frame 0
+        (``shifts[0] == 0``); sign convention in the module docstring.
+    """
+    stack = _check_stack(stack, "measure_drift", min_frames=2)  # frames go to float64 one at a time
+    if not all(np.all(np.isfinite(frame)) for frame in stack):
+        raise InputError(None, "measure_drift: stack contains NaN or inf")
+    if reference in ("auto", "mean"):
+        shifts = _register_to_mean(stack, upsample, max_shift)
+    elif reference == "first":
+        shifts = _register_to_first(stack, upsample, max_shift)
+    elif reference == "pairwise":
+        shifts = _register_pairwise(stack, upsample, max_shift)
+    else:
+        raise InputError(None, "measure_drift: reference must be 'auto', 'mean', 'first' or "
+                               f"'pairwise', got {reference!r}")
+    shifts = np.asarray(shifts, dtype=np.float64)
+    return shifts - shifts[0]
+
+
+def valid_crop(applied, shape) -> list[int]:
+    """Region ``[y0, y1, x0, x1]`` (half-open, frame-0 pixel grid) that has data in every
+    frame after undoing ``applied`` shifts ((T, 2) px) on frames of ``shape`` (Y, X).
+
+    Aligned frame ``t`` samples raw frame ``t`` at ``(y + dy_t, x + dx_t)``; that lies
+    inside ``[0, Y-1]`` for all t iff ``-min dy <= y <= Y - 1 - max dy`` (rounded inwards
+    for fractional shifts).
+    """
+    applied = np.asarray(applied, dtype=np.float64)
+    ny, nx = shape
+    y0 = int(np.ceil(max(0.0, -applied[:, 0].min()) - 1e-9))
+    y1 = int(ny - np.ceil(max(0.0, applied[:, 0].max()) - 1e-9))
+    x0 = int(np.ceil(max(0.0, -applied[:, 1].min()) - 1e-9))
+    x1 = int(nx - np.ceil(max(0.0, applied[:, 1].max()) - 1e-9))
+    if y1 - y0 < 1 or x1 - x0 < 1:
+        raise InputError(None, f"apply_shifts: drift up to {np.abs(applied).max():.1f} px leaves no "
+                               f"region common to all frames of size {shape}")
+    return [y0, y1, x0, x1]
+
+
+def apply_shifts(stack, shifts, *, mode: str = "integer", crop: bool = True) -> tuple[np.ndarray, dict]:
+    """Undo measured drift so every frame lies on frame 0's grid.
+
+    Parameters
+    ----------
+    stack : (T, Y, X) array
+        Frames to align (the RAW frames in the pipeline).
+    shifts : (T, 2) array
+        Content displacement ``(dy, dx)`` px of each frame relative to frame 0, as
+        returned by :func:`measure_drift`.
+    mode : {'integer', 'fourier', 'spline'}
+        'integer' (default): round the shifts and move whole pixels by slicing. Output
+        values are exactly input values - interpolation would correlate neighbouring
+        pixels' noise, which a blind-spot network then cannot tell from signal.
+        The sub-pixel remainder (<= 0.5 px) is left in the data and reported.
+        'fourier': exact sub-pixel shift by ``scipy.ndimage.fourier_shift`` (periodic:
+        content wraps around, hidden by the crop). 'spline': cubic spline
+        (``ndimage.shift(order=3)``).
+    crop : bool
+        Crop to the region that has data in every frame (default). Without cropping,
+        'integer' fills missing pixels with NaN, 'fourier' wraps content around and
+        'spline' repeats the nearest edge value.
+
+    Returns
+    -------
+    aligned : (T, Y', X') float32
+    info : dict
+        'applied' (T, 2) shifts actually undone, 'residual' (T, 2) ``shifts - applied``
+        (non-zero only in integer mode), 'crop' ``[y0, y1, x0, x1]`` valid region in the
+        un-cropped frame-0 grid (half-open), 'mode'.
+    """
+    stack = _check_stack(stack, "apply_shifts")
+    shifts = np.asarray(shifts, dtype=np.float64)
+    if shifts.shape != (stack.shape[0], 2):
+        raise InputError(None, f"apply_shifts: shifts must have shape ({stack.shape[0]}, 2), got {shifts.shape}")
+    if not np.all(np.isfinite(shifts)):
+        raise InputError(None, "apply_shifts: shifts contain NaN or inf")
+    if mode not in _MODES:
+        raise InputError(None, f"apply_shifts: mode must be one of {_MODES}, got {mode!r}")
+
+    applied = np.rint(shifts) + 0.0 if mode == "integer" else shifts.copy()  # + 0.0: no "-0.0" in drift.csv
+    box = valid_crop(applied, stack.shape[1:])
+    if mode == "integer":
+        aligned = _integer_shift(stack, applied.astype(int), box, crop)
+    else:
+        aligned = np.empty(stack.shape, dtype=np.float32)
+        for t in range(stack.shape[0]):
+            frame = np.asarray(stack[t], dtype=np.float64)  # one frame at a time: bounded memory
+            if mode == "fourier":
+                spectrum = ndimage.fourier_shift(np.fft.fft2(frame), -applied[t])
+                aligned[t] = np.fft.ifft2(spectrum).real
+            else:
+                aligned[t] = ndimage.shift(frame, -applied[t], order=3, mode="nearest")
+        if crop:
+            aligned = aligned[:, box[0]:box[1], box[2]:box[3]]
+    info = {"applied": applied, "residual": shifts - applied, "crop": box, "mode": mode}
+    return np.ascontiguousarray(aligned, dtype=np.float32), info
+
+
+def _integer_shift(stack, whole, box, crop):
+    """Pure slicing: aligned[t, y, x] = stack[t, y + dy_t, x + dx_t]; no arithmetic on values."""
+    y0, y1, x0, x1 = box
+    if crop:
+        return np.stack([stack[t, y0 + dy:y1 + dy, x0 + dx:x1 + dx] for t, (dy, dx) in enumerate(whole)])
+    n, ny, nx = stack.shape
+    out = np.full((n, ny, nx), np.nan, dtype=np.float32)
+    for t, (dy, dx) in enumerate(whole):
+        ys, xs = slice(max(0, -dy), min(ny, ny - dy)), slice(max(0, -dx), min(nx, nx - dx))
+        out[t, ys, xs] = stack[t, ys.start + dy:ys.stop + dy, xs.start + dx:xs.stop + dx]
+    return out
+
+
+def drift_table(shifts, applied, residual) -> pd.DataFrame:
+    """Per-frame drift table for drift.csv.
+
+    All arguments are (T, 2) arrays of (dy, dx) in px. Columns: frame, dy, dx,
+    applied_dy, applied_dx, residual_dy, residual_dx.
+    """
+    shifts, applied, residual = (np.asarray(a, dtype=np.float64) for a in (shifts, applied, residual))
+    return pd.DataFrame({
+        "frame": np.arange(len(shifts)),
+        "dy": shifts[:, 0], "dx": shifts[:, 1],
+        "applied_dy": applied[:, 0], "applied_dx": applied[:, 1],
+        "residual_dy": residual[:, 0], "residual_dx": residual[:, 1],
+    })
+
+
+def plot_drift(df: pd.DataFrame, png_path: str | os.PathLike) -> None:
+    """Plot a :func:`drift_table` (dy, dx and applied shifts vs frame, and the x-y path)
+    to ``png_path`` (written directly; the caller renames atomically)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_xy) = plt.subplots(1, 2, figsize=(10, 4))
+    for col, colour in (("dy", "C0"), ("dx", "C1")):
+        ax_t.plot(df["frame"], df[col], color=colour, label=f"{col} measured")
+        ax_t.step(df["frame"], df[f"applied_{col}"], where="mid", color=colour, ls=":", label=f"{col} applied")
+    ax_t.set_xlabel("frame")
+    ax_t.set_ylabel("drift (px)")
+    ax_t.legend(fontsize=8)
+    ax_xy.plot(df["dx"], df["dy"], ".-")
+    ax_xy.plot(df["dx"].iloc[:1], df["dy"].iloc[:1], "o", color="k", label="frame 0")
+    ax_xy.set_xlabel("dx (px)")
+    ax_xy.set_ylabel("dy (px)")
+    ax_xy.invert_yaxis()  # image convention: y grows downwards
+    ax_xy.set_aspect("equal", adjustable="datalim")
+    ax_xy.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100, format="png")
+    plt.close(fig)

@@ -1,0 +1,140 @@
+"""The Snakemake workflow end to end: dry run, lint, a tiny real run, bad configs, real data."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import yaml
+
+from emdenoise import synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+AU = REPO.parent / "shared" / "data" / "au_graphene_liquid_cell"
+
+
+def snakemake(workdir: Path, *args: str, config: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2",
+           *args]
+    if config is not None:  # last: --configfile takes every following word as a file
+        cfg = workdir / "config.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        cmd += ["--configfile", str(cfg)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+
+
+def tiny_config(tmp_path: Path) -> dict:
+    """Two demo movies, a user's own TIFF and MRC, and a tilt series (no drift correction)."""
+    own = synthetic.simulate_movie(n_frames=6, shape=(48, 40), mode="counting", dose=2.0, max_drift=2.0, seed=5)
+    tifffile.imwrite(tmp_path / "own.tif", np.rint(own.noisy).astype(np.uint16))
+    with mrcfile.new(tmp_path / "own.mrc") as m:
+        m.set_data(own.noisy.astype(np.float32))
+        m.voxel_size = 1.25
+    tilt = synthetic.simulate_movie(n_frames=5, shape=(40, 40), mode="linear", max_drift=0.0, seed=6)
+    np.save(tmp_path / "tilts.npy", tilt.noisy)
+    return {
+        "results": "results",
+        "demo": {
+            "count": {"mode": "counting", "n_frames": 8, "shape": [64, 64], "format": "tif", "max_drift": 3.0},
+            "lin": {"mode": "linear", "n_frames": 8, "shape": [64, 48], "format": "mrc", "max_drift": 3.0},
+        },
+        "datasets": {
+            "count": {"path": "resources/demo/count.tif", "ground_truth": "resources/demo/count_truth.tif"},
+            "lin": {"path": "resources/demo/lin.mrc", "ground_truth": "resources/demo/lin_truth.mrc"},
+            "own_tif": {"path": str(tmp_path / "own.tif"), "pixel_size": 0.5},
+            "own_mrc": {"path": str(tmp_path / "own.mrc")},
+            "tilts": {"path": str(tmp_path / "tilts.npy"), "kind": "tilt_series"},
+        },
+    }
+
+
+def test_dry_run_and_lint_of_the_default_config(tmp_path):
+    dry = subprocess.run([str(SNAKEMAKE), "-n", "--cores", "1"], cwd=REPO, capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    assert "report" in dry.stdout and "demo" in dry.stdout
+    lint = subprocess.run([str(SNAKEMAKE), "--lint"], cwd=REPO, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    assert "Lints for" not in lint.stdout + lint.stderr
+
+
+def test_tiny_run_end_to_end(tmp_path):
+    config = tiny_config(tmp_path)
+    proc = snakemake(tmp_path, config=config)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    table = pd.read_csv(tmp_path / "results" / "report" / "metrics.csv")
+    for ds in config["datasets"]:
+        assert set(table[table.dataset == ds].method) >= {"raw", "gaussian2d", "gaussian3d"}, ds
+    rows = table.set_index(["dataset", "method"])
+    # ground truth was used where given, and only there
+    assert np.isfinite(rows.loc[("count", "raw"), "psnr_db"])
+    assert np.isnan(rows.loc[("own_tif", "raw"), "psnr_db"])
+    assert rows.loc[("count", "gaussian3d"), "psnr_db"] > rows.loc[("count", "raw"), "psnr_db"]
+    # the tilt series skipped drift correction: all shifts zero
+    tilt_drift = pd.read_csv(tmp_path / "results" / "tilts" / "drift.csv")
+    assert (tilt_drift[["dy", "dx"]].to_numpy() == 0).all()
+    # outputs complete, nothing half-written left behind, raw inputs untouched
+    res = tmp_path / "results"
+    assert (res / "report" / "report.html").stat().st_size > 10_000  # embedded images
+    assert not [p for p in res.rglob("*") if ".tmp" in p.name]
+    for ds in config["datasets"]:
+        assert (res / ds / "blindspot.json").exists() and (res / ds / "preview.png").exists()
+
+
+def test_config_typo_is_an_error_naming_the_key(tmp_path):
+    config = tiny_config(tmp_path)
+    config["datasets"]["own_tif"]["pixelsize"] = 0.5
+    proc = snakemake(tmp_path, "-n", config=config)
+    assert proc.returncode != 0
+    assert "pixelsize" in proc.stderr + proc.stdout
+
+
+def test_wrong_type_is_an_error_naming_the_key(tmp_path):
+    config = tiny_config(tmp_path)
+    config["defaults"] = {"drift": {"upsample": "ten"}}
+    proc = snakemake(tmp_path, "-n", config=config)
+    assert proc.returncode != 0
+    assert "upsample" in proc.stderr + proc.stdout
+
+
+def test_missing_input_path_is_named(tmp_path):
+    config = {"datasets": {"gone": {"path": str(tmp_path / "nowhere.tif")}}}
+    proc = snakemake(tmp_path, "-n", config=config)
+    assert proc.returncode != 0
+    out = proc.stderr + proc.stdout
+    assert "nowhere.tif" in out and "does not exist" in out
+
+
+def test_bad_input_file_fails_cleanly_without_partial_output(tmp_path):
+    bad = np.ones((6, 32, 32), np.float32)
+    bad[3, 5, 5] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", bad)
+    proc = snakemake(tmp_path, f"results/nan/raw.zarr", config={"datasets": {"nan": {"path": str(tmp_path / "nan.tif")}}})
+    assert proc.returncode != 0
+    log = (tmp_path / "results" / "logs" / "nan" / "ingest.log").read_text()
+    assert "nan.tif" in log and "NaN" in log
+    assert "Traceback" not in log
+    assert not (tmp_path / "results" / "nan" / "raw.zarr").exists()
+    assert not [p for p in (tmp_path / "results").rglob("*") if ".tmp" in p.name]
+
+
+@pytest.mark.skipif(not AU.is_dir(), reason="shared real data not present")
+def test_real_au_movie_subset(tmp_path):
+    """Ingest -> metrics on the first 10 frames of the real K2 movie, read in place."""
+    config = {"datasets": {"au": {"path": str(AU), "pixel_size": 0.317, "frames": [0, 10]}}}
+    proc = snakemake(tmp_path, config=config)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = tmp_path / "results"
+    table = pd.read_csv(res / "au" / "metrics.csv").set_index("method")
+    assert table.loc["gaussian3d", "upsnr_db"] > table.loc["raw", "upsnr_db"]
+    drift = pd.read_csv(res / "au" / "drift.csv")
+    assert len(drift) == 10 and np.abs(drift[["dy", "dx"]].to_numpy()).max() < 50
+    spot = yaml.safe_load((res / "au" / "blindspot.json").read_text())
+    assert spot["blindspot"] in (1, 3, 5, 7, 9)
