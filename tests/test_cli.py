@@ -43,7 +43,8 @@ def test_bad_file_gives_one_line_and_exit_2(tmp_path):
 
 
 def test_info_reads_a_real_tiff_written_elsewhere(tmp_path):
-    tifffile.imwrite(tmp_path / "x.tif", np.arange(4 * 20 * 20, dtype=np.uint16).reshape(4, 20, 20))
+    tifffile.imwrite(tmp_path / "x.tif", np.arange(4 * 20 * 20, dtype=np.uint16).reshape(4, 20, 20),
+                     photometric="minisblack")
     proc = subprocess.run([str(EXE), "info", str(tmp_path / "x.tif")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["dtype"] == "uint16"
