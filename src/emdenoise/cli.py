@@ -1,4 +1,4 @@
-"""Command line: ``emdenoise info FILE``, ``emdenoise simulate OUT ...``.
+"""Command line: ``emdenoise info FILE``, ``simulate OUT ...``, ``verify RESULTS``.
 
 Bad input ends with one line ``emdenoise: error: <file>: <problem>`` and exit code 2.
 """
@@ -36,6 +36,17 @@ def _simulate(args: argparse.Namespace) -> None:
     print(f"wrote {args.output} {movie.noisy.shape} ({args.mode} mode)")
 
 
+def _verify(args: argparse.Namespace) -> None:
+    from . import provenance
+
+    problems = provenance.verify(args.results)
+    for line in problems:
+        print(line)
+    if problems:
+        sys.exit(1)
+    print(f"{args.results}: all recorded inputs and outputs match their checksums")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="emdenoise", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"emdenoise {__version__}")
@@ -60,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--pixel-size", type=float, default=None, help="pixel size written to the file (Å)")
     sim.add_argument("--seed", type=int, default=0)
     sim.set_defaults(func=_simulate)
+
+    ver = sub.add_parser("verify", help="recompute the checksums recorded in provenance.json files")
+    ver.add_argument("results", help="a results folder (searched recursively for provenance.json)")
+    ver.set_defaults(func=_verify)
     return p
 
 
