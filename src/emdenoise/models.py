@@ -1,0 +1,344 @@
+"""WCID / WCVD blind-spot denoisers (WCVD paper, section 2.1, methods 4.1, SM Fig. S1-S2).
+
+One model = an ensemble of branches, one per spatial kernel size Ks (3, 5, 7):
+
+    input windows (N, Kt, Y, X)                    Kt = 3 frames (WCVD) or 1 (WCID)
+      -> blind convolution kernel (BCK)            weight (C, 1, Kt, Ks, Ks), no bias,
+                                                   centre weight fixed at zero,
+                                                   periodic (circular) spatial padding,
+                                                   valid temporal padding
+      -> N_L x [1x1(x1) conv C->C, LeakyReLU(0.1)]
+      -> 1x1(x1) conv C->1, ReLU
+    output = sum_i  a_i * branch_i                 a_i learned, initialised 1/n_branches
+
+A WCVD window of Kt frames centred on frame t predicts frame t; the BCK never sees
+pixel (t, y, x) itself, so the network cannot learn the identity and is trained with a
+plain MSE against the noisy frame (Noise2Void / Noise2Self principle).
+
+Implementation notes (why it looks different from a literal Conv3d stack):
+- The Kt temporal taps are treated as the *input channels* of a 2D convolution over
+  temporal windows.  With valid temporal padding this is exactly a Conv3d with one input
+  channel, but oneDNN runs it 2x faster on CPU (channels-last 2D conv).
+- All branches are run as one convolution: each branch's Ks x Ks kernel is zero-padded
+  to Ks_max x Ks_max and the kernels are concatenated along output channels; the 1x1
+  layers become grouped 1x1 convolutions (groups = number of branches).  Parameters stay
+  per branch; :meth:`WCVD.forward_reference` is the literal per-branch Conv3d/Conv2d
+  version used by the tests to prove the two agree.
+
+Bias in the 1x1 layers (``WCVDParams.bias``, default True): the paper says only that
+the BCK has no bias; the BCK stays bias-free here too.  Without *any* bias the network
+would be positively homogeneous, f(a*x) = a*f(x), i.e. equivariant to the intensity
+scale -- attractive, but measured to cost 0.4 dB PSNR on the synthetic counting-mode
+movie (22.5 vs 22.9 dB, bench/bench_wcvd.py; the least-squares linear blind-spot
+predictor on the same 3x7x7 support shows the same 22.47 vs 22.88 dB gap).  The reason:
+the best blind-spot prediction shrinks the neighbours towards the mean,
+E[x_c | N] = mu + w.(N - mu), which needs a constant term.  Scale equivariance is not
+needed because every dataset is normalised (``emdenoise.train.Normalisation``) before
+training and inference, so the network always sees intensities of order one.  A
+bias-free model remains available with ``bias=False``.
+
+Initialisation: each BCK channel starts as the mean of its neighbours (all non-centre
+taps equal, perturbed by +-20 % to break the symmetry between channels, renormalised to
+sum 1), the hidden 1x1 layers start as the identity plus small doubly-centred noise (biases
+zero) and the output layer
+averages the channels.  For non-negative input the untrained model is therefore a
+mean-preserving "neighbour average" filter, which (a) avoids dead final ReLUs (a branch
+whose output is negative everywhere never receives a gradient) and (b) makes the short
+CPU training budget converge from a sensible starting point.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InputError
+
+__all__ = [
+    "WCVDParams",
+    "BlindConv",
+    "WCVD",
+    "build_model",
+    "check_blind_state",
+    "resolve_device",
+]
+
+
+@dataclass(frozen=True)
+class WCVDParams:
+    """Architecture hyper-parameters (paper values as defaults).
+
+    kt: temporal kernel size (odd, >= 3) for ``dims=3``; ignored for ``dims=2``.
+    ks: spatial kernel sizes of the ensemble branches (odd, >= 3).
+    channels: C_out of the BCK and of the hidden 1x1 layers.
+    n_layers: N_L, number of hidden 1x1 layers with LeakyReLU.
+    negative_slope: LeakyReLU slope.
+    dims: 3 = WCVD (video, 3D kernel), 2 = WCID (image, 2D kernel per frame).
+    bias: bias in the 1x1 layers (the BCK never has one); see the module docstring.
+    """
+
+    kt: int = 3
+    ks: tuple[int, ...] = (3, 5, 7)
+    channels: int = 3
+    n_layers: int = 4
+    negative_slope: float = 0.1
+    dims: int = 3
+    bias: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
+        problems = []
+        if self.dims not in (2, 3):
+            problems.append(f"dims must be 2 (WCID) or 3 (WCVD), got {self.dims}")
+        if self.dims == 3 and (self.kt < 3 or self.kt % 2 == 0):
+            problems.append(f"kt must be odd and >= 3 for dims=3, got {self.kt}")
+        if not self.ks or any(k < 3 or k % 2 == 0 for k in self.ks):
+            problems.append(f"ks must be odd kernel sizes >= 3, got {self.ks}")
+        if self.channels < 1 or self.n_layers < 0:
+            problems.append("channels must be >= 1 and n_layers >= 0")
+        if problems:
+            raise InputError(None, "invalid WCVDParams: " + "; ".join(problems))
+
+    @property
+    def kt_eff(self) -> int:
+        """Number of frames in one input window (kt for WCVD, 1 for WCID)."""
+        return self.kt if self.dims == 3 else 1
+
+    @property
+    def halo_t(self) -> int:
+        """Frames needed on each side of a predicted frame."""
+        return self.kt_eff // 2
+
+    @property
+    def halo_s(self) -> int:
+        """Pixels needed on each side of a predicted pixel (Ks_max // 2)."""
+        return max(self.ks) // 2
+
+    def to_dict(self) -> dict:
+        """Plain dict (lists, not tuples) safe for ``torch.load(weights_only=True)``."""
+        d = asdict(self)
+        d["ks"] = list(self.ks)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WCVDParams":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: (tuple(v) if k == "ks" else v) for k, v in d.items() if k in known})
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> CUDA when available else CPU; 'cuda' without CUDA is an error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(None, f"device={device!r} requested but CUDA is not available")
+    return dev
+
+
+def _centre_index(shape: tuple[int, ...]) -> tuple:
+    """Index of the centre tap of a BCK weight (C, 1, [kt,] ks, ks), all channels."""
+    return (slice(None), 0) + tuple(s // 2 for s in shape[2:])
+
+
+class BlindConv(nn.Module):
+    """Blind convolution kernel (BCK): no bias, centre weight zero, gradient masked.
+
+    weight: (C, 1, kt, ks, ks) for dims=3 (the shape of an ``nn.Conv3d`` weight) or
+    (C, 1, ks, ks) for dims=2.  The centre tap is kept at zero three ways: it is zero at
+    initialisation, its gradient is zeroed by a hook (as in the paper), and the forward
+    pass multiplies the weight by a mask, so even a corrupted centre value has provably
+    no influence on the output (d output / d centre input == 0 exactly).
+    """
+
+    def __init__(self, ks: int, kt: int, channels: int, dims: int,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.ks, self.kt, self.dims = ks, (kt if dims == 3 else 1), dims
+        shape = (channels, 1, kt, ks, ks) if dims == 3 else (channels, 1, ks, ks)
+        self.weight = nn.Parameter(torch.empty(shape))
+        mask = torch.ones(shape)
+        mask[_centre_index(shape)] = 0.0
+        self.register_buffer("mask", mask, persistent=False)
+        # Paper: "intercept the gradient ... set the corresponding element to 0".
+        self.weight.register_hook(self._mask_grad)
+        self.reset_parameters(generator)
+
+    def _mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad * self.mask.to(grad.dtype)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Neighbour-average init (+-20 % jitter), centre exactly zero, sum 1 per channel."""
+        w = 1.0 + 0.2 * (2.0 * torch.rand(self.weight.shape, generator=generator) - 1.0)
+        w = w * self.mask
+        w = w / w.flatten(1).sum(1).view(-1, *([1] * (w.dim() - 1)))
+        self.weight.copy_(w)
+
+    def masked_weight(self) -> torch.Tensor:
+        """Weight with the centre forced to zero, as a 2D-conv weight (C, kt, ks, ks)."""
+        w = self.weight * self.mask
+        c = w.shape[0]
+        return w.reshape(c, self.kt, self.ks, self.ks)
+
+
+def _pad_kernel(w: torch.Tensor, k: int) -> torch.Tensor:
+    """Zero-pad a (C, kt, ks, ks) kernel to (C, kt, k, k), keeping it centred."""
+    p = (k - w.shape[-1]) // 2
+    return F.pad(w, (p, p, p, p)) if p else w
+
+
+def _near_identity(c: int, generator: torch.Generator | None) -> torch.Tensor:
+    """I + E with E small and doubly centred (zero row and column sums).
+
+    Zero row sums keep equal channels equal (and positive, so LeakyReLU is the
+    identity on them); zero column sums keep the channel average, so the untrained
+    branch preserves the mean intensity.
+    """
+    e = 0.1 * torch.randn(c, c, generator=generator)
+    e = e - e.mean(0, keepdim=True) - e.mean(1, keepdim=True) + e.mean()
+    return torch.eye(c) + e
+
+
+class _Branch(nn.Module):
+    """One ensemble member: BCK -> N_L x (1x1, LeakyReLU) -> 1x1 -> ReLU.
+
+    The 1x1(x1) convolutions are stored as per-pixel matrices (C_out, C_in).
+    """
+
+    def __init__(self, ks: int, p: WCVDParams, generator: torch.Generator | None):
+        super().__init__()
+        c = p.channels
+        self.bck = BlindConv(ks, p.kt, c, p.dims, generator)
+        self.hidden_w = nn.ParameterList(
+            [nn.Parameter(_near_identity(c, generator)) for _ in range(p.n_layers)])
+        self.hidden_b = nn.ParameterList(
+            [nn.Parameter(torch.zeros(c)) for _ in range(p.n_layers)] if p.bias else [])
+        self.out_w = nn.Parameter(torch.full((1, c), 1.0 / c))
+        self.out_b = nn.Parameter(torch.zeros(1)) if p.bias else None
+
+
+class WCVD(nn.Module):
+    """Ensemble of blind-spot branches; WCVD for ``dims=3``, WCID for ``dims=2``.
+
+    forward(x): x (N, T, Y, X) float32, normalised intensities.  Returns
+    (N, T - kt + 1, Y', X') with Y' = Y, X' = X for ``spatial_padding='circular'`` and
+    Y' = Y - 2*halo_s, X' = X - 2*halo_s for ``'valid'`` (used to train on crops whose
+    borders carry real neighbours).  For WCID (dims=2) every frame is denoised on its own
+    and T is kept.
+    """
+
+    def __init__(self, params: WCVDParams = WCVDParams(), generator: torch.Generator | None = None):
+        super().__init__()
+        self.params = params
+        self.branches = nn.ModuleList([_Branch(k, params, generator) for k in params.ks])
+        n = len(params.ks)
+        self.ensemble_weights = nn.Parameter(torch.full((n,), 1.0 / n))
+
+    # -- shared pieces -------------------------------------------------------------
+    def _windows(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, Y, X) -> (N*T', kt, Y, X) sliding temporal windows (valid padding)."""
+        if x.dim() != 4:
+            raise ValueError(f"expected (N, T, Y, X) input, got shape {tuple(x.shape)}")
+        kt = self.params.kt_eff
+        n, t, y, xx = x.shape
+        if t < kt:
+            raise ValueError(f"need at least kt={kt} frames, got {t}")
+        if kt == 1:
+            return x.reshape(n * t, 1, y, xx)
+        return x.unfold(1, kt, 1).permute(0, 1, 4, 2, 3).reshape(n * (t - kt + 1), kt, y, xx)
+
+    def _spatial_pad(self, w: torch.Tensor, spatial_padding: str) -> torch.Tensor:
+        h = self.params.halo_s
+        if spatial_padding == "circular":
+            if min(w.shape[-2:]) <= 2 * h:
+                # Wrapping a frame narrower than the kernel would fold the centre pixel
+                # back into its own neighbourhood and break the blind spot.
+                raise ValueError(f"frames must be larger than {2 * h} px for circular padding")
+            return F.pad(w, (h, h, h, h), mode="circular")
+        if spatial_padding == "valid":
+            return w
+        raise ValueError(f"spatial_padding must be 'circular' or 'valid', got {spatial_padding!r}")
+
+    def merged_bck_weight(self) -> torch.Tensor:
+        """All branch kernels, centre-masked and zero-padded to Ks_max: (nb*C, kt, K, K)."""
+        k = max(self.params.ks)
+        return torch.cat([_pad_kernel(b.bck.masked_weight(), k) for b in self.branches], 0)
+
+    # -- fast merged forward (training and GPU inference) --------------------------
+    def forward(self, x: torch.Tensor, spatial_padding: str = "circular") -> torch.Tensor:
+        p = self.params
+        n, t = x.shape[:2]
+        w = self._spatial_pad(self._windows(x), spatial_padding)
+        if w.device.type == "cpu":
+            w = w.contiguous(memory_format=torch.channels_last)
+        nb, c = len(self.branches), p.channels
+        h = F.conv2d(w, self.merged_bck_weight())                     # (M, nb*C, Y, X)
+        for layer in range(p.n_layers):
+            wl = torch.cat([b.hidden_w[layer] for b in self.branches], 0)[:, :, None, None]
+            bl = torch.cat([b.hidden_b[layer] for b in self.branches]) if p.bias else None
+            h = F.leaky_relu(F.conv2d(h, wl, bl, groups=nb), p.negative_slope)
+        wo = torch.cat([b.out_w for b in self.branches], 0)[:, :, None, None]  # (nb, C, 1, 1)
+        bo = torch.cat([b.out_b for b in self.branches]) if p.bias else None
+        o = F.relu(F.conv2d(h, wo, bo, groups=nb))                  # (M, nb, Y, X)
+        o = torch.einsum("mbyx,b->myx", o, self.ensemble_weights.to(o.dtype))
+        return o.reshape(n, t - p.kt_eff + 1, *o.shape[-2:])
+
+    # -- literal paper formulation, for tests ------------------------------------------
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-branch Conv3d (dims=3) / Conv2d (dims=2) with circular spatial padding.
+
+        Slow and literal; same contract as ``forward(x, 'circular')``.
+        """
+        p = self.params
+        n, t, yy, xx = x.shape
+        outs = []
+        for b in self.branches:
+            h_s = b.bck.ks // 2
+            wgt = b.bck.weight * b.bck.mask
+            if p.dims == 3:
+                xi = F.pad(x[:, None], (h_s, h_s, h_s, h_s, 0, 0), mode="circular")
+                h = F.conv3d(xi, wgt)                                    # (N, C, T', Y, X)
+                h = h.permute(0, 2, 1, 3, 4).reshape(-1, p.channels, yy, xx)
+            else:
+                xi = F.pad(x.reshape(n * t, 1, yy, xx), (h_s,) * 4, mode="circular")
+                h = F.conv2d(xi, wgt)
+            for layer in range(p.n_layers):
+                bias = b.hidden_b[layer] if p.bias else None
+                h = F.leaky_relu(F.conv2d(h, b.hidden_w[layer][:, :, None, None], bias), p.negative_slope)
+            outs.append(F.relu(F.conv2d(h, b.out_w[:, :, None, None], b.out_b)))
+        o = sum(a * oi for a, oi in zip(self.ensemble_weights, outs))
+        return o.reshape(n, t - p.kt_eff + 1, yy, xx)
+
+
+def build_model(params: WCVDParams = WCVDParams(), seed: int = 0) -> WCVD:
+    """A freshly initialised model; the same seed gives bit-identical weights."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return WCVD(params, generator=gen)
+
+
+def check_blind_state(state_dict: dict, source=None) -> None:
+    """Refuse weights whose BCK centre tap is not exactly zero.
+
+    state_dict: a ``WCVD.state_dict()``; source: file name for the error message.
+    Raises ``InputError(source, 'centre weight of the blind kernel is not zero ...')``.
+    A non-zero centre means the weights did not come from a blind-spot training run (or
+    were edited): such a model may have learned the identity and would return the noise.
+    """
+    keys = [k for k in state_dict if k.endswith("bck.weight")]
+    if not keys:
+        raise InputError(source, "no blind convolution kernel weights (*.bck.weight) in the model state")
+    for k in keys:
+        w = state_dict[k]
+        centre = w[_centre_index(tuple(w.shape))]
+        if torch.count_nonzero(centre).item():
+            worst = float(centre.abs().max())
+            raise InputError(
+                source,
+                f"centre weight of the blind kernel is not zero ({k}: max |w| = {worst:.3g}); "
+                "refusing to load a model that can see the pixel it predicts",
+            )

@@ -1,0 +1,543 @@
+"""Self-supervised training of WCVD / WCID models (WCVD paper, methods 4.1).
+
+Loss: MSE between the network output for a temporal window centred on frame t and the
+noisy frame t itself.  With Kt = 3 and valid temporal padding the outputs are frames
+1..T-2 and the targets are input frames 1..T-2.  The blind convolution kernel never sees
+pixel (t, y, x), so the best it can do is predict the signal, not the noise.
+
+Why there is NO low-pass filter inside the loss (the released code had one): the FFT
+low-pass is a global linear filter, LP(f)(p) = sum_q h(p - q) f(q).  The output f(q) of
+every neighbour q != p was computed from a window that *contains* the noisy pixel x(p)
+(p lies inside q's kernel).  Comparing LP(f)(p) with x(p) therefore lets the network
+route x(p) back to p through its neighbours' outputs: the blind spot leaks and the
+training rewards reproducing the noise.  The low-pass belongs after inference only
+(``emdenoise.filters.fft_lowpass``).
+
+Budget: the paper trains 300 epochs over full frames on a GPU.  On a 2-core CPU that is
+far too slow for 20 x 512 x 512 (60 full-frame epochs took 106 s), so an *epoch* here is
+one random 128 x 128 crop of every training window (``steps_per_epoch =
+ceil(n_windows / batch_size)``, batch 8: 2 steps per epoch for T = 20).  With ~900
+parameters the model converges long before it has seen every pixel: 300 epochs take
+~25 s on the shared 2-core CPU and reach the PSNR of the least-squares linear
+blind-spot predictor on the benchmark movie; 192 px crops, batch 16 or 600 epochs
+measured no better (bench/bench_wcvd.py).  Full-frame training (the paper's setting)
+is ``crop=None``.
+
+Crops are trained with *valid* spatial padding: a crop of c px is cut with a halo of
+Ks_max // 2 px so every output pixel has its true neighbours; periodic padding on a crop
+would wrap the opposite crop edge into the kernel.  Full frames use periodic padding as
+in the paper (and as inference does).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .errors import InputError
+from .models import WCVD, WCVDParams, build_model, check_blind_state, resolve_device
+
+__all__ = [
+    "TrainParams",
+    "Normalisation",
+    "train_model",
+    "save_checkpoint",
+    "load_checkpoint",
+    "CHECKPOINT_FORMAT",
+]
+
+CHECKPOINT_FORMAT = "emdenoise-wcvd/1"
+LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "lr", "seconds")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Training settings.
+
+    epochs: passes; one epoch = one random crop of every training window.
+    lr: Adam learning rate (paper: 1e-3).
+    batch_size: windows per optimiser step.
+    crop: output crop size in px (int) or None for full frames (paper setting, slow on CPU).
+    steps_per_epoch: optimiser steps per epoch; None = ceil(n_train_windows / batch_size).
+    augment: random flips in y and x and transposes (square crops) of each window.
+    seed: seeds the weight init and the crop sampler; same seed -> same weights (CPU).
+    val_frames: target frames held out for validation and best-checkpoint selection
+        (0 = no validation: the last epoch is kept).  See ``_split`` for small T.
+    val_crop: validation uses a fixed centre crop of this size (px) of each held-out
+        frame, to bound its cost per epoch; None = full frames.
+    device: 'auto' | 'cpu' | 'cuda'.
+    amp: mixed precision (bf16 or fp16 autocast) -- only ever used on CUDA.
+    lr_schedule: 'cosine' (decay to lr/100 over the epochs; default) or 'constant'
+        (paper).  Adam at a constant 1e-3 keeps jittering (+-0.15 dB PSNR between epochs
+        on the benchmark movie); the cosine decay lets the weights settle, so the epoch
+        chosen by validation is not a random point of that jitter.
+    val_tolerance: checkpoint = latest epoch with val loss <= min + val_tolerance * its
+        standard error (see ``_select_epoch``); 0 = plain minimum.
+    """
+
+    epochs: int = 300
+    lr: float = 1e-3
+    batch_size: int = 8
+    crop: int | None = 128
+    steps_per_epoch: int | None = None
+    augment: bool = True
+    seed: int = 0
+    val_frames: int = 2
+    val_crop: int | None = 256
+    device: str = "auto"
+    amp: bool = True
+    lr_schedule: str = "cosine"
+    val_tolerance: float = 1.0
+
+    def __post_init__(self):
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise InputError(None, f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise InputError(None, "epochs and batch_size must be >= 1 and lr > 0")
+        if self.crop is not None and self.crop < 1:
+            raise InputError(None, f"crop must be None or >= 1, got {self.crop}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainParams":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# --------------------------------------------------------------------------------------
+# intensity normalisation
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Normalisation:
+    """x_norm = (x - offset) / scale, and back.
+
+    offset: the ``low_pct`` percentile of the data (background / detector offset, e.g.
+        0 for counting mode, ~100 for linear-mode data).  Subtracting it puts the data at
+        >= 0 (up to the lowest 0.5 % of noisy pixels), where the final ReLU of the
+        network can represent it, and lets the bias-free network model an offset.
+    scale: ``high_pct`` minus ``low_pct`` percentile (robust to hot pixels); falls back
+        to the mean absolute deviation from the offset for very sparse data (where the
+        99.5 % percentile is still 0), then to 1.
+    Units: the data's own (counts, grey levels, ADU).
+    """
+
+    offset: float
+    scale: float
+    low_pct: float = 0.5
+    high_pct: float = 99.5
+
+    @classmethod
+    def fit(cls, stack: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5,
+            max_samples: int = 4_000_000) -> "Normalisation":
+        flat = np.asarray(stack, dtype=np.float32).ravel()
+        if flat.size > max_samples:  # deterministic subsample: percentiles need no more
+            flat = flat[:: int(math.ceil(flat.size / max_samples))]
+        lo, hi = np.percentile(flat, [low_pct, high_pct])
+        scale = float(hi - lo)
+        if not scale > 0:
+            scale = float(np.mean(np.abs(flat - lo)))
+        if not scale > 0:
+            scale = 1.0
+        return cls(offset=float(lo), scale=scale, low_pct=low_pct, high_pct=high_pct)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """(..., Y, X) data units -> float32 normalised."""
+        return ((np.asarray(x, dtype=np.float32) - np.float32(self.offset)) / np.float32(self.scale)).astype(
+            np.float32, copy=False)
+
+    def invert(self, y: np.ndarray) -> np.ndarray:
+        """float32 normalised -> data units."""
+        return (np.asarray(y, dtype=np.float32) * np.float32(self.scale) + np.float32(self.offset)).astype(
+            np.float32, copy=False)
+
+    def to_dict(self) -> dict:
+        return {"method": "percentile", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Normalisation":
+        return cls(**{k: d[k] for k in ("offset", "scale", "low_pct", "high_pct") if k in d})
+
+
+# --------------------------------------------------------------------------------------
+# data: train / validation split and crop sampling
+# --------------------------------------------------------------------------------------
+def _check_stack(stack, params: WCVDParams) -> np.ndarray:
+    arr = np.asarray(stack)
+    if arr.ndim != 3:
+        raise InputError(None, f"expected a (T, Y, X) stack, got shape {arr.shape}")
+    t, y, x = arr.shape
+    if params.dims == 3 and t < params.kt:
+        raise InputError(None, f"WCVD needs at least kt={params.kt} frames to train, got {t}")
+    if t < 1:
+        raise InputError(None, "empty stack")
+    if min(y, x) < max(params.ks):
+        raise InputError(None, f"frames of {y}x{x} px are smaller than the largest kernel ({max(params.ks)} px)")
+    arr = arr.astype(np.float32, copy=False)
+    if not np.isfinite(arr).all():
+        raise InputError(None, "stack contains NaN or Inf values")
+    return arr
+
+
+@dataclass
+class _Split:
+    """Which target frames / rows train and which validate."""
+
+    mode: str                 # 'temporal' | 'spatial' | 'none'
+    train_centres: list[int]
+    val_centres: list[int]
+    train_rows: tuple[int, int]   # input rows usable by training crops [a, b)
+    val_rows: tuple[int, int]     # input rows of the validation band [a, b)
+
+
+def _split(shape, mp: WCVDParams, tp: TrainParams) -> _Split:
+    """Hold out ``val_frames`` target frames; fall back to a band of rows for small T.
+
+    Temporal hold-out (default) needs at least val_frames + 2 target frames (T >= 6 for
+    WCVD with val_frames=2), so that >= 2 frames remain to train on; the held-out frames
+    are evenly spaced inside the movie.  With fewer frames (e.g. T = 4 or 5 for WCVD)
+    the bottom fifth of the rows of *every* target frame is held out instead (at least
+    2*halo + 8 rows, training crops stay strictly above it).  If the frames are too small
+    for that, or val_frames == 0, there is no validation and the last epoch is kept.
+    """
+    t, y, _ = shape
+    h_t, h_s = mp.halo_t, mp.halo_s
+    centres = list(range(h_t, t - h_t))
+    full = (0, y)
+    if tp.val_frames <= 0:
+        return _Split("none", centres, [], full, (0, 0))
+    if len(centres) >= tp.val_frames + 2:
+        pos = np.linspace(0, len(centres) - 1, tp.val_frames + 2)[1:-1]
+        val = sorted({centres[int(round(p))] for p in pos})
+        return _Split("temporal", [c for c in centres if c not in val], val, full, full)
+    band = max(y // 5, 2 * h_s + 8)
+    if y - band >= 2 * h_s + 8:
+        return _Split("spatial", centres, centres, (0, y - band), (y - band, y))
+    return _Split("none", centres, [], full, (0, 0))
+
+
+class _Sampler:
+    """Random training windows (N, kt, Yc, Xc) with their blind-spot targets."""
+
+    def __init__(self, z: np.ndarray, split: _Split, mp: WCVDParams, tp: TrainParams):
+        self.z, self.mp, self.tp = z, mp, tp
+        self.rng = np.random.default_rng(tp.seed)
+        self.centres = split.train_centres
+        self.rows = split.train_rows
+        h = mp.halo_s
+        ny = self.rows[1] - self.rows[0]
+        nx = z.shape[2]
+        whole = split.mode != "spatial" and (tp.crop is None or tp.crop + 2 * h > min(ny, nx))
+        if whole:  # full frames, periodic padding (paper setting)
+            self.padding, self.cy, self.cx = "circular", ny, nx
+        else:      # crops with a real-pixel halo, valid padding
+            c = tp.crop if tp.crop is not None else max(ny, nx)
+            self.padding = "valid"
+            self.cy, self.cx = min(c, ny - 2 * h), min(c, nx - 2 * h)
+
+    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """x: (n, kt, Yin, Xin) float32 windows; target: (n, Yout, Xout) centre frames."""
+        ht, hs = self.mp.halo_t, self.mp.halo_s
+        halo = hs if self.padding == "valid" else 0
+        iy, ix = self.cy + 2 * halo, self.cx + 2 * halo
+        r0, r1 = self.rows
+        xs = []
+        for _ in range(n):
+            t = self.centres[self.rng.integers(len(self.centres))]
+            y0 = r0 + self.rng.integers(r1 - r0 - iy + 1)
+            x0 = self.rng.integers(self.z.shape[2] - ix + 1)
+            w = self.z[t - ht:t + ht + 1, y0:y0 + iy, x0:x0 + ix]
+            if self.tp.augment:
+                if self.rng.random() < 0.5:
+                    w = w[:, ::-1]
+                if self.rng.random() < 0.5:
+                    w = w[:, :, ::-1]
+                if iy == ix and self.rng.random() < 0.5:
+                    w = w.transpose(0, 2, 1)
+            xs.append(w)
+        x = np.ascontiguousarray(np.stack(xs))
+        tgt = x[:, ht, halo:iy - halo, halo:ix - halo] if halo else x[:, ht]
+        return x, np.ascontiguousarray(tgt)
+
+
+def _validation_set(z: np.ndarray, split: _Split, mp: WCVDParams, tp: TrainParams):
+    """Fixed validation windows (N, kt, Y, X), targets and the spatial padding to use."""
+    if split.mode == "none":
+        return None
+    ht, hs = mp.halo_t, mp.halo_s
+    r0, r1 = split.val_rows
+    ny, nx = r1 - r0, z.shape[2]
+    vc = tp.val_crop
+    if split.mode == "temporal" and (vc is None or vc + 2 * hs >= min(ny, nx)):
+        padding, ys, xs = "circular", slice(r0, r1), slice(0, nx)
+    else:
+        padding = "valid"
+        cy = ny - 2 * hs if vc is None else min(vc, ny - 2 * hs)
+        cx = nx - 2 * hs if vc is None else min(vc, nx - 2 * hs)
+        y0 = r0 + (ny - cy - 2 * hs) // 2
+        x0 = (nx - cx - 2 * hs) // 2
+        ys, xs = slice(y0, y0 + cy + 2 * hs), slice(x0, x0 + cx + 2 * hs)
+    x = np.stack([z[t - ht:t + ht + 1, ys, xs] for t in split.val_centres])
+    tgt = x[:, ht, hs:x.shape[2] - hs, hs:x.shape[3] - hs] if padding == "valid" else x[:, ht]
+    return np.ascontiguousarray(x), np.ascontiguousarray(tgt), padding
+
+
+# --------------------------------------------------------------------------------------
+# training loop
+# --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _deterministic(enabled: bool):
+    """Deterministic algorithms while training on CPU; previous global setting restored."""
+    if not enabled:
+        yield
+        return
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+
+
+def _amp_context(device: torch.device, enabled: bool):
+    """Autocast on CUDA only (bf16 where supported, else fp16 with a GradScaler)."""
+    if not (enabled and device.type == "cuda"):
+        return contextlib.nullcontext(), None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
+def _loss(model: WCVD, x: torch.Tensor, tgt: torch.Tensor, padding: str, amp_ctx) -> torch.Tensor:
+    # Self-supervised MSE: output for window centred on t vs noisy frame t (no low-pass,
+    # see the module docstring for why a low-pass here would leak the blind spot).
+    with amp_ctx:
+        out = model(x, padding)[:, 0]
+    return F.mse_loss(out.float(), tgt)
+
+
+@torch.no_grad()
+def _evaluate(model: WCVD, val, device, batch: int, amp_ctx) -> tuple[float, float]:
+    """Validation MSE and its standard error (from the spread of per-pixel squared errors)."""
+    if val is None:
+        return float("nan"), float("nan")
+    x, tgt, padding = val
+    model.eval()
+    s1 = s2 = 0.0
+    count = 0
+    for s in range(0, len(x), batch):
+        xb = torch.from_numpy(x[s:s + batch]).to(device)
+        tb = torch.from_numpy(tgt[s:s + batch]).to(device)
+        with amp_ctx:
+            out = model(xb, padding)[:, 0]
+        err = (out.float() - tb).double().pow(2)
+        s1 += err.sum().item()
+        s2 += err.pow(2).sum().item()
+        count += err.numel()
+    model.train()
+    mean = s1 / count
+    var = max(s2 / count - mean * mean, 0.0)
+    return mean, math.sqrt(var / count)
+
+
+def _select_epoch(history: list[tuple[int, float, float]], tolerance: float) -> int:
+    """Epoch whose weights go into the checkpoint.
+
+    history: (epoch, val_loss, standard error).  The validation loss of a blind-spot
+    model is the noise variance plus a small signal error, so epoch-to-epoch differences
+    are often far below the noise of the estimate itself (measured on the synthetic
+    counting movie: differences ~2e-5 vs a standard error ~3e-4 on a loss of 0.071).
+    Taking the raw minimum then picks whichever epoch fits the noise of the two held-out
+    frames best (cost 0.1-0.3 dB PSNR in the benchmark).  Instead: the *latest* epoch whose
+    loss is within ``tolerance`` standard errors of the minimum -- the most-trained model
+    that validation cannot tell apart from the best, still stopping early when the loss
+    really rises.
+    """
+    e_min, v_min, se_min = min(history, key=lambda h: h[1])
+    limit = v_min + tolerance * se_min
+    return max(e for e, v, _ in history if v <= limit)
+
+
+class _CsvLog:
+    """Training log written to ``path.part`` while running, renamed when complete."""
+
+    def __init__(self, path):
+        self.path = None if path is None else os.fspath(path)
+        self.fh = None
+        if self.path:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self.fh = open(self.path + ".part", "w", newline="")
+            self.writer = csv.DictWriter(self.fh, fieldnames=LOG_COLUMNS)
+            self.writer.writeheader()
+
+    def row(self, row: dict) -> None:
+        if self.fh:
+            self.writer.writerow(row)
+            self.fh.flush()
+
+    def close(self, ok: bool) -> None:
+        if self.fh:
+            self.fh.close()
+            if ok:
+                os.replace(self.path + ".part", self.path)
+
+
+def train_model(stack: np.ndarray, model_params: WCVDParams = WCVDParams(),
+                train_params: TrainParams = TrainParams(), *, log_csv=None,
+                progress: Callable[[dict], None] | None = None) -> dict:
+    """Train a WCVD (dims=3) or WCID (dims=2) model on one (T, Y, X) movie.
+
+    stack: (T, Y, X) array in data units (any real dtype; used as float32); T >= kt for
+        WCVD (InputError otherwise), frames at least Ks_max px wide.
+    log_csv: optional path of the CSV log (epoch, train_loss, val_loss, lr, seconds);
+        losses are MSE in normalised units, seconds = elapsed wall time since start.
+    progress: optional callback called with each log row (a dict) after every epoch.
+    Returns the checkpoint dict (see ``save_checkpoint``) holding the weights of the epoch
+    chosen by validation (``_select_epoch``; the last epoch when there is no validation).
+    """
+    mp, tp = model_params, train_params
+    arr = _check_stack(stack, mp)
+    device = resolve_device(tp.device)
+    norm = Normalisation.fit(arr)
+    z = norm.apply(arr)
+    split = _split(z.shape, mp, tp)
+    if not split.train_centres:
+        raise InputError(None, "no frames left to train on")
+    sampler = _Sampler(z, split, mp, tp)
+    val = _validation_set(z, split, mp, tp)
+    steps = tp.steps_per_epoch or max(1, math.ceil(len(split.train_centres) / tp.batch_size))
+
+    t_start = time.perf_counter()
+    log = _CsvLog(log_csv)
+    ok = False
+    with _deterministic(device.type == "cpu"):
+        model = build_model(mp, seed=tp.seed).to(device)
+        model.train()
+        opt = torch.optim.Adam(model.parameters(), lr=tp.lr)
+        sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tp.epochs, eta_min=tp.lr / 100)
+                 if tp.lr_schedule == "cosine" else None)
+        amp_ctx, scaler = _amp_context(device, tp.amp)
+        history, states = [], {}  # (epoch, val, se); epoch -> weights (~1k floats each)
+        train_loss = float("nan")
+        try:
+            for epoch in range(1, tp.epochs + 1):
+                losses = []
+                for _ in range(steps):
+                    xb, tb = sampler.batch(tp.batch_size)
+                    xb = torch.from_numpy(xb).to(device, non_blocking=True)
+                    tb = torch.from_numpy(tb).to(device, non_blocking=True)
+                    loss = _loss(model, xb, tb, sampler.padding, amp_ctx)
+                    opt.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.step(opt)
+                        scaler.update()
+                    else:
+                        loss.backward()
+                        opt.step()
+                    losses.append(loss.detach().item())
+                train_loss = float(np.mean(losses))
+                val_loss, val_se = _evaluate(model, val, device, tp.batch_size, amp_ctx)
+                if val is not None:
+                    history.append((epoch, val_loss, val_se))
+                    states[epoch] = _cpu_state(model)
+                row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                       "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t_start, 3)}
+                log.row(row)
+                if progress is not None:
+                    progress(row)
+                if sched is not None:
+                    sched.step()
+            ok = True
+        finally:
+            log.close(ok)
+    if history:
+        best_epoch = _select_epoch(history, tp.val_tolerance)
+        _, best_val, best_se = history[best_epoch - 1]
+        e_min, v_min, _ = min(history, key=lambda h: h[1])
+        state = states[best_epoch]
+    else:  # no validation: keep the last epoch
+        best_epoch, best_val, best_se, e_min, v_min = tp.epochs, float("nan"), float("nan"), 0, float("nan")
+        state = _cpu_state(model)
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "state_dict": state,
+        "model_params": mp.to_dict(),
+        "train_params": asdict(tp),
+        "normalisation": norm.to_dict(),
+        "code_version": str(__version__),
+        "torch_version": str(torch.__version__),
+        "best_epoch": int(best_epoch),
+        "best_val_loss": float(best_val),
+        "val_loss_se": float(best_se),
+        "min_val_epoch": int(e_min),
+        "min_val_loss": float(v_min),
+        "final_train_loss": train_loss,
+        "epochs_run": int(tp.epochs),
+        "validation": {"mode": split.mode, "frames": list(split.val_centres),
+                       "rows": list(split.val_rows)},
+        "input_shape": list(arr.shape),
+        "device": str(device),
+        "train_seconds": time.perf_counter() - t_start,
+    }
+
+
+def _cpu_state(model: WCVD) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------------------
+def save_checkpoint(ckpt: dict, path) -> None:
+    """torch.save the checkpoint dict atomically (temp file in the same folder, then rename)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(ckpt, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+_REQUIRED = ("state_dict", "model_params", "normalisation")
+
+
+def load_checkpoint(path, device: str = "cpu") -> tuple[WCVD, dict]:
+    """Load a checkpoint written by ``save_checkpoint``; returns (model in eval mode, dict).
+
+    Raises ``InputError(path, ...)`` for a missing / unreadable file, missing keys, a
+    weight shape mismatch, or a blind kernel whose centre weight is not exactly zero.
+    Uses ``torch.load(weights_only=True)``: a checkpoint cannot execute code.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(path, "checkpoint file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, not a torch file, unsafe pickle ...
+        raise InputError(path, f"not a readable emdenoise checkpoint ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in _REQUIRED):
+        raise InputError(path, f"not an emdenoise checkpoint (needs keys {', '.join(_REQUIRED)})")
+    params = WCVDParams.from_dict(ckpt["model_params"])
+    check_blind_state(ckpt["state_dict"], path)
+    model = WCVD(params)
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise InputError(path, f"weights do not match the model parameters: {exc}") from None
+    return model.to(resolve_device(device)).eval(), ckpt

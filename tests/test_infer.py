@@ -1,0 +1,157 @@
+"""Inference: T in = T out, reflected edge frames, batching, fast CPU path == model."""
+import numpy as np
+import pytest
+import torch
+
+import emdenoise.infer as infer
+from emdenoise.errors import InputError
+from emdenoise.infer import denoise, predict_block, reflect_frames
+from emdenoise.models import WCVDParams, build_model
+from emdenoise.train import Normalisation
+
+
+def _model(params=WCVDParams(), seed=0):
+    """A model with weights moved away from the symmetric init (centre kept at zero)."""
+    m = build_model(params, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        for b in m.branches:
+            b.bck.weight.mul_(b.bck.mask)
+    return m.eval()
+
+
+def _movie(t=6, y=24, x=28, seed=0, scale=1.0, offset=0.0):
+    rng = np.random.default_rng(seed)
+    return (offset + scale * rng.poisson(1.5, (t, y, x))).astype(np.float32)
+
+
+def _reference(model, z):
+    """Straight model.forward on a normalised (t, Y, X) block (circular padding)."""
+    with torch.no_grad():
+        return model(torch.from_numpy(z)[None])[0].numpy()
+
+
+@pytest.mark.parametrize("t", [2, 3, 7])
+@pytest.mark.parametrize("dims", [3, 2])
+def test_T_in_equals_T_out(t, dims):
+    stack = _movie(t)
+    out = denoise(_model(WCVDParams(dims=dims)), None, stack, device="cpu")
+    assert out.shape == stack.shape and out.dtype == np.float32
+    assert np.isfinite(out).all()
+
+
+def test_edge_frames_use_reflected_windows():
+    m = _model()
+    stack = _movie(5)
+    out = denoise(m, None, stack, device="cpu")
+    first = _reference(m, stack[[1, 0, 1]])[0]
+    last = _reference(m, stack[[3, 4, 3]])[0]
+    np.testing.assert_allclose(out[0], first, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[-1], last, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[1:-1], _reference(m, stack), rtol=1e-5, atol=1e-6)
+    # the naive edge (repeating frame 0) would differ: the test can tell them apart
+    assert not np.allclose(out[0], _reference(m, stack[[0, 0, 1]])[0], rtol=1e-3)
+
+
+def test_reflect_frames_indices():
+    s = np.arange(4)[:, None, None] * np.ones((1, 2, 2))
+    assert list(reflect_frames(s, 1)[:, 0, 0]) == [1, 0, 1, 2, 3, 2]
+    assert reflect_frames(s, 0) is s
+    with pytest.raises(InputError):
+        reflect_frames(s[:1], 1)
+
+
+def test_too_few_frames_for_wcvd_is_refused():
+    with pytest.raises(InputError, match="at least 2 frames"):
+        denoise(_model(), None, _movie(1), device="cpu")
+    assert denoise(_model(WCVDParams(dims=2)), None, _movie(1), device="cpu").shape == (1, 24, 28)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5, 100])
+def test_batching_equals_unbatched(batch):
+    m = _model()
+    stack = _movie(7)
+    full = denoise(m, None, stack, device="cpu", batch_frames=100)
+    np.testing.assert_array_equal(denoise(m, None, stack, device="cpu", batch_frames=batch), full)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_row_tiles_and_worker_threads_do_not_change_the_result(monkeypatch, workers):
+    m = _model()
+    stack = _movie(5, y=40, x=32)
+    ref = np.concatenate([_reference(m, stack[[1, 0, 1]]), _reference(m, stack), _reference(m, stack[[3, 4, 3]])])
+    monkeypatch.setattr(infer, "_TILE_PIXELS", 7 * 32)  # 7-row tiles, a ragged last tile
+    before = torch.get_num_threads()
+    out = denoise(m, None, stack, device="cpu", num_workers=workers)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    assert torch.get_num_threads() == before  # restored after the single-threaded section
+
+
+@pytest.mark.parametrize("params", [WCVDParams(), WCVDParams(dims=2), WCVDParams(bias=False),
+                                    WCVDParams(n_layers=0), WCVDParams(n_layers=1, channels=2, ks=(3, 7)),
+                                    WCVDParams(kt=5)],
+                         ids=["wcvd", "wcid", "no-bias", "no-hidden", "small", "kt5"])
+def test_fast_cpu_path_equals_model_forward(params):
+    # The CPU path folds the first 1x1 layer into the convolution and evaluates the rest
+    # as planar multiply-adds; it must be the same function as the model.
+    m = _model(params, seed=2)
+    z = np.random.default_rng(3).random((7, 20, 26), dtype=np.float32)
+    np.testing.assert_allclose(predict_block(m, z, device="cpu"), _reference(m, z), rtol=2e-5, atol=2e-6)
+
+
+def test_valid_padding_tiles_stitch_to_whole_frame_result():
+    # predict_block on spatial tiles with a Ks_max//2 halo reproduces whole-frame output:
+    # the contract the chunked (Dask) inference will rely on.
+    m = _model()
+    z = np.random.default_rng(4).random((3, 30, 34), dtype=np.float32)
+    whole = predict_block(m, z, device="cpu")
+    h = m.params.halo_s
+    zp = np.pad(z, ((0, 0), (h, h), (h, h)), mode="wrap")
+    tiles = np.zeros_like(whole)
+    for y0, y1 in ((0, 13), (13, 30)):
+        for x0, x1 in ((0, 20), (20, 34)):
+            tiles[:, y0:y1, x0:x1] = predict_block(m, zp[:, y0:y1 + 2 * h, x0:x1 + 2 * h], device="cpu",
+                                                   spatial_padding="valid")
+    np.testing.assert_allclose(tiles, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_normalisation_is_applied_and_inverted():
+    m = _model()
+    stack = _movie(4, scale=40.0, offset=100.0)
+    norm = Normalisation.fit(stack)
+    out = denoise(m, {"normalisation": norm.to_dict()}, stack, device="cpu")
+    manual = norm.invert(denoise(m, None, norm.apply(stack), device="cpu"))
+    np.testing.assert_allclose(out, manual, rtol=1e-5, atol=1e-3)
+    # the untrained model is a mean-preserving neighbour average: output in data units
+    flat = denoise(build_model(WCVDParams()), {"normalisation": norm.to_dict()}, stack, device="cpu")
+    assert abs(flat.mean() - stack.mean()) < 0.01 * stack.mean()
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(InputError):
+        denoise(_model(), None, np.zeros((4, 4), np.float32), device="cpu")
+    with pytest.raises(InputError):
+        predict_block(_model(), np.zeros((2, 20, 20), np.float32), device="cpu")  # < kt frames
+    with pytest.raises(ValueError):
+        predict_block(_model(), np.zeros((3, 20, 20), np.float32), device="cpu", spatial_padding="reflect")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
+def test_cuda_request_without_cuda_is_refused():
+    with pytest.raises(InputError, match="CUDA is not available"):
+        denoise(_model(), None, _movie(3), device="cuda")
+
+
+def test_parallel_callers_restore_the_thread_count():
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = torch.get_num_threads()
+    m = _model()
+    blocks = [_movie(4, seed=i) for i in range(6)]
+    with ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(lambda b: predict_block(m, b, device="cpu", num_workers=2), blocks))
+    assert torch.get_num_threads() == before
+    for b, o in zip(blocks, outs):
+        np.testing.assert_allclose(o, _reference(m, b), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,261 @@
+"""Training: blind-spot proof on a trained model, determinism, normalisation, logs, checkpoints."""
+import csv
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from emdenoise import __version__
+from emdenoise.errors import InputError
+from emdenoise.infer import denoise
+from emdenoise.models import WCVD, WCVDParams
+from emdenoise.train import (Normalisation, TrainParams, _select_epoch, load_checkpoint,
+                             save_checkpoint, train_model)
+
+FAST = TrainParams(epochs=3, crop=24, batch_size=4, val_crop=24, device="cpu", seed=0)
+
+
+def lattice(t=8, shape=(48, 48), spacing=8.0, sigma=1.5, seed=0):
+    """Clean (T, Y, X) movie of Gaussian 'atomic columns' drifting 0.3 px per frame, in [0, 1]."""
+    yy, xx = np.mgrid[:shape[0], :shape[1]].astype(np.float32)
+    frames = []
+    for k in range(t):
+        dy = (yy - 0.3 * k + spacing / 2) % spacing - spacing / 2  # distance to nearest column
+        dx = (xx - 0.2 * k + spacing / 2) % spacing - spacing / 2
+        frames.append(np.exp(-(dy ** 2 + dx ** 2) / (2 * sigma ** 2)))
+    return np.stack(frames).astype(np.float32)
+
+
+def regime(name, t=8, seed=0):
+    """(noisy, clean) in the three intensity regimes of the paper (SM Fig. S5)."""
+    rng = np.random.default_rng(seed)
+    clean = lattice(t)
+    if name == "counting":      # 0-5 counts, ~1 count/px
+        lam = 0.2 + 2.0 * clean
+        return rng.poisson(lam).astype(np.float32), lam
+    if name == "8bit":          # 0-255 grey levels, quantised counts x 40
+        lam = 0.3 + 2.5 * clean
+        return np.clip(40.0 * rng.poisson(lam), 0, 255).astype(np.float32), 40.0 * lam
+    if name == "linear":        # 100-1000 with an offset of 100 and read noise
+        sig = 100.0 + 600.0 * clean
+        return (sig + rng.normal(0, 60.0, sig.shape)).astype(np.float32), sig
+    raise ValueError(name)
+
+
+@pytest.fixture(scope="module")
+def counting_movie():
+    return regime("counting")[0]
+
+
+@pytest.fixture(scope="module")
+def trained_wcvd(counting_movie):
+    return train_model(counting_movie, WCVDParams(), FAST)
+
+
+def _model(ckpt, tmp_path, name="m.pt"):
+    save_checkpoint(ckpt, tmp_path / name)
+    return load_checkpoint(tmp_path / name)[0]
+
+
+def _trained(ckpt):
+    """The trained network itself (no load-time checks: the proof must stand alone)."""
+    model = WCVD(WCVDParams.from_dict(ckpt["model_params"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+def _input_gradient(model, x, t, y, xpix):
+    """d output[t, y, x] / d input, input (1, T, Y, X)."""
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    out[0, t, y, xpix].backward()
+    return x.grad[0]
+
+
+@pytest.mark.parametrize("y,x", [(20, 17), (0, 0), (47, 23)], ids=["interior", "corner", "edge"])
+def test_blind_spot_proof_wcvd(trained_wcvd, counting_movie, y, x):
+    model = _trained(trained_wcvd)
+    assert trained_wcvd["epochs_run"] == 3
+    z = torch.from_numpy(Normalisation.from_dict(trained_wcvd["normalisation"]).apply(counting_movie))[None]
+    with torch.no_grad():
+        assert model(z)[0, 3, y, x] > 0  # not a dead ReLU: gradients can flow
+    g = _input_gradient(model, z, 3, y, x)  # output frame 3 is centred on input frame 4
+    assert g[4, y, x] == 0.0  # exactly: the blind spot
+    ny, nx = z.shape[-2:]
+    for dy, dx in [(1, 0), (-1, 0), (0, 1), (0, -1), (3, 3)]:
+        assert g[4, (y + dy) % ny, (x + dx) % nx] != 0.0  # spatial neighbours are used
+    assert g[3, y, x] != 0.0 and g[5, y, x] != 0.0  # same pixel, adjacent frames
+    assert torch.count_nonzero(g[[0, 1, 2, 6, 7]]) == 0  # nothing outside the Kt = 3 window
+
+
+def test_blind_spot_proof_wcid(counting_movie):
+    ckpt = train_model(counting_movie, WCVDParams(dims=2), FAST)
+    model = _trained(ckpt)
+    z = torch.from_numpy(Normalisation.from_dict(ckpt["normalisation"]).apply(counting_movie))[None]
+    y, x = 10, 30
+    g = _input_gradient(model, z, 2, y, x)
+    assert g[2, y, x] == 0.0
+    assert g[2, y + 1, x] != 0.0 and g[2, y, x - 1] != 0.0
+    assert torch.count_nonzero(g[[0, 1, 3, 4, 5, 6, 7]]) == 0  # frames are denoised on their own
+
+
+def test_training_is_bit_identical_on_cpu(counting_movie):
+    a = train_model(counting_movie, WCVDParams(), FAST)
+    b = train_model(counting_movie, WCVDParams(), FAST)
+    c = train_model(counting_movie, WCVDParams(), TrainParams(**{**FAST.__dict__, "seed": 1}))
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["best_val_loss"] == b["best_val_loss"]
+    assert not torch.equal(a["state_dict"]["branches.0.bck.weight"], c["state_dict"]["branches.0.bck.weight"])
+    assert not torch.are_deterministic_algorithms_enabled()  # global setting restored
+
+
+@pytest.mark.parametrize("name", ["counting", "8bit", "linear"])
+def test_normalisation_in_three_intensity_regimes(name, tmp_path):
+    noisy, clean = regime(name)
+    ckpt = train_model(noisy, WCVDParams(), TrainParams(**{**FAST.__dict__, "epochs": 30}))
+    norm = ckpt["normalisation"]
+    assert norm["scale"] > 0
+    if name == "linear":
+        assert clean.min() - 4 * 60.0 < norm["offset"] < clean.min()  # offset ~100 minus read noise tail
+    else:
+        assert norm["offset"] == 0.0
+    out = denoise(_model(ckpt, tmp_path), ckpt, noisy, device="cpu")
+    assert out.shape == noisy.shape and out.dtype == np.float32
+    # level restored: mean within 5 % of the input mean, range inside the input range
+    assert abs(out.mean() - noisy.mean()) < 0.05 * noisy.mean()
+    assert out.min() >= noisy.min() - 0.05 * np.ptp(noisy)
+    assert out.max() <= noisy.max()
+    assert np.ptp(out) > 0.2 * np.ptp(clean)  # not flattened to a constant
+    # and it denoises
+    assert np.mean((out - clean) ** 2) < 0.5 * np.mean((noisy - clean) ** 2)
+
+
+def test_normalisation_fit_is_robust():
+    rng = np.random.default_rng(0)
+    x = 100 + rng.random((4, 32, 32)).astype(np.float32) * 900
+    x[0, 0, :5] = 1e7  # hot pixels must not set the scale
+    n = Normalisation.fit(x)
+    assert 100 <= n.offset < 110 and 850 < n.scale < 900
+    np.testing.assert_allclose(n.invert(n.apply(x[1:])), x[1:], rtol=1e-6)
+    sparse = np.zeros((2, 32, 32), np.float32)
+    sparse[0, 3, 4] = 1  # 99.5th percentile is still 0: falls back to a positive scale
+    assert Normalisation.fit(sparse).scale > 0
+    assert Normalisation.fit(np.zeros((2, 8, 8))).scale == 1.0
+    assert Normalisation.from_dict(n.to_dict()) == n
+
+
+def test_log_csv_written(counting_movie, tmp_path):
+    log = tmp_path / "logs" / "train_log.csv"
+    rows = []
+    train_model(counting_movie, WCVDParams(), FAST, log_csv=log, progress=rows.append)
+    with open(log) as fh:
+        lines = list(csv.DictReader(fh))
+    assert list(lines[0]) == ["epoch", "train_loss", "val_loss", "lr", "seconds"]
+    assert [int(r["epoch"]) for r in lines] == [1, 2, 3]
+    assert all(float(r["train_loss"]) > 0 and float(r["val_loss"]) > 0 for r in lines)
+    assert float(lines[0]["lr"]) == 1e-3
+    assert [float(r["seconds"]) for r in lines] == sorted(float(r["seconds"]) for r in lines)
+    assert len(rows) == 3 and not os.path.exists(str(log) + ".part")
+
+
+def test_validation_and_best_checkpoint(tmp_path):
+    noisy = regime("counting", t=10)[0]
+    log = tmp_path / "log.csv"
+    ckpt = train_model(noisy, WCVDParams(), TrainParams(**{**FAST.__dict__, "epochs": 5}), log_csv=log)
+    with open(log) as fh:
+        val = [float(r["val_loss"]) for r in csv.DictReader(fh)]
+    assert ckpt["validation"]["mode"] == "temporal"
+    frames = ckpt["validation"]["frames"]
+    assert len(frames) == 2 and all(1 <= f <= 8 for f in frames)
+    assert ckpt["min_val_loss"] == pytest.approx(min(val))
+    assert ckpt["min_val_epoch"] == int(np.argmin(val)) + 1
+    # the checkpoint is the latest epoch within one standard error of the minimum
+    best = ckpt["best_epoch"]
+    assert ckpt["best_val_loss"] == pytest.approx(val[best - 1])
+    assert ckpt["best_val_loss"] <= min(val) + ckpt["val_loss_se"] * 1.0001
+    assert all(v > min(val) + ckpt["val_loss_se"] for v in val[best:])
+    assert 0 < ckpt["val_loss_se"] < 0.1 * min(val)
+    for key in ("state_dict", "model_params", "train_params", "normalisation", "code_version"):
+        assert key in ckpt
+    assert ckpt["code_version"] == __version__
+    assert ckpt["train_params"]["epochs"] == 5 and ckpt["model_params"]["ks"] == [3, 5, 7]
+
+
+def test_select_epoch_prefers_latest_within_standard_error():
+    hist = [(1, 1.0, 0.1), (2, 0.5, 0.01), (3, 0.505, 0.01), (4, 0.6, 0.01), (5, 0.52, 0.01)]
+    assert _select_epoch(hist, 1.0) == 3
+    assert _select_epoch(hist, 0.0) == 2
+    assert _select_epoch(hist, 3.0) == 5
+
+
+def test_best_checkpoint_holds_the_selected_epoch_weights(counting_movie):
+    # constant lr: the first k epochs of any run are identical, so a k-epoch run that
+    # keeps its last epoch reproduces the weights of epoch k of the longer run.
+    base = {**FAST.__dict__, "lr_schedule": "constant", "lr": 0.05, "epochs": 6}
+    ckpt = train_model(counting_movie, WCVDParams(), TrainParams(**{**base, "val_tolerance": 0.0}))
+    k = ckpt["best_epoch"]
+    assert k < 6  # this setting's minimum is not at the end, so the test can tell
+    short = train_model(counting_movie, WCVDParams(), TrainParams(**{**base, "epochs": k, "val_tolerance": 1e9}))
+    assert short["best_epoch"] == k
+    assert all(torch.equal(ckpt["state_dict"][n], short["state_dict"][n]) for n in ckpt["state_dict"])
+    last = train_model(counting_movie, WCVDParams(), TrainParams(**{**base, "val_tolerance": 1e9}))
+    assert not torch.equal(ckpt["state_dict"]["branches.2.bck.weight"], last["state_dict"]["branches.2.bck.weight"])
+
+
+def test_checkpoint_roundtrip_is_atomic_and_exact(trained_wcvd, counting_movie, tmp_path):
+    path = tmp_path / "model.pt"
+    save_checkpoint(trained_wcvd, path)
+    assert sorted(os.listdir(tmp_path)) == ["model.pt"]  # no temp file left behind
+    model, ck = load_checkpoint(path)
+    assert not model.training
+    assert ck["best_epoch"] == trained_wcvd["best_epoch"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in trained_wcvd["state_dict"].items())
+
+
+@pytest.mark.parametrize("t,mode", [(4, "spatial"), (3, "spatial"), (6, "temporal")])
+def test_small_T_trains_with_a_fallback_validation(t, mode):
+    noisy = regime("counting", t=t)[0]
+    ckpt = train_model(noisy, WCVDParams(), FAST)
+    assert ckpt["validation"]["mode"] == mode
+    assert np.isfinite(ckpt["best_val_loss"])
+
+
+def test_wcid_trains_on_a_single_frame():
+    ckpt = train_model(regime("counting", t=1)[0], WCVDParams(dims=2), FAST)
+    assert ckpt["validation"]["mode"] == "spatial" and ckpt["input_shape"] == [1, 48, 48]
+
+
+def test_no_validation_keeps_last_epoch(counting_movie):
+    ckpt = train_model(counting_movie, WCVDParams(), TrainParams(**{**FAST.__dict__, "val_frames": 0}))
+    assert ckpt["validation"]["mode"] == "none" and ckpt["best_epoch"] == 3
+    assert np.isnan(ckpt["best_val_loss"])
+
+
+def test_full_frame_training_with_periodic_padding(counting_movie):
+    ckpt = train_model(counting_movie[:, :24, :24], WCVDParams(),
+                       TrainParams(**{**FAST.__dict__, "crop": None, "val_crop": None, "epochs": 2}))
+    assert np.isfinite(ckpt["final_train_loss"])
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (np.zeros((2, 32, 32), np.float32), "at least kt=3 frames"),
+    (np.zeros((32, 32), np.float32), r"\(T, Y, X\)"),
+    (np.full((4, 32, 32), np.nan, np.float32), "NaN"),
+    (np.zeros((4, 5, 32), np.float32), "smaller than the largest kernel"),
+])
+def test_bad_input_is_refused(bad, msg):
+    with pytest.raises(InputError, match=msg):
+        train_model(bad, WCVDParams(), FAST)
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="not a readable"):
+        load_checkpoint(junk)
+    torch.save({"foo": 1}, tmp_path / "other.pt")
+    with pytest.raises(InputError, match="not an emdenoise checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
