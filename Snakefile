@@ -9,7 +9,11 @@ include: "workflow/rules/prefilter.smk"
 include: "workflow/rules/drift.smk"
 include: "workflow/rules/noise.smk"
 include: "workflow/rules/baselines.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/infer.smk"
+include: "workflow/rules/lowpass.smk"
 include: "workflow/rules/metrics.smk"
+include: "workflow/rules/provenance.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -17,4 +21,5 @@ rule all:
     input:
         f"{RESULTS}/report/metrics.csv",
         f"{RESULTS}/report/report.html",
+        [dataset_outputs(ds) for ds in DATASETS],
     default_target: True

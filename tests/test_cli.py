@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tifffile
 
 from emdenoise import cli, io
@@ -48,3 +49,31 @@ def test_info_reads_a_real_tiff_written_elsewhere(tmp_path):
     proc = subprocess.run([str(EXE), "info", str(tmp_path / "x.tif")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["dtype"] == "uint16"
+
+
+def test_denoise_trains_on_the_input_and_writes_the_same_shape(tmp_path):
+    src, out, model = tmp_path / "in.mrc", tmp_path / "out.tif", tmp_path / "m.pt"
+    assert cli.main(["simulate", str(src), "--frames", "6", "--size", "48", "40", "--mode", "linear",
+                     "--pixel-size", "0.8"]) == 0
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("train: {crop: 32, val_crop: 32}\nlowpass: {diameter: 0.5}\n")
+    assert cli.main(["denoise", str(src), str(out), "--epochs", "2", "--device", "cpu", "--config", str(cfg),
+                     "--save-model", str(model)]) == 0
+    den, meta = io.read_stack(out)
+    noisy = np.asarray(io.read_stack(src)[0][:])
+    assert den.shape == noisy.shape and meta["pixel_size"] == pytest.approx(0.8, rel=1e-5)
+    # same intensity scale and offset as the input (normalisation undone), less noise
+    assert abs(np.asarray(den[:]).mean() - noisy.mean()) < 0.05 * noisy.mean()
+    assert np.asarray(den[:]).std() < noisy.std()
+    assert model.exists()
+
+
+def test_denoise_config_typo_is_named(tmp_path):
+    src = tmp_path / "in.npy"
+    np.save(src, np.ones((4, 32, 32), np.float32))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("train: {epoch: 3}\n")
+    proc = subprocess.run([str(EXE), "denoise", str(src), str(tmp_path / "o.tif"), "--config", str(cfg)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "epoch" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o.tif").exists()

@@ -1,4 +1,4 @@
-"""Command line: ``emdenoise info FILE``, ``simulate OUT ...``, ``verify RESULTS``.
+"""Command line: ``emdenoise info FILE``, ``simulate OUT ...``, ``denoise IN OUT``, ``verify RESULTS``.
 
 Bad input ends with one line ``emdenoise: error: <file>: <problem>`` and exit code 2.
 """
@@ -36,6 +36,48 @@ def _simulate(args: argparse.Namespace) -> None:
     print(f"wrote {args.output} {movie.noisy.shape} ({args.mode} mode)")
 
 
+def _denoise(args: argparse.Namespace) -> None:
+    """Train on the input itself, denoise it, low-pass, write (no drift correction)."""
+    import dataclasses
+
+    import yaml
+
+    from . import config as emcfg
+    from . import filters, infer, io, train
+
+    settings: dict = {}
+    if args.config:
+        try:
+            settings = yaml.safe_load(open(args.config)) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise InputError(args.config, f"cannot read config: {exc}") from exc
+        emcfg.validate({"defaults": settings})
+    ds = emcfg.build({"datasets": {"cli": {"path": args.input}}, "defaults": settings}).datasets["cli"]
+    if args.model:
+        ds = dataclasses.replace(ds, model=dataclasses.replace(ds.model, name=args.model))
+    tp = ds.train if args.device is None else dataclasses.replace(ds.train, device=args.device)
+    if args.epochs:
+        tp = dataclasses.replace(tp, epochs=args.epochs)
+    arr, meta = io.read_stack(args.input, pixel_size=args.pixel_size)
+    io.validate_stack(arr, args.input, min_frames=3)
+    stack = np.asarray(arr[:], dtype=np.float32)
+    ckpt = train.train_model(stack, ds.model.wcvd_params(), tp,
+                             progress=lambda row: print(f"epoch {row['epoch']}: val {row['val_loss']}", flush=True)
+                             if args.verbose else None)
+    model = train.model_from_checkpoint(ckpt, device=tp.device)
+    out = infer.denoise(model, ckpt, stack, device=tp.device)
+    lp = ds.lowpass
+    if lp.enabled:
+        out = filters.fft_lowpass(out, diameter=lp.diameter, ks_max=max(ds.model.ks), pad=lp.pad,
+                                  edge_width=lp.edge_width)
+    io.write_stack(args.output, out, pixel_size=meta.get("pixel_size"),
+                   metadata={"source": meta["source"], "sha256": meta["sha256"], "method": ds.model.name})
+    if args.save_model:
+        train.save_checkpoint(ckpt, args.save_model)
+    print(f"wrote {args.output} {out.shape} ({ds.model.name}, best epoch {ckpt['best_epoch']}, "
+          f"{ckpt['train_seconds']:.0f} s training on {ckpt['device']})")
+
+
 def _verify(args: argparse.Namespace) -> None:
     from . import provenance
 
@@ -71,6 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--pixel-size", type=float, default=None, help="pixel size written to the file (Å)")
     sim.add_argument("--seed", type=int, default=0)
     sim.set_defaults(func=_simulate)
+
+    den = sub.add_parser("denoise", help="train a blind-spot model on one stack and write it denoised")
+    den.add_argument("input", help="TIFF, MRC, NPY, Zarr or a folder of frames (T >= 3)")
+    den.add_argument("output", help="denoised stack (.tif, .mrc, .zarr or .npy)")
+    den.add_argument("--model", choices=["wcvd"], default=None, help="denoising model (default: config, wcvd)")
+    den.add_argument("--config", help="YAML with any of the pipeline's per-stage settings "
+                     "(model, train, infer, lowpass: the keys of `defaults` in config/config.yaml)")
+    den.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    den.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    den.add_argument("--pixel-size", type=float, default=None, help="Å/px, overrides the file's")
+    den.add_argument("--save-model", help="also save the trained checkpoint here (.pt)")
+    den.add_argument("-v", "--verbose", action="store_true", help="print the validation loss every epoch")
+    den.set_defaults(func=_denoise)
 
     ver = sub.add_parser("verify", help="recompute the checksums recorded in provenance.json files")
     ver.add_argument("results", help="a results folder (searched recursively for provenance.json)")

@@ -12,7 +12,7 @@ import dataclasses
 import glob
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,216 @@ SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.
 
 
 @dataclass(frozen=True)
+class WCVDParams:
+    """Architecture hyper-parameters (paper values as defaults).
+
+    kt: temporal kernel size (odd, >= 3) for ``dims=3``; ignored for ``dims=2``.
+    ks: spatial kernel sizes of the ensemble branches (odd, >= 3).
+    channels: C_out of the BCK and of the hidden 1x1 layers.
+    n_layers: N_L, number of hidden 1x1 layers with LeakyReLU.
+    negative_slope: LeakyReLU slope.
+    dims: 3 = WCVD (video, 3D kernel), 2 = WCID (image, 2D kernel per frame).
+    bias: bias in the 1x1 layers (the BCK never has one); see the module docstring.
+    """
+
+    kt: int = 3
+    ks: tuple[int, ...] = (3, 5, 7)
+    channels: int = 3
+    n_layers: int = 4
+    negative_slope: float = 0.1
+    dims: int = 3
+    bias: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
+        problems = []
+        if self.dims not in (2, 3):
+            problems.append(f"dims must be 2 (WCID) or 3 (WCVD), got {self.dims}")
+        if self.dims == 3 and (self.kt < 3 or self.kt % 2 == 0):
+            problems.append(f"kt must be odd and >= 3 for dims=3, got {self.kt}")
+        if not self.ks or any(k < 3 or k % 2 == 0 for k in self.ks):
+            problems.append(f"ks must be odd kernel sizes >= 3, got {self.ks}")
+        if self.channels < 1 or self.n_layers < 0:
+            problems.append("channels must be >= 1 and n_layers >= 0")
+        if problems:
+            raise InputError(None, "invalid WCVDParams: " + "; ".join(problems))
+
+    @property
+    def kt_eff(self) -> int:
+        """Number of frames in one input window (kt for WCVD, 1 for WCID)."""
+        return self.kt if self.dims == 3 else 1
+
+    @property
+    def halo_t(self) -> int:
+        """Frames needed on each side of a predicted frame."""
+        return self.kt_eff // 2
+
+    @property
+    def halo_s(self) -> int:
+        """Pixels needed on each side of a predicted pixel (Ks_max // 2)."""
+        return max(self.ks) // 2
+
+    def to_dict(self) -> dict:
+        """Plain dict (lists, not tuples) safe for ``torch.load(weights_only=True)``."""
+        d = asdict(self)
+        d["ks"] = list(self.ks)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WCVDParams":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: (tuple(v) if k == "ks" else v) for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Training settings.
+
+    epochs: passes; one epoch = one random crop of every training window.
+    lr: Adam learning rate (paper: 1e-3).
+    batch_size: windows per optimiser step.
+    crop: output crop size in px (int) or None for full frames (paper setting, slow on CPU).
+    steps_per_epoch: optimiser steps per epoch; None = ceil(n_train_windows / batch_size).
+    augment: random flips in y and x and transposes (square crops) of each window.
+    seed: seeds the weight init and the crop sampler; same seed -> same weights (CPU).
+    val_frames: target frames held out for validation and best-checkpoint selection
+        (0 = no validation: the last epoch is kept).  See ``_split`` for small T.
+    val_crop: validation uses a fixed centre crop of this size (px) of each held-out
+        frame, to bound its cost per epoch; None = full frames.
+    device: 'auto' | 'cpu' | 'cuda'.
+    amp: mixed precision (bf16 or fp16 autocast) -- only ever used on CUDA.
+    lr_schedule: 'cosine' (decay to lr/100 over the epochs; default) or 'constant'
+        (paper).  Adam at a constant 1e-3 keeps jittering (+-0.15 dB PSNR between epochs
+        on the benchmark movie); the cosine decay lets the weights settle, so the epoch
+        chosen by validation is not a random point of that jitter.
+    val_tolerance: checkpoint = latest epoch with val loss <= min + val_tolerance * its
+        standard error (see ``_select_epoch``); 0 = plain minimum.
+    """
+
+    epochs: int = 300
+    lr: float = 1e-3
+    batch_size: int = 8
+    crop: int | None = 128
+    steps_per_epoch: int | None = None
+    augment: bool = True
+    seed: int = 0
+    val_frames: int = 2
+    val_crop: int | None = 256
+    device: str = "auto"
+    amp: bool = True
+    lr_schedule: str = "cosine"
+    val_tolerance: float = 1.0
+
+    def __post_init__(self):
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise InputError(None, f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise InputError(None, "epochs and batch_size must be >= 1 and lr > 0")
+        if self.crop is not None and self.crop < 1:
+            raise InputError(None, f"crop must be None or >= 1, got {self.crop}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainParams":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class SHINEParams:
+    """SHINE blind-spot video denoiser architecture (SHINE paper, Materials and Methods).
+
+    blindspot: side of the square blind spot in px (1, 3, 5, 7 or 9); per dataset from
+        ``blindspot.json`` (``emdenoise.noise``).  The output at pixel p never depends on
+        centre-frame pixels q with max(|q_y - p_y|, |q_x - p_x|) <= blindspot // 2.
+    frames: input frames per window (odd; paper 5: the centre frame and 2 on each side).
+    centre_channels: 1x1 convolution of the centre frame (paper 48).
+    neighbour_channels: 3x3 convolution of the neighbour frames (paper 16).
+    channels: width of the convolution blocks, collection convolutions and head; the
+        paper's blocks take the concatenated 48 + 16 = 64 features.
+    blocks: convolution blocks of two 3x3 convolutions each (paper 8).
+    head_layers: hidden 1x1 layers after the collected features.
+    negative_slope: LeakyReLU slope.
+    """
+
+    blindspot: int = 1
+    frames: int = 5
+    centre_channels: int = 48
+    neighbour_channels: int = 16
+    channels: int = 64
+    blocks: int = 8
+    head_layers: int = 2
+    negative_slope: float = 0.1
+
+    def __post_init__(self):
+        problems = []
+        if self.blindspot not in (1, 3, 5, 7, 9):
+            problems.append(f"blindspot must be 1, 3, 5, 7 or 9, got {self.blindspot}")
+        if self.frames < 3 or self.frames % 2 == 0:
+            problems.append(f"frames must be odd and >= 3, got {self.frames}")
+        if min(self.centre_channels, self.neighbour_channels, self.channels, self.blocks) < 1:
+            problems.append("channel counts and blocks must be >= 1")
+        if self.head_layers < 0:
+            problems.append("head_layers must be >= 0")
+        if problems:
+            raise InputError(None, "invalid SHINEParams: " + "; ".join(problems))
+
+    @property
+    def kt_eff(self) -> int:
+        """Frames in one input window."""
+        return self.frames
+
+    @property
+    def halo_t(self) -> int:
+        """Frames needed on each side of a predicted frame."""
+        return self.frames // 2
+
+    @property
+    def blind_radius(self) -> int:
+        """b = blindspot // 2: centre-frame pixels within Chebyshev distance b are unseen."""
+        return self.blindspot // 2
+
+    def dilation(self, block: int) -> int:
+        """Dilation of the collection convolution after block i (1-based): r_i + b + 1,
+        with r_i = 2 i the centre-frame receptive radius of the block's output."""
+        return 2 * block + self.blind_radius + 1
+
+    @property
+    def halo_s(self) -> int:
+        """Receptive-field radius in px (pixels needed on each side of a predicted pixel):
+        the last block's neighbour-frame radius 2B + 1 plus its collection dilation."""
+        return 2 * self.blocks + 1 + self.dilation(self.blocks)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SHINEParams":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+#: SHINE training settings of the paper (batch 16, 256 px crops, RAdam lr 1e-3 with
+#: linear warm-up and cosine annealing); the epoch count stays a per-dataset choice.
+SHINE_TRAIN_DEFAULTS = {"batch_size": 16, "crop": 256, "lr": 1e-3, "lr_schedule": "cosine"}
+
+
+def shine_train_params(**overrides) -> "TrainParams":
+    """TrainParams with the SHINE paper defaults, overridden by ``overrides``."""
+    return TrainParams(**{**SHINE_TRAIN_DEFAULTS, **overrides})
+
+
+# --------------------------------------------------------------------------------------
+# intensity normalisation
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
 class PrefilterConfig:
     """Pre-denoising used only to *measure* drift (never applied to the output)."""
 
-    method: str = "gaussian2d"  # gaussian2d | wcid | none
+    method: str = "wcid"  # wcid | gaussian2d | none
     sigma: float = 1.5  # px, for gaussian2d
+    epochs: int = 100  # for wcid: a rough denoise is enough to register frames
 
 
 @dataclass(frozen=True)
@@ -56,12 +261,50 @@ class MetricsConfig:
     temporal_radius: int = 2  # uMSE views a, b, c start r+1 frames from t (see metrics.umse)
 
 
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model denoises the dataset, and its architecture (see WCVDParams)."""
+
+    name: str = "wcvd"  # wcvd | none (baselines only)
+    kt: int = 3
+    ks: tuple[int, ...] = (3, 5, 7)
+    channels: int = 3
+    n_layers: int = 4
+    negative_slope: float = 0.1
+    bias: bool = True
+
+    def wcvd_params(self, dims: int = 3) -> WCVDParams:
+        """Architecture of WCVD (dims=3) or of its 2D twin WCID (dims=2)."""
+        arch = {f.name: getattr(self, f.name) for f in fields(WCVDParams) if hasattr(self, f.name)}
+        return WCVDParams(**{**arch, "dims": dims})
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    device: str = "auto"  # auto: CUDA when available, else CPU
+    batch_frames: int = 8  # frames per forward pass; bounds memory
+
+
+@dataclass(frozen=True)
+class LowpassConfig:
+    """FFT low-pass after the network (WCVD paper, SM 2)."""
+
+    enabled: bool = True
+    diameter: float | None = 1 / 3  # fraction of N; None = N / Ks_max (paper text). See filters.fft_lowpass
+    pad: str = "symmetric"  # symmetric: mirror-extended frame, no wrap-around ringing
+    edge_width: float = 0.0
+
+
 STAGES = {
     "prefilter": PrefilterConfig,
     "drift": DriftConfig,
     "noise": NoiseConfig,
     "baselines": BaselinesConfig,
     "metrics": MetricsConfig,
+    "model": ModelConfig,
+    "train": TrainParams,
+    "infer": InferConfig,
+    "lowpass": LowpassConfig,
 }
 
 
@@ -93,6 +336,10 @@ class DatasetConfig:
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainParams = field(default_factory=TrainParams)
+    infer: InferConfig = field(default_factory=InferConfig)
+    lowpass: LowpassConfig = field(default_factory=LowpassConfig)
 
     @property
     def drift_enabled(self) -> bool:

@@ -29,16 +29,28 @@ def gaussian3d(stack: np.ndarray, sigma: float | tuple[float, float, float] = 1.
     return ndimage.gaussian_filter(stack, sigma=sig, mode="reflect").astype(np.float32)
 
 
-def prefilter(stack: np.ndarray, method: str = "gaussian2d", sigma: float = 1.5) -> np.ndarray:
+def prefilter(stack: np.ndarray, method: str = "wcid", sigma: float = 1.5, *,
+              wcid_params=None, train_params=None) -> np.ndarray:
     """Pre-denoise a (T, Y, X) stack for drift measurement only (never for the output).
 
-    method: 'gaussian2d' (per frame, sigma px) or 'none'. Per-frame filtering on purpose:
-    a temporal filter would smear the very motion that drift correction measures.
+    method: 'wcid' (a WCID model, WCVD paper section 2.1, trained on this very stack
+    with ``wcid_params`` / ``train_params``), 'gaussian2d' (per frame, sigma px) or
+    'none'. Per-frame filters on purpose: a temporal filter would smear the very motion
+    that drift correction measures.
     """
     if method == "gaussian2d":
         return gaussian2d(stack, sigma)
     if method == "none":
         return np.asarray(stack, dtype=np.float32)
+    if method == "wcid":
+        from .config import ModelConfig, TrainParams
+        from .infer import denoise
+        from .train import model_from_checkpoint, train_model
+
+        params = wcid_params or ModelConfig().wcvd_params(dims=2)
+        ckpt = train_model(np.asarray(stack, dtype=np.float32), params, train_params or TrainParams())
+        model = model_from_checkpoint(ckpt, device=ckpt["device"])
+        return denoise(model, ckpt, stack, device=ckpt["device"])
     raise ValueError(f"unknown prefilter method {method!r}")
 
 

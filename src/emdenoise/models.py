@@ -48,12 +48,13 @@ CPU training budget converge from a sensible starting point.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import WCVDParams
 from .errors import InputError
 
 __all__ = [
@@ -64,68 +65,6 @@ __all__ = [
     "check_blind_state",
     "resolve_device",
 ]
-
-
-@dataclass(frozen=True)
-class WCVDParams:
-    """Architecture hyper-parameters (paper values as defaults).
-
-    kt: temporal kernel size (odd, >= 3) for ``dims=3``; ignored for ``dims=2``.
-    ks: spatial kernel sizes of the ensemble branches (odd, >= 3).
-    channels: C_out of the BCK and of the hidden 1x1 layers.
-    n_layers: N_L, number of hidden 1x1 layers with LeakyReLU.
-    negative_slope: LeakyReLU slope.
-    dims: 3 = WCVD (video, 3D kernel), 2 = WCID (image, 2D kernel per frame).
-    bias: bias in the 1x1 layers (the BCK never has one); see the module docstring.
-    """
-
-    kt: int = 3
-    ks: tuple[int, ...] = (3, 5, 7)
-    channels: int = 3
-    n_layers: int = 4
-    negative_slope: float = 0.1
-    dims: int = 3
-    bias: bool = True
-
-    def __post_init__(self):
-        object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
-        problems = []
-        if self.dims not in (2, 3):
-            problems.append(f"dims must be 2 (WCID) or 3 (WCVD), got {self.dims}")
-        if self.dims == 3 and (self.kt < 3 or self.kt % 2 == 0):
-            problems.append(f"kt must be odd and >= 3 for dims=3, got {self.kt}")
-        if not self.ks or any(k < 3 or k % 2 == 0 for k in self.ks):
-            problems.append(f"ks must be odd kernel sizes >= 3, got {self.ks}")
-        if self.channels < 1 or self.n_layers < 0:
-            problems.append("channels must be >= 1 and n_layers >= 0")
-        if problems:
-            raise InputError(None, "invalid WCVDParams: " + "; ".join(problems))
-
-    @property
-    def kt_eff(self) -> int:
-        """Number of frames in one input window (kt for WCVD, 1 for WCID)."""
-        return self.kt if self.dims == 3 else 1
-
-    @property
-    def halo_t(self) -> int:
-        """Frames needed on each side of a predicted frame."""
-        return self.kt_eff // 2
-
-    @property
-    def halo_s(self) -> int:
-        """Pixels needed on each side of a predicted pixel (Ks_max // 2)."""
-        return max(self.ks) // 2
-
-    def to_dict(self) -> dict:
-        """Plain dict (lists, not tuples) safe for ``torch.load(weights_only=True)``."""
-        d = asdict(self)
-        d["ks"] = list(self.ks)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "WCVDParams":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: (tuple(v) if k == "ks" else v) for k, v in d.items() if k in known})
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -342,3 +281,175 @@ def check_blind_state(state_dict: dict, source=None) -> None:
                 f"centre weight of the blind kernel is not zero ({k}: max |w| = {worst:.3g}); "
                 "refusing to load a model that can see the pixel it predicts",
             )
+
+
+# ======================================================================================
+# SHINE: efficient blind-spot video denoiser with dilated convolutions
+# ======================================================================================
+# SHINE paper (Materials and Methods, fig. S1) after Honzatko et al. 2020, "Efficient
+# blind-spot neural network architecture for image denoising".  Layout:
+#
+#   window (N, 5, Y, X) = frames t-2 .. t+2
+#   centre frame t   -> 1x1 conv -> 48 ch  (centre-frame radius 0)      } concat, LeakyReLU
+#   frames t+-1, t+-2 -> 3x3 conv -> 16 ch  (neighbour-frame radius 1)  } = f_0
+#   f_i = f_{i-1} + conv3x3(act(conv3x3(f_{i-1}))), i = 1..B (B = 8)    residual blocks
+#   g_i = dilated 3x3 conv of f_i, dilation d_i = r_i + b + 1, CENTRE TAP REMOVED
+#   neighbour path: 3x3 conv of the neighbour features (never sees frame t)
+#   out = 1x1 head( act( sum_i g_i + neighbour path ) )                 per pixel
+#
+# Why the blind spot is exact (b = blindspot // 2, Chebyshev distances):
+# - f_i(q) depends on centre-frame pixels within r_i = 2 i of q: the centre frame
+#   enters through a 1x1 convolution (radius 0) and each block adds two 3x3 convs.
+# - g_i(p) reads f_i only at p + d_i (a, c) with (a, c) != (0, 0), i.e. at distance
+#   >= d_i from p, so it depends on centre pixels at distance >= d_i - r_i = b + 1.
+# - the neighbour path and the head (1x1) add no centre-frame dependence.
+# Hence d out(p) / d x_t(q) == 0 exactly for |q - p| <= b.  The centre tap is removed by
+# a fixed mask multiplied into the weight in every forward pass (so even a corrupted
+# state cannot break it), and ``check_shine_state`` refuses weights whose centre is not 0.
+# Neighbour frames carry independent noise, so they may (and do) reach p itself.
+#
+# Coverage: for blocks with r_i >= b the taps of g_i tile the ring b < |q - p| <= d_i + r_i
+# without gaps (d_i <= 2 r_i + 1), so every centre pixel outside the blind spot within the
+# receptive field is seen.
+#
+# Spatial padding: 'zeros' pads every convolution with zeros (same size out; used for
+# training on crops, as in the paper); 'circular' wraps the input once by halo_s px and
+# then runs 'valid'; 'valid' returns Y - 2 halo_s rows (tiles with a halo give the same
+# pixels as whole-frame circular inference).  Zero padding carries no information and a
+# wrap by halo_s needs frames wider than 2 halo_s, so neither can fold a centre pixel
+# back into its own blind spot.
+
+from .config import SHINEParams  # noqa: E402
+
+__all__ += ["SHINEParams", "SHINE", "build_shine", "check_shine_state", "build_any"]
+
+
+def _crop(h: torch.Tensor, m: int) -> torch.Tensor:
+    """Remove m px from each spatial border of (N, C, Y, X)."""
+    return h[..., m:h.shape[-2] - m, m:h.shape[-1] - m] if m else h
+
+
+class SHINE(nn.Module):
+    """SHINE blind-spot network.
+
+    forward(x, spatial_padding='circular'): x (N, T, Y, X) float32 normalised frames,
+    T >= frames.  Sliding windows of ``frames`` frames (valid temporal padding) give
+    (N, T - frames + 1, Y', X'): Y' = Y for 'zeros' / 'circular', Y - 2 halo_s for 'valid'.
+    """
+
+    def __init__(self, params: SHINEParams = SHINEParams()):
+        super().__init__()
+        p = self.params = params
+        c = p.channels
+        self.centre = nn.Conv2d(1, p.centre_channels, 1)
+        self.neigh = nn.Conv2d(p.frames - 1, p.neighbour_channels, 3)
+        self.stem = nn.Conv2d(p.centre_channels + p.neighbour_channels, c, 1)  # -> block width
+        self.block_a = nn.ModuleList([nn.Conv2d(c, c, 3) for _ in range(p.blocks)])
+        self.block_b = nn.ModuleList([nn.Conv2d(c, c, 3) for _ in range(p.blocks)])
+        self.collect = nn.ModuleList([nn.Conv2d(c, c, 3, bias=(i == 0)) for i in range(p.blocks)])
+        self.neigh_path = nn.Conv2d(p.neighbour_channels, c, 3)
+        self.head = nn.ModuleList([nn.Conv2d(c, c, 1) for _ in range(p.head_layers)])
+        self.out = nn.Conv2d(c, 1, 1)
+        mask = torch.ones(1, 1, 3, 3)
+        mask[..., 1, 1] = 0.0
+        self.register_buffer("collect_mask", mask, persistent=False)
+        with torch.no_grad():
+            for conv in self.collect:
+                conv.weight.mul_(mask)
+            # Residual blocks start close to the identity: keeps 8 blocks trainable from
+            # scratch with few steps (CPU budgets) without changing the receptive field.
+            for conv in self.block_b:
+                conv.weight.mul_(0.1)
+
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(h, self.params.negative_slope)
+
+    def _conv(self, h: torch.Tensor, conv: nn.Conv2d, pad: bool, dilation: int = 1,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
+        w = conv.weight if weight is None else weight
+        r = dilation * (w.shape[-1] // 2)
+        return F.conv2d(h, w, conv.bias, padding=r if pad else 0, dilation=dilation)
+
+    def _windows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, T, Y, X) -> centre (M, 1, Y, X) and neighbours (M, frames-1, Y, X)."""
+        if x.dim() != 4:
+            raise ValueError(f"expected (N, T, Y, X) input, got shape {tuple(x.shape)}")
+        k = self.params.frames
+        n, t, y, xx = x.shape
+        if t < k:
+            raise ValueError(f"need at least frames={k} frames, got {t}")
+        w = x.unfold(1, k, 1).permute(0, 1, 4, 2, 3).reshape(n * (t - k + 1), k, y, xx)
+        h = k // 2
+        return w[:, h:h + 1], torch.cat([w[:, :h], w[:, h + 1:]], 1)
+
+    def forward(self, x: torch.Tensor, spatial_padding: str = "circular") -> torch.Tensor:
+        p = self.params
+        n, t = x.shape[:2]
+        if spatial_padding == "circular":
+            hs = p.halo_s
+            if min(x.shape[-2:]) <= 2 * hs:
+                raise ValueError(f"frames must be larger than {2 * hs} px for circular padding "
+                                 f"(receptive-field radius {hs} px); use spatial_padding='zeros'")
+            x = F.pad(x, (hs, hs, hs, hs), mode="circular")
+            spatial_padding = "valid"
+        if spatial_padding not in ("zeros", "valid"):
+            raise ValueError(f"spatial_padding must be 'zeros', 'circular' or 'valid', got {spatial_padding!r}")
+        pad = spatial_padding == "zeros"
+        centre, neigh = self._windows(x)
+        if x.device.type == "cpu":  # oneDNN runs 3x3 convolutions faster channels-last
+            centre = centre.contiguous(memory_format=torch.channels_last)
+            neigh = neigh.contiguous(memory_format=torch.channels_last)
+        # margin m: px by which a feature map exceeds the output on each side ('valid')
+        m = 0 if pad else p.halo_s
+        fn = self._conv(neigh, self.neigh, pad)                   # neighbour radius 1
+        mn = 0 if pad else m - 1
+        fc = _crop(self.centre(centre), m - mn)                   # align with fn
+        f = self._conv(self._act(torch.cat([fc, fn], 1)), self.stem, pad)
+        mf = mn
+        acc = self._conv(self._act(fn), self.neigh_path, pad)      # never sees frame t
+        acc = _crop(acc, 0 if pad else mn - 1)
+        for i in range(p.blocks):
+            h = self._conv(self._act(self._conv(f, self.block_a[i], pad)), self.block_b[i], pad)
+            mf = mf if pad else mf - 2
+            f = _crop(f, 0 if pad else 2) + h
+            d = p.dilation(i + 1)
+            wc = self.collect[i].weight * self.collect_mask.to(f.dtype)
+            g = self._conv(self._act(f), self.collect[i], pad, dilation=d, weight=wc)
+            acc = acc + _crop(g, 0 if pad else mf - d)
+        h = self._act(acc)
+        for conv in self.head:
+            h = self._act(conv(h))
+        o = self.out(h)[:, 0]
+        return o.reshape(n, t - p.frames + 1, *o.shape[-2:]).contiguous()
+
+
+def build_shine(params: SHINEParams = SHINEParams(), seed: int = 0) -> SHINE:
+    """A freshly initialised SHINE; the same seed gives bit-identical weights."""
+    with torch.random.fork_rng(devices=[]):  # leaves the caller's global RNG untouched
+        torch.manual_seed(int(seed))
+        return SHINE(params)
+
+
+def build_any(params, seed: int = 0) -> nn.Module:
+    """build_model for WCVDParams, build_shine for SHINEParams."""
+    if isinstance(params, SHINEParams):
+        return build_shine(params, seed)
+    return build_model(params, seed)
+
+
+def check_shine_state(state_dict: dict, source=None) -> None:
+    """Refuse SHINE weights whose collection convolutions have a non-zero centre tap.
+
+    The forward pass masks the centre anyway; a non-zero centre means the weights were
+    not produced by this code (or were edited) and are not trusted.
+    Raises ``InputError(source, 'centre weight of a collection convolution is not zero ...')``.
+    """
+    keys = [k for k in state_dict if k.startswith("collect.") and k.endswith(".weight")]
+    if not keys:
+        raise InputError(source, "no SHINE collection convolution weights (collect.*.weight) in the model state")
+    for k in keys:
+        centre = state_dict[k][..., 1, 1]
+        if torch.count_nonzero(centre).item():
+            raise InputError(source, f"centre weight of a collection convolution is not zero ({k}: "
+                             f"max |w| = {float(centre.abs().max()):.3g}); refusing to load a model "
+                             "that can see the pixel it predicts")

@@ -36,7 +36,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
+from .config import TrainParams
 from .errors import InputError
 from .models import WCVD, WCVDParams, build_model, check_blind_state, resolve_device
 
@@ -60,62 +61,6 @@ CHECKPOINT_FORMAT = "emdenoise-wcvd/1"
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "lr", "seconds")
 
 
-@dataclass(frozen=True)
-class TrainParams:
-    """Training settings.
-
-    epochs: passes; one epoch = one random crop of every training window.
-    lr: Adam learning rate (paper: 1e-3).
-    batch_size: windows per optimiser step.
-    crop: output crop size in px (int) or None for full frames (paper setting, slow on CPU).
-    steps_per_epoch: optimiser steps per epoch; None = ceil(n_train_windows / batch_size).
-    augment: random flips in y and x and transposes (square crops) of each window.
-    seed: seeds the weight init and the crop sampler; same seed -> same weights (CPU).
-    val_frames: target frames held out for validation and best-checkpoint selection
-        (0 = no validation: the last epoch is kept).  See ``_split`` for small T.
-    val_crop: validation uses a fixed centre crop of this size (px) of each held-out
-        frame, to bound its cost per epoch; None = full frames.
-    device: 'auto' | 'cpu' | 'cuda'.
-    amp: mixed precision (bf16 or fp16 autocast) -- only ever used on CUDA.
-    lr_schedule: 'cosine' (decay to lr/100 over the epochs; default) or 'constant'
-        (paper).  Adam at a constant 1e-3 keeps jittering (+-0.15 dB PSNR between epochs
-        on the benchmark movie); the cosine decay lets the weights settle, so the epoch
-        chosen by validation is not a random point of that jitter.
-    val_tolerance: checkpoint = latest epoch with val loss <= min + val_tolerance * its
-        standard error (see ``_select_epoch``); 0 = plain minimum.
-    """
-
-    epochs: int = 300
-    lr: float = 1e-3
-    batch_size: int = 8
-    crop: int | None = 128
-    steps_per_epoch: int | None = None
-    augment: bool = True
-    seed: int = 0
-    val_frames: int = 2
-    val_crop: int | None = 256
-    device: str = "auto"
-    amp: bool = True
-    lr_schedule: str = "cosine"
-    val_tolerance: float = 1.0
-
-    def __post_init__(self):
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise InputError(None, f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise InputError(None, "epochs and batch_size must be >= 1 and lr > 0")
-        if self.crop is not None and self.crop < 1:
-            raise InputError(None, f"crop must be None or >= 1, got {self.crop}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainParams":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-# --------------------------------------------------------------------------------------
-# intensity normalisation
-# --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Normalisation:
     """x_norm = (x - offset) / scale, and back.
@@ -531,13 +476,19 @@ def load_checkpoint(path, device: str = "cpu") -> tuple[WCVD, dict]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, not a torch file, unsafe pickle ...
         raise InputError(path, f"not a readable emdenoise checkpoint ({exc.__class__.__name__}: {exc})") from None
+    return model_from_checkpoint(ckpt, path, device), ckpt
+
+
+def model_from_checkpoint(ckpt: dict, source=None, device: str = "cpu") -> WCVD:
+    """The model (eval mode) of an in-memory checkpoint dict, with the same checks as
+    :func:`load_checkpoint`; ``source`` names the file in error messages."""
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in _REQUIRED):
-        raise InputError(path, f"not an emdenoise checkpoint (needs keys {', '.join(_REQUIRED)})")
+        raise InputError(source, f"not an emdenoise checkpoint (needs keys {', '.join(_REQUIRED)})")
     params = WCVDParams.from_dict(ckpt["model_params"])
-    check_blind_state(ckpt["state_dict"], path)
+    check_blind_state(ckpt["state_dict"], source)
     model = WCVD(params)
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:
-        raise InputError(path, f"weights do not match the model parameters: {exc}") from None
-    return model.to(resolve_device(device)).eval(), ckpt
+        raise InputError(source, f"weights do not match the model parameters: {exc}") from None
+    return model.to(resolve_device(device)).eval()

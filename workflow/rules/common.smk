@@ -41,13 +41,50 @@ def has_truth(ds):
     return CFG.datasets[ds].ground_truth is not None
 
 
+def model_name(ds):
+    """The dataset's denoising model, or None for a baselines-only run."""
+    name = CFG.datasets[ds].model.name
+    return None if name == "none" else name
+
+
 def methods(ds):
     """Denoised stacks compared in the metrics table, besides the raw frames."""
-    return BASELINES
+    return BASELINES + ([model_name(ds)] if model_name(ds) else [])
 
 
 def method_stacks(wildcards):
-    return {m: f"{RESULTS}/{wildcards.ds}/{m}.zarr" for m in methods(wildcards.ds)}
+    model = model_name(wildcards.ds)
+    return {m: f"{RESULTS}/{wildcards.ds}/{'denoised' if m == model else m}.zarr" for m in methods(wildcards.ds)}
+
+
+def export_ext(ds):
+    """Denoised stacks are exported in the input's family: MRC for MRC input, else TIFF."""
+    path = CFG.datasets[ds].path.lower()
+    return "mrc" if path.endswith((".mrc", ".mrcs", ".st", ".ali", ".rec", ".map")) else "tif"
+
+
+def dataset_outputs(ds):
+    """Everything a dataset's run delivers (requested by `rule all` via the report)."""
+    outs = [f"{RESULTS}/{ds}/metrics.csv", f"{RESULTS}/{ds}/provenance.json"]
+    if model_name(ds):
+        outs.append(f"{RESULTS}/{ds}/denoised.{export_ext(ds)}")
+    return outs
+
+
+def provenance_inputs(wildcards):
+    ds = wildcards.ds
+    inputs = {
+        "raw": f"{RESULTS}/{ds}/raw.zarr",
+        "aligned": f"{RESULTS}/{ds}/aligned.zarr",
+        "drift": f"{RESULTS}/{ds}/drift.csv",
+        "blindspot": f"{RESULTS}/{ds}/blindspot.json",
+        "metrics": f"{RESULTS}/{ds}/metrics.csv",
+    }
+    if model_name(ds):
+        inputs["model"] = f"{RESULTS}/{ds}/model.pt"
+        inputs["denoised"] = f"{RESULTS}/{ds}/denoised.zarr"
+        inputs["export"] = f"{RESULTS}/{ds}/denoised.{export_ext(ds)}"
+    return inputs
 
 
 def drift_inputs(wildcards):

@@ -1,0 +1,25 @@
+"""Rule `provenance`: write provenance.json for one dataset (emdenoise.provenance)."""
+from pathlib import Path
+
+from emdenoise import io, provenance, stage
+
+
+def main(smk):
+    ds = smk.params.dataset
+    _, attrs = io.read_zarr(smk.input.raw)
+    model_info = {}
+    if "model" in smk.input.keys():
+        import torch
+
+        ckpt = torch.load(smk.input.model, map_location="cpu", weights_only=True)
+        model_info = {k: ckpt[k] for k in ("model", "model_params", "train_params", "normalisation", "device",
+                                           "best_epoch", "best_val_loss", "code_version", "torch_version")
+                      if k in ckpt}
+    logs = sorted(p for p in Path(smk.params.logs).glob("*.log") if p.name != "provenance.log")
+    outputs = [v for k, v in smk.input.items() if k != "raw"] + [smk.input.raw]
+    record = provenance.build_record(ds, input_path=attrs.get("source", ds.path), input_sha256=attrs.get("sha256"),
+                                     outputs=outputs, logs=logs, model_info=model_info)
+    provenance.write_record(record, smk.output[0])
+
+
+stage.run(snakemake, main)  # noqa: F821

@@ -1,0 +1,21 @@
+# Apply the trained model to the whole aligned stack: T frames out for T frames in.
+
+
+rule infer:
+    input:
+        stack=f"{RESULTS}/{{ds}}/aligned.zarr",
+        model=f"{RESULTS}/{{ds}}/model.pt",
+    output:
+        directory(f"{RESULTS}/{{ds}}/denoised_raw.zarr"),
+    params:
+        dataset=dataset,
+    log:
+        f"{RESULTS}/logs/{{ds}}/infer.log",
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    conda:
+        "../../envs/emdenoise.yaml"
+    script:
+        "../../scripts/infer.py"
