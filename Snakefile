@@ -2,6 +2,9 @@
 # This file is the table of contents; each stage lives in workflow/rules/<stage>.smk,
 # scripts/<stage>.py and src/emdenoise/<module>.py.
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/ingest.smk"

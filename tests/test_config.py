@@ -87,3 +87,14 @@ def test_demo_paths_need_not_exist_yet():
            "datasets": {"d": {"path": "resources/demo/d.mrc", "ground_truth": "resources/demo/d_truth.mrc"}}}
     built = emcfg.build(cfg)
     assert built.demo["d"].format == "mrc" and np.isclose(built.demo["d"].dose, 1.0)
+
+
+def test_run_tag_puts_results_in_their_own_folder(tmp_path):
+    (tmp_path / "a.tif").touch()
+    base = {"results": "out", "datasets": {"a": {"path": str(tmp_path / "a.tif")}}}
+    assert emcfg.build(base).results == "out"
+    tagged = {**base, "run": "v0.2-reprocess"}
+    emcfg.validate(tagged)
+    assert emcfg.build(tagged).results == "out/v0.2-reprocess"
+    with pytest.raises(InputError, match="run"):
+        emcfg.validate({**base, "run": "../escape"})

@@ -433,7 +433,10 @@ def build(config: dict[str, Any], check_paths: bool = True) -> PipelineConfig:
         )
     if not datasets:
         raise InputError(None, "the config lists no datasets (keys 'datasets' or 'datasets_glob')")
-    return PipelineConfig(results=config.get("results", "results"), datasets=datasets, demo=demo)
+    results = config.get("results", "results")
+    if config.get("run"):  # a run tag keeps reprocessings side by side
+        results = f"{results.rstrip('/')}/{config['run']}"
+    return PipelineConfig(results=results, datasets=datasets, demo=demo)
 
 
 def validate(config: dict[str, Any]) -> None:

@@ -7,7 +7,12 @@ rule drift:
     output:
         aligned=directory(f"{RESULTS}/{{ds}}/aligned.zarr"),
         table=f"{RESULTS}/{{ds}}/drift.csv",
-        plot=f"{RESULTS}/{{ds}}/drift.png",
+        plot=report(
+            f"{RESULTS}/{{ds}}/drift.png",
+            caption="../report/drift.rst",
+            category="Drift",
+            labels={"dataset": "{ds}"},
+        ),
     params:
         dataset=dataset,
     log:

@@ -8,7 +8,12 @@ rule metrics:
         raw=f"{RESULTS}/{{ds}}/aligned.zarr",
     output:
         table=f"{RESULTS}/{{ds}}/metrics.csv",
-        preview=f"{RESULTS}/{{ds}}/preview.png",
+        preview=report(
+            f"{RESULTS}/{{ds}}/preview.png",
+            caption="../report/preview.rst",
+            category="Previews",
+            labels={"dataset": "{ds}"},
+        ),
     params:
         dataset=dataset,
         methods=lambda wildcards: methods(wildcards.ds),

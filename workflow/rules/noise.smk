@@ -6,7 +6,12 @@ rule noise:
         f"{RESULTS}/{{ds}}/aligned.zarr",
     output:
         table=f"{RESULTS}/{{ds}}/noise_correlation.csv",
-        plot=f"{RESULTS}/{{ds}}/noise_correlation.png",
+        plot=report(
+            f"{RESULTS}/{{ds}}/noise_correlation.png",
+            caption="../report/noise.rst",
+            category="Noise correlation",
+            labels={"dataset": "{ds}"},
+        ),
         blindspot=f"{RESULTS}/{{ds}}/blindspot.json",
     params:
         dataset=dataset,

@@ -9,7 +9,12 @@ rule report:
         noise=expand(f"{RESULTS}/{{ds}}/noise_correlation.png", ds=DATASETS),
         blindspot=expand(f"{RESULTS}/{{ds}}/blindspot.json", ds=DATASETS),
     output:
-        table=f"{RESULTS}/report/metrics.csv",
+        table=report(
+            f"{RESULTS}/report/metrics.csv",
+            caption="../report/metrics.rst",
+            category="Metrics",
+            labels={"table": "all datasets"},
+        ),
         markdown=f"{RESULTS}/report/report.md",
         html=f"{RESULTS}/report/report.html",
     params:
