@@ -98,6 +98,14 @@ def test_tiny_run_end_to_end(tmp_path):
     with tifffile.TiffFile(res / "own_tif" / "denoised.tif") as t:
         assert t.asarray().dtype == np.float32 and t.imagej_metadata["unit"] in ("nm", "Å", "\\u00C5")
     assert (res / "count" / "denoised.tif").exists() and (res / "lin" / "denoised.mrc").exists()
+    # Snakemake's own report: metrics table, previews, drift and noise plots with captions
+    rep = snakemake(tmp_path, "--report", str(tmp_path / "smk_report.zip"), config=config)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    import zipfile
+    names = zipfile.ZipFile(tmp_path / "smk_report.zip").namelist()
+    assert sum(n.endswith("/metrics.csv") for n in names) == 1
+    for f in ("preview.png", "drift.png", "noise_correlation.png"):
+        assert sum(n.endswith("/" + f) for n in names) == len(config["datasets"]), f
 
 
 def test_config_typo_is_an_error_naming_the_key(tmp_path):
