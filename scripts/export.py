@@ -1,11 +1,19 @@
-"""Rule `export`: denoised stack as ImageJ TIFF (Fiji) or MRC (IMOD), pixel size kept."""
+"""Rule `export`: denoised stack as ImageJ TIFF (Fiji) or MRC (IMOD), pixel size kept.
+
+For tilt series the tilt angles read at ingest (.tlt / .rawtlt beside the MRC) are
+written beside the output as <name>.tlt.
+"""
 from emdenoise import io, stage
 
 
 def main(smk):
     stack, attrs = io.read_zarr(smk.input[0])
-    io.write_stack(smk.output[0], stack[:], pixel_size=attrs.get("pixel_size"),
-                   metadata={k: attrs[k] for k in ("dataset", "method", "source", "sha256") if k in attrs})
+    out = smk.output[0]
+    if out.endswith(".mrc"):
+        io.write_mrc(out, stack[:], pixel_size=attrs.get("pixel_size"), tilt_angles=attrs.get("tilt_angles"))
+    else:
+        io.write_tiff(out, stack[:], pixel_size=attrs.get("pixel_size"),
+                      metadata={k: attrs[k] for k in ("dataset", "method", "source", "sha256") if k in attrs})
 
 
 stage.run(snakemake, main)  # noqa: F821

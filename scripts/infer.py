@@ -1,17 +1,28 @@
-"""Rule `infer`: the trained model applied to every frame of the aligned stack."""
-import torch
+"""Rule `infer`: the trained model applied to every frame, Zarr to Zarr at bounded memory.
 
-from emdenoise import infer, io, stage, train
+Movies stream through chunked inference (emdenoise.infer.infer_zarr); tilt series are
+cut into overlapping tiles stitched with a blending window (emdenoise.tiling).
+"""
+from emdenoise import infer, io, stage, tiling, train
 
 
 def main(smk):
     ds = smk.params.dataset
-    torch.set_num_threads(max(1, smk.threads))
-    stack, attrs = io.read_zarr(smk.input.stack)
-    model, ckpt = train.load_checkpoint(smk.input.model, device=ds.infer.device)
-    out = infer.denoise(model, ckpt, stack[:], device=ds.infer.device, batch_frames=ds.infer.batch_frames)
-    io.write_zarr(smk.output[0], out, pixel_size=attrs.get("pixel_size"),
-                  attrs={**attrs, "method": ds.model.name, "model_checkpoint": str(smk.input.model)})
+    cfg = ds.infer
+    attrs = {"method": ds.model.name, "model_checkpoint": str(smk.input.model)}
+    if ds.kind == "tilt_series":
+        stack, src_attrs = io.read_zarr(smk.input.stack)
+        model, ckpt = train.load_checkpoint(smk.input.model, device=cfg.device)
+        out = tiling.denoise_tiled(model, ckpt, stack, tile=cfg.tilt_tile, overlap=cfg.tilt_overlap,
+                                   device=cfg.device, batch_frames=cfg.batch_frames)
+        io.write_zarr(smk.output[0], out, pixel_size=src_attrs.get("pixel_size"),
+                      attrs={**src_attrs, **attrs, "tiling": {"tile": cfg.tilt_tile, "overlap": cfg.tilt_overlap}})
+        return
+    tile = None if cfg.tile is None else (cfg.batch_frames, cfg.tile, cfg.tile)
+    stats = infer.infer_zarr(smk.input.model, None, smk.input.stack, smk.output[0], device=cfg.device, tile=tile,
+                             workers=cfg.workers or smk.threads, scheduler_address=cfg.scheduler_address,
+                             batch_frames=cfg.batch_frames, attrs=attrs)
+    stage.log.info("inference: %s", stats)
 
 
 stage.run(snakemake, main)  # noqa: F821

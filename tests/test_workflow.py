@@ -14,7 +14,7 @@ import pytest
 import tifffile
 import yaml
 
-from emdenoise import synthetic
+from emdenoise import io, synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -40,7 +40,10 @@ def tiny_config(tmp_path: Path) -> dict:
         m.set_data(own.noisy.astype(np.float32))
         m.voxel_size = 1.25
     tilt = synthetic.simulate_movie(n_frames=5, shape=(40, 40), mode="linear", max_drift=0.0, seed=6)
-    np.save(tmp_path / "tilts.npy", tilt.noisy)
+    with mrcfile.new(tmp_path / "tilts.mrc") as m:
+        m.set_data(tilt.noisy.astype(np.float32))
+        m.voxel_size = 2.0
+    (tmp_path / "tilts.tlt").write_text("\n".join(f"{a:.1f}" for a in (-6, -3, 0, 3, 6)) + "\n")
     return {
         "results": "results",
         "demo": {
@@ -52,10 +55,11 @@ def tiny_config(tmp_path: Path) -> dict:
             "lin": {"path": "resources/demo/lin.mrc", "ground_truth": "resources/demo/lin_truth.mrc"},
             "own_tif": {"path": str(tmp_path / "own.tif"), "pixel_size": 0.5},
             "own_mrc": {"path": str(tmp_path / "own.mrc")},
-            "tilts": {"path": str(tmp_path / "tilts.npy"), "kind": "tilt_series"},
+            "tilts": {"path": str(tmp_path / "tilts.mrc"), "kind": "tilt_series"},
         },
         # tiny training so the whole run takes seconds on a CPU
-        "defaults": {"train": {"epochs": 3, "crop": 32, "val_crop": 32}, "prefilter": {"epochs": 3}},
+        "defaults": {"train": {"epochs": 3, "crop": 32, "val_crop": 32}, "prefilter": {"epochs": 3},
+                     "infer": {"tilt_tile": 32, "tilt_overlap": 16}},
     }
 
 
@@ -98,6 +102,9 @@ def test_tiny_run_end_to_end(tmp_path):
     with tifffile.TiffFile(res / "own_tif" / "denoised.tif") as t:
         assert t.asarray().dtype == np.float32 and t.imagej_metadata["unit"] in ("nm", "Å", "\\u00C5")
     assert (res / "count" / "denoised.tif").exists() and (res / "lin" / "denoised.mrc").exists()
+    # the tilt series went through overlapping tiles; its angles are copied beside the MRC
+    assert io.read_zarr(res / "tilts" / "denoised_raw.zarr")[1]["tiling"] == {"tile": 32, "overlap": 16}
+    assert np.loadtxt(res / "tilts" / "denoised.tlt").tolist() == [-6, -3, 0, 3, 6]
     # Snakemake's own report: metrics table, previews, drift and noise plots with captions
     rep = snakemake(tmp_path, "--report", str(tmp_path / "smk_report.zip"), config=config)
     assert rep.returncode == 0, rep.stderr[-3000:]

@@ -281,8 +281,15 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class InferConfig:
+    """Chunked inference (emdenoise.infer.infer_zarr) and tilt-series tiling."""
+
     device: str = "auto"  # auto: CUDA when available, else CPU
     batch_frames: int = 8  # frames per forward pass; bounds memory
+    tile: int | None = None  # movies: square tile edge in px; None = sized from free RAM / GPU memory
+    workers: int | None = None  # None = the rule's threads (one per GPU on a GPU machine)
+    scheduler_address: str | None = None  # an existing Dask cluster, e.g. from dask-jobqueue
+    tilt_tile: int = 1024  # tilt series: overlapping tiles stitched with a blending window (SHINE)
+    tilt_overlap: int = 256
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,180 @@
+"""Chunked Zarr inference (infer.infer_zarr): equals whole-array denoise, OOM retry,
+progress log, tile auto-sizing, model cache, halo boundary semantics."""
+import logging
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+
+import emdenoise.infer as infer
+import emdenoise.train as train
+from emdenoise import io
+from emdenoise.errors import InputError
+from emdenoise.models import WCVDParams, build_model
+from emdenoise.tiling import read_with_halo, reflect_index, wrap_index
+
+CKPT = {"normalisation": {"offset": 0.5, "scale": 3.0}}
+
+
+def _model(params=WCVDParams(), seed=0):
+    """Weights moved away from the symmetric init (centre kept at zero)."""
+    m = build_model(params, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        for b in m.branches:
+            b.bck.weight.mul_(b.bck.mask)
+    return m.eval()
+
+
+def _src(tmp_path, t=7, y=40, x=45, seed=0, chunks=None):
+    stack = np.random.default_rng(seed).poisson(2.0, (t, y, x)).astype(np.float32)
+    path = tmp_path / "src.zarr"
+    io.write_zarr(path, stack, pixel_size=1.7, attrs={"dataset": "demo"}, chunks=chunks)
+    return path, stack
+
+
+def _close(a, b):
+    """Within 1e-5 relative to the data range (the issue's tolerance)."""
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("params,tile,chunks", [
+    (WCVDParams(), (3, 16, 20), None),             # tiles cut t, y, x; uneven last tiles
+    (WCVDParams(kt=5, ks=(3, 9)), (2, 13, 45), (2, 8, 8)),  # halo_t=2, halo_s=4, tiled source
+])
+def test_infer_zarr_equals_whole_array_denoise(tmp_path, params, tile, chunks):
+    src, stack = _src(tmp_path, chunks=chunks)
+    m = _model(params)
+    ref = infer.denoise(m, CKPT, stack, device="cpu")
+    stats = infer.infer_zarr(m, CKPT, src, tmp_path / "dst.zarr", device="cpu", tile=tile,
+                             workers=2, progress=False)
+    out, attrs = io.read_zarr(tmp_path / "dst.zarr")
+    _close(out[:], ref)
+    assert stats["blocks"] > 4 and stats["tile"] == list(tile) and stats["oom_retries"] == 0
+    assert out.chunks == (1,) + tile[1:]
+    assert attrs["pixel_size"] == 1.7 and attrs["dataset"] == "demo"
+    assert attrs["infer"]["halo_t"] == params.halo_t and attrs["infer"]["halo_s"] == params.halo_s
+
+
+def test_halo_boundaries_match_denoise_and_dask_semantics():
+    # time: NumPy 'reflect' (edge not repeated) -- what denoise uses; Dask's 'reflect'
+    # repeats the edge, which would put the predicted frame into its own window
+    assert reflect_index(-2, 7, 5).tolist() == [2, 1, 0, 1, 2, 3, 4, 3, 2]
+    np.testing.assert_array_equal(reflect_index(-2, 7, 5), np.pad(np.arange(5), 2, mode="reflect"))
+    dask_reflect = da.overlap.overlap(da.arange(5, chunks=5), depth=2, boundary="reflect").compute()
+    assert dask_reflect.tolist()[:2] == [1, 0]  # symmetric: frame -1 := frame 0
+    # space: periodic == Dask 'periodic' == whole-frame circular padding
+    dask_periodic = da.overlap.overlap(da.arange(6, chunks=6), depth=3, boundary="periodic").compute()
+    np.testing.assert_array_equal(wrap_index(-3, 9, 6), dask_periodic)
+    # the reader assembles wrapped runs correctly from a chunked store
+    a = np.arange(4 * 9 * 10, dtype=np.float32).reshape(4, 9, 10)
+    ti, yi, xi = reflect_index(-1, 5, 4), wrap_index(-3, 12, 9), wrap_index(7, 14, 10)
+    np.testing.assert_array_equal(read_with_halo(a, ti, yi, xi), a[ti][:, yi][:, :, xi])
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                 MemoryError("Unable to allocate 1 GiB")])
+def test_out_of_memory_is_retried_with_smaller_tiles(tmp_path, monkeypatch, caplog, exc):
+    src, stack = _src(tmp_path)
+    m = _model()
+    ref = infer.denoise(m, CKPT, stack, device="cpu")
+    real, sizes = infer.predict_block, []
+
+    def fake(model, block, **kw):  # "runs out of memory" above 2 output frames of 20 x 20 px
+        sizes.append(block.shape)
+        if (block.shape[0] - 2) * (block.shape[1] - 6) * (block.shape[2] - 6) > 2 * 20 * 20:
+            raise exc
+        return real(model, block, **kw)
+
+    monkeypatch.setattr(infer, "predict_block", fake)
+    with caplog.at_level(logging.WARNING, logger="emdenoise"):
+        stats = infer.infer_zarr(m, CKPT, src, tmp_path / "dst.zarr", device="cpu", tile=(7, 40, 45),
+                                 workers=1, progress=False)
+    _close(io.read_zarr(tmp_path / "dst.zarr")[0][:], ref)
+    assert stats["oom_retries"] >= 1
+    assert any("out of memory" in r.getMessage() and "retrying" in r.getMessage() for r in caplog.records)
+    # after the first failures later pieces start at the reduced size (no repeated OOM per piece)
+    assert stats["oom_retries"] < len(sizes) // 2
+
+
+def test_other_errors_propagate_and_leave_no_output(tmp_path, monkeypatch):
+    src, _ = _src(tmp_path)
+
+    def broken(*a, **kw):
+        raise RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED")
+
+    monkeypatch.setattr(infer, "predict_block", broken)
+    with pytest.raises(RuntimeError, match="CUDNN"):
+        infer.infer_zarr(_model(), CKPT, src, tmp_path / "dst.zarr", device="cpu", tile=(4, 20, 20),
+                         workers=1, progress=False)
+    assert not (tmp_path / "dst.zarr").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["src.zarr"]  # no temporary left over
+
+
+def test_progress_is_logged(tmp_path, caplog):
+    src, _ = _src(tmp_path)
+    with caplog.at_level(logging.INFO, logger="emdenoise"):
+        infer.infer_zarr(_model(), CKPT, src, tmp_path / "dst.zarr", device="cpu", tile=(4, 20, 23),
+                         workers=2, progress=0.0)
+    msgs = [r.getMessage() for r in caplog.records if r.name == "emdenoise"]
+    progress = [s for s in msgs if s.startswith("infer: blocks")]
+    assert len(progress) == 8 and "blocks 8/8 (100 %)" in progress[-1]
+    assert all("Mpix/s" in s for s in progress)
+
+
+def test_auto_tile_follows_the_memory_budget():
+    p, bpp = WCVDParams(), infer.CPU_BYTES_PER_PX
+    # plenty of memory: whole frames, capped per worker and cut for load balance
+    nt, ty, tx = infer.auto_tile((50, 512, 512), p, device="cpu", workers=2, memory=64 * 2**30)
+    assert (ty, tx) == (512, 512) and 4 <= nt and -(-50 // nt) >= 4 * 2
+    assert nt * 512 * 512 * bpp <= infer.MAX_TILE_BYTES
+    # two 2048^2 frames fit in the cap: whole frames, not spatial tiles
+    assert infer.auto_tile((200, 2048, 2048), p, device="cpu", workers=2, memory=64 * 2**30)[1:] == (2048, 2048)
+    # little memory: TILE_FRAMES frames cut into squares that fit the budget
+    mem = 4 * 2 * 40 * 2**20   # 40 MiB per worker after the 1/4 rule, 2 workers
+    nt, ty, tx = infer.auto_tile((200, 2048, 2048), p, device="cpu", workers=2, memory=mem)
+    assert nt == infer.TILE_FRAMES and ty < 2048 and tx < 2048 and ty % 16 == 0
+    assert nt * ty * tx * bpp <= 40 * 2**20
+    # the probe reports something sensible on this machine, capped by a cgroup limit
+    assert infer.available_memory("cpu") > 2**26
+
+
+def test_a_cgroup_limit_caps_the_memory_probe(monkeypatch):
+    monkeypatch.setattr(infer, "_cgroup_memory_left", lambda: 300 * 2**20)
+    assert infer.available_memory("cpu") == 300 * 2**20
+    nt, ty, tx = infer.auto_tile((200, 2048, 2048), WCVDParams(), device="cpu", workers=2)
+    assert nt * ty * tx * infer.CPU_BYTES_PER_PX <= 300 * 2**20 / 4 / 2
+
+
+def test_checkpoint_path_is_loaded_once_per_process(tmp_path, monkeypatch):
+    src, stack = _src(tmp_path)
+    ckpt_file = tmp_path / "model.pt"
+    ckpt_file.write_bytes(b"stand-in")
+    m, calls = _model(), []
+
+    def fake_load(path, device="cpu"):
+        calls.append((str(path), device))
+        return m, CKPT
+
+    monkeypatch.setattr(train, "load_checkpoint", fake_load)
+    stats = infer.infer_zarr(str(ckpt_file), None, src, tmp_path / "dst.zarr", device="cpu",
+                             tile=(2, 20, 20), workers=2, progress=False)
+    assert stats["blocks"] == 4 * 2 * 3 and len(calls) == 1
+    _close(io.read_zarr(tmp_path / "dst.zarr")[0][:], infer.denoise(m, CKPT, stack, device="cpu"))
+
+
+def test_scheduler_address_without_distributed_is_a_clear_error(tmp_path):
+    pytest.importorskip("dask")
+    try:
+        import distributed  # noqa: F401
+        pytest.skip("distributed is installed")
+    except ImportError:
+        pass
+    src, _ = _src(tmp_path)
+    with pytest.raises(InputError, match="distributed"):
+        infer.infer_zarr(_model(), CKPT, src, tmp_path / "dst.zarr", device="cpu",
+                         scheduler_address="tcp://127.0.0.1:8786", progress=False)
+    assert not (tmp_path / "dst.zarr").exists()
