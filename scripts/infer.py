@@ -9,7 +9,7 @@ from emdenoise import infer, io, stage, tiling, train
 def main(smk):
     ds = smk.params.dataset
     cfg = ds.infer
-    attrs = {"method": ds.model.name, "model_checkpoint": str(smk.input.model)}
+    attrs = {"method": smk.wildcards.model, "model_checkpoint": str(smk.input.model)}
     if ds.kind == "tilt_series":
         stack, src_attrs = io.read_zarr(smk.input.stack)
         model, ckpt = train.load_checkpoint(smk.input.model, device=cfg.device)

@@ -3,7 +3,7 @@ from emdenoise import report, stage
 
 
 def main(smk):
-    report.write_report(smk.params.datasets, smk.input, smk.output)
+    report.write_report(smk.params.datasets, smk.input, smk.output, choices=smk.params.choices)
 
 
 stage.run(snakemake, main)  # noqa: F821

@@ -18,6 +18,9 @@ def test_config_yaml_defaults_match_the_typed_defaults():
     shipped = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     emcfg.validate(shipped)
     for stage, cls in emcfg.STAGES.items():
+        if cls is dict:
+            assert shipped["defaults"][stage] == {}, stage
+            continue
         typed = dataclasses.asdict(cls())
         listed = {k: tuple(v) if isinstance(v, list) else v for k, v in shipped["defaults"][stage].items()}
         assert listed == typed, stage

@@ -64,7 +64,7 @@ def test_killed_run_resumes_to_bit_identical_results(tmp_path):
     # the lock of the killed run is left behind, as after a crash: unlock, then the same command
     subprocess.run(_cmd(b) + ["--unlock"], capture_output=True, env=ENV, check=True)
     _run(b)
-    for name in ("denoised.zarr", "denoised_raw.zarr", "aligned.zarr"):
+    for name in ("denoised.zarr", "wcvd/denoised_raw.zarr", "aligned.zarr"):
         da, _ = io.read_zarr(a / "results" / "c" / name)
         db, _ = io.read_zarr(b / "results" / "c" / name)
         np.testing.assert_array_equal(da[:], db[:], err_msg=name)

@@ -52,7 +52,10 @@ def tiny_config(tmp_path: Path) -> dict:
         },
         "datasets": {
             "count": {"path": "resources/demo/count.tif", "ground_truth": "resources/demo/count_truth.tif"},
-            "lin": {"path": "resources/demo/lin.mrc", "ground_truth": "resources/demo/lin_truth.mrc"},
+            "lin": {"path": "resources/demo/lin.mrc", "ground_truth": "resources/demo/lin_truth.mrc",
+                    "model": {"name": "auto"},  # WCVD and SHINE both trained, the lower uMSE wins
+                    "shine": {"centre_channels": 8, "neighbour_channels": 4, "channels": 8, "blocks": 2},
+                    "shine_train": {"batch_size": 4, "crop": 32}},
             "own_tif": {"path": str(tmp_path / "own.tif"), "pixel_size": 0.5},
             "own_mrc": {"path": str(tmp_path / "own.mrc")},
             "tilts": {"path": str(tmp_path / "tilts.mrc"), "kind": "tilt_series"},
@@ -78,7 +81,8 @@ def test_tiny_run_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     table = pd.read_csv(tmp_path / "results" / "report" / "metrics.csv")
     for ds in config["datasets"]:
-        assert set(table[table.dataset == ds].method) == {"raw", "gaussian2d", "gaussian3d", "wcvd"}, ds
+        models = {"wcvd", "shine"} if ds == "lin" else {"wcvd"}
+        assert set(table[table.dataset == ds].method) == {"raw", "gaussian2d", "gaussian3d"} | models, ds
     rows = table.set_index(["dataset", "method"])
     # ground truth was used where given, and only there
     assert np.isfinite(rows.loc[("count", "raw"), "psnr_db"])
@@ -93,7 +97,16 @@ def test_tiny_run_end_to_end(tmp_path):
     assert not [p for p in res.rglob("*") if ".tmp" in p.name]
     for ds in config["datasets"]:
         assert (res / ds / "blindspot.json").exists() and (res / ds / "preview.png").exists()
-        assert (res / ds / "model.pt").exists() and (res / ds / "train_log.csv").exists()
+        assert (res / ds / "model.pt").exists() and (res / ds / "wcvd" / "train_log.csv").exists()
+        assert (res / ds / "model.pt").read_bytes() == (res / ds / json.loads(
+            (res / ds / "model_choice.json").read_text())["chosen"] / "model.pt").read_bytes()
+        choice = json.loads((res / ds / "model_choice.json").read_text())
+        if ds == "lin":  # auto: the choice is the candidate with the lower uMSE, evidence recorded
+            assert set(choice["umse"]) == {"wcvd", "shine"}
+            assert choice["chosen"] == min(choice["umse"], key=choice["umse"].get)
+            assert rows.loc[("lin", choice["chosen"]), "umse"] == pytest.approx(choice["umse"][choice["chosen"]])
+        else:
+            assert choice["chosen"] == "wcvd"
         prov = json.loads((res / ds / "provenance.json").read_text())
         assert prov["input"]["sha256"] and prov["model"]["train_params"]["epochs"] == 3
     # denoised stacks exported in the input's family, same frame count and pixel size as aligned
@@ -103,7 +116,7 @@ def test_tiny_run_end_to_end(tmp_path):
         assert t.asarray().dtype == np.float32 and t.imagej_metadata["unit"] in ("nm", "Å", "\\u00C5")
     assert (res / "count" / "denoised.tif").exists() and (res / "lin" / "denoised.mrc").exists()
     # the tilt series went through overlapping tiles; its angles are copied beside the MRC
-    assert io.read_zarr(res / "tilts" / "denoised_raw.zarr")[1]["tiling"] == {"tile": 32, "overlap": 16}
+    assert io.read_zarr(res / "tilts" / "wcvd" / "denoised_raw.zarr")[1]["tiling"] == {"tile": 32, "overlap": 16}
     assert np.loadtxt(res / "tilts" / "denoised.tlt").tolist() == [-6, -3, 0, 3, 6]
     # Snakemake's own report: metrics table, previews, drift and noise plots with captions
     rep = snakemake(tmp_path, "--report", str(tmp_path / "smk_report.zip"), config=config)

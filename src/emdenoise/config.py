@@ -265,7 +265,7 @@ class MetricsConfig:
 class ModelConfig:
     """Which model denoises the dataset, and its architecture (see WCVDParams)."""
 
-    name: str = "wcvd"  # wcvd | none (baselines only)
+    name: str = "wcvd"  # wcvd | shine | auto (both, the lower uMSE wins) | none (baselines only)
     kt: int = 3
     ks: tuple[int, ...] = (3, 5, 7)
     channels: int = 3
@@ -277,6 +277,25 @@ class ModelConfig:
         """Architecture of WCVD (dims=3) or of its 2D twin WCID (dims=2)."""
         arch = {f.name: getattr(self, f.name) for f in fields(WCVDParams) if hasattr(self, f.name)}
         return WCVDParams(**{**arch, "dims": dims})
+
+
+@dataclass(frozen=True)
+class ShineConfig:
+    """SHINE architecture (see SHINEParams); ``blindspot: None`` takes the size the
+    ``noise`` stage chose from the noise-correlation heatmap (blindspot.json)."""
+
+    blindspot: int | None = None
+    frames: int = SHINEParams.frames
+    centre_channels: int = SHINEParams.centre_channels
+    neighbour_channels: int = SHINEParams.neighbour_channels
+    channels: int = SHINEParams.channels
+    blocks: int = SHINEParams.blocks
+    head_layers: int = SHINEParams.head_layers
+    negative_slope: float = SHINEParams.negative_slope
+
+    def params(self, measured_blindspot: int) -> SHINEParams:
+        arch = {f.name: getattr(self, f.name) for f in fields(SHINEParams)}
+        return SHINEParams(**{**arch, "blindspot": self.blindspot or int(measured_blindspot)})
 
 
 @dataclass(frozen=True)
@@ -310,6 +329,8 @@ STAGES = {
     "metrics": MetricsConfig,
     "model": ModelConfig,
     "train": TrainParams,
+    "shine": ShineConfig,
+    "shine_train": dict,  # overrides of `train` for SHINE, on top of the paper's settings
     "infer": InferConfig,
     "lowpass": LowpassConfig,
 }
@@ -345,8 +366,22 @@ class DatasetConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainParams = field(default_factory=TrainParams)
+    shine: ShineConfig = field(default_factory=ShineConfig)
+    shine_train: dict = field(default_factory=dict)
     infer: InferConfig = field(default_factory=InferConfig)
     lowpass: LowpassConfig = field(default_factory=LowpassConfig)
+
+    @property
+    def candidates(self) -> list[str]:
+        """Models trained for this dataset: one, both for ``auto``, none for ``none``."""
+        return {"auto": ["wcvd", "shine"], "none": []}.get(self.model.name, [self.model.name])
+
+    def train_params(self, model: str) -> TrainParams:
+        """Training settings of one model: SHINE takes the paper's batch / crop / schedule
+        over ``train`` and then its own ``shine_train`` overrides."""
+        if model != "shine":
+            return self.train
+        return dataclasses.replace(self.train, **{**SHINE_TRAIN_DEFAULTS, **self.shine_train})
 
     @property
     def drift_enabled(self) -> bool:
@@ -364,6 +399,8 @@ class PipelineConfig:
 
 def _typed(cls, values: dict[str, Any], where: str):
     """Instantiate a stage dataclass, turning lists into tuples for tuple fields."""
+    if cls is dict:
+        return dict(values)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:  # the schema catches this in the workflow; this guards direct API use

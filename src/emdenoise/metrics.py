@@ -203,3 +203,41 @@ def compute_metrics(method_stacks: dict, noisy, truth=None, peak: float | None =
             "ssim": float("nan") if truth is None else ssim(f, truth),
         })
     return pd.DataFrame(rows, columns=["method", "umse", "upsnr_db", "snr_db", "psnr_db", "ssim"])
+
+
+SELECT_RULE = ("lowest uMSE against the noisy movie at temporal radius r >= 2 (frames t-r-1, "
+               "t+r+1, t+r+2, outside every candidate's input window)")
+
+
+def select_model(denoised: dict, noisy, *, temporal_radius: int = 2) -> dict:
+    """Choose among denoised versions of one movie without ground truth.
+
+    Parameters
+    ----------
+    denoised : dict of str -> (T, Y, X) array
+        Candidate outputs (e.g. {'wcvd': ..., 'shine': ...}), same shape and units as
+        ``noisy``.
+    noisy : (T, Y, X) array
+        The noisy movie the candidates were computed from.
+    temporal_radius : int
+        r >= 2; must be at least the temporal radius of every candidate (SHINE: 2).
+
+    Returns
+    -------
+    dict
+        {'chosen': name, 'rule': SELECT_RULE, 'umse': {name: uMSE}, 'temporal_radius': r}.
+
+    Why uMSE at r >= 2 and not the training validation loss: the noise of frames outside
+    every candidate's input window is independent of its output, so uMSE is unbiased
+    there even when the noise is spatially (PSF-)correlated.  The validation loss of a
+    blind-spot network compares with the *same* noisy frame, which rewards a too-small
+    blind spot for copying correlated noise from its neighbours.
+    """
+    r = int(temporal_radius)
+    if r < 2:
+        raise InputError(None, f"select_model: temporal_radius must be >= 2, got {r}")
+    if not denoised:
+        raise InputError(None, "select_model: no candidates")
+    scores = {name: umse(stack, noisy, temporal_radius=r) for name, stack in denoised.items()}
+    chosen = min(scores, key=scores.get)
+    return {"chosen": chosen, "rule": SELECT_RULE, "umse": scores, "temporal_radius": r}

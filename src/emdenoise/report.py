@@ -75,11 +75,12 @@ def _fmt(table: pd.DataFrame) -> pd.DataFrame:
     return table.round({"umse": 5, "upsnr_db": 2, "snr_db": 2, "psnr_db": 2, "ssim": 4})
 
 
-def write_report(datasets: Sequence[str], inputs, outputs) -> None:
+def write_report(datasets: Sequence[str], inputs, outputs, choices: Mapping[str, str] | None = None) -> None:
     """Write the combined CSV, report.md and report.html.
 
     inputs: object with lists ``metrics``, ``previews``, ``drift``, ``noise``,
-    ``blindspot`` ordered like ``datasets``; outputs: ``table``, ``markdown``, ``html``.
+    ``blindspot`` ordered like ``datasets``; outputs: ``table``, ``markdown``, ``html``;
+    choices: dataset -> model_choice.json (which model denoised it, and why).
     """
     table = collect_metrics(inputs.metrics)
     with atomic_path(outputs.table) as tmp:
@@ -98,6 +99,10 @@ def write_report(datasets: Sequence[str], inputs, outputs) -> None:
         spot = spots[i]
         line = (f"Blind spot chosen: {spot.get('blindspot')}×{spot.get('blindspot')} "
                 f"(estimate: {spot.get('estimate_used')}; rule: {spot.get('rule', '')})")
+        if choices and name in choices:
+            c = json.loads(Path(choices[name]).read_text())
+            evidence = ", ".join(f"{m} {v:.4g}" for m, v in c.get("umse", {}).items())
+            line += (f" Model: {c['chosen']} ({c['rule']}" + (f"; uMSE {evidence}" if evidence else "") + ").")
         md += [f"## {name}", "", line, ""]
         body += [f"<h2>{html.escape(name)}</h2>", f"<p>{html.escape(line)}</p>"]
         for label, key in (("Preview (same contrast in every panel)", "previews"),

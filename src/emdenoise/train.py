@@ -27,6 +27,11 @@ Crops are trained with *valid* spatial padding: a crop of c px is cut with a hal
 Ks_max // 2 px so every output pixel has its true neighbours; periodic padding on a crop
 would wrap the opposite crop edge into the kernel.  Full frames use periodic padding as
 in the paper (and as inference does).
+
+SHINE (``SHINEParams``) trains through ``_train_shine`` at the end of this module: same
+normalisation, validation split, CSV log, epoch selection and checkpoint layout (key
+'model' = 'shine'), with the SHINE paper's RAdam + warm-up + cosine schedule, rot90 /
+mirror augmentation and zero-padded crops (its blind spot is exact with zero padding).
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -44,9 +50,10 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .config import TrainParams
+from .config import SHINEParams, TrainParams
 from .errors import InputError
-from .models import WCVD, WCVDParams, build_model, check_blind_state, resolve_device
+from .models import (SHINE, WCVD, WCVDParams, build_model, build_shine, check_blind_state,
+                     check_shine_state, resolve_device)
 
 __all__ = [
     "TrainParams",
@@ -58,6 +65,7 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "emdenoise-wcvd/1"
+SHINE_CHECKPOINT_FORMAT = "emdenoise-shine/1"
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "lr", "seconds")
 
 
@@ -348,7 +356,15 @@ def train_model(stack: np.ndarray, model_params: WCVDParams = WCVDParams(),
     progress: optional callback called with each log row (a dict) after every epoch.
     Returns the checkpoint dict (see ``save_checkpoint``) holding the weights of the epoch
     chosen by validation (``_select_epoch``; the last epoch when there is no validation).
+    Its key 'model' names the architecture: 'wcvd', 'wcid' or 'shine'.
+
+    model_params may be ``SHINEParams``: the SHINE path (``_train_shine``: RAdam, linear
+    warm-up + cosine, rot90/flip augmentation of square crops, zero spatial padding)
+    with the same normalisation, validation split, CSV log, epoch selection and
+    checkpoint layout; see ``config.shine_train_params`` for the paper's settings.
     """
+    if isinstance(model_params, SHINEParams):
+        return _train_shine(stack, model_params, train_params, log_csv, progress)
     mp, tp = model_params, train_params
     arr = _check_stack(stack, mp)
     device = resolve_device(tp.device)
@@ -415,6 +431,7 @@ def train_model(stack: np.ndarray, model_params: WCVDParams = WCVDParams(),
         state = _cpu_state(model)
     return {
         "format": CHECKPOINT_FORMAT,
+        "model": "wcvd" if mp.dims == 3 else "wcid",
         "state_dict": state,
         "model_params": mp.to_dict(),
         "train_params": asdict(tp),
@@ -462,7 +479,7 @@ def save_checkpoint(ckpt: dict, path) -> None:
 _REQUIRED = ("state_dict", "model_params", "normalisation")
 
 
-def load_checkpoint(path, device: str = "cpu") -> tuple[WCVD, dict]:
+def load_checkpoint(path, device: str = "cpu") -> tuple[WCVD | SHINE, dict]:
     """Load a checkpoint written by ``save_checkpoint``; returns (model in eval mode, dict).
 
     Raises ``InputError(path, ...)`` for a missing / unreadable file, missing keys, a
@@ -479,16 +496,226 @@ def load_checkpoint(path, device: str = "cpu") -> tuple[WCVD, dict]:
     return model_from_checkpoint(ckpt, path, device), ckpt
 
 
-def model_from_checkpoint(ckpt: dict, source=None, device: str = "cpu") -> WCVD:
+def model_from_checkpoint(ckpt: dict, source=None, device: str = "cpu") -> WCVD | SHINE:
     """The model (eval mode) of an in-memory checkpoint dict, with the same checks as
-    :func:`load_checkpoint`; ``source`` names the file in error messages."""
+    :func:`load_checkpoint`; ``source`` names the file in error messages.  Dispatches on
+    ``ckpt['model']``: 'shine' -> SHINE, 'wcvd' / 'wcid' / absent -> WCVD."""
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in _REQUIRED):
         raise InputError(source, f"not an emdenoise checkpoint (needs keys {', '.join(_REQUIRED)})")
-    params = WCVDParams.from_dict(ckpt["model_params"])
-    check_blind_state(ckpt["state_dict"], source)
-    model = WCVD(params)
+    # checkpoints written before the 'model' key existed are WCVD / WCID
+    if ckpt.get("model", "wcvd") == "shine":
+        try:
+            params = SHINEParams.from_dict(ckpt["model_params"])
+        except TypeError as exc:
+            raise InputError(source, f"invalid SHINE model parameters: {exc}") from None
+        check_shine_state(ckpt["state_dict"], source)
+        model = SHINE(params)
+    else:
+        params = WCVDParams.from_dict(ckpt["model_params"])
+        check_blind_state(ckpt["state_dict"], source)
+        model = WCVD(params)
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:
         raise InputError(source, f"weights do not match the model parameters: {exc}") from None
     return model.to(resolve_device(device)).eval()
+
+
+# --------------------------------------------------------------------------------------
+# SHINE training (SHINE paper, "Training details")
+# --------------------------------------------------------------------------------------
+#: Linear warm-up over this fraction of all optimiser steps (at least one step), then
+#: cosine annealing to lr/100 ('cosine') or a constant lr ('constant').  The paper names
+#: "warm-up and cosine annealing" without lengths.
+SHINE_WARMUP_FRACTION = 0.05
+#: Besides the minimum-validation epoch, at most this many of the latest epochs within the
+#: selection tolerance keep their weights in memory (a full-size SHINE has ~0.9 M
+#: parameters; 2000 epochs of states would not fit).
+_SHINE_KEEP = 20
+
+
+class _ShineSampler:
+    """Random training windows (n, frames, c, c) with their noisy centre frames.
+
+    One square crop of ``min(crop, rows, cols)`` px (paper 256; the whole frame when the
+    frame is smaller) per window; augmentation: rot90 by k*90 deg (square crops) and
+    vertical / horizontal mirroring, all drawn from ``np.random.default_rng(seed)``.
+    """
+
+    def __init__(self, z: np.ndarray, split: _Split, mp: SHINEParams, tp: TrainParams):
+        self.z, self.mp, self.tp = z, mp, tp
+        self.rng = np.random.default_rng(tp.seed)
+        self.centres, self.rows = split.train_centres, split.train_rows
+        ny, nx = self.rows[1] - self.rows[0], z.shape[2]
+        c = tp.crop if tp.crop is not None else max(ny, nx)
+        self.cy, self.cx = (min(c, ny, nx),) * 2 if tp.crop is not None else (ny, nx)
+
+    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        ht = self.mp.halo_t
+        r0, r1 = self.rows
+        xs = []
+        for _ in range(n):
+            t = self.centres[self.rng.integers(len(self.centres))]
+            y0 = r0 + self.rng.integers(r1 - r0 - self.cy + 1)
+            x0 = self.rng.integers(self.z.shape[2] - self.cx + 1)
+            w = self.z[t - ht:t + ht + 1, y0:y0 + self.cy, x0:x0 + self.cx]
+            if self.tp.augment:
+                k = int(self.rng.integers(4)) if self.cy == self.cx else 2 * int(self.rng.integers(2))
+                w = np.rot90(w, k, axes=(1, 2))
+                if self.rng.random() < 0.5:
+                    w = w[:, ::-1]
+                if self.rng.random() < 0.5:
+                    w = w[:, :, ::-1]
+            xs.append(w)
+        x = np.ascontiguousarray(np.stack(xs))
+        return x, np.ascontiguousarray(x[:, ht])
+
+
+def _shine_validation_set(z: np.ndarray, split: _Split, mp: SHINEParams, tp: TrainParams):
+    """Fixed validation windows (N, frames, Y, X) and noisy centre frames, 'zeros' padding:
+    a centre crop of ``val_crop`` px of each held-out frame, or the held-out row band."""
+    if split.mode == "none":
+        return None
+    ht = mp.halo_t
+    r0, r1 = split.val_rows
+    ny, nx = r1 - r0, z.shape[2]
+    cy = ny if tp.val_crop is None else min(tp.val_crop, ny)
+    cx = nx if tp.val_crop is None else min(tp.val_crop, nx)
+    y0, x0 = r0 + (ny - cy) // 2, (nx - cx) // 2
+    x = np.stack([z[t - ht:t + ht + 1, y0:y0 + cy, x0:x0 + cx] for t in split.val_centres])
+    return np.ascontiguousarray(x), np.ascontiguousarray(x[:, ht]), "zeros"
+
+
+def _shine_lr_lambda(total_steps: int, schedule: str):
+    warm = max(1, int(round(SHINE_WARMUP_FRACTION * total_steps)))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if schedule != "cosine":
+            return 1.0
+        frac = (step - warm) / max(1, total_steps - warm)
+        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
+    return factor
+
+
+def _train_shine(stack, mp: SHINEParams, tp: TrainParams, log_csv, progress) -> dict:
+    """SHINE branch of :func:`train_model` (same normalisation, split, log, selection).
+
+    Loss: plain MSE between the output for the window centred on t and the noisy frame t
+    (no low-pass or any other filter of the output: it would leak the blind spot).
+    RAdam, linear warm-up + cosine annealing per optimiser step, zero spatial padding on
+    crops (the blind spot is exact with zero padding), AMP only on CUDA.
+    """
+    arr = np.asarray(stack)
+    if arr.ndim != 3:
+        raise InputError(None, f"expected a (T, Y, X) stack, got shape {arr.shape}")
+    t, y, x = arr.shape
+    if t < mp.frames:
+        raise InputError(None, f"SHINE needs at least frames={mp.frames} frames to train, got {t}")
+    if min(y, x) < 2 * mp.blind_radius + 3:
+        raise InputError(None, f"frames of {y}x{x} px are too small for a {mp.blindspot}x{mp.blindspot} blind spot")
+    arr = arr.astype(np.float32, copy=False)
+    if not np.isfinite(arr).all():
+        raise InputError(None, "stack contains NaN or Inf values")
+    device = resolve_device(tp.device)
+    norm = Normalisation.fit(arr)
+    z = norm.apply(arr)
+    # zero padding needs no spatial halo, so the row split needs none either
+    split = _split(z.shape, SimpleNamespace(halo_t=mp.halo_t, halo_s=0), tp)
+    if not split.train_centres:
+        raise InputError(None, "no frames left to train on")
+    sampler = _ShineSampler(z, split, mp, tp)
+    val = _shine_validation_set(z, split, mp, tp)
+    steps = tp.steps_per_epoch or max(1, math.ceil(len(split.train_centres) / tp.batch_size))
+
+    t_start = time.perf_counter()
+    log = _CsvLog(log_csv)
+    ok = False
+    with _deterministic(device.type == "cpu"):
+        model = build_shine(mp, seed=tp.seed).to(device)
+        if device.type == "cpu":
+            model = model.to(memory_format=torch.channels_last)
+        model.train()
+        opt = torch.optim.RAdam(model.parameters(), lr=tp.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _shine_lr_lambda(tp.epochs * steps, tp.lr_schedule))
+        amp_ctx, scaler = _amp_context(device, tp.amp)
+        history, states = [], {}
+        train_loss = float("nan")
+        try:
+            for epoch in range(1, tp.epochs + 1):
+                losses = []
+                for _ in range(steps):
+                    xb, tb = sampler.batch(tp.batch_size)
+                    xb = torch.from_numpy(xb).to(device, non_blocking=True)
+                    tb = torch.from_numpy(tb).to(device, non_blocking=True)
+                    loss = _loss(model, xb, tb, "zeros", amp_ctx)
+                    opt.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.step(opt)
+                        scaler.update()
+                    else:
+                        loss.backward()
+                        opt.step()
+                    sched.step()
+                    losses.append(loss.detach().item())
+                lr_used = opt.param_groups[0]["lr"]
+                train_loss = float(np.mean(losses))
+                val_loss, val_se = _evaluate(model, val, device, tp.batch_size, amp_ctx)
+                if val is not None:
+                    history.append((epoch, val_loss, val_se))
+                    states[epoch] = _cpu_state(model)
+                    _prune_states(states, history, tp.val_tolerance)
+                row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                       "lr": lr_used, "seconds": round(time.perf_counter() - t_start, 3)}
+                log.row(row)
+                if progress is not None:
+                    progress(row)
+            ok = True
+        finally:
+            log.close(ok)
+    if history:
+        best_epoch = _select_epoch(history, tp.val_tolerance)
+        e_min, v_min, _ = min(history, key=lambda h: h[1])
+        if best_epoch not in states:  # pruned (see _prune_states): fall back to the minimum
+            best_epoch = e_min
+        _, best_val, best_se = history[best_epoch - 1]
+        state = states[best_epoch]
+    else:
+        best_epoch, best_val, best_se, e_min, v_min = tp.epochs, float("nan"), float("nan"), 0, float("nan")
+        state = _cpu_state(model)
+    return {
+        "format": SHINE_CHECKPOINT_FORMAT,
+        "model": "shine",
+        "state_dict": state,
+        "model_params": mp.to_dict(),
+        "train_params": asdict(tp),
+        "normalisation": norm.to_dict(),
+        "code_version": str(__version__),
+        "torch_version": str(torch.__version__),
+        "best_epoch": int(best_epoch),
+        "best_val_loss": float(best_val),
+        "val_loss_se": float(best_se),
+        "min_val_epoch": int(e_min),
+        "min_val_loss": float(v_min),
+        "final_train_loss": train_loss,
+        "epochs_run": int(tp.epochs),
+        "validation": {"mode": split.mode, "frames": list(split.val_centres),
+                       "rows": list(split.val_rows)},
+        "input_shape": list(arr.shape),
+        "device": str(device),
+        "train_seconds": time.perf_counter() - t_start,
+    }
+
+
+def _prune_states(states: dict, history: list, tolerance: float) -> None:
+    """Keep the weights of the minimum-validation epoch and of the latest ``_SHINE_KEEP``
+    epochs within the current selection limit (``_select_epoch``); drop the rest."""
+    e_min, v_min, se_min = min(history, key=lambda h: h[1])
+    limit = v_min + tolerance * se_min
+    within = [e for e, v, _ in history if v <= limit and e in states]
+    keep = set(within[-_SHINE_KEEP:]) | {e_min}
+    for e in list(states):
+        if e not in keep:
+            del states[e]

@@ -41,20 +41,27 @@ def has_truth(ds):
     return CFG.datasets[ds].ground_truth is not None
 
 
-def model_name(ds):
-    """The dataset's denoising model, or None for a baselines-only run."""
-    name = CFG.datasets[ds].model.name
-    return None if name == "none" else name
+def candidates(ds):
+    """Models trained for a dataset: [wcvd], [shine], both for `auto`, [] for `none`."""
+    return CFG.datasets[ds].candidates
 
 
 def methods(ds):
     """Denoised stacks compared in the metrics table, besides the raw frames."""
-    return BASELINES + ([model_name(ds)] if model_name(ds) else [])
+    return BASELINES + candidates(ds)
 
 
 def method_stacks(wildcards):
-    model = model_name(wildcards.ds)
-    return {m: f"{RESULTS}/{wildcards.ds}/{'denoised' if m == model else m}.zarr" for m in methods(wildcards.ds)}
+    ds = wildcards.ds
+    return {m: f"{RESULTS}/{ds}/{m}/denoised.zarr" if m in candidates(ds) else f"{RESULTS}/{ds}/{m}.zarr"
+            for m in methods(ds)}
+
+
+def candidate_stacks(wildcards):
+    """Each candidate's denoised stack (key: model name) and checkpoint (key: model_<name>)."""
+    ds = wildcards.ds
+    stacks = {m: f"{RESULTS}/{ds}/{m}/denoised.zarr" for m in candidates(ds)}
+    return {**stacks, **{f"model_{m}": f"{RESULTS}/{ds}/{m}/model.pt" for m in candidates(ds)}}
 
 
 def export_ext(ds):
@@ -66,7 +73,7 @@ def export_ext(ds):
 def dataset_outputs(ds):
     """Everything a dataset's run delivers (requested by `rule all` via the report)."""
     outs = [f"{RESULTS}/{ds}/metrics.csv", f"{RESULTS}/{ds}/provenance.json"]
-    if model_name(ds):
+    if candidates(ds):
         outs.append(f"{RESULTS}/{ds}/denoised.{export_ext(ds)}")
     return outs
 
@@ -80,11 +87,16 @@ def provenance_inputs(wildcards):
         "blindspot": f"{RESULTS}/{ds}/blindspot.json",
         "metrics": f"{RESULTS}/{ds}/metrics.csv",
     }
-    if model_name(ds):
+    if candidates(ds):
         inputs["model"] = f"{RESULTS}/{ds}/model.pt"
+        inputs["choice"] = f"{RESULTS}/{ds}/model_choice.json"
         inputs["denoised"] = f"{RESULTS}/{ds}/denoised.zarr"
         inputs["export"] = f"{RESULTS}/{ds}/denoised.{export_ext(ds)}"
     return inputs
+
+
+def model_choices(wildcards=None):
+    return {ds: f"{RESULTS}/{ds}/model_choice.json" for ds in DATASETS if candidates(ds)}
 
 
 def drift_inputs(wildcards):

@@ -1,16 +1,18 @@
-# Apply the trained model to the whole aligned stack: T frames out for T frames in.
+# Apply a trained model to the whole aligned stack: T frames out for T frames in.
 
 
 rule infer:
     input:
         stack=f"{RESULTS}/{{ds}}/aligned.zarr",
-        model=f"{RESULTS}/{{ds}}/model.pt",
+        model=f"{RESULTS}/{{ds}}/{{model}}/model.pt",
     output:
-        directory(f"{RESULTS}/{{ds}}/denoised_raw.zarr"),
+        directory(f"{RESULTS}/{{ds}}/{{model}}/denoised_raw.zarr"),
+    wildcard_constraints:
+        model="wcvd|shine",
     params:
         dataset=dataset,
     log:
-        f"{RESULTS}/logs/{{ds}}/infer.log",
+        f"{RESULTS}/logs/{{ds}}/infer_{{model}}.log",
     threads: 2
     resources:
         mem_mb=8000,

@@ -1,15 +1,17 @@
-# FFT low-pass of the network output (WCVD paper) and export for Fiji / IMOD.
+# FFT low-pass of the WCVD output (WCVD paper, SM 2; SHINE has none) and export for Fiji / IMOD.
 
 
 rule lowpass:
     input:
-        f"{RESULTS}/{{ds}}/denoised_raw.zarr",
+        f"{RESULTS}/{{ds}}/{{model}}/denoised_raw.zarr",
     output:
-        directory(f"{RESULTS}/{{ds}}/denoised.zarr"),
+        directory(f"{RESULTS}/{{ds}}/{{model}}/denoised.zarr"),
+    wildcard_constraints:
+        model="wcvd|shine",
     params:
         dataset=dataset,
     log:
-        f"{RESULTS}/logs/{{ds}}/lowpass.log",
+        f"{RESULTS}/logs/{{ds}}/lowpass_{{model}}.log",
     resources:
         mem_mb=4000,
     conda:

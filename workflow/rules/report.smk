@@ -8,6 +8,7 @@ rule report:
         drift=expand(f"{RESULTS}/{{ds}}/drift.png", ds=DATASETS),
         noise=expand(f"{RESULTS}/{{ds}}/noise_correlation.png", ds=DATASETS),
         blindspot=expand(f"{RESULTS}/{{ds}}/blindspot.json", ds=DATASETS),
+        choices=list(model_choices().values()),
     output:
         table=report(
             f"{RESULTS}/report/metrics.csv",
@@ -19,6 +20,7 @@ rule report:
         html=f"{RESULTS}/report/report.html",
     params:
         datasets=DATASETS,
+        choices=model_choices(),
     log:
         f"{RESULTS}/logs/report.log",
     resources:

@@ -1,16 +1,20 @@
-# Per-dataset self-supervised training of the blind-spot model (GPU when present).
+# Per-dataset self-supervised training of a blind-spot model (GPU when present).
+# {model} is wcvd or shine; `model: auto` trains both (see select.smk).
 
 
 rule train:
     input:
-        f"{RESULTS}/{{ds}}/aligned.zarr",
+        stack=f"{RESULTS}/{{ds}}/aligned.zarr",
+        blindspot=f"{RESULTS}/{{ds}}/blindspot.json",
     output:
-        model=f"{RESULTS}/{{ds}}/model.pt",
-        log_csv=f"{RESULTS}/{{ds}}/train_log.csv",
+        model=f"{RESULTS}/{{ds}}/{{model}}/model.pt",
+        log_csv=f"{RESULTS}/{{ds}}/{{model}}/train_log.csv",
+    wildcard_constraints:
+        model="wcvd|shine",
     params:
         dataset=dataset,
     log:
-        f"{RESULTS}/logs/{{ds}}/train.log",
+        f"{RESULTS}/logs/{{ds}}/train_{{model}}.log",
     threads: 2
     resources:
         mem_mb=8000,
