@@ -77,3 +77,17 @@ def test_denoise_config_typo_is_named(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "epoch" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o.tif").exists()
+
+
+def test_denoise_auto_trains_both_and_reports_the_choice(tmp_path, capsys):
+    src, out = tmp_path / "in.tif", tmp_path / "out.npy"
+    assert cli.main(["simulate", str(src), "--frames", "8", "--size", "40", "--mode", "counting"]) == 0
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("train: {crop: 32, val_crop: 32}\nshine: {centre_channels: 4, neighbour_channels: 4, "
+                   "channels: 4, blocks: 1}\nshine_train: {batch_size: 2, crop: 32}\n")
+    capsys.readouterr()
+    assert cli.main(["denoise", str(src), str(out), "--model", "auto", "--epochs", "1", "--device", "cpu",
+                     "--config", str(cfg)]) == 0
+    said = capsys.readouterr().out
+    assert "auto: chose" in said and "'wcvd'" in said and "'shine'" in said
+    assert np.load(out).shape == (8, 40, 40)

@@ -43,7 +43,7 @@ def _denoise(args: argparse.Namespace) -> None:
     import yaml
 
     from . import config as emcfg
-    from . import filters, infer, io, train
+    from . import filters, infer, io, metrics, noise, train
 
     settings: dict = {}
     if args.config:
@@ -55,26 +55,39 @@ def _denoise(args: argparse.Namespace) -> None:
     ds = emcfg.build({"datasets": {"cli": {"path": args.input}}, "defaults": settings}).datasets["cli"]
     if args.model:
         ds = dataclasses.replace(ds, model=dataclasses.replace(ds.model, name=args.model))
-    tp = ds.train if args.device is None else dataclasses.replace(ds.train, device=args.device)
-    if args.epochs:
-        tp = dataclasses.replace(tp, epochs=args.epochs)
     arr, meta = io.read_stack(args.input, pixel_size=args.pixel_size)
-    io.validate_stack(arr, args.input, min_frames=3)
+    io.validate_stack(arr, args.input, min_frames=3 if ds.model.name == "wcvd" else 5)
     stack = np.asarray(arr[:], dtype=np.float32)
-    ckpt = train.train_model(stack, ds.model.wcvd_params(), tp,
-                             progress=lambda row: print(f"epoch {row['epoch']}: val {row['val_loss']}", flush=True)
-                             if args.verbose else None)
-    model = train.model_from_checkpoint(ckpt, device=tp.device)
-    out = infer.denoise(model, ckpt, stack, device=tp.device)
-    lp = ds.lowpass
-    if lp.enabled:
-        out = filters.fft_lowpass(out, diameter=lp.diameter, ks_max=max(ds.model.ks), pad=lp.pad,
-                                  edge_width=lp.edge_width)
-    io.write_stack(args.output, out, pixel_size=meta.get("pixel_size"),
-                   metadata={"source": meta["source"], "sha256": meta["sha256"], "method": ds.model.name})
+    outputs, ckpts = {}, {}
+    for name in ds.candidates:
+        tp = ds.train_params(name)
+        tp = dataclasses.replace(tp, **{k: v for k, v in (("device", args.device), ("epochs", args.epochs)) if v})
+        if name == "shine":  # blind spot sized from the noise correlation, as in the workflow
+            spot = noise.estimate_blindspot(stack, max_lag=ds.noise.max_lag, threshold=ds.noise.threshold,
+                                            estimate=ds.noise.estimate)["blindspot"]
+            params = ds.shine.params(spot)
+        else:
+            params = ds.model.wcvd_params()
+        ckpts[name] = train.train_model(stack, params, tp, progress=lambda row: print(
+            f"{name} epoch {row['epoch']}: val {row['val_loss']}", flush=True) if args.verbose else None)
+        out = infer.denoise(train.model_from_checkpoint(ckpts[name], device=tp.device), ckpts[name], stack,
+                            device=tp.device)
+        lp = ds.lowpass
+        if lp.enabled and name == "wcvd":
+            out = filters.fft_lowpass(out, diameter=lp.diameter, ks_max=max(ds.model.ks), pad=lp.pad,
+                                      edge_width=lp.edge_width)
+        outputs[name] = out
+    chosen = next(iter(outputs))
+    if len(outputs) > 1:
+        choice = metrics.select_model(outputs, stack, temporal_radius=max(2, ds.metrics.temporal_radius))
+        chosen = choice["chosen"]
+        print(f"auto: chose {chosen} ({choice['rule']}; uMSE {choice['umse']})")
+    ckpt = ckpts[chosen]
+    io.write_stack(args.output, outputs[chosen], pixel_size=meta.get("pixel_size"),
+                   metadata={"source": meta["source"], "sha256": meta["sha256"], "method": chosen})
     if args.save_model:
         train.save_checkpoint(ckpt, args.save_model)
-    print(f"wrote {args.output} {out.shape} ({ds.model.name}, best epoch {ckpt['best_epoch']}, "
+    print(f"wrote {args.output} {stack.shape} ({chosen}, best epoch {ckpt['best_epoch']}, "
           f"{ckpt['train_seconds']:.0f} s training on {ckpt['device']})")
 
 
@@ -117,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     den = sub.add_parser("denoise", help="train a blind-spot model on one stack and write it denoised")
     den.add_argument("input", help="TIFF, MRC, NPY, Zarr or a folder of frames (T >= 3)")
     den.add_argument("output", help="denoised stack (.tif, .mrc, .zarr or .npy)")
-    den.add_argument("--model", choices=["wcvd"], default=None, help="denoising model (default: config, wcvd)")
+    den.add_argument("--model", choices=["wcvd", "shine", "auto"], default=None,
+                     help="denoising model (default: the config's, wcvd); auto trains both and keeps the "
+                          "one with the lower uMSE (needs >= 8 frames)")
     den.add_argument("--config", help="YAML with any of the pipeline's per-stage settings "
                      "(model, train, infer, lowpass: the keys of `defaults` in config/config.yaml)")
     den.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
