@@ -5,28 +5,19 @@ import logging
 import dask.array as da
 import numpy as np
 import pytest
-import torch
 
 import emdenoise.infer as infer
 import emdenoise.train as train
 from emdenoise import io
 from emdenoise.errors import InputError
-from emdenoise.models import WCVDParams, build_model
+from emdenoise.models import WCVDParams
 from emdenoise.tiling import read_with_halo, reflect_index, wrap_index
+from helpers import perturbed_model
 
 CKPT = {"normalisation": {"offset": 0.5, "scale": 3.0}}
 
 
-def _model(params=WCVDParams(), seed=0):
-    """Weights moved away from the symmetric init (centre kept at zero)."""
-    m = build_model(params, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-        for b in m.branches:
-            b.bck.weight.mul_(b.bck.mask)
-    return m.eval()
+_model = perturbed_model
 
 
 def _src(tmp_path, t=7, y=40, x=45, seed=0, chunks=None):

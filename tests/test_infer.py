@@ -8,18 +8,10 @@ from emdenoise.errors import InputError
 from emdenoise.infer import denoise, predict_block, reflect_frames
 from emdenoise.models import WCVDParams, build_model
 from emdenoise.train import Normalisation
+from helpers import perturbed_model
 
 
-def _model(params=WCVDParams(), seed=0):
-    """A model with weights moved away from the symmetric init (centre kept at zero)."""
-    m = build_model(params, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-        for b in m.branches:
-            b.bck.weight.mul_(b.bck.mask)
-    return m.eval()
+_model = perturbed_model
 
 
 def _movie(t=6, y=24, x=28, seed=0, scale=1.0, offset=0.0):

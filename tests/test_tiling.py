@@ -2,26 +2,18 @@
 import mrcfile
 import numpy as np
 import pytest
-import torch
 
 from emdenoise import infer, io, tiling
 from emdenoise.config import TrainParams
-from emdenoise.models import WCVDParams, build_model
+from emdenoise.models import WCVDParams
 from emdenoise.synthetic import simulate_movie
 from emdenoise.train import model_from_checkpoint, train_model
+from helpers import perturbed_model
 
 CKPT = {"normalisation": {"offset": 0.5, "scale": 3.0}}
 
 
-def _random_model(params=WCVDParams(), seed=0):
-    m = build_model(params, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-        for b in m.branches:
-            b.bck.weight.mul_(b.bck.mask)
-    return m.eval()
+_random_model = perturbed_model
 
 
 def _stack(t=5, y=70, x=83, seed=0):
