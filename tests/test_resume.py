@@ -44,7 +44,7 @@ def _run(workdir: Path) -> None:
 def _kill_during_training(workdir: Path) -> None:
     proc = subprocess.Popen(_cmd(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
                             start_new_session=True)
-    log = workdir / "results" / "logs" / "c" / "train.log"
+    log = workdir / "results" / "logs" / "c" / "train_wcvd.log"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         if log.exists() and log.read_text().count("INFO emdenoise: epoch") >= 3:
@@ -53,7 +53,7 @@ def _kill_during_training(workdir: Path) -> None:
     assert proc.poll() is None, "the workflow ended before training could be interrupted"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (workdir / "results" / "c" / "model.pt").exists()
+    assert not (workdir / "results" / "c" / "wcvd" / "model.pt").exists()
 
 
 def test_killed_run_resumes_to_bit_identical_results(tmp_path):
