@@ -421,17 +421,28 @@ def train_model(stack: np.ndarray, model_params: WCVDParams = WCVDParams(),
             ok = True
         finally:
             log.close(ok)
+    return _checkpoint(CHECKPOINT_FORMAT, "wcvd" if mp.dims == 3 else "wcid", model, states, history,
+                       mp, tp, norm, split, arr, device, train_loss, t_start)
+
+
+def _checkpoint(fmt: str, name: str, model, states: dict, history: list, mp, tp: TrainParams, norm,
+                split, arr: np.ndarray, device, train_loss, t_start: float) -> dict:
+    """The checkpoint dict of a finished training run (both models): weights of the
+    selected validation epoch (``_select_epoch``; the minimum if that epoch's weights
+    were pruned), or of the last epoch when there was no validation."""
     if history:
         best_epoch = _select_epoch(history, tp.val_tolerance)
-        _, best_val, best_se = history[best_epoch - 1]
         e_min, v_min, _ = min(history, key=lambda h: h[1])
+        if best_epoch not in states:  # pruned (see _prune_states): fall back to the minimum
+            best_epoch = e_min
+        _, best_val, best_se = history[best_epoch - 1]
         state = states[best_epoch]
-    else:  # no validation: keep the last epoch
+    else:
         best_epoch, best_val, best_se, e_min, v_min = tp.epochs, float("nan"), float("nan"), 0, float("nan")
         state = _cpu_state(model)
     return {
-        "format": CHECKPOINT_FORMAT,
-        "model": "wcvd" if mp.dims == 3 else "wcid",
+        "format": fmt,
+        "model": name,
         "state_dict": state,
         "model_params": mp.to_dict(),
         "train_params": asdict(tp),
@@ -675,38 +686,8 @@ def _train_shine(stack, mp: SHINEParams, tp: TrainParams, log_csv, progress) -> 
             ok = True
         finally:
             log.close(ok)
-    if history:
-        best_epoch = _select_epoch(history, tp.val_tolerance)
-        e_min, v_min, _ = min(history, key=lambda h: h[1])
-        if best_epoch not in states:  # pruned (see _prune_states): fall back to the minimum
-            best_epoch = e_min
-        _, best_val, best_se = history[best_epoch - 1]
-        state = states[best_epoch]
-    else:
-        best_epoch, best_val, best_se, e_min, v_min = tp.epochs, float("nan"), float("nan"), 0, float("nan")
-        state = _cpu_state(model)
-    return {
-        "format": SHINE_CHECKPOINT_FORMAT,
-        "model": "shine",
-        "state_dict": state,
-        "model_params": mp.to_dict(),
-        "train_params": asdict(tp),
-        "normalisation": norm.to_dict(),
-        "code_version": str(__version__),
-        "torch_version": str(torch.__version__),
-        "best_epoch": int(best_epoch),
-        "best_val_loss": float(best_val),
-        "val_loss_se": float(best_se),
-        "min_val_epoch": int(e_min),
-        "min_val_loss": float(v_min),
-        "final_train_loss": train_loss,
-        "epochs_run": int(tp.epochs),
-        "validation": {"mode": split.mode, "frames": list(split.val_centres),
-                       "rows": list(split.val_rows)},
-        "input_shape": list(arr.shape),
-        "device": str(device),
-        "train_seconds": time.perf_counter() - t_start,
-    }
+    return _checkpoint(SHINE_CHECKPOINT_FORMAT, "shine", model, states, history,
+                       mp, tp, norm, split, arr, device, train_loss, t_start)
 
 
 def _prune_states(states: dict, history: list, tolerance: float) -> None:
