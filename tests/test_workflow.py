@@ -168,7 +168,8 @@ def test_bad_input_file_fails_cleanly_without_partial_output(tmp_path):
 @pytest.mark.skipif(not AU.is_dir(), reason="shared real data not present")
 def test_real_au_movie_subset(tmp_path):
     """Ingest -> metrics on the first 10 frames of the real K2 movie, read in place."""
-    config = {"datasets": {"au": {"path": str(AU), "pixel_size": 0.317, "frames": [0, 10]}}}
+    config = {"datasets": {"au": {"path": str(AU), "pixel_size": 0.317, "frames": [0, 10]}},
+              "defaults": {"train": {"epochs": 20}, "prefilter": {"epochs": 20}}}  # short: full runs use config/au_graphene_liquid_cell.yaml
     proc = snakemake(tmp_path, config=config)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = tmp_path / "results"
@@ -177,4 +178,5 @@ def test_real_au_movie_subset(tmp_path):
     drift = pd.read_csv(res / "au" / "drift.csv")
     assert len(drift) == 10 and np.abs(drift[["dy", "dx"]].to_numpy()).max() < 50
     spot = yaml.safe_load((res / "au" / "blindspot.json").read_text())
-    assert spot["blindspot"] in (1, 3, 5, 7, 9)
+    assert spot["blindspot"] == 3  # as the SHINE authors chose for this movie
+    assert (res / "au" / "denoised.tif").exists() and "wcvd" in set(table.index)
