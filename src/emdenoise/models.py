@@ -79,6 +79,19 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def temporal_windows(x: torch.Tensor, k: int, name: str = "k") -> torch.Tensor:
+    """(N, T, Y, X) -> (N*(T-k+1), k, Y, X): every window of k consecutive frames
+    (valid temporal padding), shared by WCVD and SHINE."""
+    if x.dim() != 4:
+        raise ValueError(f"expected (N, T, Y, X) input, got shape {tuple(x.shape)}")
+    n, t, y, xx = x.shape
+    if t < k:
+        raise ValueError(f"need at least {name}={k} frames, got {t}")
+    if k == 1:
+        return x.reshape(n * t, 1, y, xx)
+    return x.unfold(1, k, 1).permute(0, 1, 4, 2, 3).reshape(n * (t - k + 1), k, y, xx)
+
+
 def _centre_index(shape: tuple[int, ...]) -> tuple:
     """Index of the centre tap of a BCK weight (C, 1, [kt,] ks, ks), all channels."""
     return (slice(None), 0) + tuple(s // 2 for s in shape[2:])
@@ -181,15 +194,7 @@ class WCVD(nn.Module):
     # -- shared pieces -------------------------------------------------------------
     def _windows(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, Y, X) -> (N*T', kt, Y, X) sliding temporal windows (valid padding)."""
-        if x.dim() != 4:
-            raise ValueError(f"expected (N, T, Y, X) input, got shape {tuple(x.shape)}")
-        kt = self.params.kt_eff
-        n, t, y, xx = x.shape
-        if t < kt:
-            raise ValueError(f"need at least kt={kt} frames, got {t}")
-        if kt == 1:
-            return x.reshape(n * t, 1, y, xx)
-        return x.unfold(1, kt, 1).permute(0, 1, 4, 2, 3).reshape(n * (t - kt + 1), kt, y, xx)
+        return temporal_windows(x, self.params.kt_eff, "kt")
 
     def _spatial_pad(self, w: torch.Tensor, spatial_padding: str) -> torch.Tensor:
         h = self.params.halo_s
@@ -215,7 +220,7 @@ class WCVD(nn.Module):
         w = self._spatial_pad(self._windows(x), spatial_padding)
         if w.device.type == "cpu":
             w = w.contiguous(memory_format=torch.channels_last)
-        nb, c = len(self.branches), p.channels
+        nb = len(self.branches)
         h = F.conv2d(w, self.merged_bck_weight())                     # (M, nb*C, Y, X)
         for layer in range(p.n_layers):
             wl = torch.cat([b.hidden_w[layer] for b in self.branches], 0)[:, :, None, None]
@@ -380,13 +385,8 @@ class SHINE(nn.Module):
 
     def _windows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, T, Y, X) -> centre (M, 1, Y, X) and neighbours (M, frames-1, Y, X)."""
-        if x.dim() != 4:
-            raise ValueError(f"expected (N, T, Y, X) input, got shape {tuple(x.shape)}")
         k = self.params.frames
-        n, t, y, xx = x.shape
-        if t < k:
-            raise ValueError(f"need at least frames={k} frames, got {t}")
-        w = x.unfold(1, k, 1).permute(0, 1, 4, 2, 3).reshape(n * (t - k + 1), k, y, xx)
+        w = temporal_windows(x, k, "frames")
         h = k // 2
         return w[:, h:h + 1], torch.cat([w[:, :h], w[:, h + 1:]], 1)
 
