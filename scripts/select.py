@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 
-from emdenoise import io, metrics, stage
+from emdenoise import checkpoint, io, pipeline, stage
 from emdenoise.errors import InputError
 
 
@@ -17,15 +17,13 @@ def main(smk):
     names = smk.params.candidates
     raw, _ = io.read_zarr(smk.input.raw)
     stacks = {m: io.read_zarr(smk.input[m]) for m in names}
-    if len(names) == 1:
-        choice = {"chosen": names[0], "rule": f"configured (model: {ds.model.name})"}
-    else:
-        r = max(2, ds.metrics.temporal_radius)
-        if raw.shape[0] < 2 * r + 4:
-            raise InputError(ds.path, f"model: auto compares candidates by uMSE, which needs at least {2 * r + 4} "
-                                      f"frames; this movie has {raw.shape[0]}: choose model: wcvd or shine")
-        choice = metrics.select_model({m: np.asarray(a[:]) for m, (a, _) in stacks.items()},
-                                      np.asarray(raw[:]), temporal_radius=r)
+    # each candidate's temporal reach (frames on each side it looked at) sets the uMSE radius
+    reaches = {m: checkpoint.load_checkpoint(smk.input[f"model_{m}"])[0].params.halo_t for m in names}
+    try:
+        choice = pipeline.choose({m: np.asarray(a[:]) for m, (a, _) in stacks.items()}, np.asarray(raw[:]),
+                                 ds, reaches)
+    except InputError as exc:
+        raise InputError(ds.path, exc.problem) from None
     stage.log.info("model choice: %s", choice)
     chosen, attrs = stacks[choice["chosen"]]
     io.write_zarr(smk.output.denoised, chosen[:], pixel_size=attrs.get("pixel_size"),

@@ -4,22 +4,18 @@ import json
 import numpy as np
 import torch
 
-from emdenoise import io, stage, train
+from emdenoise import checkpoint, io, pipeline, stage
 
 
 def main(smk):
     ds, name = smk.params.dataset, smk.wildcards.model
     torch.set_num_threads(max(1, smk.threads))
     aligned, _ = io.read_zarr(smk.input.stack)
-    if name == "shine":  # blind spot sized by the noise stage unless fixed in the config
-        params = ds.shine.params(json.loads(open(smk.input.blindspot).read())["blindspot"])
-    else:
-        params = ds.model.wcvd_params()
-    stage.log.info("training %s: %s", name, params)
-    ckpt = train.train_model(np.asarray(aligned[:], dtype=np.float32), params, ds.train_params(name),
-                             log_csv=smk.output.log_csv, progress=lambda row: stage.log.info("epoch %s", row))
-    ckpt["dataset"] = ds.name
-    train.save_checkpoint(ckpt, smk.output.model)
+    blindspot = json.loads(open(smk.input.blindspot).read())["blindspot"]
+    stage.log.info("training %s: %s", name, pipeline.model_params(ds, name, blindspot))
+    ckpt = pipeline.train_candidate(np.asarray(aligned[:], dtype=np.float32), ds, name, blindspot,
+                                    log_csv=smk.output.log_csv, progress=lambda row: stage.log.info("epoch %s", row))
+    checkpoint.save_checkpoint(ckpt, smk.output.model)
 
 
 stage.run(snakemake, main)  # noqa: F821

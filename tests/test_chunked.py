@@ -1,4 +1,4 @@
-"""Chunked Zarr inference (infer.infer_zarr): equals whole-array denoise, OOM retry,
+"""Chunked Zarr inference (chunked.infer_zarr): equals whole-array denoise, OOM retry,
 progress log, tile auto-sizing, model cache, halo boundary semantics."""
 import logging
 
@@ -6,12 +6,12 @@ import dask.array as da
 import numpy as np
 import pytest
 
+import emdenoise.chunked as chunked
 import emdenoise.infer as infer
-import emdenoise.train as train
 from emdenoise import io
 from emdenoise.errors import InputError
 from emdenoise.models import WCVDParams
-from emdenoise.tiling import read_with_halo, reflect_index, wrap_index
+from emdenoise.tiling import read_with_halo, window_index, wrap_index
 from helpers import perturbed_model
 
 CKPT = {"normalisation": {"offset": 0.5, "scale": 3.0}}
@@ -40,7 +40,7 @@ def test_infer_zarr_equals_whole_array_denoise(tmp_path, params, tile, chunks):
     src, stack = _src(tmp_path, chunks=chunks)
     m = _model(params)
     ref = infer.denoise(m, CKPT, stack, device="cpu")
-    stats = infer.infer_zarr(m, CKPT, src, tmp_path / "dst.zarr", device="cpu", tile=tile,
+    stats = chunked.infer_zarr(m, CKPT, src, tmp_path / "dst.zarr", device="cpu", tile=tile,
                              workers=2, progress=False)
     out, attrs = io.read_zarr(tmp_path / "dst.zarr")
     _close(out[:], ref)
@@ -51,10 +51,13 @@ def test_infer_zarr_equals_whole_array_denoise(tmp_path, params, tile, chunks):
 
 
 def test_halo_boundaries_match_denoise_and_dask_semantics():
-    # time: NumPy 'reflect' (edge not repeated) -- what denoise uses; Dask's 'reflect'
-    # repeats the edge, which would put the predicted frame into its own window
-    assert reflect_index(-2, 7, 5).tolist() == [2, 1, 0, 1, 2, 3, 4, 3, 2]
-    np.testing.assert_array_equal(reflect_index(-2, 7, 5), np.pad(np.arange(5), 2, mode="reflect"))
+    # time: windows mirrored about their centre frame -- what denoise uses; neither
+    # NumPy 'reflect' (frame 1 would get (1, 0, 1, 2, 3)) nor Dask's 'reflect' (repeats
+    # the edge: frame 0 would get (1, 0, 0, 1, 2)) keeps the centre frame out of its window
+    w = window_index(0, 7, 7, 2)
+    assert w[0].tolist() == [2, 1, 0, 1, 2] and w[1].tolist() == [3, 0, 1, 2, 3]
+    assert w[5].tolist() == [3, 4, 5, 6, 3] and w[6].tolist() == [4, 5, 6, 5, 4]
+    assert all(list(row).count(t) == 1 for t, row in enumerate(w))
     dask_reflect = da.overlap.overlap(da.arange(5, chunks=5), depth=2, boundary="reflect").compute()
     assert dask_reflect.tolist()[:2] == [1, 0]  # symmetric: frame -1 := frame 0
     # space: periodic == Dask 'periodic' == whole-frame circular padding
@@ -62,7 +65,7 @@ def test_halo_boundaries_match_denoise_and_dask_semantics():
     np.testing.assert_array_equal(wrap_index(-3, 9, 6), dask_periodic)
     # the reader assembles wrapped runs correctly from a chunked store
     a = np.arange(4 * 9 * 10, dtype=np.float32).reshape(4, 9, 10)
-    ti, yi, xi = reflect_index(-1, 5, 4), wrap_index(-3, 12, 9), wrap_index(7, 14, 10)
+    ti, yi, xi = np.array([1, 0, 1, 2, 3, 2]), wrap_index(-3, 12, 9), wrap_index(7, 14, 10)
     np.testing.assert_array_equal(read_with_halo(a, ti, yi, xi), a[ti][:, yi][:, :, xi])
 
 
@@ -72,17 +75,17 @@ def test_out_of_memory_is_retried_with_smaller_tiles(tmp_path, monkeypatch, capl
     src, stack = _src(tmp_path)
     m = _model()
     ref = infer.denoise(m, CKPT, stack, device="cpu")
-    real, sizes = infer.predict_block, []
+    real, sizes = infer.predict_windows, []
 
-    def fake(model, block, **kw):  # "runs out of memory" above 2 output frames of 20 x 20 px
+    def fake(model, block, windows, **kw):  # "runs out of memory" above 2 output frames of 20 x 20 px
         sizes.append(block.shape)
-        if (block.shape[0] - 2) * (block.shape[1] - 6) * (block.shape[2] - 6) > 2 * 20 * 20:
+        if len(windows) * (block.shape[1] - 6) * (block.shape[2] - 6) > 2 * 20 * 20:
             raise exc
-        return real(model, block, **kw)
+        return real(model, block, windows, **kw)
 
-    monkeypatch.setattr(infer, "predict_block", fake)
+    monkeypatch.setattr(infer, "predict_windows", fake)
     with caplog.at_level(logging.WARNING, logger="emdenoise"):
-        stats = infer.infer_zarr(m, CKPT, src, tmp_path / "dst.zarr", device="cpu", tile=(7, 40, 45),
+        stats = chunked.infer_zarr(m, CKPT, src, tmp_path / "dst.zarr", device="cpu", tile=(7, 40, 45),
                                  workers=1, progress=False)
     _close(io.read_zarr(tmp_path / "dst.zarr")[0][:], ref)
     assert stats["oom_retries"] >= 1
@@ -97,9 +100,9 @@ def test_other_errors_propagate_and_leave_no_output(tmp_path, monkeypatch):
     def broken(*a, **kw):
         raise RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED")
 
-    monkeypatch.setattr(infer, "predict_block", broken)
+    monkeypatch.setattr(infer, "predict_windows", broken)
     with pytest.raises(RuntimeError, match="CUDNN"):
-        infer.infer_zarr(_model(), CKPT, src, tmp_path / "dst.zarr", device="cpu", tile=(4, 20, 20),
+        chunked.infer_zarr(_model(), CKPT, src, tmp_path / "dst.zarr", device="cpu", tile=(4, 20, 20),
                          workers=1, progress=False)
     assert not (tmp_path / "dst.zarr").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["src.zarr"]  # no temporary left over
@@ -108,7 +111,7 @@ def test_other_errors_propagate_and_leave_no_output(tmp_path, monkeypatch):
 def test_progress_is_logged(tmp_path, caplog):
     src, _ = _src(tmp_path)
     with caplog.at_level(logging.INFO, logger="emdenoise"):
-        infer.infer_zarr(_model(), CKPT, src, tmp_path / "dst.zarr", device="cpu", tile=(4, 20, 23),
+        chunked.infer_zarr(_model(), CKPT, src, tmp_path / "dst.zarr", device="cpu", tile=(4, 20, 23),
                          workers=2, progress=0.0)
     msgs = [r.getMessage() for r in caplog.records if r.name == "emdenoise"]
     progress = [s for s in msgs if s.startswith("infer: blocks")]
@@ -117,27 +120,27 @@ def test_progress_is_logged(tmp_path, caplog):
 
 
 def test_auto_tile_follows_the_memory_budget():
-    p, bpp = WCVDParams(), infer.CPU_BYTES_PER_PX
+    p, bpp = WCVDParams(), chunked.CPU_BYTES_PER_PX
     # plenty of memory: whole frames, capped per worker and cut for load balance
-    nt, ty, tx = infer.auto_tile((50, 512, 512), p, device="cpu", workers=2, memory=64 * 2**30)
+    nt, ty, tx = chunked.auto_tile((50, 512, 512), p, device="cpu", workers=2, memory=64 * 2**30)
     assert (ty, tx) == (512, 512) and 4 <= nt and -(-50 // nt) >= 4 * 2
-    assert nt * 512 * 512 * bpp <= infer.MAX_TILE_BYTES
+    assert nt * 512 * 512 * bpp <= chunked.MAX_TILE_BYTES
     # two 2048^2 frames fit in the cap: whole frames, not spatial tiles
-    assert infer.auto_tile((200, 2048, 2048), p, device="cpu", workers=2, memory=64 * 2**30)[1:] == (2048, 2048)
+    assert chunked.auto_tile((200, 2048, 2048), p, device="cpu", workers=2, memory=64 * 2**30)[1:] == (2048, 2048)
     # little memory: TILE_FRAMES frames cut into squares that fit the budget
     mem = 4 * 2 * 40 * 2**20   # 40 MiB per worker after the 1/4 rule, 2 workers
-    nt, ty, tx = infer.auto_tile((200, 2048, 2048), p, device="cpu", workers=2, memory=mem)
-    assert nt == infer.TILE_FRAMES and ty < 2048 and tx < 2048 and ty % 16 == 0
+    nt, ty, tx = chunked.auto_tile((200, 2048, 2048), p, device="cpu", workers=2, memory=mem)
+    assert nt == chunked.TILE_FRAMES and ty < 2048 and tx < 2048 and ty % 16 == 0
     assert nt * ty * tx * bpp <= 40 * 2**20
     # the probe reports something sensible on this machine, capped by a cgroup limit
-    assert infer.available_memory("cpu") > 2**26
+    assert chunked.available_memory("cpu") > 2**26
 
 
 def test_a_cgroup_limit_caps_the_memory_probe(monkeypatch):
-    monkeypatch.setattr(infer, "_cgroup_memory_left", lambda: 300 * 2**20)
-    assert infer.available_memory("cpu") == 300 * 2**20
-    nt, ty, tx = infer.auto_tile((200, 2048, 2048), WCVDParams(), device="cpu", workers=2)
-    assert nt * ty * tx * infer.CPU_BYTES_PER_PX <= 300 * 2**20 / 4 / 2
+    monkeypatch.setattr(chunked, "_cgroup_memory_left", lambda: 300 * 2**20)
+    assert chunked.available_memory("cpu") == 300 * 2**20
+    nt, ty, tx = chunked.auto_tile((200, 2048, 2048), WCVDParams(), device="cpu", workers=2)
+    assert nt * ty * tx * chunked.CPU_BYTES_PER_PX <= 300 * 2**20 / 4 / 2
 
 
 def test_checkpoint_path_is_loaded_once_per_process(tmp_path, monkeypatch):
@@ -150,8 +153,8 @@ def test_checkpoint_path_is_loaded_once_per_process(tmp_path, monkeypatch):
         calls.append((str(path), device))
         return m, CKPT
 
-    monkeypatch.setattr(train, "load_checkpoint", fake_load)
-    stats = infer.infer_zarr(str(ckpt_file), None, src, tmp_path / "dst.zarr", device="cpu",
+    monkeypatch.setattr(chunked, "load_checkpoint", fake_load)
+    stats = chunked.infer_zarr(str(ckpt_file), None, src, tmp_path / "dst.zarr", device="cpu",
                              tile=(2, 20, 20), workers=2, progress=False)
     assert stats["blocks"] == 4 * 2 * 3 and len(calls) == 1
     _close(io.read_zarr(tmp_path / "dst.zarr")[0][:], infer.denoise(m, CKPT, stack, device="cpu"))
@@ -166,6 +169,6 @@ def test_scheduler_address_without_distributed_is_a_clear_error(tmp_path):
         pass
     src, _ = _src(tmp_path)
     with pytest.raises(InputError, match="distributed"):
-        infer.infer_zarr(_model(), CKPT, src, tmp_path / "dst.zarr", device="cpu",
+        chunked.infer_zarr(_model(), CKPT, src, tmp_path / "dst.zarr", device="cpu",
                          scheduler_address="tcp://127.0.0.1:8786", progress=False)
     assert not (tmp_path / "dst.zarr").exists()

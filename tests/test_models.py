@@ -106,20 +106,23 @@ def test_periodic_padding_equals_wrapped_input_with_valid_conv():
     torch.testing.assert_close(rolled, torch.roll(m(x), shifts=(5, -7), dims=(2, 3)), rtol=1e-5, atol=1e-6)
 
 
-def test_ensemble_output_is_learned_weighted_sum_of_branches():
+def test_ensemble_output_is_a_softmax_weighted_sum_of_branches():
     m = _perturb(build_model(P3))
     x = _rand(1, 4, 16, 16)
     outs = []
     with torch.no_grad():
         for i in range(3):
-            m.ensemble_weights.copy_(torch.eye(3)[i])
+            m.ensemble_logits.copy_(200.0 * torch.eye(3)[i])  # softmax -> one-hot
             outs.append(m(x))
-        a = torch.tensor([0.2, -0.3, 1.1])
-        m.ensemble_weights.copy_(a)
+        logits = torch.tensor([0.2, -0.3, 1.1])
+        m.ensemble_logits.copy_(logits)
         mixed = m(x)
+    a = torch.softmax(logits, 0)  # convex weights, as in the released code
+    assert abs(float(m.ensemble_weights.sum()) - 1) < 1e-6 and bool((m.ensemble_weights > 0).all())
     torch.testing.assert_close(mixed, sum(ai * oi for ai, oi in zip(a, outs)), rtol=1e-5, atol=1e-6)
+    assert bool((mixed >= 0).all())  # a convex combination of ReLU outputs stays >= 0
     assert not torch.allclose(outs[0], outs[2])  # the branches really differ (Ks = 3 vs 7)
-    assert isinstance(m.ensemble_weights, torch.nn.Parameter) and m.ensemble_weights.requires_grad
+    assert isinstance(m.ensemble_logits, torch.nn.Parameter) and m.ensemble_logits.requires_grad
 
 
 def test_bias_free_model_is_scale_equivariant_and_biased_is_not():

@@ -11,8 +11,8 @@ from emdenoise.errors import InputError
 from emdenoise.infer import denoise, predict_block
 from emdenoise.metrics import select_model
 from emdenoise.models import SHINE, build_shine, check_shine_state
-from emdenoise.train import (_ShineSampler, _shine_lr_lambda, _split, load_checkpoint,
-                             model_from_checkpoint, save_checkpoint, train_model)
+from emdenoise.train import (_Sampler, _split, load_checkpoint, lr_factor, model_from_checkpoint,
+                             save_checkpoint, train_model)
 
 SIZES = (1, 3, 5, 7, 9)
 TINY = dict(channels=8, centre_channels=8, neighbour_channels=4, blocks=2, head_layers=1)
@@ -127,7 +127,7 @@ def test_params_validation_and_dilations():
 
 
 def test_training_deterministic_and_logged(tmp_path):
-    stack = movie()
+    stack = movie(n=80)  # 3 target frames: a band of rows validates (it needs 2 halos + 8 rows)
     a = train_model(stack, tiny(3), FAST, log_csv=tmp_path / "log.csv")
     b = train_model(stack, tiny(3), FAST)
     c = train_model(stack, tiny(3), TrainParams(**{**FAST.__dict__, "seed": 1}))
@@ -137,7 +137,7 @@ def test_training_deterministic_and_logged(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all(np.isfinite(float(r["train_loss"])) and np.isfinite(float(r["val_loss"])) for r in rows)
-    assert a["validation"]["mode"] in ("temporal", "spatial")
+    assert a["validation"]["mode"] == "spatial"
 
 
 def test_two_frames_held_out_for_validation():
@@ -146,22 +146,28 @@ def test_two_frames_held_out_for_validation():
 
 
 def test_lr_warmup_then_cosine():
-    f = _shine_lr_lambda(100, "cosine")
+    f = lr_factor(100, "cosine", SHINE.warmup_fraction)
     lrs = [f(s) for s in range(100)]
     assert lrs[0] == pytest.approx(0.2) and lrs[4] == pytest.approx(1.0)  # 5 warm-up steps
     assert all(x < y for x, y in zip(lrs[:5], lrs[1:5]))
     assert all(x >= y for x, y in zip(lrs[5:], lrs[6:])) and lrs[-1] < 0.05
-    assert _shine_lr_lambda(100, "constant")(50) == 1.0
+    assert lr_factor(100, "constant", SHINE.warmup_fraction)(50) == 1.0
+    assert lr_factor(100, "cosine")(0) == 1.0  # WCVD: no warm-up
 
 
-def test_sampler_crops_rot90_and_flips():
-    t, n = 7, 20
+def test_sampler_crops_with_a_real_halo_rot90_and_flips():
+    """SHINE trains on crops carrying a real-pixel halo of halo_s px ('valid' padding),
+    as inference sees them -- not on zero-padded crops (issue 9 item 6)."""
+    t, n = 7, 40
     z = np.arange(t * n * n, dtype=np.float32).reshape(t, n, n)  # every pixel unique
     mp = tiny(1)
+    h = mp.halo_s
     tp = TrainParams(crop=8, batch_size=64, augment=True, seed=0, val_frames=0)
-    sampler = _ShineSampler(z, _split(z.shape, mp, tp), mp, tp)
+    sampler = _Sampler(z, _split(z.shape, mp, tp), mp, tp)
     x, tgt = sampler.batch(64)
-    assert x.shape == (64, 5, 8, 8) and np.array_equal(tgt, x[:, 2])
+    assert sampler.padding == "valid" and x.shape == (64, 5, 8 + 2 * h, 8 + 2 * h)
+    assert np.array_equal(tgt, x[:, 2, h:-h, h:-h])
+    x = x[:, :, h:-h, h:-h]  # the crops themselves
     kinds = set()
     for w in x:
         t0 = int(w[0].min()) // (n * n)
@@ -198,17 +204,18 @@ def test_checkpoint_roundtrip_and_model_keys(tmp_path):
         model_from_checkpoint(bad, "bad.pt")
 
 
-def test_denoise_reflected_edge_frames():
+def test_denoise_mirrored_edge_frames():
     stack = movie(t=6)
     ckpt = train_model(stack, tiny(3), FAST)
     model = model_from_checkpoint(ckpt)
     out = denoise(model, ckpt, stack, device="cpu", batch_frames=2)
     assert out.shape == stack.shape and out.dtype == np.float32
-    # frame 0 from window (2, 1, 0, 1, 2); frame T-1 = 5 from (3, 4, 5, 4, 3)
-    for t, idx in ((0, [2, 1, 0, 1, 2]), (5, [3, 4, 5, 4, 3]), (2, [0, 1, 2, 3, 4])):
+    # windows mirrored about their centre frame: never the centre twice
+    for t, idx in ((0, [2, 1, 0, 1, 2]), (1, [3, 0, 1, 2, 3]), (4, [2, 3, 4, 5, 2]), (5, [3, 4, 5, 4, 3]),
+                   (2, [0, 1, 2, 3, 4])):
         ref = predict_block(model, stack[idx], normalisation=ckpt, device="cpu")
         np.testing.assert_allclose(out[t], ref[0], rtol=1e-5, atol=1e-3)
-    with pytest.raises(InputError, match="at least 3 frames"):
+    with pytest.raises(InputError, match="too short"):
         denoise(model, ckpt, stack[:2], device="cpu")
 
 

@@ -68,9 +68,9 @@ def test_tiled_equals_untiled(params):
     with real-pixel halos, and only the frame border (tile-local wrap) with 'circular'."""
     m, stack = _random_model(params), _stack()
     ref = infer.denoise(m, CKPT, stack, device="cpu")
-    valid = tiling.denoise_tiled(m, CKPT, stack, tile=30, overlap=10, device="cpu", batch_frames=2)
+    valid = infer.denoise_tiled(m, CKPT, stack, tile=30, overlap=10, device="cpu", batch_frames=2)
     np.testing.assert_allclose(valid, ref, rtol=1e-5, atol=1e-5 * ref.max())
-    circ = tiling.denoise_tiled(m, CKPT, stack, tile=30, overlap=10, device="cpu", padding="circular")
+    circ = infer.denoise_tiled(m, CKPT, stack, tile=30, overlap=10, device="cpu", padding="circular")
     h = params.halo_s
     np.testing.assert_allclose(circ[:, h:-h, h:-h], ref[:, h:-h, h:-h], rtol=1e-5, atol=1e-5 * ref.max())
 
@@ -79,13 +79,13 @@ def test_tiled_reads_a_zarr_lazily(tmp_path):
     m, stack = _random_model(), _stack()
     io.write_zarr(tmp_path / "s.zarr", stack, chunks=(1, 16, 16))
     arr, _ = io.read_zarr(tmp_path / "s.zarr")
-    out = tiling.denoise_tiled(m, CKPT, arr, tile=30, overlap=10, device="cpu")
+    out = infer.denoise_tiled(m, CKPT, arr, tile=30, overlap=10, device="cpu")
     np.testing.assert_allclose(out, infer.denoise(m, CKPT, stack, device="cpu"), rtol=1e-5, atol=1e-4)
 
 
 def test_circular_padding_needs_an_overlap_wider_than_the_receptive_field():
     with pytest.raises(ValueError, match="overlap"):
-        tiling.denoise_tiled(_random_model(), CKPT, _stack(), tile=30, overlap=6, device="cpu",
+        infer.denoise_tiled(_random_model(), CKPT, _stack(), tile=30, overlap=6, device="cpu",
                              padding="circular")
 
 
@@ -115,7 +115,7 @@ def _seam_ratios(img, grid, shape):
 def test_no_visible_seam_in_a_stitched_tilt_series(tilt_series):
     noisy, m, ckpt = tilt_series
     grid = tiling.tile_grid(noisy.shape[1:], 96, 32)
-    out = tiling.denoise_tiled(m, ckpt, noisy, tile=96, overlap=32, device="cpu", padding="circular")
+    out = infer.denoise_tiled(m, ckpt, noisy, tile=96, overlap=32, device="cpu", padding="circular")
     assert all(abs(r - 1) < 0.05 for r in _seam_ratios(out, grid, noisy.shape[1:]))
     # the measure does see seams: tiles denoised with tile-local wrapping and pasted
     # without blending put a step at every tile border
@@ -148,7 +148,7 @@ def test_training_patches_pick_a_seeded_fraction_and_read_only_those(tmp_path):
 def test_denoised_tilt_series_mrc_keeps_voxel_size_and_tilt_angles(tmp_path):
     m, stack = _random_model(), _stack(4, 64, 48)
     angles = [-30.0, -10.5, 10.0, 29.75]
-    out = tiling.denoise_tiled(m, CKPT, stack, tile=32, overlap=12, device="cpu")
+    out = infer.denoise_tiled(m, CKPT, stack, tile=32, overlap=12, device="cpu")
     path = tmp_path / "ts_denoised.mrc"
     io.write_mrc(path, out, pixel_size=3.6, tilt_angles=angles)
     with mrcfile.open(path, permissive=False) as mrc:  # strict parse: a valid header

@@ -239,10 +239,10 @@ def test_full_frame_training_with_periodic_padding(counting_movie):
 
 
 @pytest.mark.parametrize("bad,msg", [
-    (np.zeros((2, 32, 32), np.float32), "at least kt=3 frames"),
+    (np.zeros((2, 32, 32), np.float32), "at least 3 frames"),
     (np.zeros((32, 32), np.float32), r"\(T, Y, X\)"),
     (np.full((4, 32, 32), np.nan, np.float32), "NaN"),
-    (np.zeros((4, 5, 32), np.float32), "smaller than the largest kernel"),
+    (np.zeros((4, 5, 32), np.float32), "too small for wcvd"),
 ])
 def test_bad_input_is_refused(bad, msg):
     with pytest.raises(InputError, match=msg):

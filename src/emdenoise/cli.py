@@ -37,13 +37,13 @@ def _simulate(args: argparse.Namespace) -> None:
 
 
 def _denoise(args: argparse.Namespace) -> None:
-    """Train on the input itself, denoise it, low-pass, write (no drift correction)."""
+    """Train on the input itself, denoise it, post-process, choose, write (no drift correction)."""
     import dataclasses
 
     import yaml
 
     from . import config as emcfg
-    from . import filters, infer, io, metrics, noise, train
+    from . import io, models, pipeline, train
 
     settings: dict = {}
     if args.config:
@@ -52,38 +52,31 @@ def _denoise(args: argparse.Namespace) -> None:
         except (OSError, yaml.YAMLError) as exc:
             raise InputError(args.config, f"cannot read config: {exc}") from exc
         emcfg.validate({"defaults": settings})
+    # everything that can fail fast does so before minutes of training
+    io.check_output_path(args.output)
+    if args.save_model and not args.save_model.endswith(".pt"):
+        raise InputError(args.save_model, "--save-model must end in .pt")
+    device = str(models.resolve_device(args.device or "auto"))
     ds = emcfg.build({"datasets": {"cli": {"path": args.input}}, "defaults": settings}).datasets["cli"]
     if args.model:
         ds = dataclasses.replace(ds, model=dataclasses.replace(ds.model, name=args.model))
+    if not ds.candidates:
+        raise InputError(args.config, "model: none denoises nothing; choose wcvd, shine or auto")
     arr, meta = io.read_stack(args.input, pixel_size=args.pixel_size)
-    io.validate_stack(arr, args.input, min_frames=3 if ds.model.name == "wcvd" else 5)
+    io.validate_stack(arr, args.input, min_frames=3 if ds.candidates == ["wcvd"] else 5)
     stack = np.asarray(arr[:], dtype=np.float32)
-    outputs, ckpts = {}, {}
-    for name in ds.candidates:
-        tp = ds.train_params(name)
-        tp = dataclasses.replace(tp, **{k: v for k, v in (("device", args.device), ("epochs", args.epochs)) if v})
-        if name == "shine":  # blind spot sized from the noise correlation, as in the workflow
-            spot = noise.estimate_blindspot(stack, max_lag=ds.noise.max_lag, threshold=ds.noise.threshold,
-                                            estimate=ds.noise.estimate)["blindspot"]
-            params = ds.shine.params(spot)
-        else:
-            params = ds.model.wcvd_params()
-        ckpts[name] = train.train_model(stack, params, tp, progress=lambda row: print(
-            f"{name} epoch {row['epoch']}: val {row['val_loss']}", flush=True) if args.verbose else None)
-        out = infer.denoise(train.model_from_checkpoint(ckpts[name], device=tp.device), ckpts[name], stack,
-                            device=tp.device)
-        lp = ds.lowpass
-        if lp.enabled and name == "wcvd":
-            out = filters.fft_lowpass(out, diameter=lp.diameter, ks_max=max(ds.model.ks), pad=lp.pad,
-                                      edge_width=lp.edge_width)
-        outputs[name] = out
-    chosen = next(iter(outputs))
-    if len(outputs) > 1:
-        choice = metrics.select_model(outputs, stack, temporal_radius=max(2, ds.metrics.temporal_radius))
-        chosen = choice["chosen"]
+    progress = (lambda name, row: print(f"{name} epoch {row['epoch']}: val {row['val_loss']}", flush=True)
+                ) if args.verbose else None
+    try:
+        result = pipeline.denoise_stack(stack, ds, device=device, progress=progress,
+                                        train_overrides={"device": device, "epochs": args.epochs})
+    except InputError as exc:
+        raise InputError(args.input, exc.problem) from None
+    chosen, choice = result["chosen"], result["choice"]
+    if len(result["outputs"]) > 1:
         print(f"auto: chose {chosen} ({choice['rule']}; uMSE {choice['umse']})")
-    ckpt = ckpts[chosen]
-    io.write_stack(args.output, outputs[chosen], pixel_size=meta.get("pixel_size"),
+    ckpt = result["checkpoints"][chosen]
+    io.write_stack(args.output, result["output"], pixel_size=meta.get("pixel_size"),
                    metadata={"source": meta["source"], "sha256": meta["sha256"], "method": chosen})
     if args.save_model:
         train.save_checkpoint(ckpt, args.save_model)

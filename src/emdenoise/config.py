@@ -71,6 +71,11 @@ class WCVDParams:
         """Pixels needed on each side of a predicted pixel (Ks_max // 2)."""
         return max(self.ks) // 2
 
+    @property
+    def blind_radius(self) -> int:
+        """Centre-frame blind spot radius in px: 0, only the predicted pixel is unseen."""
+        return 0
+
     def to_dict(self) -> dict:
         """Plain dict (lists, not tuples) safe for ``torch.load(weights_only=True)``."""
         d = asdict(self)
@@ -91,7 +96,11 @@ class TrainParams:
     lr: Adam learning rate (paper: 1e-3).
     batch_size: windows per optimiser step.
     crop: output crop size in px (int) or None for full frames (paper setting, slow on CPU).
-    steps_per_epoch: optimiser steps per epoch; None = ceil(n_train_windows / batch_size).
+    steps_per_epoch: optimiser steps per epoch; None = ceil(n_train_windows / batch_size),
+        at most ``max_steps_per_epoch``.
+    max_steps_per_epoch: caps the automatic steps per epoch, so the training budget
+        (epochs x steps) stops growing with the length of the movie: a 200-frame movie
+        trains as many steps as a 40-frame one (WCVD: 1608 s vs 27 s before the cap).
     augment: random flips in y and x and transposes (square crops) of each window.
     seed: seeds the weight init and the crop sampler; same seed -> same weights (CPU).
     val_frames: target frames held out for validation and best-checkpoint selection
@@ -113,6 +122,7 @@ class TrainParams:
     batch_size: int = 8
     crop: int | None = 128
     steps_per_epoch: int | None = None
+    max_steps_per_epoch: int = 4
     augment: bool = True
     seed: int = 0
     val_frames: int = 2

@@ -1,7 +1,8 @@
 """Classical filters: Gaussian baselines (WCVD paper, section 4.3).
 
 All functions take and return ``(T, Y, X)`` float32 stacks; sigmas are in pixels
-(spatial) and frames (temporal).
+(spatial) and frames (temporal).  NumPy / SciPy only: no torch, no other stage (the
+WCID pre-filter, which trains a model, is ``emdenoise.pipeline.prefilter``).
 """
 from __future__ import annotations
 
@@ -27,31 +28,6 @@ def gaussian3d(stack: np.ndarray, sigma: float | tuple[float, float, float] = 1.
     stack = np.asarray(stack, dtype=np.float32)
     sig = (float(sigma),) * 3 if np.isscalar(sigma) else tuple(float(s) for s in sigma)
     return ndimage.gaussian_filter(stack, sigma=sig, mode="reflect").astype(np.float32)
-
-
-def prefilter(stack: np.ndarray, method: str = "wcid", sigma: float = 1.5, *,
-              wcid_params=None, train_params=None) -> np.ndarray:
-    """Pre-denoise a (T, Y, X) stack for drift measurement only (never for the output).
-
-    method: 'wcid' (a WCID model, WCVD paper section 2.1, trained on this very stack
-    with ``wcid_params`` / ``train_params``), 'gaussian2d' (per frame, sigma px) or
-    'none'. Per-frame filters on purpose: a temporal filter would smear the very motion
-    that drift correction measures.
-    """
-    if method == "gaussian2d":
-        return gaussian2d(stack, sigma)
-    if method == "none":
-        return np.asarray(stack, dtype=np.float32)
-    if method == "wcid":
-        from .config import ModelConfig, TrainParams
-        from .infer import denoise
-        from .train import model_from_checkpoint, train_model
-
-        params = wcid_params or ModelConfig().wcvd_params(dims=2)
-        ckpt = train_model(np.asarray(stack, dtype=np.float32), params, train_params or TrainParams())
-        model = model_from_checkpoint(ckpt, device=ckpt["device"])
-        return denoise(model, ckpt, stack, device=ckpt["device"])
-    raise ValueError(f"unknown prefilter method {method!r}")
 
 
 def _lowpass_mask(shape: tuple[int, int], cutoff: float, edge_width: float, dct: bool) -> np.ndarray:

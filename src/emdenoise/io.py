@@ -888,6 +888,20 @@ def _write_npy(path, stack):
         del out
 
 
+OUTPUT_EXTENSIONS = (".tif", ".tiff", ".mrc", ".mrcs", ".st", ".ali", ".rec", ".zarr", ".npy")
+
+
+def check_output_path(path) -> None:
+    """InputError unless ``path`` has an extension :func:`write_stack` writes and its
+    folder exists (checked before any work, so a typo does not cost a training run)."""
+    ext = Path(path).suffix.lower()
+    if ext not in OUTPUT_EXTENSIONS:
+        raise InputError(path, f"unknown output extension {ext!r}; use .tif, .mrc, .zarr or .npy")
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        raise InputError(path, f"output folder {folder} does not exist")
+
+
 def write_stack(path, stack, pixel_size=None, metadata=None) -> None:
     """Write float32 ``stack`` in the format named by the extension of ``path``:
     .tif/.tiff, .mrc/.mrcs/.st, .zarr (OME-Zarr) or .npy (metadata not stored)."""

@@ -9,7 +9,8 @@ One model = an ensemble of branches, one per spatial kernel size Ks (3, 5, 7):
                                                    valid temporal padding
       -> N_L x [1x1(x1) conv C->C, LeakyReLU(0.1)]
       -> 1x1(x1) conv C->1, ReLU
-    output = sum_i  a_i * branch_i                 a_i learned, initialised 1/n_branches
+    output = sum_i  a_i * branch_i                 a = softmax(learned logits): convex,
+                                                   initialised 1/n_branches
 
 A WCVD window of Kt frames centred on frame t predicts frame t; the BCK never sees
 pixel (t, y, x) itself, so the network cannot learn the identity and is trained with a
@@ -54,10 +55,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import WCVDParams
+from .config import SHINEParams, WCVDParams
 from .errors import InputError
 
 __all__ = [
+    "BlindSpotModel",
+    "MODELS",
+    "register",
+    "model_class",
+    "class_for_params",
     "WCVDParams",
     "BlindConv",
     "WCVD",
@@ -90,6 +96,101 @@ def temporal_windows(x: torch.Tensor, k: int, name: str = "k") -> torch.Tensor:
     if k == 1:
         return x.reshape(n * t, 1, y, xx)
     return x.unfold(1, k, 1).permute(0, 1, 4, 2, 3).reshape(n * (t - k + 1), k, y, xx)
+
+
+# ======================================================================================
+# The model interface and registry
+# ======================================================================================
+MODELS: dict[str, type] = {}
+
+
+def register(*names: str):
+    """Class decorator: make a :class:`BlindSpotModel` subclass reachable by ``names``
+    (the value of ``model:`` in the config and of ``'model'`` in checkpoints)."""
+    def deco(cls):
+        for n in names:
+            MODELS[n] = cls
+        return cls
+    return deco
+
+
+def model_class(name: str) -> type:
+    """The registered model class for a name ('wcvd', 'wcid', 'shine', ...)."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise InputError(None, f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}") from None
+
+
+def class_for_params(params) -> type:
+    """The registered model class whose ``params_class`` is ``type(params)``."""
+    for cls in MODELS.values():
+        if isinstance(params, cls.params_class):
+            return cls
+    raise InputError(None, f"no registered model takes parameters of type {type(params).__name__}")
+
+
+class BlindSpotModel(nn.Module):
+    """What the training loop, the sampler, inference and the workflow need of a model.
+
+    A blind-spot model maps sliding temporal windows to the centre frame without ever
+    seeing the centre-frame pixels of its blind spot.  A subclass provides:
+
+    - ``params_class``: a frozen dataclass with ``kt_eff`` (frames per input window,
+      odd), ``halo_t`` (= kt_eff // 2, frames on each side), ``halo_s`` (receptive-field
+      radius in px), ``blind_radius`` (b: centre-frame pixels within Chebyshev distance
+      b of p are unseen; 0 = the pixel itself), ``to_dict`` / ``from_dict``;
+    - ``forward(x, spatial_padding)``: x (N, T, Y, X) float32 normalised, T >= kt_eff;
+      returns (N, T - kt_eff + 1, Y', X'), Y' = Y for 'circular' (whole frames, periodic
+      padding) and Y - 2 halo_s for 'valid' (crops or tiles carrying a real-pixel halo);
+    - ``check_state(state_dict, source)``: refuse weights that are not blind;
+    - ``name(params)``: the registry name written into checkpoints;
+    - ``optimiser`` ('adam' | 'radam') and ``warmup_fraction`` (linear warm-up over that
+      fraction of all optimiser steps before the cosine / constant schedule).
+
+    Training crops carry a real-pixel halo of ``halo_s`` px ('valid'), whole frames use
+    periodic padding ('circular'), so training and inference see the same inputs.
+    The input check (:meth:`check_input`) is shared: at least one window of frames and
+    frames wider than the receptive field (a periodic wrap would otherwise fold a pixel
+    into its own blind spot).
+    """
+
+    params_class: type = object
+    checkpoint_format: str = "emdenoise-model/1"
+    optimiser: str = "adam"
+    warmup_fraction: float = 0.0
+    #: the FFT low-pass after inference belongs to the model's method (WCVD paper, SM 2)
+    lowpass: bool = False
+
+    @classmethod
+    def build(cls, params, seed: int = 0) -> "BlindSpotModel":
+        """A freshly initialised model; the same seed gives bit-identical weights.
+        The caller's global torch RNG is left untouched."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            return cls(params)
+
+    @classmethod
+    def name(cls, params) -> str:
+        return next(n for n, c in MODELS.items() if c is cls)
+
+    @classmethod
+    def check_state(cls, state_dict: dict, source=None) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def check_input(cls, params, shape, source=None) -> None:
+        """InputError unless a (T, Y, X) stack of ``shape`` can be trained on / denoised."""
+        if len(shape) != 3:
+            raise InputError(source, f"expected a (T, Y, X) stack, got shape {tuple(shape)}")
+        t, y, x = shape
+        if t < params.kt_eff:
+            raise InputError(source, f"{cls.name(params)} needs at least {params.kt_eff} frames "
+                                     f"(its input window), got {t}")
+        if min(y, x) <= 2 * params.halo_s:
+            raise InputError(source, f"frames of {y}x{x} px are too small for {cls.name(params)}: its "
+                                     f"receptive field is {2 * params.halo_s + 1} px; frames must be larger "
+                                     f"than {2 * params.halo_s} px")
 
 
 def _centre_index(shape: tuple[int, ...]) -> tuple:
@@ -174,7 +275,8 @@ class _Branch(nn.Module):
         self.out_b = nn.Parameter(torch.zeros(1)) if p.bias else None
 
 
-class WCVD(nn.Module):
+@register("wcvd", "wcid")
+class WCVD(BlindSpotModel):
     """Ensemble of blind-spot branches; WCVD for ``dims=3``, WCID for ``dims=2``.
 
     forward(x): x (N, T, Y, X) float32, normalised intensities.  Returns
@@ -184,12 +286,36 @@ class WCVD(nn.Module):
     and T is kept.
     """
 
+    params_class = WCVDParams
+    checkpoint_format = "emdenoise-wcvd/1"
+    optimiser = "adam"
+    lowpass = True
+
     def __init__(self, params: WCVDParams = WCVDParams(), generator: torch.Generator | None = None):
         super().__init__()
         self.params = params
         self.branches = nn.ModuleList([_Branch(k, params, generator) for k in params.ks])
-        n = len(params.ks)
-        self.ensemble_weights = nn.Parameter(torch.full((n,), 1.0 / n))
+        # Softmax over learned logits, as in the released code: the ensemble stays a
+        # convex combination of the branches (>= 0 after their final ReLU, no branch
+        # can enter with a negative weight); zeros = equal weights 1/n at the start.
+        self.ensemble_logits = nn.Parameter(torch.zeros(len(params.ks)))
+
+    @property
+    def ensemble_weights(self) -> torch.Tensor:
+        """(n_branches,) convex weights: softmax of ``ensemble_logits``."""
+        return torch.softmax(self.ensemble_logits, 0)
+
+    @classmethod
+    def build(cls, params: WCVDParams = WCVDParams(), seed: int = 0) -> "WCVD":
+        return cls(params, generator=torch.Generator().manual_seed(int(seed)))
+
+    @classmethod
+    def name(cls, params: WCVDParams) -> str:
+        return "wcvd" if params.dims == 3 else "wcid"
+
+    @classmethod
+    def check_state(cls, state_dict: dict, source=None) -> None:
+        check_blind_state(state_dict, source)
 
     # -- shared pieces -------------------------------------------------------------
     def _windows(self, x: torch.Tensor) -> torch.Tensor:
@@ -260,9 +386,8 @@ class WCVD(nn.Module):
 
 
 def build_model(params: WCVDParams = WCVDParams(), seed: int = 0) -> WCVD:
-    """A freshly initialised model; the same seed gives bit-identical weights."""
-    gen = torch.Generator().manual_seed(int(seed))
-    return WCVD(params, generator=gen)
+    """A freshly initialised WCVD / WCID; the same seed gives bit-identical weights."""
+    return WCVD.build(params, seed)
 
 
 def check_blind_state(state_dict: dict, source=None) -> None:
@@ -325,7 +450,6 @@ def check_blind_state(state_dict: dict, source=None) -> None:
 # wrap by halo_s needs frames wider than 2 halo_s, so neither can fold a centre pixel
 # back into its own blind spot.
 
-from .config import SHINEParams  # noqa: E402
 
 __all__ += ["SHINEParams", "SHINE", "build_shine", "check_shine_state", "build_any"]
 
@@ -335,13 +459,23 @@ def _crop(h: torch.Tensor, m: int) -> torch.Tensor:
     return h[..., m:h.shape[-2] - m, m:h.shape[-1] - m] if m else h
 
 
-class SHINE(nn.Module):
+@register("shine")
+class SHINE(BlindSpotModel):
     """SHINE blind-spot network.
 
     forward(x, spatial_padding='circular'): x (N, T, Y, X) float32 normalised frames,
     T >= frames.  Sliding windows of ``frames`` frames (valid temporal padding) give
     (N, T - frames + 1, Y', X'): Y' = Y for 'zeros' / 'circular', Y - 2 halo_s for 'valid'.
     """
+
+    params_class = SHINEParams
+    checkpoint_format = "emdenoise-shine/1"
+    optimiser = "radam"  # SHINE paper: RAdam with warm-up and cosine annealing
+    warmup_fraction = 0.05  # the paper names a warm-up without its length
+
+    @classmethod
+    def check_state(cls, state_dict: dict, source=None) -> None:
+        check_shine_state(state_dict, source)
 
     def __init__(self, params: SHINEParams = SHINEParams()):
         super().__init__()
@@ -433,16 +567,12 @@ class SHINE(nn.Module):
 
 def build_shine(params: SHINEParams = SHINEParams(), seed: int = 0) -> SHINE:
     """A freshly initialised SHINE; the same seed gives bit-identical weights."""
-    with torch.random.fork_rng(devices=[]):  # leaves the caller's global RNG untouched
-        torch.manual_seed(int(seed))
-        return SHINE(params)
+    return SHINE.build(params, seed)
 
 
-def build_any(params, seed: int = 0) -> nn.Module:
-    """build_model for WCVDParams, build_shine for SHINEParams."""
-    if isinstance(params, SHINEParams):
-        return build_shine(params, seed)
-    return build_model(params, seed)
+def build_any(params, seed: int = 0) -> BlindSpotModel:
+    """A freshly initialised model of the registered class that takes ``params``."""
+    return class_for_params(params).build(params, seed)
 
 
 def check_shine_state(state_dict: dict, source=None) -> None:
@@ -463,9 +593,8 @@ def check_shine_state(state_dict: dict, source=None) -> None:
                              "that can see the pixel it predicts")
 
 
-# Temporal edges (SHINE): 5 frames in, T frames out.  ``infer.denoise`` extends the movie
-# by reflection without repeating the edge frame (frame -1 := 1, -2 := 2, T := T-2,
-# T+1 := T-3), so frame 0 is predicted from the window (2, 1, 0, 1, 2).  The centre frame
-# never appears among its own neighbours, so the blind spot stays exact at the edges;
-# the price is that the two neighbours on the outer side repeat inner frames (less
-# independent information for the first and last two frames).  Needs T >= 3.
+# Temporal edges (all models): T frames in, T frames out.  Output frame t is predicted
+# from frames t-h..t+h; a frame outside the movie is replaced by its mirror image about
+# the centre frame (``tiling.window_index``): frame 0 gets (2, 1, 0, 1, 2), frame 1
+# gets (3, 0, 1, 2, 3).  The centre frame never appears among its own neighbours, so
+# the blind spot stays exact at the edges (tests/test_blindness.py audits every frame).

@@ -7,13 +7,18 @@ module provides the pieces:
 - :func:`tile_grid` -- the patch grid (slices) over one frame;
 - :func:`blend_window` -- a raised-cosine weight per tile whose overlapping tapers sum
   to one (a partition of unity), with an optional zero *guard band* at the tile edges;
-- :func:`denoise_tiled` -- per-tile inference, stitched with the blending window;
+- :func:`blend_tiles` -- per-tile prediction by any callable, stitched with the blending
+  window (``emdenoise.infer.denoise_tiled`` passes a network);
+- :func:`window_index` -- the temporal input windows of each output frame, mirrored about
+  the centre frame at the ends of the movie (a window never holds its centre frame twice);
 - :func:`training_patches` -- the patch set for training, read one patch at a time;
 - :func:`read_with_halo` -- reads a (t, y, x) box plus halos from any sliceable stack
-  (NumPy, memmap, Zarr), reflecting in time and wrapping in space; shared with the
-  chunked Zarr inference ``emdenoise.infer.infer_zarr``.
+  (NumPy, memmap, Zarr), wrapping in space; shared with the chunked Zarr inference
+  ``emdenoise.chunked.infer_zarr``.
 
-Halo / padding choice (``denoise_tiled(padding=...)``):
+This module is pure geometry on NumPy arrays: it imports no torch and no other stage.
+
+Halo / padding choice (``blend_tiles(padding=...)``):
 
 'valid' (default)
     Each tile is read with a halo of ``model.params.halo_s`` *real* pixels on every side
@@ -40,8 +45,8 @@ Those are *different projections* of the specimen -- features move by up to
 frames.  The network then leans on the spatial neighbours (more smoothing, less
 detail gained from time); the noise is still independent between tilts, so the
 blind spot remains valid and nothing is biased, only less signal is recovered.  The
-reflected edge windows (first tilt predicted from tilts (1, 0, 1)) are as in
-``emdenoise.infer.denoise``.
+edge windows (first tilt predicted from tilts (1, 0, 1)) are mirrored about the
+centre frame as in ``emdenoise.infer.denoise``.
 
 Relation to training: ``emdenoise.train.train_model`` already trains on random crops
 (``TrainParams.crop``) with real-pixel halos, so it never needs whole frames inside the
@@ -59,25 +64,59 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["tile_grid", "blend_window", "denoise_tiled", "training_patches", "read_with_halo",
-           "reflect_index", "wrap_index"]
+__all__ = ["tile_grid", "blend_window", "blend_tiles", "training_patches", "read_with_halo",
+           "window_index", "min_frames_for_windows", "check_frame_size", "wrap_index"]
 
 
 # ------------------------------------------------------------------------- indices
-def reflect_index(start: int, stop: int, n: int) -> np.ndarray:
-    """Frame indices ``start..stop-1`` reflected into ``[0, n)`` *without repeating the
-    edge frame* (frame -k := k, frame n-1+k := n-1-k), as ``infer.denoise`` does.
+def window_index(start: int, stop: int, n: int, halo: int) -> np.ndarray:
+    """Temporal input windows of output frames ``start..stop-1`` of an ``n``-frame movie.
 
-    This is NumPy's ``mode='reflect'``; Dask's ``boundary='reflect'`` is NumPy's
-    ``'symmetric'`` (it repeats the edge: -1 := 0) and would put the predicted frame into
-    its own temporal window, so it is *not* used for time.
+    Returns an int64 array (stop - start, 2*halo + 1): row i lists the input frames of
+    output frame t = start + i, centre at column ``halo``.  Frame t + k outside
+    ``[0, n)`` is replaced by its mirror image *about the centre frame*, t - k (the
+    authors of SHINE mirror about the centre too).  A window therefore never holds its
+    centre frame twice: mirroring about frame 0 instead (NumPy 'reflect', the old
+    scheme) gives output frame 1 the window (1, 0, 1, 2, 3) for halo 2, so its own
+    noisy pixel enters through a neighbour slot and the blind spot leaks.
+    Raises ValueError when ``n`` is too short for some window (both t + k and t - k
+    outside the movie), i.e. roughly n < halo + 1 + halo // 2.
     """
-    idx = np.arange(start, stop)
-    if n == 1:
-        return np.zeros_like(idx)
-    period = 2 * (n - 1)
-    idx = np.abs(idx) % period
-    return np.where(idx >= n, period - idx, idx)
+    t = np.arange(start, stop)[:, None]
+    k = np.arange(-halo, halo + 1)[None, :]
+    idx = t + k
+    out = (idx < 0) | (idx >= n)
+    idx = np.where(out, t - k, idx)
+    if ((idx < 0) | (idx >= n)).any() or (t < 0).any() or (t >= n).any():
+        raise ValueError(f"a {n}-frame movie is too short for temporal windows of {2 * halo + 1} frames "
+                         f"mirrored about their centre frame")
+    return idx.astype(np.int64)
+
+
+def min_frames_for_windows(halo: int) -> int:
+    """Smallest movie length for which every :func:`window_index` window exists."""
+    n = 1
+    while True:
+        try:
+            window_index(0, n, n, halo)
+            return n
+        except ValueError:
+            n += 1
+
+
+def check_frame_size(shape_yx, halo_s: int, source=None) -> None:
+    """Refuse frames too small for periodic wrapping of a ``halo_s`` px spatial halo.
+
+    With Y or X <= 2*halo_s the wrapped halo folds a pixel back into its own receptive
+    field (and, for a blind-spot model, into its own blind spot): the output would see
+    the noise it should predict.  Raises ``InputError(source, ...)``.
+    """
+    y, x = (int(v) for v in shape_yx)
+    if min(y, x) <= 2 * halo_s:
+        raise InputError(source, f"frames of {y}x{x} px are too small for this model: its receptive field "
+                                 f"is {2 * halo_s + 1} px wide and periodic padding would fold a pixel back "
+                                 f"into its own blind spot; frames must be larger than {2 * halo_s} px "
+                                 f"(use a model with a smaller receptive field, e.g. fewer SHINE blocks)")
 
 
 def wrap_index(start: int, stop: int, n: int) -> np.ndarray:
@@ -97,8 +136,8 @@ def read_with_halo(stack, t_idx: np.ndarray, y_idx: np.ndarray, x_idx: np.ndarra
     """``stack[t_idx][:, y_idx][:, :, x_idx]`` as float32, reading only what is needed.
 
     stack: any (T, Y, X) array supporting basic slicing (NumPy, memmap, Zarr, LazyStack).
-    t_idx / y_idx / x_idx: integer index arrays (from :func:`reflect_index` /
-    :func:`wrap_index`).  Time is read as one contiguous frame range (reflection stays
+    t_idx / y_idx / x_idx: integer index arrays (from :func:`window_index` /
+    :func:`wrap_index`).  Time is read as one contiguous frame range (mirrored windows stay
     next to the edge); each spatial axis is split into its contiguous runs (at most 3
     with wrapping), so a Zarr store decodes only the chunks the box touches.
     """
@@ -185,34 +224,42 @@ def _tile_sides(sy: slice, sx: slice, shape_yx) -> tuple[bool, bool, bool, bool]
 
 
 # ------------------------------------------------------------------------ inference
-def denoise_tiled(model, ckpt, stack, *, tile: int = 1024, overlap: int = 256, device: str = "auto",
-                  padding: str = "valid", batch_frames: int = 8, num_workers: int | None = None) -> np.ndarray:
-    """Denoise a (T, Y, X) stack tile by tile: (T, Y, X) data units -> (T, Y, X) float32.
+def blend_tiles(predict, stack, *, halo_t: int, halo_s: int, tile: int = 1024, overlap: int = 256,
+                padding: str = "valid", batch_frames: int = 8) -> np.ndarray:
+    """Apply ``predict`` tile by tile and stitch: (T, Y, X) -> (T, Y, X) float32.
 
-    stack: (T, Y, X) array in data units; NumPy, memmap or Zarr (only one tile plus its
-        halo of ``batch_frames + kt - 1`` frames is read at a time).
-    ckpt: checkpoint dict with the normalisation (None: already normalised).
-    tile / overlap: px, see :func:`tile_grid`.  padding: 'valid' (real-pixel halo, exact)
-        or 'circular' (tile-local wrap, hidden by a guard band); see the module docstring.
-    Temporal edges are reflected without repeating the edge frame, as in
-    ``infer.denoise``; T >= halo_t + 1 frames are required.
+    Pure geometry: ``predict(frames, windows, spatial_padding)`` does the work, with
+    frames (n_in, ty', tx') float32 (a tile plus its halo), windows (n_out, 2*halo_t+1)
+    int indices into ``frames`` (from :func:`window_index`: mirrored about the centre
+    frame at the movie's ends) and it returns (n_out, ty, tx) -- the tile without its
+    halo for 'valid', the whole box for 'circular'.  ``emdenoise.infer.denoise_tiled``
+    passes a network's prediction.
+    stack: (T, Y, X) array in data units; NumPy, memmap or Zarr (only one tile and
+        ``batch_frames`` output frames' windows are read at a time).
+    tile / overlap: px, see :func:`tile_grid`.  padding: 'valid' (real-pixel halo of
+        ``halo_s`` px, exact) or 'circular' (tile-local wrap, hidden by a guard band);
+        see the module docstring.
+    Raises InputError for frames or tiles too small for the halo (a wrapped halo would
+    fold a pixel into its own blind spot) and for movies too short for the windows.
     """
-    from .infer import predict_block  # late: infer imports this module for infer_zarr
-
     if padding not in ("valid", "circular"):
         raise ValueError(f"padding must be 'valid' or 'circular', got {padding!r}")
     shape = tuple(int(n) for n in stack.shape)
     if len(shape) != 3:
         raise InputError(None, f"expected a (T, Y, X) stack, got shape {shape}")
     t, y, x = shape
-    p = model.params
-    ht, hs = p.halo_t, p.halo_s
-    if t < ht + 1:
-        raise InputError(None, f"need at least {ht + 1} frames for reflected temporal windows, got {t}")
+    ht, hs = int(halo_t), int(halo_s)
+    check_frame_size((y, x), hs)
+    try:
+        windows = window_index(0, t, t, ht)
+    except ValueError as exc:
+        raise InputError(None, str(exc)) from None
     guard = hs if padding == "circular" else 0
     grid = tile_grid((y, x), tile, overlap)
-    if padding == "circular" and len(grid) > 1 and overlap < 2 * guard + 1:
-        raise ValueError(f"padding='circular' needs overlap >= {2 * guard + 1} px (2*halo_s + 1), got {overlap}")
+    if padding == "circular":
+        check_frame_size((grid[0][0].stop - grid[0][0].start, grid[0][1].stop - grid[0][1].start), hs)
+        if len(grid) > 1 and overlap < 2 * guard + 1:
+            raise ValueError(f"padding='circular' needs overlap >= {2 * guard + 1} px (2*halo_s + 1), got {overlap}")
     out = np.zeros(shape, dtype=np.float32)
     wsum = np.zeros((y, x), dtype=np.float32)
     halo = hs if padding == "valid" else 0
@@ -224,10 +271,10 @@ def denoise_tiled(model, ckpt, stack, *, tile: int = 1024, overlap: int = 256, d
         xi = wrap_index(sx.start - halo, sx.stop + halo, x)
         for s in range(0, t, step):
             e = min(t, s + step)
-            block = read_with_halo(stack, reflect_index(s - ht, e + ht, t), yi, xi)
-            pred = predict_block(model, block, normalisation=ckpt, device=device, spatial_padding=padding,
-                                 batch_frames=step, num_workers=num_workers)
-            out[s:e, sy, sx] += w * pred
+            win = windows[s:e]
+            lo, hi = int(win.min()), int(win.max()) + 1
+            block = read_with_halo(stack, np.arange(lo, hi), yi, xi)
+            out[s:e, sy, sx] += w * predict(block, win - lo, padding)
         wsum[sy, sx] += w
     out /= wsum  # every pixel has weight > 0: frame-border edges are never tapered
     return out
