@@ -5,23 +5,24 @@ Bad input ends with one line ``emdenoise: error: <file>: <problem>`` and exit co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
 import numpy as np
+import yaml
 
-from . import __version__
+from . import __version__, io, models, pipeline, provenance, synthetic, train
+from . import config as emcfg
 from .errors import InputError
 
 
 def _info(args: argparse.Namespace) -> None:
-    from . import io
 
     print(json.dumps(io.describe(args.file, pixel_size=args.pixel_size), indent=2, default=str))
 
 
 def _simulate(args: argparse.Namespace) -> None:
-    from . import io, synthetic
 
     movie = synthetic.simulate_movie(
         n_frames=args.frames, shape=(args.size[0], args.size[-1]), mode=args.mode, spacing=args.spacing,
@@ -38,12 +39,6 @@ def _simulate(args: argparse.Namespace) -> None:
 
 def _denoise(args: argparse.Namespace) -> None:
     """Train on the input itself, denoise it, post-process, choose, write (no drift correction)."""
-    import dataclasses
-
-    import yaml
-
-    from . import config as emcfg
-    from . import io, models, pipeline, train
 
     settings: dict = {}
     if args.config:
@@ -85,7 +80,6 @@ def _denoise(args: argparse.Namespace) -> None:
 
 
 def _verify(args: argparse.Namespace) -> None:
-    from . import provenance
 
     problems = provenance.verify(args.results)
     for line in problems:

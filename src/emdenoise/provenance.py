@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import __version__
-from .io import atomic_path, sha256_path
+from .io import atomic_path, read_stack, sha256_path
 
 PACKAGES = ("numpy", "scipy", "scikit-image", "torch", "zarr", "dask", "tifffile", "mrcfile",
             "pandas", "snakemake")
@@ -95,7 +95,6 @@ def write_record(record: dict, path: str | os.PathLike) -> None:
 
 def _input_sha256(path: str) -> str:
     """The input checksum exactly as ingest computed it (a folder: its frame files only)."""
-    from .io import read_stack
 
     return read_stack(path)[1]["sha256"]
 
