@@ -13,7 +13,7 @@ def main(smk):
 
         ckpt = torch.load(smk.input.model, map_location="cpu", weights_only=True)
         model_info = {k: ckpt[k] for k in ("model", "model_params", "train_params", "normalisation", "device",
-                                           "best_epoch", "best_val_loss", "code_version", "torch_version")
+                                           "best_epoch", "best_val_loss", "code_version", "torch_version", "shine_size")
                       if k in ckpt}
     logs = sorted(p for p in Path(smk.params.logs).glob("*.log") if p.name != "provenance.log")
     outputs = [v for k, v in smk.input.items() if k != "raw"] + [smk.input.raw]

@@ -18,12 +18,15 @@ def main(smk):
     raw, _ = io.read_zarr(smk.input.raw)
     stacks = {m: io.read_zarr(smk.input[m]) for m in names}
     # each candidate's temporal reach (frames on each side it looked at) sets the uMSE radius
-    reaches = {m: checkpoint.load_checkpoint(smk.input[f"model_{m}"])[0].params.halo_t for m in names}
+    loaded = {m: checkpoint.load_checkpoint(smk.input[f"model_{m}"]) for m in names}
+    reaches = {m: model.params.halo_t for m, (model, _) in loaded.items()}
     try:
         choice = pipeline.choose({m: np.asarray(a[:]) for m, (a, _) in stacks.items()}, np.asarray(raw[:]),
                                  ds, reaches)
     except InputError as exc:
         raise InputError(ds.path, exc.problem) from None
+    if "shine" in loaded:  # which SHINE size ran (auto: CPU-sized without a GPU)
+        choice["shine_size"] = loaded["shine"][1].get("shine_size")
     stage.log.info("model choice: %s", choice)
     chosen, attrs = stacks[choice["chosen"]]
     io.write_zarr(smk.output.denoised, chosen[:], pixel_size=attrs.get("pixel_size"),

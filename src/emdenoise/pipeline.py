@@ -18,7 +18,7 @@ from . import filters, infer, metrics, noise
 from .checkpoint import model_from_checkpoint
 from .config import ModelConfig, TrainParams
 from .errors import InputError
-from .models import model_class
+from .models import model_class, resolve_device
 from .train import train_model
 
 __all__ = ["prefilter", "model_params", "train_candidate", "postprocess", "choose", "denoise_stack"]
@@ -45,14 +45,19 @@ def prefilter(stack: np.ndarray, method: str = "wcid", sigma: float = 1.5, *,
     raise ValueError(f"unknown prefilter method {method!r}")
 
 
-def model_params(ds, name: str, blindspot: int | None = None):
+def on_gpu(ds, name: str, device: str | None = None) -> bool:
+    """Whether candidate ``name`` trains on CUDA (sizes SHINE when ``shine.size: auto``)."""
+    return resolve_device(device or ds.train.device).type == "cuda"
+
+
+def model_params(ds, name: str, blindspot: int | None = None, device: str | None = None):
     """Architecture of candidate ``name`` ('wcvd' | 'shine') for dataset config ``ds``;
     SHINE's blind spot comes from the noise stage (``blindspot``) unless the config
-    fixes it."""
+    fixes it, and its size from ``shine.size`` and the training device."""
     if name == "shine":
         if ds.shine.blindspot is None and blindspot is None:
             raise InputError(None, "SHINE needs the blind-spot size from the noise stage")
-        return ds.shine.params(blindspot or ds.shine.blindspot)
+        return ds.shine.params(blindspot or ds.shine.blindspot, gpu=on_gpu(ds, name, device))
     if name == "wcvd":
         return ds.model.wcvd_params()
     raise InputError(None, f"unknown candidate model {name!r}")
@@ -63,11 +68,15 @@ def train_candidate(stack: np.ndarray, ds, name: str, blindspot: int | None = No
                     progress: Callable[[dict], None] | None = None) -> dict:
     """Train candidate ``name`` on a (T, Y, X) stack (data units); returns its checkpoint.
     ``train_overrides``: TrainParams fields replacing the config's (e.g. device, epochs)."""
-    tp = ds.train_params(name)
+    device = (train_overrides or {}).get("device")
+    gpu = on_gpu(ds, name, device)
+    tp = ds.train_params(name, gpu=gpu)
     if train_overrides:
         tp = dataclasses.replace(tp, **{k: v for k, v in train_overrides.items() if v is not None})
-    ckpt = train_model(stack, model_params(ds, name, blindspot), tp, log_csv=log_csv, progress=progress)
+    ckpt = train_model(stack, model_params(ds, name, blindspot, device), tp, log_csv=log_csv, progress=progress)
     ckpt["dataset"] = ds.name
+    if name == "shine":  # which size ran, and why (recorded in provenance and the report)
+        ckpt["shine_size"] = {"setting": ds.shine.size, "used": ds.shine.resolved_size(gpu), "gpu": gpu}
     return ckpt
 
 
