@@ -2,15 +2,72 @@
 
 All functions take and return ``(T, Y, X)`` float32 stacks; sigmas are in pixels
 (spatial) and frames (temporal).
+
+Temporal reach. Every method that the metrics compare has a known *reach*: the number
+of frames on each side of t whose input can change output frame t (raw and per-frame
+filters 0, :func:`gaussian3d` ``ceil(2 sigma_t)``, a blind-spot network its
+``params.halo_t``). :func:`temporal_reach` gives it; ``emdenoise.metrics`` places the
+uMSE reference frames and the SNR frame pair outside the widest reach.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from scipy import ndimage
 
+from .errors import InputError
+
+#: Spatial Gaussian kernels are truncated at scipy's default 4 sigma.
+SPATIAL_TRUNCATE = 4.0
+
+
+def gaussian_reach(sigma_t: float) -> int:
+    """Temporal reach of :func:`gaussian3d` in frames: ``ceil(2 sigma_t)`` (0 for 0).
+
+    The temporal kernel is truncated there (weights renormalised to sum 1); beyond
+    2 sigma the Gaussian keeps < 5 % of its weight, so the filter barely changes, but its
+    reach stays small enough for the uMSE reference frames of short movies.
+    """
+    s = float(sigma_t)
+    if not s >= 0:
+        raise InputError(None, f"gaussian sigma_t must be >= 0, got {sigma_t}")
+    return int(math.ceil(2.0 * s - 1e-9)) if s > 0 else 0
+
+
+def _spatial_radius(sigma: float) -> int:
+    """scipy's default truncation: int(4 sigma + 0.5) px."""
+    return int(SPATIAL_TRUNCATE * float(sigma) + 0.5)
+
+
+def _sigma3(sigma) -> tuple[float, float, float]:
+    sig = (float(sigma),) * 3 if np.isscalar(sigma) else tuple(float(s) for s in sigma)
+    if len(sig) != 3 or not all(s >= 0 for s in sig):
+        raise InputError(None, f"gaussian3d: sigma must be one value or (t, y, x), all >= 0; got {sigma}")
+    return sig
+
+
+def temporal_reach(method: str, *, sigma=None, params=None) -> int:
+    """Frames on each side of t that a method's output frame t depends on.
+
+    method: 'raw', 'gaussian2d' (0); 'gaussian3d' or 'classical' (``sigma`` = one value
+    or (t, y, x); ``ceil(2 sigma_t)``, see :func:`gaussian_reach`); anything else is a
+    model and needs ``params`` with a ``halo_t`` (WCVDParams: kt // 2, 0 for WCID;
+    SHINEParams: frames // 2).  Returns an int >= 0.
+    """
+    if method in ("raw", "gaussian2d"):
+        return 0
+    if method in ("gaussian3d", "classical"):
+        if sigma is None:
+            raise InputError(None, f"temporal_reach({method!r}) needs sigma")
+        return gaussian_reach(_sigma3(sigma)[0])
+    if params is None or not hasattr(params, "halo_t"):
+        raise InputError(None, f"temporal_reach({method!r}): a model needs params with halo_t")
+    return int(params.halo_t)
+
 
 def gaussian2d(stack: np.ndarray, sigma: float = 1.0) -> np.ndarray:
-    """Gaussian filter of each frame on its own (no temporal mixing).
+    """Gaussian filter of each frame on its own (no temporal mixing; reach 0).
 
     stack: (T, Y, X) array; sigma in pixels. Returns float32 (T, Y, X).
     Borders are reflected, so no wrap-around from the opposite edge.
@@ -23,10 +80,15 @@ def gaussian3d(stack: np.ndarray, sigma: float | tuple[float, float, float] = 1.
     """Gaussian filter over time and space, sigma = (t, y, x) or one value for all.
 
     stack: (T, Y, X) array; sigma in frames / pixels. Returns float32 (T, Y, X).
+    The temporal kernel is truncated at ``reach = ceil(2 sigma_t)`` frames
+    (:func:`gaussian_reach`; output frame t depends on frames t - reach .. t + reach
+    only), the spatial ones at scipy's default 4 sigma. Borders are reflected.
     """
     stack = np.asarray(stack, dtype=np.float32)
-    sig = (float(sigma),) * 3 if np.isscalar(sigma) else tuple(float(s) for s in sigma)
-    return ndimage.gaussian_filter(stack, sigma=sig, mode="reflect").astype(np.float32)
+    sig = _sigma3(sigma)
+    radius = (gaussian_reach(sig[0]), _spatial_radius(sig[1]), _spatial_radius(sig[2]))
+    radius = tuple(max(r, 1) for r in radius)  # scipy wants >= 1; an axis with sigma 0 is skipped anyway
+    return ndimage.gaussian_filter(stack, sigma=sig, mode="reflect", radius=radius).astype(np.float32)
 
 
 def prefilter(stack: np.ndarray, method: str = "wcid", sigma: float = 1.5, *,
