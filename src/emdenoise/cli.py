@@ -79,7 +79,8 @@ def _denoise(args: argparse.Namespace) -> None:
         outputs[name] = out
     chosen = next(iter(outputs))
     if len(outputs) > 1:
-        choice = metrics.select_model(outputs, stack, temporal_radius=max(2, ds.metrics.temporal_radius))
+        choice = metrics.select_model(outputs, stack, reaches={m: ds.temporal_reach(m) for m in outputs},
+                                      temporal_radius=ds.metrics.temporal_radius)
         chosen = choice["chosen"]
         print(f"auto: chose {chosen} ({choice['rule']}; uMSE {choice['umse']})")
     ckpt = ckpts[chosen]

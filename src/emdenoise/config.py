@@ -376,6 +376,22 @@ class DatasetConfig:
         """Models trained for this dataset: one, both for ``auto``, none for ``none``."""
         return {"auto": ["wcvd", "shine"], "none": []}.get(self.model.name, [self.model.name])
 
+    def temporal_reach(self, method: str) -> int | None:
+        """Frames on each side of t that ``method``'s output frame t depends on, from this
+        config (``emdenoise.filters.temporal_reach``); None for 'classical', whose sigma
+        is tuned per movie (read ``temporal_reach`` from its stack's attributes)."""
+        from .filters import temporal_reach
+
+        if method == "classical":
+            return None
+        if method == "gaussian3d":
+            return temporal_reach(method, sigma=tuple(self.baselines.gaussian3d_sigma))
+        if method == "wcvd":
+            return temporal_reach(method, params=self.model.wcvd_params())
+        if method == "shine":
+            return temporal_reach(method, params=self.shine.params(self.shine.blindspot or 1))
+        return temporal_reach(method)
+
     def train_params(self, model: str) -> TrainParams:
         """Training settings of one model: SHINE takes the paper's batch / crop / schedule
         over ``train`` and then its own ``shine_train`` overrides."""
