@@ -1,4 +1,5 @@
-"""Rule `baselines`: Gaussian 2D (per frame) and Gaussian 3D (t, y, x) denoising."""
+"""Rule `baselines`: Gaussian 2D (per frame, temporal reach 0) and Gaussian 3D (t, y, x; temporal
+kernel truncated at ceil(2 sigma_t) frames, its reach: emdenoise.filters.gaussian3d)."""
 import numpy as np
 
 from emdenoise import filters, io, stage

@@ -1,27 +1,34 @@
-"""Rule `metrics`: uMSE, uPSNR, SNR (+ PSNR, SSIM with ground truth) per method; preview image."""
+"""Rule `metrics`: uMSE, uPSNR, SNR (+ PSNR, SSIM with ground truth) per method; preview image.
+
+One uMSE radius for all methods: max(metrics.temporal_radius, widest temporal reach)
+(emdenoise.metrics.compute_metrics); the table records it (umse_radius, snr_lag).
+"""
 import numpy as np
 
-from emdenoise import io, metrics, report, stage
+from emdenoise import io, metrics, pipeline, report, stage
 
 
 def main(smk):
     ds = smk.params.dataset
     raw, _ = io.read_zarr(smk.input.raw)
     raw = np.asarray(raw[:], dtype=np.float32)
-    stacks = {"raw": raw}
+    stacks, reaches = {"raw": raw}, {"raw": 0}
     for method in smk.params.methods:
-        arr, _ = io.read_zarr(smk.input[method])
+        arr, attrs = io.read_zarr(smk.input[method])
         stacks[method] = np.asarray(arr[:], dtype=np.float32)
+        reaches[method] = pipeline.temporal_reach(ds, method, attrs)
     truth = None
     if "truth" in smk.input.keys():
         truth = np.asarray(io.read_zarr(smk.input.truth)[0][:], dtype=np.float32)
-    radius = metrics.feasible_radius(raw.shape[0], ds.metrics.temporal_radius)
-    if radius < ds.metrics.temporal_radius:
-        stage.log.warning("only %d frames: uMSE temporal radius lowered from %d to %d (3D methods then look "
-                          "better than they are)", raw.shape[0], ds.metrics.temporal_radius, radius)
-    table = metrics.compute_metrics(stacks, raw, truth=truth, peak=ds.metrics.peak, temporal_radius=radius)
+    table = metrics.compute_metrics(stacks, raw, truth=truth, peak=ds.metrics.peak, reaches=reaches,
+                                    temporal_radius=ds.metrics.temporal_radius)
+    r = int(table.umse_radius.iloc[0])
+    stage.log.info("uMSE radius %d (reaches %s): reference frames t-%d, t+%d, t+%d; SNR from frames t, t+%d",
+                   r, reaches, r + 1, r + 1, r + 2, 2 * r + 1)
+    if not table.umse_valid.all():
+        stage.log.warning("only %d frames: uMSE radius %d; no uMSE / SNR for %s (their reach is longer)",
+                          raw.shape[0], r, ", ".join(table.method[~table.umse_valid]))
     table.insert(0, "dataset", ds.name)
-    table["umse_radius"] = radius
     with io.atomic_path(smk.output.table) as tmp:
         table.to_csv(tmp, index=False)
     with io.atomic_path(smk.output.preview) as tmp:

@@ -8,10 +8,15 @@ def main(smk):
     ds = smk.params.dataset
     _, attrs = io.read_zarr(smk.input.raw)
     model_info = {}
-    if "model" in smk.input.keys():
+    chosen = None
+    if "choice" in smk.input.keys():
+        import json
+
+        chosen = json.loads(Path(smk.input.choice).read_text())["chosen"]
+    if f"model_{chosen}" in smk.input.keys():  # none when a classical filter was chosen
         import torch
 
-        ckpt = torch.load(smk.input.model, map_location="cpu", weights_only=True)
+        ckpt = torch.load(smk.input[f"model_{chosen}"], map_location="cpu", weights_only=True)
         model_info = {k: ckpt[k] for k in ("model", "model_params", "train_params", "normalisation", "device",
                                            "best_epoch", "best_val_loss", "code_version", "torch_version", "shine_size")
                       if k in ckpt}

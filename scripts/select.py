@@ -1,10 +1,11 @@
-"""Rule `select`: the dataset's denoised stack and model, chosen among the candidates.
+"""Rule `select`: the dataset's denoised stack, chosen among the candidates.
 
-One candidate: it is the result. `model: auto`: the candidate with the lower uMSE at
-temporal radius >= 2 (emdenoise.metrics.select_model), recorded with its evidence.
+One candidate: it is the result. `model: auto`: the networks and the blind-tuned Gaussian
+3D (`classical`); the one with the lowest uMSE at one temporal radius outside every
+candidate's reach (emdenoise.metrics.select_model), recorded with its evidence in
+model_choice.json (with the chosen checkpoint's path, or none for a classical filter).
 """
 import json
-import shutil
 
 import numpy as np
 
@@ -18,21 +19,26 @@ def main(smk):
     raw, _ = io.read_zarr(smk.input.raw)
     stacks = {m: io.read_zarr(smk.input[m]) for m in names}
     # each candidate's temporal reach (frames on each side it looked at) sets the uMSE radius
-    loaded = {m: checkpoint.load_checkpoint(smk.input[f"model_{m}"]) for m in names}
-    reaches = {m: model.params.halo_t for m, (model, _) in loaded.items()}
+    reaches = {m: pipeline.temporal_reach(ds, m, attrs) for m, (_, attrs) in stacks.items()}
     try:
         choice = pipeline.choose({m: np.asarray(a[:]) for m, (a, _) in stacks.items()}, np.asarray(raw[:]),
                                  ds, reaches)
     except InputError as exc:
         raise InputError(ds.path, exc.problem) from None
-    if "shine" in loaded:  # which SHINE size ran (auto: CPU-sized without a GPU)
-        choice["shine_size"] = loaded["shine"][1].get("shine_size")
+    if "model_shine" in smk.input.keys():  # which SHINE size ran (auto: CPU-sized without a GPU)
+        choice["shine_size"] = checkpoint.load_checkpoint(smk.input.model_shine)[1].get("shine_size")
+    chosen = choice["chosen"]
+    key = f"model_{chosen}"
+    if key in smk.input.keys():
+        choice.update(kind="network", checkpoint=str(smk.input[key]))
+    else:
+        choice.update(kind="classical filter (no checkpoint)", checkpoint=None,
+                      sigma=stacks[chosen][1].get("sigma"))
     stage.log.info("model choice: %s", choice)
-    chosen, attrs = stacks[choice["chosen"]]
-    io.write_zarr(smk.output.denoised, chosen[:], pixel_size=attrs.get("pixel_size"),
-                  attrs={**attrs, "method": choice["chosen"], "model_choice": choice})
-    with io.atomic_path(smk.output.model) as tmp:
-        shutil.copyfile(smk.input[f"model_{choice['chosen']}"], tmp)
+    arr, attrs = stacks[chosen]
+    attrs = {k: v for k, v in attrs.items() if k != "scores"}
+    io.write_zarr(smk.output.denoised, arr[:], pixel_size=attrs.get("pixel_size"),
+                  attrs={**attrs, "method": chosen, "model_choice": choice})
     with io.atomic_path(smk.output.choice) as tmp, open(tmp, "w") as fh:
         json.dump({"dataset": ds.name, "candidates": list(names), **choice}, fh, indent=2)
 

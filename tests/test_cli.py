@@ -57,7 +57,7 @@ def test_denoise_trains_on_the_input_and_writes_the_same_shape(tmp_path):
                      "--pixel-size", "0.8"]) == 0
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("train: {crop: 32, val_crop: 32}\nlowpass: {diameter: 0.5}\n")
-    assert cli.main(["denoise", str(src), str(out), "--epochs", "2", "--device", "cpu", "--config", str(cfg),
+    assert cli.main(["denoise", str(src), str(out), "--model", "wcvd", "--epochs", "2", "--device", "cpu", "--config", str(cfg),
                      "--save-model", str(model)]) == 0
     den, meta = io.read_stack(out)
     noisy = np.asarray(io.read_stack(src)[0][:])

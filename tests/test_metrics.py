@@ -6,8 +6,12 @@ import pytest
 
 from emdenoise.drift import apply_shifts
 from emdenoise.errors import InputError
-from emdenoise.filters import gaussian2d, gaussian3d
-from emdenoise.metrics import compute_metrics, psnr, snr_neighbour, ssim, umse, upsnr
+from scipy import ndimage
+
+from emdenoise.filters import gaussian2d, gaussian3d, temporal_reach
+from emdenoise.metrics import (common_radius, compute_metrics, neighbour_corr, psnr, select_model, snr_neighbour, ssim,
+                               umse, upsnr)
+from emdenoise.synthetic import simulate_movie
 
 
 def _tiny():
@@ -107,13 +111,93 @@ def test_psnr_and_ssim_against_truth():
 def test_compute_metrics_table(static_counting_movie):
     m = static_counting_movie
     stacks = {"raw": m.noisy, "gaussian3d": gaussian3d(m.noisy, 1.0)}
-    df = compute_metrics(stacks, m.noisy, truth=m.clean)  # default temporal_radius=2
-    assert list(df.columns) == ["method", "umse", "upsnr_db", "snr_db", "psnr_db", "ssim"]
+    reaches = {"raw": 0, "gaussian3d": 2}
+    df = compute_metrics(stacks, m.noisy, truth=m.clean, reaches=reaches)  # default temporal_radius=2
+    assert list(df.columns) == ["method", "reach", "umse", "upsnr_db", "snr_db", "snr_corr", "psnr_db", "ssim",
+                                "umse_radius", "snr_lag", "umse_valid"]
     assert df["method"].tolist() == ["raw", "gaussian3d"]
+    assert (df.umse_radius == 2).all() and (df.snr_lag == 5).all() and df.umse_valid.all()
     raw, g3 = df.iloc[0], df.iloc[1]
     assert g3.upsnr_db > raw.upsnr_db and g3.psnr_db > raw.psnr_db and g3.ssim > raw.ssim
     assert g3.snr_db > raw.snr_db
-    no_truth = compute_metrics(stacks, m.noisy)
+    assert g3.snr_db == pytest.approx(10 * np.log10(g3.snr_corr / (1 - g3.snr_corr)))
+    no_truth = compute_metrics(stacks, m.noisy, reaches=reaches)
     assert no_truth["psnr_db"].isna().all() and no_truth["ssim"].isna().all()
     with pytest.raises(InputError):
-        compute_metrics({"cropped": m.noisy[:, 1:]}, m.noisy)
+        compute_metrics({"cropped": m.noisy[:, 1:]}, m.noisy, reaches={"cropped": 0})
+    with pytest.raises(InputError, match="no temporal reach"):
+        compute_metrics(stacks, m.noisy, reaches={"raw": 0})
+    # the widest reach sets the radius for every method
+    wide = compute_metrics(stacks, m.noisy, reaches={"raw": 0, "gaussian3d": 4})
+    assert (wide.umse_radius == 4).all() and (wide.snr_lag == 9).all()
+    # a short movie: r lowered to (T - 4) // 2, the methods reaching further get NaN, not a biased score
+    short = compute_metrics({k: v[:9] for k, v in stacks.items()}, m.noisy[:9], reaches={"raw": 0, "gaussian3d": 3})
+    assert (short.umse_radius == 2).all()
+    assert short.umse_valid.tolist() == [True, False]
+    assert np.isfinite(short.umse[0]) and np.isnan(short.umse[1]) and np.isnan(short.snr_db[1])
+
+
+def test_common_radius():
+    assert common_radius({"raw": 0, "shine": 2}, 8) == 2
+    assert common_radius({"raw": 0, "wcvd": 3}, 10) == 3
+    assert common_radius([0, 1], 100, wanted=5) == 5
+    with pytest.raises(InputError, match=r"radius 3 \(temporal reach of wcvd\) needs at least 10 frames"):
+        common_radius({"raw": 0, "wcvd": 3}, 9)
+    with pytest.raises(InputError):
+        common_radius({"raw": -1}, 10)
+
+
+def _static_movie_and_two_candidates():
+    """Static counting movie; a 7-frame temporal mean (reach 3, true MSE ~0.28) and a
+    Gaussian 3D over 3 frames (sigma_t 0.5: reach 1, true MSE ~0.11)."""
+    m = simulate_movie(16, (128, 128), mode="counting", dose=2.0, max_drift=0.0, seed=2)
+    noisy = m.noisy.astype(np.float32)
+    cands = {"mean7": ndimage.uniform_filter1d(noisy, 7, axis=0, mode="reflect"),
+             "g3d_3frames": gaussian3d(noisy, (0.5, 1.0, 1.0))}
+    reaches = {"mean7": 3, "g3d_3frames": temporal_reach("gaussian3d", sigma=(0.5, 1.0, 1.0))}
+    return m, noisy, cands, reaches
+
+
+def test_select_model_uses_the_widest_reach():
+    m, noisy, cands, reaches = _static_movie_and_two_candidates()
+    assert reaches["g3d_3frames"] == 1
+    clean = m.clean.astype(np.float64)
+    true = {k: np.mean((v - clean) ** 2) for k, v in cands.items()}
+    assert true["g3d_3frames"] < 0.5 * true["mean7"]
+    # the old fixed radius 2: frame t-3 is inside the 7-frame window -> negative uMSE, wrong winner
+    old = {k: umse(v, noisy, temporal_radius=2) for k, v in cands.items()}
+    assert old["mean7"] < 0 < old["g3d_3frames"]
+    assert min(old, key=old.get) == "mean7"
+    # reach-derived radius 3: unbiased, the lower true MSE wins
+    res = select_model(cands, noisy, reaches=reaches)
+    assert res["temporal_radius"] == 3 and res["reaches"] == reaches
+    assert res["chosen"] == "g3d_3frames"
+    t = np.arange(4, 16 - 5)  # the frames uMSE scores at r = 3
+    assert res["umse"]["mean7"] == pytest.approx(np.mean((cands["mean7"][t] - clean[t]) ** 2), rel=0.1)
+    with pytest.raises(InputError, match="needs at least 10 frames"):
+        select_model({k: v[:9] for k, v in cands.items()}, noisy[:9], reaches=reaches)
+    with pytest.raises(InputError, match="no temporal reach"):
+        select_model(cands, noisy, reaches={"mean7": 3})
+
+
+def test_snr_column_does_not_reward_temporal_smoothing_of_noise():
+    rng = np.random.default_rng(7)
+    noise = rng.poisson(2.0, (18, 192, 192)).astype(np.float32)  # no signal at all
+    methods = {"raw": (noise, 0), "gaussian2d": (gaussian2d(noise, 1.0), 0),
+               "gaussian3d": (gaussian3d(noise, 1.0), 2),
+               "gaussian3d_wide": (gaussian3d(noise, (2.0, 1.0, 1.0)), 4),
+               "mean5": (ndimage.uniform_filter1d(noise, 5, axis=0, mode="reflect"), 2)}
+    assert neighbour_corr(methods["gaussian3d"][0], 1) > 0.3  # what lag 1 (SHINE) measures: shared frames
+    for name, (stack, reach) in methods.items():
+        df = compute_metrics({name: stack}, noise, reaches={name: reach})
+        assert df.snr_lag[0] == 2 * max(2, reach) + 1
+        assert abs(df.snr_corr[0]) < 0.02, name
+    table = compute_metrics({k: v[0] for k, v in methods.items()}, noise, reaches={k: v[1] for k, v in methods.items()})
+    assert (table.snr_lag == 9).all() and (table.snr_corr.abs() < 0.02).all()
+
+
+def test_snr_column_still_rewards_denoising_a_static_scene(static_counting_movie):
+    m = static_counting_movie
+    df = compute_metrics({"raw": m.noisy, "gaussian3d": gaussian3d(m.noisy, 1.0)}, m.noisy,
+                         reaches={"raw": 0, "gaussian3d": 2}).set_index("method")
+    assert df.loc["gaussian3d", "snr_db"] > df.loc["raw", "snr_db"] + 3.0

@@ -228,9 +228,9 @@ def test_select_model_picks_known_best():
     # 'copier' reproduces the noisy frame (what a too-small blind spot learns on
     # correlated noise): zero same-frame error, but the worst against other frames.
     cands = {"copier": noisy.copy(), "truth": clean.copy(), "blurred_truth": clean * 0.8 + 1.0}
-    res = select_model(cands, noisy)
+    res = select_model(cands, noisy, reaches=dict.fromkeys(cands, 0))
     assert res["chosen"] == "truth" and set(res["umse"]) == set(cands)
     assert res["umse"]["truth"] < res["umse"]["blurred_truth"] < res["umse"]["copier"]
     assert "uMSE" in res["rule"] and res["temporal_radius"] == 2
-    with pytest.raises(InputError):
-        select_model(cands, noisy, temporal_radius=1)
+    with pytest.raises(InputError):  # radius 5 needs 14 frames
+        select_model(cands, noisy, reaches=dict.fromkeys(cands, 0), temporal_radius=5)

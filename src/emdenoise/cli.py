@@ -70,9 +70,14 @@ def _denoise(args: argparse.Namespace) -> None:
     chosen, choice = result["chosen"], result["choice"]
     if len(result["outputs"]) > 1:
         print(f"auto: chose {chosen} ({choice['rule']}; uMSE {choice['umse']})")
-    ckpt = result["checkpoints"][chosen]
+    ckpt = result["checkpoints"].get(chosen)  # None: the tuned classical filter won
     io.write_stack(args.output, result["output"], pixel_size=meta.get("pixel_size"),
                    metadata={"source": meta["source"], "sha256": meta["sha256"], "method": chosen})
+    if ckpt is None:
+        sigma = tuple(round(float(v), 2) for v in choice.get("sigma", ()))
+        print(f"wrote {args.output} {stack.shape} (classical: Gaussian 3D sigma (t, y, x) = {sigma}, tuned "
+              "without ground truth; no network beat it" + ("; no model saved" if args.save_model else "") + ")")
+        return
     if args.save_model:
         train.save_checkpoint(ckpt, args.save_model)
     print(f"wrote {args.output} {stack.shape} ({chosen}, best epoch {ckpt['best_epoch']}, "

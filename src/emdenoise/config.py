@@ -413,6 +413,12 @@ class DatasetConfig:
         """Models trained for this dataset: one, both for ``auto``, none for ``none``."""
         return {"auto": ["wcvd", "shine"], "none": []}.get(self.model.name, [self.model.name])
 
+    @property
+    def select_candidates(self) -> list[str]:
+        """What ``auto`` chooses from: the trained models and the Gaussian 3D tuned without
+        ground truth ('classical', no checkpoint); the configured model otherwise."""
+        return self.candidates + (["classical"] if self.model.name == "auto" else [])
+
     def train_params(self, model: str, gpu: bool = False) -> TrainParams:
         """Training settings of one model: SHINE takes its size's batch / crop / schedule
         (``SHINE_SIZES``, the paper's on a GPU) over ``train`` and then its own

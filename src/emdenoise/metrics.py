@@ -9,8 +9,7 @@ Without ground truth (real data):
 
 With ground truth (synthetic data): PSNR and SSIM (scikit-image).
 
-uMSE frame choice. For output frame t, with r = ``temporal_radius`` (how many frames
-on each side the denoiser looked at)::
+uMSE frame choice. For output frame t, with r the uMSE radius::
 
     a = y[t - r - 1]     nearest earlier frame the denoiser did NOT see
     b = y[t + r + 1]     c = y[t + r + 2]     nearest later pair, also unseen
@@ -18,17 +17,32 @@ on each side the denoiser looked at)::
 
 With independent zero-mean noise and a static scene, E(f - a)^2 = MSE + var(noise) and
 E(b - c)^2 / 2 = var(noise), so uMSE is unbiased. ``a`` must be independent of the
-denoised value: if the denoiser used frame ``a`` (a temporal filter, a video network
-such as WCVD with Kt = 3, or SHINE with 5 frames) the shared noise makes (f - a)^2 too
-small and uMSE too optimistic - for gaussian3d(sigma=1) with r = 0 the bias is about
-half the noise variance (uMSE turns negative). So pass the largest temporal radius of
-all compared methods (one value for all, so every method is scored on the same frames
-and gaps); :func:`compute_metrics` defaults to 2, :func:`umse` to 0 (per-frame methods). ``b`` and
-``c`` only measure the noise power, so they may be seen by the denoiser.
+denoised value: if the denoiser used frame ``a`` (its temporal *reach*, the frames on
+each side of t its output depends on, is >= r + 1) the shared noise makes (f - a)^2 too
+small and uMSE too optimistic, even negative - for gaussian3d(sigma=1) with r = 0 the
+bias is about half the noise variance. So one radius serves all compared methods,
+r = max(wanted, largest reach) (:func:`common_radius`; reaches from
+``emdenoise.filters.temporal_reach``: raw / gaussian2d 0, gaussian3d ceil(2 sigma_t),
+WCVD kt // 2, SHINE frames // 2); every method is then scored on the same frames. ``b``
+and ``c`` only measure the noise power, so they may be seen by the denoiser.
 Signal changes between the frames (dynamics, the up to 0.5 px sub-pixel drift that
 integer alignment leaves) add to both terms and bias uMSE upwards.
+
+Neighbour SNR. SHINE correlates frames t and t + 1; the output frames of a temporal
+filter share input frames, so their noise correlates and pure noise scores a positive
+SNR. :func:`compute_metrics` correlates output frames t and t + 2r + 1 instead: their
+input windows [t - r, t + r] and [t + r + 1, t + 3r + 1] do not overlap for any method
+with reach <= r.
+
+Short movies. uMSE at radius r needs T >= 2r + 4. :func:`select_model` raises an
+InputError when the movie is too short for its widest candidate (a choice on biased
+scores is worse than none). :func:`compute_metrics` (a report) lowers r to what the
+movie allows and gives NaN uMSE / uPSNR / SNR to the methods whose reach exceeds it
+(column ``umse_valid`` False), instead of scoring them with a bias.
 """
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -36,7 +50,8 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from .errors import InputError
 
-__all__ = ["umse", "upsnr", "snr_neighbour", "psnr", "ssim", "compute_metrics"]
+__all__ = ["umse", "upsnr", "neighbour_corr", "snr_neighbour", "psnr", "ssim", "common_radius",
+           "compute_metrics", "select_model"]
 
 
 def _stack(x, what: str) -> np.ndarray:
@@ -106,31 +121,49 @@ def upsnr(denoised, noisy, peak: float | None = None, *, temporal_radius: int = 
     return float(10.0 * np.log10(m * m / err)) if err > 0 else float("nan")
 
 
-def snr_neighbour(stack) -> float:
-    """SNR in dB from neighbouring frames (SHINE eq. 5).
+def neighbour_corr(stack, lag: int = 1) -> float:
+    """Mean over t of the Pearson correlation (all pixels) of frames t and t + ``lag``.
 
-    ``p`` = mean over t of the Pearson correlation of frames t and t+1 (all pixels);
-    ``SNR = 10 log10(p / (1 - p))``. Averaging p before the log keeps one poorly
-    correlated pair from dominating and the log well defined. For signal variance S and
-    independent noise variance N, p = S / (S + N), so SNR = 10 log10(S / N).
-    Returns NaN if p <= 0 and inf if p >= 1. Needs T >= 2 (InputError).
+    stack: (T, Y, X), any real dtype (frames cast to float64 one at a time); lag >= 1
+    frames, T >= lag + 1 (InputError). A flat frame counts as correlation 0.
     """
-    y = _stack(stack, "snr_neighbour")
-    if y.shape[0] < 2:
-        raise InputError(None, f"snr_neighbour: needs at least 2 frames, got {y.shape[0]}")
+    y = _stack(stack, "neighbour_corr")
+    lag = int(lag)
+    if lag < 1:
+        raise InputError(None, f"neighbour_corr: lag must be >= 1, got {lag}")
+    if y.shape[0] < lag + 1:
+        raise InputError(None, f"neighbour_corr: needs at least {lag + 1} frames for lag {lag}, got {y.shape[0]}")
     corrs = []
-    for t in range(y.shape[0] - 1):
+    for t in range(y.shape[0] - lag):
         a = np.asarray(y[t], dtype=np.float64)
-        b = np.asarray(y[t + 1], dtype=np.float64)
+        b = np.asarray(y[t + lag], dtype=np.float64)
         a, b = a - a.mean(), b - b.mean()
         denom = np.sqrt(np.sum(a * a) * np.sum(b * b))
         corrs.append(np.sum(a * b) / denom if denom > 0 else 0.0)
-    p = float(np.mean(corrs))
-    if p <= 0:
+    return float(np.mean(corrs))
+
+
+def snr_from_corr(p: float) -> float:
+    """SHINE eq. 5: ``10 log10(p / (1 - p))`` dB; NaN if p <= 0, inf if p >= 1."""
+    if not p > 0:
         return float("nan")
     if p >= 1:
         return float("inf")
     return float(10.0 * np.log10(p / (1.0 - p)))
+
+
+def snr_neighbour(stack, lag: int = 1) -> float:
+    """SNR in dB from two frames of the same scene (SHINE eq. 5).
+
+    ``p`` = :func:`neighbour_corr` of frames t and t + ``lag``; ``SNR = 10 log10(p / (1 -
+    p))``. Averaging p before the log keeps one poorly correlated pair from dominating and
+    the log well defined. For signal variance S and independent noise variance N,
+    p = S / (S + N), so SNR = 10 log10(S / N). The noise of the two frames must be
+    independent: for a denoiser with temporal reach R use lag >= 2R + 1 (lag 1, SHINE's
+    choice, is right only for per-frame methods). Returns NaN if p <= 0 and inf if
+    p >= 1. Needs T >= lag + 1 (InputError).
+    """
+    return snr_from_corr(neighbour_corr(_stack(stack, "snr_neighbour"), lag))
 
 
 def _data_range(truth: np.ndarray) -> float:
@@ -162,9 +195,60 @@ def feasible_radius(n_frames: int, wanted: int = 2) -> int:
     return max(0, min(int(wanted), (int(n_frames) - 4) // 2))
 
 
+def _reach_values(reaches) -> list[int]:
+    vals = list(reaches.values()) if isinstance(reaches, Mapping) else list(reaches)
+    out = []
+    for v in vals:
+        if v is None or int(v) != v or int(v) < 0:
+            raise InputError(None, f"temporal reach must be an integer >= 0 (frames), got {v!r}")
+        out.append(int(v))
+    return out
+
+
+def common_radius(reaches, n_frames: int, wanted: int = 2) -> int:
+    """The one uMSE radius for a set of compared methods: r = max(wanted, largest reach).
+
+    Parameters
+    ----------
+    reaches : mapping name -> int, or iterable of int
+        Temporal reach of each method in frames (``emdenoise.filters.temporal_reach``).
+    n_frames : int
+        T of the movie.
+    wanted : int
+        Smallest radius to use anyway (config ``metrics.temporal_radius``), >= 0.
+
+    Returns
+    -------
+    int
+        r; the uMSE reference frames t - r - 1, t + r + 1, t + r + 2 then lie outside
+        every method's input window.
+
+    Raises
+    ------
+    InputError
+        If T < 2r + 4 (the message names r, the widest method and the frames needed).
+    """
+    vals = _reach_values(reaches)
+    if int(wanted) < 0:
+        raise InputError(None, f"uMSE temporal radius must be >= 0, got {wanted}")
+    r = max([int(wanted)] + vals)
+    if int(n_frames) < 2 * r + 4:
+        widest = ""
+        if isinstance(reaches, Mapping) and vals and max(vals) == r:
+            widest = f" (temporal reach of {', '.join(k for k, v in reaches.items() if int(v) == r)})"
+        raise InputError(None, f"uMSE at temporal radius {r}{widest} needs at least {2 * r + 4} frames, the movie "
+                               f"has {n_frames}: use fewer frames in the temporal filters/models or a longer movie")
+    return r
+
+
+#: Columns of :func:`compute_metrics`.
+METRIC_COLUMNS = ["method", "reach", "umse", "upsnr_db", "snr_db", "snr_corr", "psnr_db", "ssim",
+                  "umse_radius", "snr_lag", "umse_valid"]
+
+
 def compute_metrics(method_stacks: dict, noisy, truth=None, peak: float | None = None, *,
-                    temporal_radius: int = 2) -> pd.DataFrame:
-    """All metrics for several methods on the same movie.
+                    reaches: Mapping[str, int], temporal_radius: int = 2) -> pd.DataFrame:
+    """All metrics for several methods on the same movie, at one uMSE radius.
 
     Parameters
     ----------
@@ -176,68 +260,108 @@ def compute_metrics(method_stacks: dict, noisy, truth=None, peak: float | None =
         Ground truth (synthetic data); None gives NaN PSNR / SSIM.
     peak : float or None
         M of uPSNR, the same for all methods.
+    reaches : mapping str -> int
+        Temporal reach (frames) of every method in ``method_stacks``
+        (``emdenoise.filters.temporal_reach``); a missing one is an InputError.
     temporal_radius : int
-        Largest temporal radius of the compared methods, used for every method. The
-        default 2 covers WCVD (Kt = 3, radius 1), SHINE (5 frames, radius 2) and
-        gaussian3d with sigma_t <= 1 (weight beyond 2 frames < 0.5 %); needs T >= 8.
+        Smallest uMSE radius wanted; the radius used is r = max(this, largest reach)
+        (:func:`common_radius`), lowered to (T - 4) // 2 for a short movie, where the
+        methods with reach > r get NaN uMSE, uPSNR and SNR (``umse_valid`` False).
 
     Returns
     -------
     pandas.DataFrame
-        One row per method: method, umse, upsnr_db, snr_db (SHINE eq. 5 on the method's
-        own frames), psnr_db, ssim.
+        One row per method, columns ``METRIC_COLUMNS``: method, reach, umse, upsnr_db,
+        snr_db (SHINE eq. 5 from output frames t and t + snr_lag), snr_corr (its p),
+        psnr_db, ssim, umse_radius (r: frames t-r-1, t+r+1, t+r+2), snr_lag (2r + 1),
+        umse_valid.
+
+    Raises
+    ------
+    InputError
+        Shapes differ, a reach is missing, or T < 4.
     """
     y = _stack(noisy, "compute_metrics")
+    missing = [name for name in method_stacks if name not in reaches]
+    if missing:
+        raise InputError(None, f"compute_metrics: no temporal reach given for {missing}")
+    n = y.shape[0]
+    if n < 4:
+        raise InputError(None, f"compute_metrics: uMSE needs at least 4 frames, got {n}")
+    own = {name: reaches[name] for name in method_stacks}
+    _reach_values(own)
+    r = min(max([int(temporal_radius)] + [int(v) for v in own.values()]), (n - 4) // 2)
+    lag = 2 * r + 1
     m = float(np.max(y)) if peak is None else float(peak)
     rows = []
     for name, stack in method_stacks.items():
         f = _stack(stack, f"compute_metrics[{name}]")
         _same_shape(f, y, f"compute_metrics[{name}]")
-        err = umse(f, y, temporal_radius=temporal_radius)
+        valid = int(own[name]) <= r
+        err = umse(f, y, temporal_radius=r) if valid else float("nan")
+        p = neighbour_corr(f, lag) if valid else float("nan")
         rows.append({
             "method": name,
+            "reach": int(own[name]),
             "umse": err,
             "upsnr_db": float(10.0 * np.log10(m * m / err)) if err > 0 else float("nan"),
-            "snr_db": snr_neighbour(f),
+            "snr_db": snr_from_corr(p),
+            "snr_corr": p,
             "psnr_db": float("nan") if truth is None else psnr(f, truth),
             "ssim": float("nan") if truth is None else ssim(f, truth),
+            "umse_radius": r,
+            "snr_lag": lag,
+            "umse_valid": valid,
         })
-    return pd.DataFrame(rows, columns=["method", "umse", "upsnr_db", "snr_db", "psnr_db", "ssim"])
+    return pd.DataFrame(rows, columns=METRIC_COLUMNS)
 
 
-SELECT_RULE = ("lowest uMSE against the noisy movie at temporal radius r >= 2 (frames t-r-1, "
-               "t+r+1, t+r+2, outside every candidate's input window)")
+SELECT_RULE = ("lowest uMSE against the noisy movie at temporal radius r = max(wanted, widest candidate reach) "
+               "(frames t-r-1, t+r+1, t+r+2, outside every candidate's input window)")
 
 
-def select_model(denoised: dict, noisy, *, temporal_radius: int = 2) -> dict:
+def select_model(denoised: dict, noisy, *, reaches: Mapping[str, int], temporal_radius: int = 2) -> dict:
     """Choose among denoised versions of one movie without ground truth.
 
     Parameters
     ----------
     denoised : dict of str -> (T, Y, X) array
-        Candidate outputs (e.g. {'wcvd': ..., 'shine': ...}), same shape and units as
-        ``noisy``.
+        Candidate outputs (e.g. {'wcvd': ..., 'shine': ..., 'classical': ...}), same
+        shape and units as ``noisy``.
     noisy : (T, Y, X) array
         The noisy movie the candidates were computed from.
+    reaches : mapping str -> int
+        Temporal reach in frames of every candidate (``emdenoise.filters.temporal_reach``:
+        WCVD kt // 2, SHINE frames // 2, Gaussian 3D ceil(2 sigma_t)).
     temporal_radius : int
-        r >= 2; must be at least the temporal radius of every candidate (SHINE: 2).
+        Smallest radius wanted (>= 0); the radius used is :func:`common_radius`.
 
     Returns
     -------
     dict
-        {'chosen': name, 'rule': SELECT_RULE, 'umse': {name: uMSE}, 'temporal_radius': r}.
+        {'chosen': name, 'rule': SELECT_RULE, 'umse': {name: uMSE},
+        'temporal_radius': r, 'reaches': {name: reach}}.
 
-    Why uMSE at r >= 2 and not the training validation loss: the noise of frames outside
-    every candidate's input window is independent of its output, so uMSE is unbiased
-    there even when the noise is spatially (PSF-)correlated.  The validation loss of a
-    blind-spot network compares with the *same* noisy frame, which rewards a too-small
-    blind spot for copying correlated noise from its neighbours.
+    Raises
+    ------
+    InputError
+        No candidates, a reach missing, or a movie too short for r (T < 2r + 4).
+
+    Why uMSE outside every reach and not the training validation loss: the noise of
+    frames outside every candidate's input window is independent of its output, so uMSE
+    is unbiased there even when the noise is spatially (PSF-)correlated.  A candidate
+    that saw frame t - r - 1 would score too low, even negative.  The validation loss of
+    a blind-spot network compares with the *same* noisy frame, which rewards a
+    too-small blind spot for copying correlated noise from its neighbours.
     """
-    r = int(temporal_radius)
-    if r < 2:
-        raise InputError(None, f"select_model: temporal_radius must be >= 2, got {r}")
     if not denoised:
         raise InputError(None, "select_model: no candidates")
-    scores = {name: umse(stack, noisy, temporal_radius=r) for name, stack in denoised.items()}
+    missing = [name for name in denoised if name not in reaches]
+    if missing:
+        raise InputError(None, f"select_model: no temporal reach given for {missing}")
+    own = {name: int(reaches[name]) for name in denoised}
+    y = _stack(noisy, "select_model")
+    r = common_radius(own, y.shape[0], temporal_radius)
+    scores = {name: umse(stack, y, temporal_radius=r) for name, stack in denoised.items()}
     chosen = min(scores, key=scores.get)
-    return {"chosen": chosen, "rule": SELECT_RULE, "umse": scores, "temporal_radius": r}
+    return {"chosen": chosen, "rule": SELECT_RULE, "umse": scores, "temporal_radius": r, "reaches": own}

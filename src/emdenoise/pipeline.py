@@ -21,7 +21,8 @@ from .errors import InputError
 from .models import model_class, resolve_device
 from .train import train_model
 
-__all__ = ["prefilter", "model_params", "train_candidate", "postprocess", "choose", "denoise_stack"]
+__all__ = ["prefilter", "model_params", "train_candidate", "postprocess", "classical_candidate",
+           "temporal_reach", "choose", "denoise_stack"]
 
 
 def prefilter(stack: np.ndarray, method: str = "wcid", sigma: float = 1.5, *,
@@ -93,39 +94,76 @@ def postprocess(denoised: np.ndarray, ds, name: str) -> tuple[np.ndarray, dict]:
     return out, record
 
 
-def choose(outputs: dict, noisy: np.ndarray, ds, reaches: dict | None = None) -> dict:
+def classical_candidate(stack: np.ndarray, blind_radius: int) -> tuple[np.ndarray, dict]:
+    """The Gaussian 3D tuned on the movie itself (``filters.blind_gaussian3d``, Noise2Self
+    with the noise stage's blind spot): (T, Y, X) float32 and the attributes recording
+    sigma (t, y, x), temporal reach, blind radius and the score table."""
+    res = filters.blind_gaussian3d(np.asarray(stack, dtype=np.float32), int(blind_radius))
+    scores = [{k: None if v != v else float(v) for k, v in row.items()}  # NaN -> null (JSON)
+              for row in res.scores.to_dict(orient="records")]
+    attrs = {"method": "classical", "filter": "gaussian3d blind-tuned (Noise2Self)",
+             "sigma": [res.sigma[0], res.sigma[1], res.sigma[1]], "temporal_reach": res.reach,
+             "blind_radius": int(blind_radius), "output": res.output, "scores": scores}
+    return res.denoised, attrs
+
+
+def temporal_reach(ds, method: str, attrs: dict | None = None) -> int:
+    """Frames on each side of t that ``method``'s output frame t depends on: from the
+    stack's attributes when recorded there (the tuned 'classical' filter), else from
+    the config (``filters.temporal_reach``)."""
+    if attrs and "temporal_reach" in attrs:
+        return int(attrs["temporal_reach"])
+    if method == "gaussian3d":
+        return filters.temporal_reach(method, sigma=tuple(ds.baselines.gaussian3d_sigma))
+    if method == "wcvd":
+        return filters.temporal_reach(method, params=ds.model.wcvd_params())
+    if method == "shine":
+        return ds.shine.frames // 2
+    if method == "classical":
+        raise InputError(None, "the classical candidate's reach is recorded in its stack's attributes")
+    return filters.temporal_reach(method)
+
+
+def choose(outputs: dict, noisy: np.ndarray, ds, reaches: dict) -> dict:
     """Which candidate denoises the dataset.  One candidate: it.  Several (``auto``): the
     lowest uMSE against the noisy movie (``metrics.select_model``) at one temporal
     radius outside every candidate's reach.  Returns the choice record."""
     names = list(outputs)
     if len(names) == 1:
         return {"chosen": names[0], "rule": f"configured (model: {ds.model.name})"}
-    r = max(2, ds.metrics.temporal_radius, *(reaches or {}).values())
-    if noisy.shape[0] < 2 * r + 4:
-        raise InputError(None, f"model: auto compares candidates by uMSE, which needs at least {2 * r + 4} "
-                               f"frames; this movie has {noisy.shape[0]}: choose one model")
-    return metrics.select_model(outputs, noisy, temporal_radius=r)
+    try:
+        return metrics.select_model(outputs, noisy, reaches={m: reaches[m] for m in names},
+                                    temporal_radius=ds.metrics.temporal_radius)
+    except InputError as exc:
+        raise InputError(None, f"model: auto compares candidates by uMSE: {exc.problem}; "
+                               "choose model: wcvd or shine") from None
 
 
 def denoise_stack(stack: np.ndarray, ds, *, train_overrides: dict | None = None, device: str = "auto",
                   progress: Callable[[str, dict], None] | None = None) -> dict:
     """The whole chain on one (T, Y, X) stack in data units (no drift correction).
 
-    Returns {'chosen', 'output' (T, Y, X) float32 in data units, 'outputs' per candidate,
-    'checkpoints' per candidate, 'choice' (record), 'blindspot' (noise stage result)}.
+    Returns {'chosen', 'output' (T, Y, X) float32 in data units, 'outputs' per candidate
+    ('classical' too for ``auto``), 'checkpoints' per trained model, 'choice' (record),
+    'blindspot' (noise stage result)}.
     """
     stack = np.asarray(stack, dtype=np.float32)
     spot = noise.estimate_blindspot(stack, max_lag=ds.noise.max_lag, threshold=ds.noise.threshold,
-                                    estimate=ds.noise.estimate) if "shine" in ds.candidates else None
+                                    estimate=ds.noise.estimate)
     outputs, ckpts, reaches = {}, {}, {}
     for name in ds.candidates:
         cb = (lambda row, n=name: progress(n, row)) if progress else None
-        ckpt = train_candidate(stack, ds, name, spot["blindspot"] if spot else None,
-                               train_overrides=train_overrides, progress=cb)
+        ckpt = train_candidate(stack, ds, name, spot["blindspot"], train_overrides=train_overrides,
+                               progress=cb)
         model = model_from_checkpoint(ckpt, device=device)
         out = infer.denoise(model, ckpt, stack, device=device)
         outputs[name], _ = postprocess(out, ds, name)
         ckpts[name], reaches[name] = ckpt, model.params.halo_t
+    if "classical" in ds.select_candidates:
+        outputs["classical"], attrs = classical_candidate(stack, spot["blindspot"] // 2)
+        reaches["classical"] = attrs["temporal_reach"]
     choice = choose(outputs, stack, ds, reaches)
+    if choice["chosen"] == "classical":
+        choice["sigma"] = attrs["sigma"]
     return {"chosen": choice["chosen"], "output": outputs[choice["chosen"]], "outputs": outputs,
             "checkpoints": ckpts, "choice": choice, "blindspot": spot}

@@ -20,7 +20,7 @@ import pandas as pd  # noqa: E402
 
 from .io import atomic_path  # noqa: E402
 
-METRIC_COLUMNS = ["dataset", "method", "umse", "upsnr_db", "snr_db", "psnr_db", "ssim"]
+METRIC_COLUMNS = ["dataset", "method", "umse", "upsnr_db", "snr_db", "psnr_db", "ssim", "umse_radius"]
 
 
 def display_range(stacks: Mapping[str, np.ndarray], frame: int) -> tuple[float, float]:
@@ -72,7 +72,7 @@ def _img(path: str | os.PathLike) -> str:
 
 
 def _fmt(table: pd.DataFrame) -> pd.DataFrame:
-    return table.round({"umse": 5, "upsnr_db": 2, "snr_db": 2, "psnr_db": 2, "ssim": 4})
+    return table.round({"umse": 5, "upsnr_db": 2, "snr_db": 2, "snr_corr": 4, "psnr_db": 2, "ssim": 4})
 
 
 def write_report(datasets: Sequence[str], inputs, outputs, choices: Mapping[str, str] | None = None) -> None:
@@ -88,17 +88,24 @@ def write_report(datasets: Sequence[str], inputs, outputs, choices: Mapping[str,
     spots = [json.loads(Path(p).read_text()) for p in inputs.blindspot]
     md_dir = Path(outputs.markdown).parent
     md = ["# emdenoise report", "",
-          "uMSE / uPSNR: WCVD paper eq. 1–2 from temporally adjacent raw frames (lower uMSE, higher "
-          "uPSNR is better). SNR: SHINE eq. 5 from the correlation of neighbouring output frames. "
+          "uMSE / uPSNR: WCVD paper eq. 1–2 from raw frames t−r−1, t+r+1, t+r+2, outside every method's "
+          "temporal reach (r = umse_radius; lower uMSE, higher uPSNR is better). SNR: SHINE eq. 5 from the "
+          "correlation snr_corr of output frames t and t+2r+1, whose input frames do not overlap. "
           "PSNR / SSIM only where a ground truth exists.", "",
           _fmt(table).to_markdown(index=False) if _has_tabulate() else _fmt(table).to_string(index=False), ""]
-    body = ["<h1>emdenoise report</h1>", "<p>uMSE / uPSNR: WCVD paper eq. 1–2 from temporally adjacent raw "
-            "frames. SNR: SHINE eq. 5 from neighbouring output frames. PSNR / SSIM against ground truth "
+    body = ["<h1>emdenoise report</h1>", "<p>uMSE / uPSNR: WCVD paper eq. 1–2 from raw frames t−r−1, t+r+1, "
+            "t+r+2, outside every method's temporal reach (r = umse_radius). SNR: SHINE eq. 5 from output "
+            "frames t and t+2r+1 (no shared input frames). PSNR / SSIM against ground truth "
             "where one exists.</p>", _fmt(table).to_html(index=False, na_rep="–")]
     for i, name in enumerate(datasets):
         spot = spots[i]
         line = (f"Blind spot chosen: {spot.get('blindspot')}×{spot.get('blindspot')} "
                 f"(estimate: {spot.get('estimate_used')}; rule: {spot.get('rule', '')})")
+        radius = table.loc[table.dataset == name, "umse_radius"].dropna() if "umse_radius" in table else []
+        if len(radius):
+            r = int(radius.iloc[0])
+            line += (f" uMSE radius {r}: reference frames t−{r + 1}, t+{r + 1}, t+{r + 2}; "
+                     f"SNR from frames t and t+{2 * r + 1}.")
         if choices and name in choices:
             c = json.loads(Path(choices[name]).read_text())
             evidence = ", ".join(f"{m} {v:.4g}" for m, v in c.get("umse", {}).items())

@@ -46,22 +46,33 @@ def candidates(ds):
     return CFG.datasets[ds].candidates
 
 
+def select_candidates(ds):
+    """What `select` chooses from: the trained models, and for `auto` also the Gaussian 3D
+    tuned without ground truth (`classical`, no checkpoint)."""
+    return CFG.datasets[ds].select_candidates
+
+
 def methods(ds):
     """Denoised stacks compared in the metrics table, besides the raw frames."""
-    return BASELINES + candidates(ds)
+    return BASELINES + select_candidates(ds)
 
 
 def method_stacks(wildcards):
     ds = wildcards.ds
-    return {m: f"{RESULTS}/{ds}/{m}/denoised.zarr" if m in candidates(ds) else f"{RESULTS}/{ds}/{m}.zarr"
+    return {m: f"{RESULTS}/{ds}/{m}/denoised.zarr" if m in select_candidates(ds) else f"{RESULTS}/{ds}/{m}.zarr"
             for m in methods(ds)}
 
 
+def checkpoints(ds):
+    """Each trained model's checkpoint, key model_<name>."""
+    return {f"model_{m}": f"{RESULTS}/{ds}/{m}/model.pt" for m in candidates(ds)}
+
+
 def candidate_stacks(wildcards):
-    """Each candidate's denoised stack (key: model name) and checkpoint (key: model_<name>)."""
+    """Each select candidate's denoised stack (key: its name) and each model's checkpoint."""
     ds = wildcards.ds
-    stacks = {m: f"{RESULTS}/{ds}/{m}/denoised.zarr" for m in candidates(ds)}
-    return {**stacks, **{f"model_{m}": f"{RESULTS}/{ds}/{m}/model.pt" for m in candidates(ds)}}
+    stacks = {m: f"{RESULTS}/{ds}/{m}/denoised.zarr" for m in select_candidates(ds)}
+    return {**stacks, **checkpoints(ds)}
 
 
 def export_ext(ds):
@@ -88,7 +99,7 @@ def provenance_inputs(wildcards):
         "metrics": f"{RESULTS}/{ds}/metrics.csv",
     }
     if candidates(ds):
-        inputs["model"] = f"{RESULTS}/{ds}/model.pt"
+        inputs.update(checkpoints(ds))  # provenance records the chosen one's (none for `classical`)
         inputs["choice"] = f"{RESULTS}/{ds}/model_choice.json"
         inputs["denoised"] = f"{RESULTS}/{ds}/denoised.zarr"
         inputs["export"] = f"{RESULTS}/{ds}/denoised.{export_ext(ds)}"

@@ -1,5 +1,6 @@
 # The dataset's denoised stack: the configured model's, or for `model: auto` the candidate
-# with the lower uMSE (no ground truth needed; emdenoise.metrics.select_model).
+# (WCVD, SHINE, the blind-tuned Gaussian 3D `classical`) with the lowest uMSE at one radius
+# outside every candidate's temporal reach (no ground truth; emdenoise.metrics.select_model).
 
 
 rule select:
@@ -8,11 +9,10 @@ rule select:
         raw=f"{RESULTS}/{{ds}}/aligned.zarr",
     output:
         denoised=directory(f"{RESULTS}/{{ds}}/denoised.zarr"),
-        model=f"{RESULTS}/{{ds}}/model.pt",
         choice=f"{RESULTS}/{{ds}}/model_choice.json",
     params:
         dataset=dataset,
-        candidates=lambda wildcards: dataset(wildcards).candidates,
+        candidates=lambda wildcards: select_candidates(wildcards.ds),
     log:
         f"{RESULTS}/logs/{{ds}}/select.log",
     resources:

@@ -1,0 +1,20 @@
+# Gaussian 3D tuned without ground truth (Noise2Self), a `model: auto` candidate.
+
+
+rule classical:
+    input:
+        stack=f"{RESULTS}/{{ds}}/aligned.zarr",
+        blindspot=f"{RESULTS}/{{ds}}/blindspot.json",
+    output:
+        denoised=directory(f"{RESULTS}/{{ds}}/classical/denoised.zarr"),
+        tuning=f"{RESULTS}/{{ds}}/classical/tuning.csv",
+    params:
+        dataset=dataset,
+    log:
+        f"{RESULTS}/logs/{{ds}}/classical.log",
+    resources:
+        mem_mb=4000,
+    conda:
+        "../../envs/emdenoise.yaml"
+    script:
+        "../../scripts/classical.py"
