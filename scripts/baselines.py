@@ -2,10 +2,11 @@
 import numpy as np
 
 from emdenoise import filters, io, stage
+from emdenoise.config import stage_config
 
 
 def main(smk):
-    b = smk.params.dataset.baselines
+    b = stage_config(smk.params.cfg).baselines
     aligned, attrs = io.read_zarr(smk.input[0])
     stack = np.asarray(aligned[:], dtype=np.float32)
     px = attrs.get("pixel_size")

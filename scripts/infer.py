@@ -4,10 +4,11 @@ Movies stream through chunked inference (emdenoise.infer.infer_zarr); tilt serie
 cut into overlapping tiles stitched with a blending window (emdenoise.tiling).
 """
 from emdenoise import infer, io, stage, tiling, train
+from emdenoise.config import stage_config
 
 
 def main(smk):
-    ds = smk.params.dataset
+    ds = stage_config(smk.params.cfg)
     cfg = ds.infer
     attrs = {"method": smk.wildcards.model, "model_checkpoint": str(smk.input.model)}
     if ds.kind == "tilt_series":

@@ -2,10 +2,11 @@
 import numpy as np
 
 from emdenoise import io, metrics, report, stage
+from emdenoise.config import stage_config
 
 
 def main(smk):
-    ds = smk.params.dataset
+    ds = stage_config(smk.params.cfg)
     raw, _ = io.read_zarr(smk.input.raw)
     raw = np.asarray(raw[:], dtype=np.float32)
     stacks = {"raw": raw}

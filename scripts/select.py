@@ -9,11 +9,12 @@ import shutil
 import numpy as np
 
 from emdenoise import io, metrics, stage
+from emdenoise.config import stage_config
 from emdenoise.errors import InputError
 
 
 def main(smk):
-    ds = smk.params.dataset
+    ds = stage_config(smk.params.cfg)
     names = smk.params.candidates
     raw, _ = io.read_zarr(smk.input.raw)
     stacks = {m: io.read_zarr(smk.input[m]) for m in names}
@@ -22,7 +23,7 @@ def main(smk):
     else:
         r = max(2, ds.metrics.temporal_radius)
         if raw.shape[0] < 2 * r + 4:
-            raise InputError(ds.path, f"model: auto compares candidates by uMSE, which needs at least {2 * r + 4} "
+            raise InputError(smk.input.raw, f"model: auto compares candidates by uMSE, which needs at least {2 * r + 4} "
                                       f"frames; this movie has {raw.shape[0]}: choose model: wcvd or shine")
         choice = metrics.select_model({m: np.asarray(a[:]) for m, (a, _) in stacks.items()},
                                       np.asarray(raw[:]), temporal_radius=r)

@@ -11,7 +11,7 @@ rule select:
         model=f"{RESULTS}/{{ds}}/model.pt",
         choice=f"{RESULTS}/{{ds}}/model_choice.json",
     params:
-        dataset=dataset,
+        cfg=stage("name", "model.name", "metrics.temporal_radius"),
         candidates=lambda wildcards: dataset(wildcards).candidates,
     log:
         f"{RESULTS}/logs/{{ds}}/select.log",
