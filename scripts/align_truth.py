@@ -3,11 +3,12 @@ import numpy as np
 import pandas as pd
 
 from emdenoise import drift, io, stage
+from emdenoise.config import stage_config
 from emdenoise.errors import InputError
 
 
 def main(smk):
-    ds = smk.params.dataset
+    ds = stage_config(smk.params.cfg)
     truth, attrs = io.read_zarr(smk.input.truth)
     aligned, _ = io.read_zarr(smk.input.aligned)
     table = pd.read_csv(smk.input.table)

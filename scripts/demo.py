@@ -2,10 +2,11 @@
 import numpy as np
 
 from emdenoise import io, stage, synthetic
+from emdenoise.config import DemoConfig
 
 
 def main(smk):
-    d = smk.params.demo
+    d = DemoConfig(**smk.params.demo)  # a plain dict, so that Snakemake re-runs on edits
     movie = synthetic.simulate_movie(
         n_frames=d.n_frames, shape=tuple(d.shape), mode=d.mode, spacing=d.spacing,
         dose=d.dose, max_drift=d.max_drift, psf_sigma=d.psf_sigma, seed=d.seed,

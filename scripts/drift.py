@@ -2,10 +2,11 @@
 import numpy as np
 
 from emdenoise import drift, io, stage
+from emdenoise.config import stage_config
 
 
 def main(smk):
-    ds = smk.params.dataset
+    ds = stage_config(smk.params.cfg)
     raw, attrs = io.read_zarr(smk.input.raw)
     stack = np.asarray(raw[:], dtype=np.float32)
     if "prefiltered" in smk.input.keys():

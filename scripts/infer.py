@@ -4,10 +4,11 @@ Movies stream through chunked inference (emdenoise.chunked.infer_zarr); tilt ser
 cut into overlapping tiles stitched with a blending window (emdenoise.infer.denoise_tiled).
 """
 from emdenoise import checkpoint, chunked, infer, io, stage
+from emdenoise.config import stage_config
 
 
 def main(smk):
-    ds = smk.params.dataset
+    ds = stage_config(smk.params.cfg)
     cfg = ds.infer
     attrs = {"method": smk.wildcards.model, "model_checkpoint": str(smk.input.model)}
     if ds.kind == "tilt_series":
@@ -15,6 +16,7 @@ def main(smk):
         model, ckpt = checkpoint.load_checkpoint(smk.input.model, device=cfg.device)
         out = infer.denoise_tiled(model, ckpt, stack, tile=cfg.tilt_tile, overlap=cfg.tilt_overlap,
                                    device=cfg.device, batch_frames=cfg.batch_frames)
+        attrs["temporal_reach"] = model.params.halo_t
         io.write_zarr(smk.output[0], out, pixel_size=src_attrs.get("pixel_size"),
                       attrs={**src_attrs, **attrs, "tiling": {"tile": cfg.tilt_tile, "overlap": cfg.tilt_overlap}})
         return

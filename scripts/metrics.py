@@ -6,10 +6,11 @@ One uMSE radius for all methods: max(metrics.temporal_radius, widest temporal re
 import numpy as np
 
 from emdenoise import io, metrics, pipeline, report, stage
+from emdenoise.config import stage_config
 
 
 def main(smk):
-    ds = smk.params.dataset
+    ds = stage_config(smk.params.cfg)
     raw, _ = io.read_zarr(smk.input.raw)
     raw = np.asarray(raw[:], dtype=np.float32)
     stacks, reaches = {"raw": raw}, {"raw": 0}

@@ -4,11 +4,12 @@ import json
 import pandas as pd
 
 from emdenoise import io, noise, stage
+from emdenoise.config import stage_config
 from emdenoise.errors import InputError
 
 
 def main(smk):
-    ds = smk.params.dataset
+    ds = stage_config(smk.params.cfg)
     aligned, attrs = io.read_zarr(smk.input[0])
     if attrs.get("drift", {}).get("mode", "integer") != "integer":
         raise InputError(smk.input[0], "noise must be measured on frames that were never interpolated; "

@@ -2,10 +2,11 @@
 from pathlib import Path
 
 from emdenoise import io, provenance, stage
+from emdenoise.config import stage_config
 
 
 def main(smk):
-    ds = smk.params.dataset
+    ds = stage_config(smk.params.cfg)
     _, attrs = io.read_zarr(smk.input.raw)
     model_info = {}
     chosen = None

@@ -10,11 +10,12 @@ import json
 import numpy as np
 
 from emdenoise import checkpoint, io, pipeline, stage
+from emdenoise.config import stage_config
 from emdenoise.errors import InputError
 
 
 def main(smk):
-    ds = smk.params.dataset
+    ds = stage_config(smk.params.cfg)
     names = smk.params.candidates
     raw, _ = io.read_zarr(smk.input.raw)
     stacks = {m: io.read_zarr(smk.input[m]) for m in names}
@@ -24,7 +25,7 @@ def main(smk):
         choice = pipeline.choose({m: np.asarray(a[:]) for m, (a, _) in stacks.items()}, np.asarray(raw[:]),
                                  ds, reaches)
     except InputError as exc:
-        raise InputError(ds.path, exc.problem) from None
+        raise InputError(smk.input.raw, exc.problem) from None
     if "model_shine" in smk.input.keys():  # which SHINE size ran (auto: CPU-sized without a GPU)
         choice["shine_size"] = checkpoint.load_checkpoint(smk.input.model_shine)[1].get("shine_size")
     chosen = choice["chosen"]

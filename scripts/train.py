@@ -5,10 +5,11 @@ import numpy as np
 import torch
 
 from emdenoise import checkpoint, io, pipeline, stage
+from emdenoise.config import stage_config
 
 
 def main(smk):
-    ds, name = smk.params.dataset, smk.wildcards.model
+    ds, name = stage_config(smk.params.cfg), smk.wildcards.model
     torch.set_num_threads(max(1, smk.threads))
     aligned, _ = io.read_zarr(smk.input.stack)
     blindspot = json.loads(open(smk.input.blindspot).read())["blindspot"]

@@ -373,7 +373,7 @@ def infer_zarr(model, ckpt, src_zarr_path, dst_zarr_path, *, device: str = "auto
     progress_s = None if progress is False else (2.0 if progress is True else float(progress))
     run_id = uuid.uuid4().hex
     _shared_state[run_id] = _Shared(_math.prod(tile), len(cores), _math.prod(shape), progress_s)
-    out_attrs = {**src_attrs, **(attrs or {}),
+    out_attrs = {**src_attrs, **(attrs or {}), "temporal_reach": p.halo_t,  # frames each side (metrics)
                  "infer": {"tile": list(tile), "halo_t": p.halo_t, "halo_s": p.halo_s,
                            "temporal_boundary": "windows mirrored about their centre frame",
                            "spatial_boundary": "periodic"}}

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import inspect
 import os
 import re
+import types
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from .errors import InputError
@@ -297,9 +301,21 @@ class ModelConfig:
     bias: bool = True
 
     def wcvd_params(self, dims: int = 3) -> WCVDParams:
-        """Architecture of WCVD (dims=3) or of its 2D twin WCID (dims=2)."""
-        arch = {f.name: getattr(self, f.name) for f in fields(WCVDParams) if hasattr(self, f.name)}
+        """Architecture of WCVD (dims=3) or of its 2D twin WCID (dims=2).
+
+        Reads exactly ``wcvd_arch(dims)`` (named, not probed with hasattr, so a stage view
+        that lacks one of them raises instead of silently taking a default); WCID has no
+        temporal kernel, so ``kt`` is not read for dims=2.
+        """
+        arch = {name: getattr(self, name) for name in wcvd_arch(dims)}
         return WCVDParams(**{**arch, "dims": dims})
+
+
+def wcvd_arch(dims: int = 3) -> tuple[str, ...]:
+    """ModelConfig fields that make the WCVD (dims=3) or WCID (dims=2) architecture:
+    all but ``name``, and without ``kt`` for WCID (one frame per window)."""
+    names = ("kt", "ks", "channels", "n_layers", "negative_slope", "bias")
+    return names if dims == 3 else names[1:]
 
 
 @dataclass(frozen=True)
@@ -388,8 +404,48 @@ class DemoConfig:
     seed: int = 0
 
 
+class _DatasetHelpers:
+    """Derived settings, shared by DatasetConfig and StageConfig (which reads only the
+    sections its rule passed: each helper names the sections it needs)."""
+
+    @property
+    def candidates(self) -> list[str]:
+        """Models trained for this dataset: one, both for ``auto``, none for ``none``.
+        Needs ``model.name``."""
+        return {"auto": ["wcvd", "shine"], "none": []}.get(self.model.name, [self.model.name])
+
+    @property
+    def select_candidates(self) -> list[str]:
+        """What ``auto`` chooses from: the trained models and the Gaussian 3D tuned without
+        ground truth ('classical', no checkpoint); the configured model otherwise.
+        Needs ``model.name``."""
+        return self.candidates + (["classical"] if self.model.name == "auto" else [])
+
+    def train_params(self, model: str, gpu: bool = False) -> TrainParams:
+        """Training settings of one model: SHINE takes its size's batch / crop / schedule
+        (``SHINE_SIZES``, the paper's on a GPU) over ``train`` and then its own
+        ``shine_train`` overrides.  Needs ``train`` (and ``shine``, ``shine_train`` for
+        SHINE)."""
+        if model != "shine":
+            return self.train
+        preset = SHINE_SIZES[self.shine.resolved_size(gpu)]["train"]
+        return dataclasses.replace(self.train, **{**preset, **self.shine_train})
+
+    @property
+    def drift_enabled(self) -> bool:
+        """Needs ``drift`` and ``kind``."""
+        if self.drift.enabled is None:
+            return self.kind == "movie"
+        return bool(self.drift.enabled)
+
+
+#: What each helper of _DatasetHelpers reads, for the error when a stage view lacks it.
+_HELPER_NEEDS = {"candidates": ("model.name",), "select_candidates": ("model.name",),
+                 "drift_enabled": ("drift", "kind")}
+
+
 @dataclass(frozen=True)
-class DatasetConfig:
+class DatasetConfig(_DatasetHelpers):
     name: str
     path: str
     kind: str = "movie"
@@ -408,32 +464,6 @@ class DatasetConfig:
     infer: InferConfig = field(default_factory=InferConfig)
     lowpass: LowpassConfig = field(default_factory=LowpassConfig)
 
-    @property
-    def candidates(self) -> list[str]:
-        """Models trained for this dataset: one, both for ``auto``, none for ``none``."""
-        return {"auto": ["wcvd", "shine"], "none": []}.get(self.model.name, [self.model.name])
-
-    @property
-    def select_candidates(self) -> list[str]:
-        """What ``auto`` chooses from: the trained models and the Gaussian 3D tuned without
-        ground truth ('classical', no checkpoint); the configured model otherwise."""
-        return self.candidates + (["classical"] if self.model.name == "auto" else [])
-
-    def train_params(self, model: str, gpu: bool = False) -> TrainParams:
-        """Training settings of one model: SHINE takes its size's batch / crop / schedule
-        (``SHINE_SIZES``, the paper's on a GPU) over ``train`` and then its own
-        ``shine_train`` overrides."""
-        if model != "shine":
-            return self.train
-        preset = SHINE_SIZES[self.shine.resolved_size(gpu)]["train"]
-        return dataclasses.replace(self.train, **{**preset, **self.shine_train})
-
-    @property
-    def drift_enabled(self) -> bool:
-        if self.drift.enabled is None:
-            return self.kind == "movie"
-        return bool(self.drift.enabled)
-
 
 @dataclass(frozen=True)
 class PipelineConfig:
@@ -451,6 +481,181 @@ def _typed(cls, values: dict[str, Any], where: str):
     if unknown:  # the schema catches this in the workflow; this guards direct API use
         raise InputError(None, f"config key {where}.{sorted(unknown)[0]} is not a known setting")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+# --------------------------------------------------------------------------------------
+# per-stage params: what a rule hands its script
+# --------------------------------------------------------------------------------------
+#
+# Snakemake re-runs a job when its recorded params change, but it records only plain
+# values (str, int, float, bool, None, list, dict): a dataclass param is silently dropped.
+# So each rule passes ``stage_params(ds, <the sections its script reads>)`` and the script
+# reads them back through ``stage_config``, which refuses any section the rule did not
+# pass: a script cannot depend on a setting whose edit would not re-run it.
+
+#: Every field of a dataset entry, in DatasetConfig order (provenance records them all).
+DATASET_SECTIONS: tuple[str, ...] = tuple(f.name for f in fields(DatasetConfig))
+#: Sections that are stage dataclasses (the rest are plain values: name, path, kind, ...).
+_SECTION_TYPES: dict[str, type] = {f.name: STAGES[f.name] for f in fields(DatasetConfig) if f.name in STAGES}
+
+
+def plain(value: Any) -> Any:
+    """A JSON-able copy of ``value``: dataclasses and mappings -> dicts, tuples -> lists.
+
+    Snakemake records exactly such values for its params rerun trigger.
+    """
+    if isinstance(value, (StageConfig, SectionView)):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def stage_params(ds: DatasetConfig, *sections: str) -> dict[str, Any]:
+    """The settings of ``ds`` that one stage reads, as a plain dict (see ``plain``).
+
+    sections: fields of DatasetConfig (``"drift"``, ``"kind"``) or single settings inside
+    a stage section (``"model.name"``); single settings of one section are grouped, e.g.
+    ``stage_params(ds, "drift", "kind", "model.ks")`` ->
+    ``{"drift": {"enabled": None, "upsample": 20, ...}, "kind": "movie", "model": {"ks": [3, 5, 7]}}``.
+    Keys keep the order given, so the same rule always yields the same dict (and repr).
+    Raises KeyError for an unknown section or setting.
+    """
+    out: dict[str, Any] = {}
+    whole: set[str] = set()
+    for spec in sections:
+        section, _, key = spec.partition(".")
+        if section not in DATASET_SECTIONS:
+            raise KeyError(f"unknown dataset section {section!r} in {spec!r}; known: {', '.join(DATASET_SECTIONS)}")
+        value = getattr(ds, section)
+        if not key:
+            out[section] = plain(value)
+            whole.add(section)
+            continue
+        if _SECTION_TYPES.get(section, dict) is dict:
+            raise KeyError(f"{spec!r}: {section!r} has no named settings; pass the whole section")
+        if key not in {f.name for f in fields(_SECTION_TYPES[section])}:
+            raise KeyError(f"unknown setting {spec!r}")
+        if section not in whole:
+            out.setdefault(section, {})[key] = plain(getattr(value, key))
+    return out
+
+
+def _not_passed(what: str) -> AttributeError:
+    return AttributeError(f"setting '{what}' was not passed to this rule: add it to the rule's "
+                          f"stage(...) params, so that editing it re-runs the rule")
+
+
+class SectionView:
+    """Some settings of one stage section (e.g. only ``model.ks``), read-only.
+
+    Passed settings read as attributes; reading another setting of the section raises
+    AttributeError naming it. Methods and properties of the section's dataclass work and
+    read through the view, so they too raise if they need a setting that was not passed.
+    """
+
+    __slots__ = ("_section", "_cls", "_values")
+
+    def __init__(self, section: str, cls: type, values: Mapping[str, Any]):
+        names = {f.name for f in fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise KeyError(f"unknown setting {section}.{sorted(unknown)[0]}")
+        tuples = {f.name for f in fields(cls) if "tuple" in str(f.type)}
+        typed = {k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in values.items()}
+        for slot, value in (("_section", section), ("_cls", cls), ("_values", typed)):
+            object.__setattr__(self, slot, value)
+
+    def __getattr__(self, name: str) -> Any:
+        values, cls = object.__getattribute__(self, "_values"), object.__getattribute__(self, "_cls")
+        if name in values:
+            return values[name]
+        attr = inspect.getattr_static(cls, name, None)
+        if isinstance(attr, property):
+            return attr.fget(self)
+        if inspect.isfunction(attr):
+            return types.MethodType(attr, self)
+        section = object.__getattribute__(self, "_section")
+        if name in {f.name for f in fields(cls)}:
+            raise _not_passed(f"{section}.{name}")
+        raise AttributeError(f"{cls.__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"stage settings are read-only ({self._section}.{name})")
+
+    def replace(self, **changes: Any):
+        """The full dataclass from the passed settings and ``changes`` (like
+        ``dataclasses.replace``); raises AttributeError if some setting is in neither."""
+        missing = [f.name for f in fields(self._cls) if f.name not in self._values and f.name not in changes]
+        if missing:
+            raise _not_passed(f"{self._section}.{missing[0]}")
+        return self._cls(**{**self._values, **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return plain(dict(self._values))
+
+    def __repr__(self) -> str:
+        return f"SectionView({self._section}: {self._values!r})"
+
+
+class StageConfig(_DatasetHelpers):
+    """Read-only, typed view of the dataset settings one rule passed (see stage_params).
+
+    Exposes only the sections in ``params``: a whole stage section as its dataclass
+    (``cfg.drift.upsample``), some settings of one as a SectionView (``cfg.model.ks``),
+    plain sections as values (``cfg.name``, ``cfg.frames`` as a tuple). Reading a section
+    the rule did not pass raises AttributeError naming it. The DatasetConfig helpers
+    (``candidates``, ``drift_enabled``, ``train_params``) work when their sections are here.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, params: Mapping[str, Any]):
+        values: dict[str, Any] = {}
+        for section, value in params.items():
+            if section not in DATASET_SECTIONS:
+                raise KeyError(f"unknown dataset section {section!r}; known: {', '.join(DATASET_SECTIONS)}")
+            cls = _SECTION_TYPES.get(section)
+            if cls is dict:
+                value = MappingProxyType(dict(value))
+            elif cls is not None:
+                whole = set(value) == {f.name for f in fields(cls)}
+                value = _typed(cls, value, section) if whole else SectionView(section, cls, value)
+            elif isinstance(value, list):  # frames
+                value = tuple(value)
+            values[section] = value
+        object.__setattr__(self, "_values", values)
+
+    def __getattr__(self, name: str) -> Any:
+        values = object.__getattribute__(self, "_values")
+        if name in values:
+            return values[name]
+        if name in _HELPER_NEEDS:  # a helper property failed: say what it needs
+            needs = _HELPER_NEEDS[name]
+            raise AttributeError(f"'{name}' needs the settings {', '.join(needs)}; this rule passed only "
+                                 f"{', '.join(values) or 'none'}: add them to its stage(...) params")
+        if name in DATASET_SECTIONS:
+            raise _not_passed(name)
+        raise AttributeError(f"dataset settings have no section {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"stage settings are read-only ({name})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain dict this view was built from (as stage_params made it)."""
+        return {k: plain(v) for k, v in self._values.items()}
+
+    def __repr__(self) -> str:
+        return f"StageConfig({self.to_dict()!r})"
+
+
+def stage_config(params: Mapping[str, Any]) -> StageConfig:
+    """The typed, read-only view a script reads its rule's ``stage_params`` through."""
+    return StageConfig(params)
 
 
 def demo_path(name: str, demo: DemoConfig, truth: bool = False) -> str:

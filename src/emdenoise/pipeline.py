@@ -84,11 +84,10 @@ def train_candidate(stack: np.ndarray, ds, name: str, blindspot: int | None = No
 def postprocess(denoised: np.ndarray, ds, name: str) -> tuple[np.ndarray, dict]:
     """The post-processing of a model's method: the FFT low-pass for models whose method
     includes it (WCVD), nothing otherwise.  Returns (stack, record of what was done)."""
+    if not (model_class(name).lowpass and ds.lowpass.enabled):  # SHINE: reads no lowpass setting
+        return np.asarray(denoised, dtype=np.float32), {"applied": False}
     lp = ds.lowpass
-    applied = bool(lp.enabled and model_class(name).lowpass)
-    record = {"applied": applied, "diameter": lp.diameter, "pad": lp.pad}
-    if not applied:
-        return np.asarray(denoised, dtype=np.float32), record
+    record = {"applied": True, "diameter": lp.diameter, "pad": lp.pad}
     out = filters.fft_lowpass(denoised, diameter=lp.diameter, ks_max=max(ds.model.ks), pad=lp.pad,
                               edge_width=lp.edge_width)
     return out, record
@@ -109,10 +108,12 @@ def classical_candidate(stack: np.ndarray, blind_radius: int) -> tuple[np.ndarra
 
 def temporal_reach(ds, method: str, attrs: dict | None = None) -> int:
     """Frames on each side of t that ``method``'s output frame t depends on: from the
-    stack's attributes when recorded there (the tuned 'classical' filter), else from
-    the config (``filters.temporal_reach``)."""
+    stack's attributes where the stage that made it recorded it (``temporal_reach``:
+    baselines, classical, infer), else from the config (``filters.temporal_reach``)."""
     if attrs and "temporal_reach" in attrs:
         return int(attrs["temporal_reach"])
+    if method == "raw":
+        return 0
     if method == "gaussian3d":
         return filters.temporal_reach(method, sigma=tuple(ds.baselines.gaussian3d_sigma))
     if method == "wcvd":

@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import __version__
+from .config import StageConfig
 from .io import atomic_path, read_stack, sha256_path
 
 PACKAGES = ("numpy", "scipy", "scikit-image", "torch", "zarr", "dask", "tifffile", "mrcfile",
@@ -61,6 +62,8 @@ def stage_times(log_paths: Iterable[str | os.PathLike]) -> dict[str, dict[str, s
 
 
 def _jsonable(obj):
+    if isinstance(obj, StageConfig):  # the settings a rule passed (emdenoise.config.stage_params)
+        return obj.to_dict()
     if dataclasses.is_dataclass(obj):
         return _jsonable(dataclasses.asdict(obj))
     if isinstance(obj, dict):
@@ -72,7 +75,11 @@ def _jsonable(obj):
 
 def build_record(dataset_config, *, input_path: str, input_sha256: str | None, outputs: Iterable[str],
                  logs: Iterable[str], model_info: dict | None = None) -> dict:
-    """The provenance dict of one dataset (see module docstring)."""
+    """The provenance dict of one dataset (see module docstring).
+
+    dataset_config: DatasetConfig, or the StageConfig of all its sections that the
+    provenance rule passes; recorded in full under "config".
+    """
     return {
         "dataset": dataset_config.name,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -8,7 +8,7 @@ rule baselines:
         gaussian2d=directory(f"{RESULTS}/{{ds}}/gaussian2d.zarr"),
         gaussian3d=directory(f"{RESULTS}/{{ds}}/gaussian3d.zarr"),
     params:
-        dataset=dataset,
+        cfg=stage("baselines"),
     log:
         f"{RESULTS}/logs/{{ds}}/baselines.log",
     resources:

@@ -1,4 +1,5 @@
 import re
+from dataclasses import fields
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
@@ -33,8 +34,52 @@ wildcard_constraints:
 
 
 def dataset(wildcards):
-    """The typed DatasetConfig of the rule's {ds}."""
+    """The typed DatasetConfig of the rule's {ds} (for inputs; scripts get stage())."""
     return CFG.datasets[wildcards.ds]
+
+
+def stage(*sections):
+    """A rule's `params:` entry: the {ds} settings its script reads, as a plain dict.
+
+    sections: str | callable. A DatasetConfig field ("drift", "kind"), one setting
+    ("model.name"), or a function (DatasetConfig, wildcards) -> list[str] for settings
+    that matter only in some cases (one prefilter method, one {model}). Snakemake records
+    plain params, so an edit of any of them re-runs the rule and what follows; the script
+    reads them with emcfg.stage_config, which refuses sections that were not passed.
+    Returns a function of wildcards -> dict.
+    """
+
+    def params(wildcards):
+        ds = dataset(wildcards)
+        names = [n for s in sections for n in (s(ds, wildcards) if callable(s) else [s])]
+        return emcfg.stage_params(ds, *names)
+
+    return params
+
+
+def prefilter_settings(ds, wildcards):
+    """Only the chosen method's settings: a Gaussian pre-filter must not re-run drift (and
+    everything after it) when training settings change. WCID trains prefilter.epochs, not
+    train.epochs, and is 2D (no model.kt); model.name only picks the denoiser."""
+    if ds.prefilter.method == "wcid":
+        train = [f"train.{f.name}" for f in fields(emcfg.TrainParams) if f.name != "epochs"]
+        return ["prefilter.method", "prefilter.epochs", *(f"model.{f}" for f in emcfg.wcvd_arch(2)), *train]
+    if ds.prefilter.method == "gaussian2d":
+        return ["prefilter.method", "prefilter.sigma"]
+    return ["prefilter.method"]
+
+
+def model_settings(ds, wildcards):
+    """The {model} candidate's own architecture: SHINE edits do not retrain WCVD, and
+    model.name (which candidates exist) retrains neither."""
+    if wildcards.model == "shine":
+        return ["shine", "shine_train"]
+    return [f"model.{f}" for f in emcfg.wcvd_arch(3)]
+
+
+def lowpass_settings(ds, wildcards):
+    """The low-pass is applied to WCVD only; SHINE's output passes through unchanged."""
+    return ["lowpass", "model.ks"] if wildcards.model == "wcvd" else []
 
 
 def has_truth(ds):

@@ -9,7 +9,7 @@ rule demo:
         name="|".join(CFG.demo) or "^$",
         ext="tif|mrc|npy",
     params:
-        demo=lambda wildcards: CFG.demo[wildcards.name],
+        demo=lambda wildcards: emcfg.plain(CFG.demo[wildcards.name]),
     log:
         f"{RESULTS}/logs/demo/{{name}}.{{ext}}.log",
     resources:

@@ -14,7 +14,7 @@ rule drift:
             labels={"dataset": "{ds}"},
         ),
     params:
-        dataset=dataset,
+        cfg=stage("drift", "kind"),
     log:
         f"{RESULTS}/logs/{{ds}}/drift.log",
     resources:
@@ -33,7 +33,7 @@ rule align_truth:
     output:
         directory(f"{RESULTS}/{{ds}}/truth_aligned.zarr"),
     params:
-        dataset=dataset,
+        cfg=stage("drift.apply", "drift.crop", "ground_truth"),
     log:
         f"{RESULTS}/logs/{{ds}}/align_truth.log",
     resources:

@@ -10,7 +10,7 @@ rule infer:
     wildcard_constraints:
         model="wcvd|shine",
     params:
-        dataset=dataset,
+        cfg=stage("kind", "infer"),
     log:
         f"{RESULTS}/logs/{{ds}}/infer_{{model}}.log",
     threads: 2

@@ -7,7 +7,7 @@ rule ingest:
     output:
         directory(f"{RESULTS}/{{ds}}/raw.zarr"),
     params:
-        dataset=dataset,
+        cfg=stage("name", "kind", "pixel_size", "frames"),
     log:
         f"{RESULTS}/logs/{{ds}}/ingest.log",
     resources:
@@ -24,7 +24,7 @@ rule ingest_truth:
     output:
         directory(f"{RESULTS}/{{ds}}/truth.zarr"),
     params:
-        dataset=dataset,
+        cfg=stage("name", "kind", "pixel_size", "frames"),
     log:
         f"{RESULTS}/logs/{{ds}}/ingest_truth.log",
     resources:

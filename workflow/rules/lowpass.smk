@@ -9,7 +9,7 @@ rule lowpass:
     wildcard_constraints:
         model="wcvd|shine",
     params:
-        dataset=dataset,
+        cfg=stage(lowpass_settings),
     log:
         f"{RESULTS}/logs/{{ds}}/lowpass_{{model}}.log",
     resources:
@@ -27,8 +27,6 @@ rule export:
         f"{RESULTS}/{{ds}}/denoised.{{ext}}",
     wildcard_constraints:
         ext="tif|mrc",
-    params:
-        dataset=dataset,
     log:
         f"{RESULTS}/logs/{{ds}}/export_{{ext}}.log",
     resources:

@@ -15,7 +15,7 @@ rule metrics:
             labels={"dataset": "{ds}"},
         ),
     params:
-        dataset=dataset,
+        cfg=stage("name", "metrics"),
         methods=lambda wildcards: methods(wildcards.ds),
     log:
         f"{RESULTS}/logs/{{ds}}/metrics.log",

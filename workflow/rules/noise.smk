@@ -14,7 +14,7 @@ rule noise:
         ),
         blindspot=f"{RESULTS}/{{ds}}/blindspot.json",
     params:
-        dataset=dataset,
+        cfg=stage("name", "noise"),
     log:
         f"{RESULTS}/logs/{{ds}}/noise.log",
     resources:

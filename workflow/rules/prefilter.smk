@@ -7,7 +7,7 @@ rule prefilter:
     output:
         directory(f"{RESULTS}/{{ds}}/prefiltered.zarr"),
     params:
-        dataset=dataset,
+        cfg=stage(prefilter_settings),
     log:
         f"{RESULTS}/logs/{{ds}}/prefilter.log",
     resources:

@@ -7,7 +7,7 @@ rule provenance:
     output:
         f"{RESULTS}/{{ds}}/provenance.json",
     params:
-        dataset=dataset,
+        cfg=stage(*emcfg.DATASET_SECTIONS),
         logs=lambda wildcards: f"{RESULTS}/logs/{wildcards.ds}",
     log:
         f"{RESULTS}/logs/{{ds}}/provenance.log",

@@ -11,7 +11,7 @@ rule select:
         denoised=directory(f"{RESULTS}/{{ds}}/denoised.zarr"),
         choice=f"{RESULTS}/{{ds}}/model_choice.json",
     params:
-        dataset=dataset,
+        cfg=stage("name", "model.name", "metrics.temporal_radius"),
         candidates=lambda wildcards: select_candidates(wildcards.ds),
     log:
         f"{RESULTS}/logs/{{ds}}/select.log",

@@ -12,7 +12,7 @@ rule train:
     wildcard_constraints:
         model="wcvd|shine",
     params:
-        dataset=dataset,
+        cfg=stage("name", "train", model_settings),
     log:
         f"{RESULTS}/logs/{{ds}}/train_{{model}}.log",
     threads: 2
