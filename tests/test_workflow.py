@@ -103,7 +103,7 @@ def test_tiny_run_end_to_end(tmp_path):
         if choice["chosen"] == "classical":  # a filter: no checkpoint
             assert choice["checkpoint"] is None and len(choice["sigma"]) == 3
         else:
-            assert Path(choice["checkpoint"]).resolve() == (res / ds / choice["chosen"] / "model.pt").resolve()
+            assert (tmp_path / choice["checkpoint"]).resolve() == (res / ds / choice["chosen"] / "model.pt").resolve()
         if ds == "lin":  # auto: the choice is the candidate with the lowest uMSE, evidence recorded
             assert set(choice["umse"]) == {"wcvd", "shine", "classical"}
             assert (res / ds / "classical" / "tuning.csv").exists()

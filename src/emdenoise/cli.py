@@ -38,7 +38,8 @@ def _simulate(args: argparse.Namespace) -> None:
 
 
 def _denoise(args: argparse.Namespace) -> None:
-    """Train on the input itself, denoise it, post-process, choose, write (no drift correction)."""
+    """Align (whole pixels), train on the input itself, denoise, post-process, choose,
+    shift back and write: the output stays registered to the input."""
 
     settings: dict = {}
     if args.config:
@@ -64,10 +65,15 @@ def _denoise(args: argparse.Namespace) -> None:
                 ) if args.verbose else None
     try:
         result = pipeline.denoise_stack(stack, ds, device=device, progress=progress,
-                                        train_overrides={"device": device, "epochs": args.epochs})
+                                        train_overrides={"device": device, "epochs": args.epochs},
+                                        align=False if args.no_drift else None)
     except InputError as exc:
         raise InputError(args.input, exc.problem) from None
     chosen, choice = result["chosen"], result["choice"]
+    if result["drift"] is not None:
+        moved = result["drift"]["offsets"] is not None
+        print(f"drift: up to {result['drift']['max_shift_px']:.1f} px; "
+              + ("frames aligned by whole pixels for denoising and shifted back" if moved else "nothing to align"))
     if len(result["outputs"]) > 1:
         print(f"auto: chose {chosen} ({choice['rule']}; uMSE {choice['umse']})")
     ckpt = result["checkpoints"].get(chosen)  # None: the tuned classical filter won
@@ -131,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     den.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     den.add_argument("--pixel-size", type=float, default=None, help="Å/px, overrides the file's")
     den.add_argument("--save-model", help="also save the trained checkpoint here (.pt)")
+    den.add_argument("--no-drift", action="store_true",
+                     help="do not align frames before denoising (default: measure drift, align by whole "
+                          "pixels, denoise, shift back; tilt series are never aligned)")
     den.add_argument("-v", "--verbose", action="store_true", help="print the validation loss every epoch")
     den.set_defaults(func=_denoise)
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import filters, infer, metrics, noise
+from . import drift, filters, infer, metrics, noise
 from .checkpoint import model_from_checkpoint
 from .config import ModelConfig, TrainParams
 from .errors import InputError
@@ -140,15 +140,65 @@ def choose(outputs: dict, noisy: np.ndarray, ds, reaches: dict) -> dict:
                                "choose model: wcvd or shine") from None
 
 
-def denoise_stack(stack: np.ndarray, ds, *, train_overrides: dict | None = None, device: str = "auto",
-                  progress: Callable[[str, dict], None] | None = None) -> dict:
-    """The whole chain on one (T, Y, X) stack in data units (no drift correction).
+def align_on_canvas(stack: np.ndarray, ds) -> tuple[np.ndarray, dict]:
+    """Whole-pixel drift correction that keeps every input pixel (for ``emdenoise denoise``).
 
+    Drift is measured as in the workflow (``ds.prefilter`` then phase correlation,
+    ``ds.drift.upsample``) and undone by whole pixels only (no interpolation: the noise
+    stays independent).  Instead of cropping to the region every frame covers (the
+    workflow's aligned.zarr), each frame t is placed at offset ``o_t = d_max - d_t`` on a
+    canvas of (Y + d_max - d_min, X + ...) px filled with the stack's median, so that the
+    output can be shifted back onto the input's grid for every pixel.
+    The border: pixels within the drift range of a frame edge have fewer real temporal
+    neighbours (the fill carries no noise and no signal), so they are denoised mostly
+    from their own frame; the selection between candidates uses only the region every
+    frame covers.  Returns (canvas (T, Y', X') float32, record with 'offsets' (T, 2) int,
+    'measured' (T, 2) px, 'common' [y0, y1, x0, x1] on the canvas).
+    """
+    pf = ds.prefilter
+    pre = prefilter(stack, method=pf.method, sigma=pf.sigma, wcid_params=ds.model.wcvd_params(dims=2),
+                    train_params=dataclasses.replace(ds.train, epochs=pf.epochs))
+    measured = drift.measure_drift(pre, upsample=ds.drift.upsample)
+    d = np.rint(measured).astype(int)
+    t, y, x = stack.shape
+    off = d.max(0)[None, :] - d                       # (T, 2) offsets of each frame on the canvas
+    span = d.max(0) - d.min(0)
+    canvas = np.full((t, y + span[0], x + span[1]), np.median(stack), dtype=np.float32)
+    for i in range(t):
+        canvas[i, off[i, 0]:off[i, 0] + y, off[i, 1]:off[i, 1] + x] = stack[i]
+    common = [int(span[0]), int(y), int(span[1]), int(x)]  # covered by every frame
+    return canvas, {"measured": measured.tolist(), "offsets": off.tolist(), "common": common,
+                    "max_shift_px": float(np.abs(measured).max())}
+
+
+def from_canvas(canvas: np.ndarray, record: dict, shape) -> np.ndarray:
+    """Shift a (T, Y', X') canvas back onto the input grid (T, Y, X): the inverse of
+    :func:`align_on_canvas`."""
+    _, y, x = shape
+    return np.stack([canvas[i, oy:oy + y, ox:ox + x] for i, (oy, ox) in enumerate(record["offsets"])])
+
+
+def denoise_stack(stack: np.ndarray, ds, *, train_overrides: dict | None = None, device: str = "auto",
+                  progress: Callable[[str, dict], None] | None = None, align: bool | None = None) -> dict:
+    """The whole chain on one (T, Y, X) stack in data units.
+
+    align: whole-pixel drift correction before denoising and back after
+        (:func:`align_on_canvas`), so the networks see a still scene while the output
+        stays registered to the input; None = ``ds.drift_enabled`` (movies yes, tilt
+        series no).
     Returns {'chosen', 'output' (T, Y, X) float32 in data units, 'outputs' per candidate
-    ('classical' too for ``auto``), 'checkpoints' per trained model, 'choice' (record),
-    'blindspot' (noise stage result)}.
+    ('classical' too for ``auto``; on the input grid), 'checkpoints' per trained model,
+    'choice' (record), 'blindspot' (noise stage result), 'drift' (record or None)}.
     """
     stack = np.asarray(stack, dtype=np.float32)
+    shape = stack.shape
+    record = None
+    if (ds.drift_enabled if align is None else align) and shape[0] >= 2:
+        canvas, record = align_on_canvas(stack, ds)
+        if any(v for row in record["offsets"] for v in row):
+            stack = canvas
+        else:
+            record = {**record, "offsets": None}  # no whole-pixel drift: nothing to undo
     spot = noise.estimate_blindspot(stack, max_lag=ds.noise.max_lag, threshold=ds.noise.threshold,
                                     estimate=ds.noise.estimate)
     outputs, ckpts, reaches = {}, {}, {}
@@ -163,8 +213,14 @@ def denoise_stack(stack: np.ndarray, ds, *, train_overrides: dict | None = None,
     if "classical" in ds.select_candidates:
         outputs["classical"], attrs = classical_candidate(stack, spot["blindspot"] // 2)
         reaches["classical"] = attrs["temporal_reach"]
-    choice = choose(outputs, stack, ds, reaches)
+    shifted = record is not None and record["offsets"] is not None
+    if shifted:  # choose on the region every frame covers, then back onto the input grid
+        y0, y1, x0, x1 = record["common"]
+        choice = choose({m: o[:, y0:y1, x0:x1] for m, o in outputs.items()}, stack[:, y0:y1, x0:x1], ds, reaches)
+        outputs = {m: from_canvas(o, record, shape) for m, o in outputs.items()}
+    else:
+        choice = choose(outputs, stack, ds, reaches)
     if choice["chosen"] == "classical":
         choice["sigma"] = attrs["sigma"]
     return {"chosen": choice["chosen"], "output": outputs[choice["chosen"]], "outputs": outputs,
-            "checkpoints": ckpts, "choice": choice, "blindspot": spot}
+            "checkpoints": ckpts, "choice": choice, "blindspot": spot, "drift": record}
