@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     den.add_argument("input", help="TIFF, MRC, NPY, Zarr or a folder of frames (T >= 3)")
     den.add_argument("output", help="denoised stack (.tif, .mrc, .zarr or .npy)")
     den.add_argument("--model", choices=["wcvd", "shine", "auto"], default=None,
-                     help="denoising model (default: the config's, wcvd); auto trains both and keeps the "
+                     help="denoising model (default: the config's, auto); auto trains WCVD (kt and "
+                          "model.long_kt), SHINE and tunes a Gaussian 3D, and keeps the "
                           "one with the lower uMSE (needs >= 8 frames)")
     den.add_argument("--config", help="YAML with any of the pipeline's per-stage settings "
                      "(model, train, infer, lowpass: the keys of `defaults` in config/config.yaml)")

@@ -295,21 +295,34 @@ class ModelConfig:
 
     name: str = "auto"  # auto (every candidate, the lower uMSE wins) | wcvd | shine | none (baselines only)
     kt: int = 3
+    # auto also trains a WCVD with this longer temporal window (candidate 'wcvd_kt<N>'): on
+    # slowly changing scenes it averages more frames; on fast ones the uMSE prefers kt.
+    # null = no such candidate.
+    long_kt: int | None = 7
     ks: tuple[int, ...] = (3, 5, 7)
     channels: int = 3
     n_layers: int = 4
     negative_slope: float = 0.1
     bias: bool = True
 
-    def wcvd_params(self, dims: int = 3) -> WCVDParams:
+    def wcvd_params(self, dims: int = 3, kt: int | None = None) -> WCVDParams:
         """Architecture of WCVD (dims=3) or of its 2D twin WCID (dims=2).
 
         Reads exactly ``wcvd_arch(dims)`` (named, not probed with hasattr, so a stage view
         that lacks one of them raises instead of silently taking a default); WCID has no
-        temporal kernel, so ``kt`` is not read for dims=2.
+        temporal kernel, so ``kt`` is not read for dims=2.  ``kt`` given: that temporal
+        window instead of ``self.kt`` (the 'wcvd_kt<N>' candidates), not read either.
         """
-        arch = {name: getattr(self, name) for name in wcvd_arch(dims)}
-        return WCVDParams(**{**arch, "dims": dims})
+        names = wcvd_arch(dims) if kt is None else wcvd_arch(2)
+        arch = {name: getattr(self, name) for name in names}
+        return WCVDParams(**{**arch, "dims": dims, **({"kt": kt} if kt is not None and dims == 3 else {})})
+
+
+def candidate_model(name: str) -> tuple[str, int | None]:
+    """A candidate's model class name and temporal window: 'wcvd' -> ('wcvd', None),
+    'wcvd_kt7' -> ('wcvd', 7), 'shine' -> ('shine', None)."""
+    m = re.fullmatch(r"(\w+?)_kt(\d+)", name)
+    return (m.group(1), int(m.group(2))) if m else (name, None)
 
 
 def wcvd_arch(dims: int = 3) -> tuple[str, ...]:
@@ -413,7 +426,10 @@ class _DatasetHelpers:
     def candidates(self) -> list[str]:
         """Models trained for this dataset: one, both for ``auto``, none for ``none``.
         Needs ``model.name``."""
-        return {"auto": ["wcvd", "shine"], "none": []}.get(self.model.name, [self.model.name])
+        if self.model.name == "auto":  # the paper's window, a longer one (model.long_kt) and SHINE
+            long_kt = self.model.long_kt
+            return ["wcvd"] + ([f"wcvd_kt{long_kt}"] if long_kt and long_kt != self.model.kt else []) + ["shine"]
+        return {"none": []}.get(self.model.name, [self.model.name])
 
     @property
     def select_candidates(self) -> list[str]:
@@ -441,7 +457,8 @@ class _DatasetHelpers:
 
 
 #: What each helper of _DatasetHelpers reads, for the error when a stage view lacks it.
-_HELPER_NEEDS = {"candidates": ("model.name",), "select_candidates": ("model.name",),
+_HELPER_NEEDS = {"candidates": ("model.name", "model.kt", "model.long_kt"),
+                 "select_candidates": ("model.name", "model.kt", "model.long_kt"),
                  "drift_enabled": ("drift", "kind")}
 
 

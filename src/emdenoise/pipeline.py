@@ -16,7 +16,7 @@ import numpy as np
 
 from . import drift, filters, infer, metrics, noise
 from .checkpoint import model_from_checkpoint
-from .config import ModelConfig, TrainParams
+from .config import ModelConfig, TrainParams, candidate_model
 from .errors import InputError
 from .models import model_class, resolve_device
 from .train import train_model
@@ -59,8 +59,9 @@ def model_params(ds, name: str, blindspot: int | None = None, device: str | None
         if ds.shine.blindspot is None and blindspot is None:
             raise InputError(None, "SHINE needs the blind-spot size from the noise stage")
         return ds.shine.params(blindspot or ds.shine.blindspot, gpu=on_gpu(ds, name, device))
-    if name == "wcvd":
-        return ds.model.wcvd_params()
+    base, kt = candidate_model(name)
+    if base == "wcvd":
+        return ds.model.wcvd_params(kt=kt)
     raise InputError(None, f"unknown candidate model {name!r}")
 
 
@@ -84,7 +85,7 @@ def train_candidate(stack: np.ndarray, ds, name: str, blindspot: int | None = No
 def postprocess(denoised: np.ndarray, ds, name: str) -> tuple[np.ndarray, dict]:
     """The post-processing of a model's method: the FFT low-pass for models whose method
     includes it (WCVD), nothing otherwise.  Returns (stack, record of what was done)."""
-    if not (model_class(name).lowpass and ds.lowpass.enabled):  # SHINE: reads no lowpass setting
+    if not (model_class(candidate_model(name)[0]).lowpass and ds.lowpass.enabled):  # SHINE: reads none
         return np.asarray(denoised, dtype=np.float32), {"applied": False}
     lp = ds.lowpass
     record = {"applied": True, "diameter": lp.diameter, "pad": lp.pad}
@@ -116,8 +117,8 @@ def temporal_reach(ds, method: str, attrs: dict | None = None) -> int:
         return 0
     if method == "gaussian3d":
         return filters.temporal_reach(method, sigma=tuple(ds.baselines.gaussian3d_sigma))
-    if method == "wcvd":
-        return filters.temporal_reach(method, params=ds.model.wcvd_params())
+    if candidate_model(method)[0] == "wcvd":
+        return filters.temporal_reach("wcvd", params=model_params(ds, method))
     if method == "shine":
         return ds.shine.frames // 2
     if method == "classical":
@@ -128,16 +129,23 @@ def temporal_reach(ds, method: str, attrs: dict | None = None) -> int:
 def choose(outputs: dict, noisy: np.ndarray, ds, reaches: dict) -> dict:
     """Which candidate denoises the dataset.  One candidate: it.  Several (``auto``): the
     lowest uMSE against the noisy movie (``metrics.select_model``) at one temporal
-    radius outside every candidate's reach.  Returns the choice record."""
+    radius outside every candidate's reach.  A candidate whose reach needs more frames
+    than the movie has (T < 2 reach + 4) cannot be scored without bias: it is left out
+    of the comparison and recorded under 'left_out'.  Returns the choice record."""
     names = list(outputs)
     if len(names) == 1:
         return {"chosen": names[0], "rule": f"configured (model: {ds.model.name})"}
-    try:
-        return metrics.select_model(outputs, noisy, reaches={m: reaches[m] for m in names},
-                                    temporal_radius=ds.metrics.temporal_radius)
-    except InputError as exc:
-        raise InputError(None, f"model: auto compares candidates by uMSE: {exc.problem}; "
-                               "choose model: wcvd or shine") from None
+    t = noisy.shape[0]
+    fits = [m for m in names if t >= 2 * max(int(reaches[m]), ds.metrics.temporal_radius) + 4]
+    left_out = {m: f"temporal reach {reaches[m]} needs >= {2 * max(int(reaches[m]), ds.metrics.temporal_radius) + 4} "
+                   f"frames for an unbiased uMSE, the movie has {t}" for m in names if m not in fits}
+    if not fits:
+        raise InputError(None, f"model: auto compares candidates by uMSE, which needs at least "
+                               f"{2 * ds.metrics.temporal_radius + 4} frames; this movie has {t}: "
+                               "choose model: wcvd or shine")
+    choice = metrics.select_model({m: outputs[m] for m in fits}, noisy, reaches={m: reaches[m] for m in fits},
+                                  temporal_radius=ds.metrics.temporal_radius)
+    return {**choice, "left_out": left_out} if left_out else choice
 
 
 def align_on_canvas(stack: np.ndarray, ds) -> tuple[np.ndarray, dict]:

@@ -74,12 +74,13 @@ def model_settings(ds, wildcards):
     model.name (which candidates exist) retrains neither."""
     if wildcards.model == "shine":
         return ["shine", "shine_train"]
-    return [f"model.{f}" for f in emcfg.wcvd_arch(3)]
+    base, kt = emcfg.candidate_model(wildcards.model)  # wcvd_kt7: its window is in its name
+    return [f"model.{f}" for f in emcfg.wcvd_arch(3 if kt is None else 2)]
 
 
 def lowpass_settings(ds, wildcards):
     """The low-pass is applied to WCVD only; SHINE's output passes through unchanged."""
-    return ["lowpass", "model.ks"] if wildcards.model == "wcvd" else []
+    return ["lowpass", "model.ks"] if emcfg.candidate_model(wildcards.model)[0] == "wcvd" else []
 
 
 def has_truth(ds):
@@ -87,7 +88,8 @@ def has_truth(ds):
 
 
 def candidates(ds):
-    """Models trained for a dataset: [wcvd], [shine], both for `auto`, [] for `none`."""
+    """Models trained for a dataset: [wcvd], [shine], for `auto` wcvd, wcvd_kt<long_kt> and
+    shine, [] for `none`."""
     return CFG.datasets[ds].candidates
 
 

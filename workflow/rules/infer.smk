@@ -8,7 +8,7 @@ rule infer:
     output:
         directory(f"{RESULTS}/{{ds}}/{{model}}/denoised_raw.zarr"),
     wildcard_constraints:
-        model="wcvd|shine",
+        model="wcvd(_kt[0-9]+)?|shine",
     params:
         cfg=stage("kind", "infer"),
     log:

@@ -7,7 +7,7 @@ rule lowpass:
     output:
         directory(f"{RESULTS}/{{ds}}/{{model}}/denoised.zarr"),
     wildcard_constraints:
-        model="wcvd|shine",
+        model="wcvd(_kt[0-9]+)?|shine",
     params:
         cfg=stage(lowpass_settings),
     log:
