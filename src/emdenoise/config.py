@@ -380,10 +380,16 @@ class InferConfig:
 
 @dataclass(frozen=True)
 class LowpassConfig:
-    """FFT low-pass after the network (WCVD paper, SM 2)."""
+    """FFT low-pass after the network (WCVD paper, SM 2).
+
+    diameter: fraction of N (see ``filters.fft_lowpass``); None = N / Ks_max (paper text);
+    'auto' (default) = whichever of no low-pass, 1/2 and 1/3 (the released code's) gives
+    the lowest uMSE on this movie (``pipeline.postprocess``): a fixed cutoff removes
+    lattice fringes finer than 2/diameter px (1/3: 6 px), which many HRTEM movies have.
+    """
 
     enabled: bool = True
-    diameter: float | None = 1 / 3  # fraction of N; None = N / Ks_max (paper text). See filters.fft_lowpass
+    diameter: float | str | None = "auto"
     pad: str = "symmetric"  # symmetric: mirror-extended frame, no wrap-around ringing
     edge_width: float = 0.0
 

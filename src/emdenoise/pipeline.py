@@ -82,15 +82,43 @@ def train_candidate(stack: np.ndarray, ds, name: str, blindspot: int | None = No
     return ckpt
 
 
-def postprocess(denoised: np.ndarray, ds, name: str) -> tuple[np.ndarray, dict]:
+#: Low-pass diameters (fraction of N) that ``lowpass.diameter: auto`` compares; None = off.
+LOWPASS_AUTO = (None, 1 / 2, 1 / 3)
+
+
+def postprocess(denoised: np.ndarray, ds, name: str, noisy: np.ndarray | None = None,
+                reach: int | None = None) -> tuple[np.ndarray, dict]:
     """The post-processing of a model's method: the FFT low-pass for models whose method
-    includes it (WCVD), nothing otherwise.  Returns (stack, record of what was done)."""
+    includes it (WCVD), nothing otherwise.  Returns (stack, record of what was done).
+
+    ``lowpass.diameter: auto`` picks, among no low-pass and the diameters in
+    ``LOWPASS_AUTO``, the one with the lowest uMSE against ``noisy`` (the aligned raw
+    movie) at radius max(metrics.temporal_radius, ``reach``) -- the low-pass is spatial,
+    so the model's temporal reach bounds the output's; a movie too short for that radius
+    gets no low-pass (it can only remove detail that no score vouches for).
+    """
     if not (model_class(candidate_model(name)[0]).lowpass and ds.lowpass.enabled):  # SHINE: reads none
         return np.asarray(denoised, dtype=np.float32), {"applied": False}
     lp = ds.lowpass
-    record = {"applied": True, "diameter": lp.diameter, "pad": lp.pad}
-    out = filters.fft_lowpass(denoised, diameter=lp.diameter, ks_max=max(ds.model.ks), pad=lp.pad,
-                              edge_width=lp.edge_width)
+
+    def lowpass(diameter):
+        return filters.fft_lowpass(denoised, diameter=diameter, ks_max=max(ds.model.ks), pad=lp.pad,
+                                   edge_width=lp.edge_width)
+
+    if lp.diameter != "auto":
+        return lowpass(lp.diameter), {"applied": True, "diameter": lp.diameter, "pad": lp.pad}
+    r = max(int(ds.metrics.temporal_radius), int(reach or 0))
+    if noisy is None or noisy.shape[0] < 2 * r + 4:
+        return (np.asarray(denoised, dtype=np.float32),
+                {"applied": False, "diameter": "auto", "reason": f"fewer than {2 * r + 4} frames to score it"})
+    scores, best = {}, (np.inf, None, None)
+    for d in LOWPASS_AUTO:
+        out = np.asarray(denoised, dtype=np.float32) if d is None else lowpass(d)
+        scores["none" if d is None else f"{d:.4g}"] = u = metrics.umse(out, noisy, temporal_radius=r)
+        if u < best[0]:
+            best = (u, d, out)
+    _, d, out = best
+    record = {"applied": d is not None, "diameter": d, "pad": lp.pad, "auto": {"umse": scores, "radius": r}}
     return out, record
 
 
@@ -216,7 +244,7 @@ def denoise_stack(stack: np.ndarray, ds, *, train_overrides: dict | None = None,
                                progress=cb)
         model = model_from_checkpoint(ckpt, device=device)
         out = infer.denoise(model, ckpt, stack, device=device)
-        outputs[name], _ = postprocess(out, ds, name)
+        outputs[name], _ = postprocess(out, ds, name, stack, model.params.halo_t)
         ckpts[name], reaches[name] = ckpt, model.params.halo_t
     if "classical" in ds.select_candidates:
         outputs["classical"], attrs = classical_candidate(stack, spot["blindspot"] // 2)

@@ -80,7 +80,9 @@ def model_settings(ds, wildcards):
 
 def lowpass_settings(ds, wildcards):
     """The low-pass is applied to WCVD only; SHINE's output passes through unchanged."""
-    return ["lowpass", "model.ks"] if emcfg.candidate_model(wildcards.model)[0] == "wcvd" else []
+    if emcfg.candidate_model(wildcards.model)[0] != "wcvd":
+        return []
+    return ["lowpass", "model.ks", "metrics.temporal_radius"]
 
 
 def has_truth(ds):

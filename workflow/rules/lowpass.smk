@@ -3,7 +3,8 @@
 
 rule lowpass:
     input:
-        f"{RESULTS}/{{ds}}/{{model}}/denoised_raw.zarr",
+        denoised=f"{RESULTS}/{{ds}}/{{model}}/denoised_raw.zarr",
+        raw=f"{RESULTS}/{{ds}}/aligned.zarr",
     output:
         directory(f"{RESULTS}/{{ds}}/{{model}}/denoised.zarr"),
     wildcard_constraints:
