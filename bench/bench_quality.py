@@ -59,7 +59,7 @@ DETECTORS = {"count0.25": ("counting", 0.25, None), "count1": ("counting", 1.0, 
              "count4": ("counting", 4.0, None), "lin0.7": ("linear", 2.0, 0.7),
              "lin1.0": ("linear", 2.0, 1.0), "lin1.5": ("linear", 2.0, 1.5)}
 SCENES = ("static", "drift", "dynamic")
-SIGMA_T = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)
+SIGMA_T = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 16.0)   # 16 ~ the temporal mean of a short movie
 SIGMA_YX = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5)
 
 
