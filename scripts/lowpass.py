@@ -14,7 +14,8 @@ def main(smk):
     ds = stage_config(smk.params.cfg)  # nothing for SHINE (common.smk: lowpass_settings)
     stack, attrs = io.read_zarr(smk.input.denoised)
     raw = np.asarray(io.read_zarr(smk.input.raw)[0][:], dtype=np.float32)
-    out, record = pipeline.postprocess(stack[:], ds, smk.wildcards.model, raw, attrs.get("temporal_reach"))
+    out, record = pipeline.postprocess(stack[:], ds, smk.wildcards.model, raw, attrs.get("temporal_reach"),
+                                       model_kind=attrs.get("model_kind"), ks_max=attrs.get("ks_max"))
     stage.log.info("post-processing: %s", record)
     io.write_zarr(smk.output[0], out, pixel_size=attrs.get("pixel_size"), attrs={**attrs, "lowpass": record})
 

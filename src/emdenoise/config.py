@@ -119,6 +119,9 @@ class TrainParams:
         chosen by validation is not a random point of that jitter.
     val_tolerance: checkpoint = latest epoch with val loss <= min + val_tolerance * its
         standard error (see ``_select_epoch``); 0 = plain minimum.
+    checkpoint_minutes: the workflow saves a resume state this often (wall time), so a
+        training job killed at a cluster's time limit continues when it is resubmitted
+        (``train.train_model(resume=...)``); it does not change the result.
     """
 
     epochs: int = 300
@@ -135,6 +138,7 @@ class TrainParams:
     amp: bool = True
     lr_schedule: str = "cosine"
     val_tolerance: float = 1.0
+    checkpoint_minutes: float = 10.0
 
     def __post_init__(self):
         if self.lr_schedule not in ("constant", "cosine"):
@@ -299,6 +303,9 @@ class ModelConfig:
     # slowly changing scenes it averages more frames; on fast ones the uMSE prefers kt.
     # null = no such candidate.
     long_kt: int | None = 7
+    # a trained model (model.pt of an earlier run or `emdenoise denoise --save-model`) to
+    # apply instead of training: candidate 'pretrained', no `train` job
+    checkpoint: str | None = None
     ks: tuple[int, ...] = (3, 5, 7)
     channels: int = 3
     n_layers: int = 4
@@ -432,6 +439,8 @@ class _DatasetHelpers:
     def candidates(self) -> list[str]:
         """Models trained for this dataset: one, both for ``auto``, none for ``none``.
         Needs ``model.name``."""
+        if self.model.checkpoint:  # apply a trained model: nothing to train or to choose
+            return ["pretrained"]
         if self.model.name == "auto":  # the paper's window, a longer one (model.long_kt) and SHINE
             long_kt = self.model.long_kt
             return ["wcvd"] + ([f"wcvd_kt{long_kt}"] if long_kt and long_kt != self.model.kt else []) + ["shine"]
@@ -442,7 +451,8 @@ class _DatasetHelpers:
         """What ``auto`` chooses from: the trained models and the Gaussian 3D tuned without
         ground truth ('classical', no checkpoint); the configured model otherwise.
         Needs ``model.name``."""
-        return self.candidates + (["classical"] if self.model.name == "auto" else [])
+        auto = self.model.name == "auto" and not self.model.checkpoint
+        return self.candidates + (["classical"] if auto else [])
 
     def train_params(self, model: str, gpu: bool = False) -> TrainParams:
         """Training settings of one model: SHINE takes its size's batch / crop / schedule
@@ -463,8 +473,8 @@ class _DatasetHelpers:
 
 
 #: What each helper of _DatasetHelpers reads, for the error when a stage view lacks it.
-_HELPER_NEEDS = {"candidates": ("model.name", "model.kt", "model.long_kt"),
-                 "select_candidates": ("model.name", "model.kt", "model.long_kt"),
+_HELPER_NEEDS = {"candidates": ("model.name", "model.kt", "model.long_kt", "model.checkpoint"),
+                 "select_candidates": ("model.name", "model.kt", "model.long_kt", "model.checkpoint"),
                  "drift_enabled": ("drift", "kind")}
 
 
@@ -737,6 +747,9 @@ def build(config: dict[str, Any], check_paths: bool = True) -> PipelineConfig:
             p = entry.get(key)
             if check_paths and p and p not in made_by_demo and not os.path.exists(p):
                 raise InputError(p, f"does not exist (datasets.{name}.{key})")
+        ckpt = stages["model"].checkpoint
+        if check_paths and ckpt and not os.path.isfile(ckpt):
+            raise InputError(ckpt, f"does not exist (datasets.{name}.model.checkpoint)")
         frames = entry.get("frames")
         if frames is not None and frames[1] <= frames[0]:
             raise InputError(None, f"config key datasets.{name}.frames: stop {frames[1]} must exceed start {frames[0]}")

@@ -79,7 +79,10 @@ def model_settings(ds, wildcards):
 
 
 def lowpass_settings(ds, wildcards):
-    """The low-pass is applied to WCVD only; SHINE's output passes through unchanged."""
+    """The low-pass is applied to WCVD only; SHINE's output passes through unchanged. A
+    pretrained model's kind and kernel sizes come from its checkpoint."""
+    if wildcards.model == "pretrained":
+        return ["lowpass", "metrics.temporal_radius"]
     if emcfg.candidate_model(wildcards.model)[0] != "wcvd":
         return []
     return ["lowpass", "model.ks", "metrics.temporal_radius"]
@@ -114,7 +117,12 @@ def method_stacks(wildcards):
 
 def checkpoints(ds):
     """Each trained model's checkpoint, key model_<name>."""
-    return {f"model_{m}": f"{RESULTS}/{ds}/{m}/model.pt" for m in candidates(ds)}
+    return {f"model_{m}": model_path(ds, m) for m in candidates(ds)}
+
+
+def model_path(ds, model):
+    """A candidate's checkpoint: trained here, or the configured one (`model.checkpoint`)."""
+    return CFG.datasets[ds].model.checkpoint if model == "pretrained" else f"{RESULTS}/{ds}/{model}/model.pt"
 
 
 def candidate_stacks(wildcards):
