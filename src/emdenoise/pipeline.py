@@ -21,7 +21,8 @@ from .errors import InputError
 from .models import model_class
 from .train import train_model
 
-__all__ = ["prefilter", "model_params", "train_candidate", "postprocess", "choose", "denoise_stack"]
+__all__ = ["prefilter", "model_params", "train_candidate", "postprocess", "choose", "check_frames",
+           "denoise_stack"]
 
 
 def prefilter(stack: np.ndarray, method: str = "wcid", sigma: float = 1.5, *,
@@ -84,6 +85,27 @@ def postprocess(denoised: np.ndarray, ds, name: str) -> tuple[np.ndarray, dict]:
     return out, record
 
 
+def _umse_radius(ds, reaches: dict | None) -> int:
+    """Temporal radius of the uMSE comparison: outside every candidate's reach."""
+    return max(2, ds.metrics.temporal_radius, *(reaches or {}).values())
+
+
+def check_frames(ds, n_frames: int) -> None:
+    """InputError unless ``n_frames`` suffice for the chain: one input window of every
+    candidate and, with several candidates (``auto``), the 2r + 4 frames of the uMSE
+    comparison in :func:`choose`.  Depends on the config only, so callers check it
+    before any training (a short movie must not cost minutes of training first)."""
+    reaches = {name: model_params(ds, name, 1).halo_t for name in ds.candidates}  # halo_t: any blind spot
+    for name, h in reaches.items():
+        if n_frames < 2 * h + 1:
+            raise InputError(None, f"has {n_frames} frames; {name} needs at least {2 * h + 1}")
+    if len(reaches) > 1:
+        need = 2 * _umse_radius(ds, reaches) + 4
+        if n_frames < need:
+            raise InputError(None, f"model: auto compares candidates by uMSE, which needs at least {need} "
+                                   f"frames; this movie has {n_frames}: choose one model")
+
+
 def choose(outputs: dict, noisy: np.ndarray, ds, reaches: dict | None = None) -> dict:
     """Which candidate denoises the dataset.  One candidate: it.  Several (``auto``): the
     lowest uMSE against the noisy movie (``metrics.select_model``) at one temporal
@@ -91,7 +113,7 @@ def choose(outputs: dict, noisy: np.ndarray, ds, reaches: dict | None = None) ->
     names = list(outputs)
     if len(names) == 1:
         return {"chosen": names[0], "rule": f"configured (model: {ds.model.name})"}
-    r = max(2, ds.metrics.temporal_radius, *(reaches or {}).values())
+    r = _umse_radius(ds, reaches)
     if noisy.shape[0] < 2 * r + 4:
         raise InputError(None, f"model: auto compares candidates by uMSE, which needs at least {2 * r + 4} "
                                f"frames; this movie has {noisy.shape[0]}: choose one model")
@@ -106,6 +128,7 @@ def denoise_stack(stack: np.ndarray, ds, *, train_overrides: dict | None = None,
     'checkpoints' per candidate, 'choice' (record), 'blindspot' (noise stage result)}.
     """
     stack = np.asarray(stack, dtype=np.float32)
+    check_frames(ds, stack.shape[0])  # before training: auto needs more frames than one model
     spot = noise.estimate_blindspot(stack, max_lag=ds.noise.max_lag, threshold=ds.noise.threshold,
                                     estimate=ds.noise.estimate) if "shine" in ds.candidates else None
     outputs, ckpts, reaches = {}, {}, {}
