@@ -49,6 +49,16 @@ def regime(name, t=8, seed=0):
     raise ValueError(name)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for a few dozen epochs of tiny crops: with two OpenMP threads on a
+    loaded 2-core machine (load ~8) the 40-epoch test below took 50 s instead of 5 s."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def counting_movie():
     return regime("counting")[0]
@@ -127,7 +137,7 @@ def test_training_is_bit_identical_on_cpu(counting_movie):
 
 
 @pytest.mark.parametrize("name", ["counting", "8bit", "linear"])
-def test_normalisation_in_three_intensity_regimes(name, tmp_path):
+def test_normalisation_in_three_intensity_regimes(name, tmp_path, one_thread):
     noisy, clean = regime(name)
     tp = TrainParams(**{**FAST.__dict__, "epochs": 30})
     ckpt = train_model(noisy, WCVDParams(), tp)
@@ -153,14 +163,14 @@ def test_normalisation_in_three_intensity_regimes(name, tmp_path):
     assert np.mean((out - clean) ** 2) < 0.6 * np.mean((untrained - clean) ** 2)
 
 
-def test_training_beats_the_untrained_model_on_a_synthetic_movie():
+def test_training_beats_the_untrained_model_on_a_synthetic_movie(one_thread):
     """Training must be what denoises: against ground truth, the trained WCVD beats the
     same network untrained (same seed, lr = 1e-12, same epochs) by a clear PSNR margin.
 
     A static, high-dose movie (100 counts/px, 8 frames of 48 x 48 px): there the
     neighbour-average initialisation blurs the atomic columns, and training learns to
     lean on the same pixel in the adjacent frames.  Measured on the CPU (seeds 0, 1, 2):
-    untrained 26.7 dB, trained 30.2-30.3 dB, raw 22.0 dB; 40 epochs take ~0.5 s.
+    untrained 26.7 dB, trained 30.2-30.3 dB, raw 22.0 dB; the test takes ~2-5 s.
     """
     movie = simulate_movie(8, (48, 48), mode="counting", dose=100.0, max_drift=0.0, seed=0)
     noisy, clean = movie.noisy.astype(np.float32), movie.clean
