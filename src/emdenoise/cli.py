@@ -52,7 +52,10 @@ def _denoise(args: argparse.Namespace) -> None:
     io.check_output_path(args.output)
     if args.save_model and not args.save_model.endswith(".pt"):
         raise InputError(args.save_model, "--save-model must end in .pt")
-    device = str(models.resolve_device(args.device or "auto"))
+    try:
+        device = str(models.resolve_device(args.device or "auto"))
+    except InputError as exc:  # e.g. --device cuda without CUDA: name the file it was to denoise
+        raise InputError(args.input, exc.problem) from None
     ds = emcfg.build({"datasets": {"cli": {"path": args.input}}, "defaults": settings}).datasets["cli"]
     if args.model:
         ds = dataclasses.replace(ds, model=dataclasses.replace(ds.model, name=args.model))
@@ -62,7 +65,11 @@ def _denoise(args: argparse.Namespace) -> None:
     if not ds.candidates:
         raise InputError(args.config, "model: none denoises nothing; choose wcvd, shine or auto")
     arr, meta = io.read_stack(args.input, pixel_size=args.pixel_size)
-    io.validate_stack(arr, args.input, min_frames=3 if ds.candidates in (["wcvd"], ["pretrained"]) else 5)
+    io.validate_stack(arr, args.input, min_frames=3)
+    try:  # enough frames for every candidate (and for auto's uMSE) -- before any training
+        pipeline.check_frames(ds, arr.shape[0])
+    except InputError as exc:
+        raise InputError(args.input, exc.problem) from None
     stack = np.asarray(arr[:], dtype=np.float32)
     progress = (lambda name, row: print(f"{name} epoch {row['epoch']}: val {row['val_loss']}", flush=True)
                 ) if args.verbose else None

@@ -19,10 +19,11 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import ModelConfig, TrainParams, candidate_model
 from .errors import InputError
 from .models import model_class, resolve_device
+from .tiling import min_frames_for_windows
 from .train import train_model
 
 __all__ = ["prefilter", "model_params", "train_candidate", "postprocess", "classical_candidate",
-           "temporal_reach", "choose", "denoise_stack"]
+           "temporal_reach", "check_frames", "check_fit", "choose", "denoise_stack"]
 
 
 def prefilter(stack: np.ndarray, method: str = "wcid", sigma: float = 1.5, *,
@@ -200,6 +201,24 @@ def temporal_reach(ds, method: str, attrs: dict | None = None) -> int:
     return filters.temporal_reach(method)
 
 
+def check_frames(ds, n_frames: int) -> None:
+    """InputError unless ``n_frames`` suffice for the chain: the input windows of every
+    candidate (mirrored about their centre frame) and, with several candidates
+    (``auto``), the 2r + 4 frames of the uMSE comparison in :func:`choose` for at least
+    the candidates of the smallest reach.  Depends on the config only, so callers check
+    it before any training (a short movie must not cost minutes of training first)."""
+    names = [n for n in ds.candidates if n != "pretrained"]  # a checkpoint is checked by check_fit
+    for name in names:
+        need = min_frames_for_windows(model_params(ds, name, 1).halo_t)  # halo_t: any blind spot
+        if n_frames < need:
+            raise InputError(None, f"has {n_frames} frames; {name} needs at least {need}")
+    if len(ds.select_candidates) > 1:
+        need = 2 * max(2, ds.metrics.temporal_radius) + 4
+        if n_frames < need:
+            raise InputError(None, f"model: auto compares candidates by uMSE, which needs at least {need} "
+                                   f"frames; this movie has {n_frames}: choose one model")
+
+
 def choose(outputs: dict, noisy: np.ndarray, ds, reaches: dict) -> dict:
     """Which candidate denoises the dataset.  One candidate: it.  Several (``auto``): the
     lowest uMSE against the noisy movie (``metrics.select_model``) at one temporal
@@ -277,6 +296,7 @@ def denoise_stack(stack: np.ndarray, ds, *, train_overrides: dict | None = None,
     'warnings' (list of str)}.
     """
     stack = np.asarray(stack, dtype=np.float32)
+    check_frames(ds, stack.shape[0])  # before training: auto needs more frames than one model
     shape = stack.shape
     record = None
     if (ds.drift_enabled if align is None else align) and shape[0] >= 2:
