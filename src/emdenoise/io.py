@@ -31,15 +31,19 @@ import numpy as np
 import tifffile
 import zarr
 
-from . import __version__
-from .errors import InputError
+from . import __version__, vendor
+from .errors import DiskFullError, InputError
 
 SUPPORTED_DTYPES = tuple(np.dtype(t) for t in (
     "uint8", "int8", "uint16", "int16", "uint32", "int32", "float16", "float32", "float64"))
 
 _EXT_FORMAT = {".tif": "tiff", ".tiff": "tiff", ".npy": "npy", ".mrc": "mrc",
-               ".mrcs": "mrc", ".st": "mrc", ".ali": "mrc", ".rec": "mrc", ".map": "mrc"}
-_FOLDER_EXT = {".tif", ".tiff", ".mrc", ".npy"}
+               ".mrcs": "mrc", ".st": "mrc", ".ali": "mrc", ".rec": "mrc", ".map": "mrc",
+               ".dm3": "dm", ".dm4": "dm", ".ser": "tia", ".emi": "tia", ".emd": "emd", ".eer": "eer"}
+_FOLDER_EXT = {".tif", ".tiff", ".mrc", ".npy", ".dm3", ".dm4"}
+#: acquisition calibration keys a reader may fill (see :mod:`emdenoise.vendor`)
+CALIBRATION_KEYS = ("frame_time", "exposure_time", "dose_per_frame", "dose_unit", "tilt_angles",
+                    "vendor_format", "calibration", "eer_group", "eer_upsampling", "n_raw_frames", "mdoc")
 _TIFF_META_TAG = 65000  # private TIFF tag holding emdenoise metadata as JSON
 _MAX_BLOCK_BYTES = 256 * 2**20  # bound on memory used when streaming frames
 _TO_ANGSTROM = {  # lower-case unit name -> Å per unit
@@ -164,11 +168,11 @@ class _TiffReader:
 class _FolderReader:
     """Reads frame ``i`` from the i-th single-frame file of a folder."""
 
-    def __init__(self, files):
-        self.files = files
+    def __init__(self, files, options=None):
+        self.files, self.options = files, options
 
     def __call__(self, a, b):
-        return np.stack([np.asarray(_open_file(f)[0][0]) for f in self.files[a:b]])
+        return np.stack([np.asarray(_open_file(f, self.options)[0][0]) for f in self.files[a:b]])
 
 
 # --------------------------------------------------------------------------- helpers
@@ -482,8 +486,36 @@ def _open_mrc(path):
                               "labels": [s.strip() for s in mrc.get_labels()]}}
     except ValueError as exc:
         raise InputError(path, _mrc_problem(exc)) from exc
-    _read_tilt_angles(path, 1 if arr.ndim == 2 else arr.shape[0], meta)
+    n_frames = 1 if arr.ndim == 2 else arr.shape[0]
+    _read_tilt_angles(path, n_frames, meta)
+    _read_mdoc(path, n_frames, meta)
     return arr, meta
+
+
+def _read_mdoc(path, n_frames, meta):
+    """SerialEM ``.mdoc`` beside the stack: tilt angles (unless a .tlt gave them), pixel
+    spacing (when the header has none), dose and exposure per frame; problems are notes."""
+    mdoc = vendor.mdoc_for(path)
+    if mdoc is None:
+        return
+    try:
+        md = vendor.read_mdoc(mdoc, n_frames)
+    except ImportError:
+        meta["notes"].append(f"ignored {mdoc.name}: reading .mdoc needs the optional package "
+                             "'mdocfile'; pip install mdocfile")
+        return
+    except Exception as exc:  # a malformed mdoc must not make the stack unreadable
+        meta["notes"].append(f"ignored {mdoc.name}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}")
+        return
+    px = _clean_pixel_size(md.pop("pixel_size", None))
+    if px and not meta.get("pixel_size"):
+        meta["pixel_size"] = px
+    elif px and abs(px - meta["pixel_size"]) > 1e-3 * px:
+        meta["notes"].append(f"{mdoc.name} PixelSpacing {px} Å differs from the MRC header's "
+                             f"{meta['pixel_size']} Å; kept the header's")
+    if "tilt_angles" in meta:
+        md.pop("tilt_angles", None)
+    meta.update(md)
 
 
 def _open_npy(path):
@@ -575,26 +607,34 @@ def _open_zarr(path):
 
 
 # --------------------------------------------------------------------------- folders, dispatch
-def _open_folder(path):
+def _open_folder(path, options=None):
     files = sorted((f for f in path.iterdir() if f.is_file() and not f.name.startswith(".")
                     and f.suffix.lower() in _FOLDER_EXT), key=_natural_key)
     if not files:
         raise InputError(path, "empty folder: no frame files (" + ", ".join(sorted(_FOLDER_EXT)) + ")")
-    first, meta = _open_file(files[0])
+    first, meta = _open_file(files[0], options)
     for f in files:
-        arr = first if f == files[0] else _open_file(f)[0]
+        arr = first if f == files[0] else _open_file(f, options)[0]
         if arr.shape[0] != 1:
             raise InputError(f, f"has {arr.shape[0]} frames; folder members must be single frames")
         if arr.shape != first.shape or arr.dtype != first.dtype:
             raise InputError(f, f"frame shape/dtype {arr.shape[1:]} {arr.dtype.name} differs from "
                                 f"{files[0].name} {first.shape[1:]} {first.dtype.name}")
     shape = (len(files),) + tuple(first.shape[1:])
+    calib = {k: meta[k] for k in CALIBRATION_KEYS if k in meta and k != "tilt_angles"}
+    if "exposure_time" in calib and "frame_time" not in calib:  # per-frame files: one exposure each
+        calib["frame_time"] = calib["exposure_time"]
     meta = {"pixel_size": meta["pixel_size"], "notes": [], "n_files": len(files),
-            "files": [files[0].name, files[-1].name]}
-    return LazyStack(_FolderReader(files), shape, first.dtype), meta, files
+            "files": [files[0].name, files[-1].name], **calib}
+    return LazyStack(_FolderReader(files, options), shape, first.dtype), meta, files
 
 
-_OPENERS = {"tiff": _open_tiff, "mrc": _open_mrc, "npy": _open_npy}
+_OPENERS = {"tiff": _open_tiff, "mrc": _open_mrc, "npy": _open_npy,
+            "dm": lambda p, o: vendor.open_rsciio(p, "dm"), "tia": lambda p, o: vendor.open_rsciio(p, "tia"),
+            "emd": lambda p, o: vendor.open_rsciio(p, "emd"),
+            "eer": lambda p, o: vendor.open_eer(p, group=o.get("eer_group") or vendor.EER_GROUP,
+                                                upsampling=o.get("eer_upsampling") or vendor.EER_UPSAMPLING)}
+_NEEDS_OPTIONS = {"dm", "tia", "emd", "eer"}
 
 
 def _detect_format(path):
@@ -613,11 +653,13 @@ def _detect_format(path):
     return fmt
 
 
-def _open_file(path):
-    """Open one file as (T, Y, X) with a supported dtype; no checksum."""
+def _open_file(path, options=None):
+    """Open one file as (T, Y, X) with a supported dtype; no checksum. ``options``: reader
+    settings (``eer_group``, ``eer_upsampling``)."""
     fmt = _detect_format(path)
     try:
-        arr, meta = _OPENERS[fmt](path)
+        opener = _OPENERS[fmt]
+        arr, meta = opener(path, options or {}) if fmt in _NEEDS_OPTIONS else opener(path)
     except OSError as exc:
         raise InputError(path, f"cannot read ({exc.strerror or exc})") from exc
     arr = _to_tyx(arr, path)
@@ -638,19 +680,26 @@ def _select_frames(arr, frames, path):
     return LazyStack(_Offset(arr, start), (stop - start,) + tuple(arr.shape[1:]), arr.dtype)
 
 
-def read_stack(path, pixel_size: float | None = None, frames: tuple[int, int] | None = None):
+def read_stack(path, pixel_size: float | None = None, frames: tuple[int, int] | None = None,
+               *, eer_group: int | None = None, eer_upsampling: int | None = None):
     """Open a stack lazily, read-only.
 
     Parameters
     ----------
     path : str or Path
-        TIFF / OME-TIFF / ImageJ hyperstack, MRC (.mrc .mrcs .st .ali .rec .map), .npy,
-        a Zarr v3 array or OME-Zarr group directory, or a folder of single-frame files
-        (.tif .tiff .mrc .npy, natural sort order, hidden files ignored).
+        TIFF / OME-TIFF / ImageJ hyperstack, MRC (.mrc .mrcs .st .ali .rec .map; a
+        SerialEM ``.mdoc`` beside it adds tilt angles, dose and pixel spacing), .npy,
+        a Zarr v3 array or OME-Zarr group directory, Gatan .dm3/.dm4, TIA .ser/.emi,
+        Velox/NCEM .emd, Falcon .eer (:mod:`emdenoise.vendor`; optional packages), or a
+        folder of single-frame files (.tif .tiff .mrc .npy .dm3 .dm4, natural sort
+        order, hidden files ignored).
     pixel_size : float, optional
         Pixel size in Å; overrides the file's.
     frames : (int, int), optional
-        ``(start, stop)`` frame range with Python slice semantics.
+        ``(start, stop)`` frame range with Python slice semantics (after EER grouping).
+    eer_group, eer_upsampling : int, optional
+        EER only: raw frames summed per output frame (default
+        ``vendor.EER_GROUP`` = 20) and super-resolution factor 1, 2 or 4 (default 1).
 
     Returns
     -------
@@ -659,7 +708,9 @@ def read_stack(path, pixel_size: float | None = None, frames: tuple[int, int] | 
     meta : dict
         ``source``, ``format``, ``pixel_size`` (Å or None), ``pixel_size_source``
         ('file', 'config' or None), ``sha256``, ``dtype``, ``shape``, ``notes`` and,
-        where available, ``n_files``, ``tilt_angles``, ``detector_mode``, ``extra``.
+        where available, ``n_files``, ``tilt_angles`` (degrees), ``detector_mode``,
+        ``extra`` and the acquisition calibration :data:`CALIBRATION_KEYS`
+        (``frame_time`` s, ``exposure_time`` s, ``dose_per_frame`` in ``dose_unit``).
 
     Raises
     ------
@@ -669,8 +720,9 @@ def read_stack(path, pixel_size: float | None = None, frames: tuple[int, int] | 
     """
     p = Path(path)
     fmt = _detect_format(p)
+    options = {"eer_group": eer_group, "eer_upsampling": eer_upsampling}
     if fmt == "folder":
-        arr, meta, files = _open_folder(p)
+        arr, meta, files = _open_folder(p, options)
         digest = _sha256_files(p, files)
     else:
         if fmt == "zarr":
@@ -678,7 +730,7 @@ def read_stack(path, pixel_size: float | None = None, frames: tuple[int, int] | 
             arr = _to_tyx(arr, p)
             _check_dtype(arr.dtype, p)
         else:
-            arr, meta = _open_file(p)
+            arr, meta = _open_file(p, options)
         digest = sha256_path(p)
     meta.update(source=str(p.resolve()), format=fmt, sha256=digest, dtype=np.dtype(arr.dtype).name,
                 pixel_size_source="file" if meta.get("pixel_size") else None)
@@ -715,7 +767,8 @@ def validate_stack(arr, path, *, min_frames: int = 1, min_size: int = 16,
     _check_dtype(arr.dtype, path)
     t, y, x = shape
     if t < min_frames:
-        raise InputError(path, f"has {t} frame{'' if t == 1 else 's'}; this stage needs at least {min_frames}")
+        what = "1 frame (a single image, not a movie)" if t == 1 else f"{t} frames"
+        raise InputError(path, f"has {what}; this stage needs at least {min_frames}")
     if min(y, x) < min_size:
         raise InputError(path, f"frames are too small ({y}x{x} px); this stage needs at least "
                                f"{min_size} px in Y and X")
@@ -733,11 +786,14 @@ def validate_stack(arr, path, *, min_frames: int = 1, min_size: int = 16,
                                f"(first in frame {first}); all pixels must be finite")
 
 
-def describe(path, pixel_size: float | None = None) -> dict:
+def describe(path, pixel_size: float | None = None, **options) -> dict:
     """Summary used by ``emdenoise info``: format, shape, dtype, pixel size (Å; the
-    argument overrides the file's), sha256, and min/max/mean of finite values plus
-    NaN/Inf counts over up to 16 evenly spaced frames (``sampled_frames``)."""
-    arr, meta = read_stack(path, pixel_size=pixel_size)
+    argument overrides the file's), sha256, the acquisition calibration the file holds
+    (``frame_time`` s, ``exposure_time`` s, ``dose_per_frame``/``dose_unit``,
+    ``tilt_angles`` degrees; only those present), and min/max/mean of finite values plus
+    NaN/Inf counts over up to 16 evenly spaced frames (``sampled_frames``). ``options``:
+    ``eer_group``, ``eer_upsampling`` (see :func:`read_stack`)."""
+    arr, meta = read_stack(path, pixel_size=pixel_size, **options)
     t = arr.shape[0]
     idx = np.unique(np.linspace(0, t - 1, min(t, 16)).round().astype(int))
     lo, hi, total, count, n_nan, n_inf = math.inf, -math.inf, 0.0, 0, 0, 0
@@ -750,7 +806,8 @@ def describe(path, pixel_size: float | None = None) -> dict:
             lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
             total, count = total + float(v.sum(dtype=np.float64)), count + v.size
     keys = ("source", "format", "shape", "dtype", "pixel_size", "pixel_size_source", "sha256", "notes")
-    return {**{k: meta.get(k) for k in keys}, "sampled_frames": idx.tolist(),
+    calib = {k: meta[k] for k in CALIBRATION_KEYS if k in meta}
+    return {**{k: meta.get(k) for k in keys}, **_jsonable(calib), "sampled_frames": idx.tolist(),
             "min": lo if count else None, "max": hi if count else None,
             "mean": total / count if count else None, "n_nan": n_nan, "n_inf": n_inf}
 
@@ -919,16 +976,21 @@ def write_stack(path, stack, pixel_size=None, metadata=None) -> None:
 
 
 def ingest(src, dst, *, pixel_size: float | None = None, frames: tuple[int, int] | None = None,
-           extra_attrs: dict | None = None, min_frames: int = 4, min_size: int = 16) -> dict:
+           extra_attrs: dict | None = None, min_frames: int = 4, min_size: int = 16,
+           eer_group: int | None = None, eer_upsampling: int | None = None) -> dict:
     """Copy any readable stack to a float32 OME-Zarr (``raw.zarr``), streaming frames.
 
     Checks shape and dtype up front (:func:`validate_stack`) and finiteness while
     copying, so bad input fails in one pass and leaves no output. The read metadata
     (source, sha256, pixel size, ...) plus ``extra_attrs`` go into the 'emdenoise'
     attributes, which are also returned. ``min_frames`` defaults to 4 because uMSE
-    needs frames t-1, t+1 and t+2 around every scored frame t.
+    needs frames t-1, t+1 and t+2 around every scored frame t. The file's calibration
+    (``frame_time`` s, dose, tilt angles, ...) is kept in the attributes, and a known
+    ``frame_time`` calibrates the OME time axis. ``eer_group`` / ``eer_upsampling``:
+    EER grouping (:func:`read_stack`).
     """
-    arr, meta = read_stack(src, pixel_size=pixel_size, frames=frames)
+    arr, meta = read_stack(src, pixel_size=pixel_size, frames=frames, eer_group=eer_group,
+                           eer_upsampling=eer_upsampling)
     validate_stack(arr, src, min_frames=min_frames, min_size=min_size, check_finite=False)
     attrs = {**meta, **(extra_attrs or {}), "emdenoise_version": __version__}
     with ZarrStackWriter(dst, arr.shape, pixel_size=meta["pixel_size"], attrs=attrs) as w:
