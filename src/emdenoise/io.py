@@ -12,6 +12,7 @@ a non-ASCII escape that many tools mangle).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -813,29 +814,94 @@ def describe(path, pixel_size: float | None = None, **options) -> dict:
 
 
 # --------------------------------------------------------------------------- writers
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """True for ENOSPC/EDQUOT, also when wrapped (zarr's async stores chain the OSError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _disk_full_as_error(path):
+    """Turn ENOSPC/EDQUOT raised inside into :class:`DiskFullError` naming ``path``."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        if _is_disk_full(exc):
+            raise DiskFullError(path) from None
+        raise
+
+
+def _reserve(fh, nbytes, path):
+    """Allocate ``nbytes`` for an open file before it is memory-mapped.
+
+    Writing through a mapping of a sparse file on a full disk kills the process with
+    SIGBUS; with the blocks allocated up front the disk-full case is an ENOSPC here.
+    Where ``posix_fallocate`` is unsupported, the free space is checked instead.
+    """
+    try:
+        os.posix_fallocate(fh.fileno(), 0, int(nbytes))
+        return
+    except OSError as exc:
+        if exc.errno in _DISK_FULL_ERRNOS:
+            raise DiskFullError(path, f"needs {nbytes / 2**20:.1f} MiB") from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+    except AttributeError:  # no posix_fallocate on this platform
+        pass
+    free = shutil.disk_usage(Path(fh.name).parent).free
+    if free < nbytes:
+        raise DiskFullError(path, f"needs {nbytes / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free")
+
+
+def _frame_time(metadata):
+    ft = (metadata or {}).get("frame_time")
+    try:
+        ft = float(ft)
+    except (TypeError, ValueError):
+        return None
+    return ft if math.isfinite(ft) and ft > 0 else None
+
+
 def write_tiff(path, stack, pixel_size: float | None = None, metadata: dict | None = None) -> None:
     """Write an ImageJ-compatible float32 hyperstack (axes ``'TYX'``), atomically.
 
     ``pixel_size`` (Å) is stored as resolution in ``nm`` (ImageJ unit ``'nm'``), so
-    Fiji shows the calibrated size. ``metadata`` is stored as JSON in private tag
+    Fiji shows the calibrated size; ``metadata['frame_time']`` (s between frames), when
+    known, becomes the ImageJ ``finterval``. ``metadata`` is stored as JSON in private tag
     65000 (ImageJ owns the ImageDescription). BigTIFF is used above 4 GiB. Frames are
-    streamed, so ``stack`` may be a lazy or Zarr array.
+    streamed, so ``stack`` may be a lazy or Zarr array. A full disk raises
+    :class:`DiskFullError` and leaves nothing behind.
     """
     stack = _stack_for_writing(stack)
     shape = tuple(int(n) for n in stack.shape)
-    kwargs = {"metadata": {"axes": "TYX"}}
+    ij = {"axes": "TYX"}
+    kwargs = {}
     if pixel_size:
         per_nm = 10.0 / float(pixel_size)
-        kwargs = {"resolution": (per_nm, per_nm), "metadata": {"axes": "TYX", "unit": "nm"}}
+        kwargs["resolution"] = (per_nm, per_nm)
+        ij["unit"] = "nm"
+    ft = _frame_time(metadata)
+    if ft:
+        ij["finterval"] = ft
     extra = json.dumps(_jsonable({**(metadata or {}), "pixel_size": pixel_size,
                                   "emdenoise_version": __version__}))
     frames = (f for _, block in _iter_blocks(stack) for f in block.astype(np.float32, copy=False))
-    with atomic_path(path) as tmp, warnings.catch_warnings():
+    with _disk_full_as_error(path), atomic_path(path) as tmp, warnings.catch_warnings():
         # BigTIFF ImageJ files are "nonconformant" but Fiji reads them
         warnings.filterwarnings("ignore", message=".*nonconformant BigTIFF ImageJ")
         tifffile.imwrite(tmp, frames, shape=shape, dtype=np.float32, imagej=True,
                          photometric="minisblack", bigtiff=math.prod(shape) * 4 > 2**32 - 2**25,
-                         extratags=[(_TIFF_META_TAG, "s", 0, extra, True)], **kwargs)
+                         extratags=[(_TIFF_META_TAG, "s", 0, extra, True)], metadata=ij, **kwargs)
 
 
 def write_mrc(path, stack, pixel_size: float | None = None, tilt_angles=None) -> None:
@@ -843,15 +909,19 @@ def write_mrc(path, stack, pixel_size: float | None = None, tilt_angles=None) ->
 
     ``pixel_size`` (Å) goes to the voxel size (0 = unknown). Header statistics are
     computed while streaming frames. ``tilt_angles`` (degrees, one per frame) are
-    written to an IMOD ``.tlt`` beside the file, also atomically.
+    written to an IMOD ``.tlt`` beside the file, also atomically. The file's blocks are
+    allocated before the memory-mapped write, so a full disk raises
+    :class:`DiskFullError` (temporary removed) instead of killing the process by SIGBUS.
     """
     stack = _stack_for_writing(stack)
     shape = tuple(int(n) for n in stack.shape)
     if tilt_angles is not None and len(tilt_angles) != shape[0]:
         raise ValueError(f"{len(tilt_angles)} tilt angles for {shape[0]} frames")
     lo, hi, s1, s2 = math.inf, -math.inf, 0.0, 0.0
-    with atomic_path(path) as tmp:
+    with _disk_full_as_error(path), atomic_path(path) as tmp:
         with mrcfile.new_mmap(tmp, shape, mrc_mode=2, overwrite=True) as mrc:
+            with open(tmp, "r+b") as fh:  # the mapped file is sparse until written
+                _reserve(fh, 1024 + math.prod(shape) * 4, path)
             for a, block in _iter_blocks(stack):
                 block = block.astype(np.float32, copy=False)
                 mrc.data[a:a + len(block)] = block
@@ -870,13 +940,35 @@ def write_mrc(path, stack, pixel_size: float | None = None, tilt_angles=None) ->
                 tlt.write_text("".join(f"{float(a):.2f}\n" for a in tilt_angles))
 
 
-def _ome_attrs(name, pixel_size, attrs):
+#: OME-Zarr pyramid: 2x-binned levels are added while the smaller frame edge stays at or
+#: above this many px, at most ``_PYRAMID_MAX_LEVELS`` of them (level 0 is the data).
+_PYRAMID_MIN_EDGE = 256
+_PYRAMID_MAX_LEVELS = 4
+AXES = ("t", "y", "x")
+
+
+def pyramid_levels(frame_shape) -> int:
+    """Number of 2x-downsampled levels written after level 0 for frames ``(Y, X)``."""
+    edge, n = min(int(v) for v in frame_shape), 0
+    while n < _PYRAMID_MAX_LEVELS and edge // 2 ** (n + 1) >= _PYRAMID_MIN_EDGE:
+        n += 1
+    return n
+
+
+def _ome_attrs(name, pixel_size, attrs, n_levels=1):
+    """OME-Zarr 0.5 group attributes: axes t (time, unit second when ``attrs['frame_time']``
+    is known), y, x (space, angstrom when ``pixel_size`` is known); one dataset per level
+    with scale ``[frame_time or 1, px * 2**k, px * 2**k]``."""
     space = {"type": "space", "unit": "angstrom"} if pixel_size else {"type": "space"}
     px = float(pixel_size) if pixel_size else 1.0
-    ms = {"name": name, "axes": [{"name": "t", "type": "time"}, {"name": "y", **space},
-                                 {"name": "x", **space}],
-          "datasets": [{"path": "0", "coordinateTransformations": [
-              {"type": "scale", "scale": [1.0, px, px]}]}]}
+    ft = _frame_time(attrs)
+    time = {"name": "t", "type": "time", **({"unit": "second"} if ft else {})}
+    datasets = [{"path": str(k), "coordinateTransformations": [
+        {"type": "scale", "scale": [ft or 1.0, px * 2**k, px * 2**k]}]} for k in range(n_levels)]
+    ms = {"name": name, "axes": [time, {"name": "y", **space}, {"name": "x", **space}],
+          "datasets": datasets}
+    if n_levels > 1:
+        ms["type"] = "2x2 mean (y, x)"
     return {"ome": {"version": "0.5", "multiscales": [ms]},
             "emdenoise": _jsonable({**(attrs or {}), "pixel_size": pixel_size})}
 
@@ -885,43 +977,72 @@ class ZarrStackWriter:
     """Stream frames into an OME-Zarr 0.5 group (zarr v3), renamed into place on success.
 
     Layout: group ``path`` with attributes ``{'ome': {...multiscales...}, 'emdenoise':
-    attrs + pixel_size}`` and the ``(T, Y, X)`` array at ``path/0`` (default chunks:
-    whole frames ``(1, Y, X)``). Space axes carry unit ``'angstrom'`` and scale
-    ``pixel_size`` when it is known, else no unit and scale 1.0.
+    attrs + pixel_size}``, the ``(T, Y, X)`` array at ``path/0`` (default chunks: whole
+    frames ``(1, Y, X)``; ``dimension_names`` t, y, x) and, for frames of at least
+    512 px, a pyramid ``path/1``, ``path/2`` ... of 2x2-mean-binned frames (float32,
+    computed at close time from level 0, a block of frames at a time) so viewers open
+    large stacks fast; :func:`read_zarr` returns level 0. Space axes carry unit
+    ``'angstrom'`` and scale ``pixel_size`` when it is known, else no unit and scale 1.0;
+    the time axis carries unit ``'second'`` and scale ``attrs['frame_time']`` when known.
 
     Use as a context manager: ``w[i] = frame`` or ``w[a:b] = block``; ``w.array`` is
-    the writable Zarr array. On an exception the temporary group is removed.
+    the writable Zarr array (level 0). On an exception the temporary group is removed;
+    a full disk raises :class:`DiskFullError` naming ``path``.
     """
 
-    def __init__(self, path, shape, *, pixel_size=None, attrs=None, chunks=None, dtype="float32"):
+    def __init__(self, path, shape, *, pixel_size=None, attrs=None, chunks=None, dtype="float32",
+                 pyramid: bool = True):
         self.path, self.shape = Path(path), tuple(int(n) for n in shape)
         if len(self.shape) != 3:
             raise ValueError(f"shape must be (T, Y, X), got {self.shape}")
         self.pixel_size, self.attrs, self.dtype = pixel_size, attrs, np.dtype(dtype)
         self.chunks = tuple(chunks) if chunks else (1,) + self.shape[1:]
-        self.array, self._tmp = None, None
+        self.n_levels = 1 + (pyramid_levels(self.shape[1:]) if pyramid else 0)
+        self.array, self._tmp, self._group = None, None, None
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = _temp_name(self.path)
         try:
-            group = zarr.open_group(str(self._tmp), mode="w", zarr_format=3)
-            group.attrs.update(_ome_attrs(self.path.stem, self.pixel_size, self.attrs))
-            self.array = group.create_array("0", shape=self.shape, chunks=self.chunks,
-                                            dtype=self.dtype, fill_value=0)
+            with _disk_full_as_error(self.path):
+                self._group = zarr.open_group(str(self._tmp), mode="w", zarr_format=3)
+                self._group.attrs.update(_ome_attrs(self.path.stem, self.pixel_size, self.attrs, self.n_levels))
+                self.array = self._group.create_array("0", shape=self.shape, chunks=self.chunks,
+                                                      dtype=self.dtype, fill_value=0, dimension_names=AXES)
         except BaseException:
             _discard(self._tmp)
             raise
         return self
 
     def __setitem__(self, key, value):
-        self.array[key] = np.asarray(value, dtype=self.dtype)
+        with _disk_full_as_error(self.path):
+            self.array[key] = np.asarray(value, dtype=self.dtype)
+
+    def _write_pyramid(self):
+        t, y, x = self.shape
+        src = self.array
+        for k in range(1, self.n_levels):
+            ny, nx = y // 2**k, x // 2**k
+            dst = self._group.create_array(str(k), shape=(t, ny, nx), chunks=(1, ny, nx), dtype="float32",
+                                           fill_value=0, dimension_names=AXES)
+            for a, block in _iter_blocks(src):
+                block = block[:, :2 * ny, :2 * nx].astype(np.float32, copy=False)
+                dst[a:a + len(block)] = block.reshape(len(block), ny, 2, nx, 2).mean(axis=(2, 4))
+            src = dst
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            _commit(self._tmp, self.path)
-        else:
+        if exc_type is not None:
             _discard(self._tmp)
+            if _is_disk_full(exc) and not isinstance(exc, DiskFullError):
+                raise DiskFullError(self.path) from None
+            return False
+        try:
+            with _disk_full_as_error(self.path):
+                self._write_pyramid()
+                _commit(self._tmp, self.path)
+        except BaseException:
+            _discard(self._tmp)
+            raise
         return False
 
 
@@ -936,9 +1057,13 @@ def write_zarr(path, stack, *, pixel_size=None, attrs: dict | None = None, chunk
 
 
 def _write_npy(path, stack):
+    """float32 ``.npy``, atomically; blocks allocated before the memory-mapped write (no
+    SIGBUS on a full disk: :class:`DiskFullError`, temporary removed)."""
     stack = _stack_for_writing(stack)
-    with atomic_path(path) as tmp:
+    with _disk_full_as_error(path), atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=tuple(stack.shape))
+        with open(tmp, "r+b") as fh:
+            _reserve(fh, os.path.getsize(tmp), path)
         for a, block in _iter_blocks(stack):
             out[a:a + len(block)] = block
         out.flush()

@@ -7,7 +7,7 @@ rule ingest:
     output:
         directory(f"{RESULTS}/{{ds}}/raw.zarr"),
     params:
-        cfg=stage("name", "kind", "pixel_size", "frames"),
+        cfg=stage("name", "kind", "pixel_size", "frames", "eer_group", "eer_upsampling"),
     log:
         f"{RESULTS}/logs/{{ds}}/ingest.log",
     resources:
@@ -24,7 +24,7 @@ rule ingest_truth:
     output:
         directory(f"{RESULTS}/{{ds}}/truth.zarr"),
     params:
-        cfg=stage("name", "kind", "pixel_size", "frames"),
+        cfg=stage("name", "kind", "pixel_size", "frames", "eer_group", "eer_upsampling"),
     log:
         f"{RESULTS}/logs/{{ds}}/ingest_truth.log",
     resources:
