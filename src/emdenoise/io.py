@@ -23,6 +23,7 @@ import re
 import secrets
 import shutil
 import threading
+import time
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -286,7 +287,15 @@ def _temp_name(final, tag="tmp"):
 
 def _discard(tmp):
     if tmp.is_dir() and not tmp.is_symlink():
-        shutil.rmtree(tmp, ignore_errors=True)
+        # after a failed write, zarr's concurrent chunk writes may still be landing:
+        # remove until nothing comes back (bounded: about 2 s)
+        gone = 0
+        for _ in range(40):  # gone on two checks 50 ms apart
+            shutil.rmtree(tmp, ignore_errors=True)
+            gone = gone + 1 if not tmp.exists() else 0
+            if gone == 2:
+                return
+            time.sleep(0.05)
     elif tmp.exists() or tmp.is_symlink():
         tmp.unlink()
 
@@ -817,12 +826,17 @@ def describe(path, pixel_size: float | None = None, **options) -> dict:
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy tofile on a full disk
+
+
 def _is_disk_full(exc: BaseException) -> bool:
-    """True for ENOSPC/EDQUOT, also when wrapped (zarr's async stores chain the OSError)."""
+    """True for ENOSPC/EDQUOT, also when wrapped (zarr's async stores chain the OSError),
+    and for numpy's short-write OSError, which carries no errno."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+        if isinstance(exc, OSError) and (exc.errno in _DISK_FULL_ERRNOS
+                                         or (exc.errno is None and _SHORT_WRITE.search(str(exc)))):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
