@@ -1,8 +1,9 @@
 """Typed pipeline configuration.
 
-The JSON schema in ``workflow/schemas/config.schema.yaml`` checks keys and types (the
-Snakefile validates with it); this module holds the *defaults* of every stage, in one
-place, and turns a validated config dict into typed, frozen objects. A dataset entry may
+The JSON schema ``emdenoise/schemas/config.schema.yaml`` checks keys and types. It is
+package data, so a plain ``pip install .`` has it; ``workflow/schemas/config.schema.yaml``
+links to it and the Snakefile validates with it. This module holds the *defaults* of
+every stage, in one place, and turns a validated config dict into typed, frozen objects. A dataset entry may
 override any stage setting; what it does not set comes from ``defaults:`` in the config
 file, and what that does not set comes from the dataclasses below.
 """
@@ -22,7 +23,8 @@ from typing import Any
 
 from .errors import InputError
 
-SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+#: The config schema, shipped inside the package (``workflow/schemas/`` links to it).
+SCHEMA = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
 
 
 @dataclass(frozen=True)
