@@ -203,6 +203,13 @@ def test_eer_fractions_calibration_and_upsampling(tmp_path):
     assert attrs["eer_group"] == 10 and attrs["frame_time"] == pytest.approx(0.1)
     ms = validate_ome(dst).attributes.ome.multiscales[0]
     assert ms.axes[0].unit == "second" and ms.datasets[0].coordinateTransformations[0].scale[0] == pytest.approx(0.1)
+    from emdenoise import provenance  # the calibration reaches provenance.json
+
+    ds = emcfg.build({"datasets": {"m": {"path": str(p), "eer_group": 10}}}).datasets["m"]
+    rec = provenance.build_record(ds, input_path=str(p), input_sha256=attrs["sha256"], outputs=[], logs=[],
+                                  acquisition={k: attrs[k] for k in io.CALIBRATION_KEYS if k in attrs})
+    assert rec["input"]["acquisition"]["frame_time"] == pytest.approx(0.1)
+    assert rec["input"]["acquisition"]["eer_group"] == 10 and rec["config"]["eer_group"] == 10
     with pytest.raises(InputError) as e:
         io.read_stack(p, eer_group=50)
     assert "fewer than eer_group=50" in str(e.value)
