@@ -639,11 +639,24 @@ def _open_folder(path, options=None):
     return LazyStack(_FolderReader(files, options), shape, first.dtype), meta, files
 
 
+def _open_vendor(path, fmt, options):
+    """A vendor file (:mod:`emdenoise.vendor`) as a LazyStack; its x scale and unit -> Å."""
+    if fmt == "eer":
+        read, shape, dtype, meta = vendor.open_eer(
+            path, group=options.get("eer_group") or vendor.EER_GROUP,
+            upsampling=options.get("eer_upsampling") or vendor.EER_UPSAMPLING)
+    else:
+        read, shape, dtype, meta = vendor.open_rsciio(path, fmt)
+    cal = meta.get("calibration", {})
+    scale, unit = cal.get("x_scale"), cal.get("x_unit")
+    meta["pixel_size"] = _to_angstrom(scale, unit) if unit and "/" not in str(unit) else None
+    if meta["pixel_size"] is None and unit and str(unit).strip():
+        meta["notes"].append(f"pixel size {scale} {unit} is not a real-space length; ignored")
+    return LazyStack(read, shape, dtype), meta
+
+
 _OPENERS = {"tiff": _open_tiff, "mrc": _open_mrc, "npy": _open_npy,
-            "dm": lambda p, o: vendor.open_rsciio(p, "dm"), "tia": lambda p, o: vendor.open_rsciio(p, "tia"),
-            "emd": lambda p, o: vendor.open_rsciio(p, "emd"),
-            "eer": lambda p, o: vendor.open_eer(p, group=o.get("eer_group") or vendor.EER_GROUP,
-                                                upsampling=o.get("eer_upsampling") or vendor.EER_UPSAMPLING)}
+            **{fmt: (lambda p, o, fmt=fmt: _open_vendor(p, fmt, o)) for fmt in ("dm", "tia", "emd", "eer")}}
 _NEEDS_OPTIONS = {"dm", "tia", "emd", "eer"}
 
 

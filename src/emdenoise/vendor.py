@@ -1,15 +1,19 @@
 """Readers for the files microscopes write: Gatan DM3/DM4, TIA SER/EMI, Velox/NCEM EMD,
 Falcon EER, and SerialEM ``.mdoc`` metadata beside an MRC stack.
 
-Each ``open_*`` returns ``(arr, meta)`` like the readers in :mod:`emdenoise.io`: ``arr``
-is a lazy ``(T, Y, X)`` (or ``(Y, X)``) array of the file's dtype, ``meta`` a dict with
-``pixel_size`` (Å or None), ``notes`` and, where the file records them,
+Each ``open_*`` returns ``(read, shape, dtype, meta)``: ``read(a, b)`` gives frames
+``[a, b)`` as an ndarray of ``dtype`` (picklable; the file is reopened per process),
+``shape`` is ``(T, Y, X)`` (a single image has ``T = 1``), and ``meta`` a dict with
+``notes`` and, where the file records them,
 
 - ``frame_time``: seconds between frames (float),
 - ``exposure_time``: seconds of exposure per frame (float, or a list per frame),
 - ``dose_per_frame`` with ``dose_unit`` (``'e/A^2'`` or ``'e/px'``; float or list),
 - ``tilt_angles``: degrees, one per frame,
-- ``calibration``: the raw values with their units as the file states them.
+- ``calibration``: the raw values with their units as the file states them
+  (``x_scale``/``x_unit``: the pixel size that :mod:`emdenoise.io` converts to Å).
+
+:mod:`emdenoise.io` wraps them in a ``LazyStack`` (this module sits below it).
 
 The packages are optional (``pip install 'emdenoise[vendor]'``); a missing one gives one
 :class:`~emdenoise.errors.InputError` line naming the file and the package to install.
@@ -118,13 +122,10 @@ class _RsciioReader:
 def open_rsciio(path, fmt):
     """Open a DM3/DM4 (``fmt='dm'``), SER/EMI (``'tia'``) or EMD (``'emd'``) file lazily.
 
-    Returns a :class:`emdenoise.io.LazyStack` ``(T, Y, X)`` of the stored dtype (a single
-    image is ``T = 1``) and its calibration: pixel size from the x axis scale and unit
-    (→ Å; reciprocal-space units are not a pixel size), frame time from a calibrated
-    time axis (s), exposure and dose where the metadata hold them.
+    Returns ``(read, shape, dtype, meta)`` (module docstring): frames of the stored dtype
+    and the calibration: the x axis scale and unit (``meta['calibration']``), frame time
+    from a calibrated time axis (s) and exposure where the metadata hold it.
     """
-    from .io import LazyStack, _to_angstrom
-
     path = Path(path)
     signals = _rsciio_signals(path, fmt)
     index = _pick_image(signals, path, fmt)
@@ -141,11 +142,8 @@ def open_rsciio(path, fmt):
                      f"({(sig.get('metadata', {}).get('General', {}) or {}).get('title', 'untitled')})")
     x_axis = sig_axes[-1]
     unit, scale = x_axis.get("units"), x_axis.get("scale")
-    px = _to_angstrom(scale, unit) if unit and "/" not in str(unit) else None
     calibration = {"x_scale": float(scale) if scale is not None else None, "x_unit": unit or None}
-    if px is None and unit and str(unit).strip() and float(scale or 0) != 1.0:
-        notes.append(f"pixel size {scale} {unit} is not a real-space length; ignored")
-    meta = {"pixel_size": px, "notes": notes, "vendor_format": fmt}
+    meta = {"notes": notes, "vendor_format": fmt}
     if nav:
         t_unit, t_scale = nav[0].get("units"), nav[0].get("scale")
         calibration.update(t_scale=float(t_scale) if t_scale is not None else None, t_unit=t_unit or None)
@@ -163,7 +161,7 @@ def open_rsciio(path, fmt):
         meta["title"] = str(title)
     shape = tuple(int(n) for n in data.shape)
     shape = shape if len(shape) == 3 else (1,) + shape
-    return LazyStack(_RsciioReader(path, fmt, index), shape, data.dtype), meta
+    return _RsciioReader(path, fmt, index), shape, np.dtype(data.dtype), meta
 
 
 # --------------------------------------------------------------------------- EER
@@ -200,7 +198,8 @@ class _EerReader:
 
 
 def open_eer(path, group: int = EER_GROUP, upsampling: int = EER_UPSAMPLING):
-    """Open a Falcon EER movie as fractions of ``group`` raw frames each, lazily.
+    """Open a Falcon EER movie as fractions of ``group`` raw frames each, lazily;
+    returns ``(read, shape, dtype, meta)`` (module docstring).
 
     EER stores every electron event per raw frame (hundreds of raw frames per second);
     ``group`` consecutive raw frames are summed into one output frame (uint16 counts per
@@ -211,8 +210,6 @@ def open_eer(path, group: int = EER_GROUP, upsampling: int = EER_UPSAMPLING):
     and the total dose (e/px); frame time and dose per fraction follow from them.
     """
     import tifffile
-
-    from .io import LazyStack
 
     path = Path(path)
     group, upsampling = int(group), int(upsampling)
@@ -243,7 +240,7 @@ def open_eer(path, group: int = EER_GROUP, upsampling: int = EER_UPSAMPLING):
     if n_raw % group:
         notes.append(f"dropped the last {n_raw % group} of {n_raw} raw EER frames (eer_group={group})")
     n_file = md.get("numberOfFrames") or n_raw
-    meta = {"pixel_size": None, "notes": notes, "vendor_format": "eer", "eer_group": group,
+    meta = {"notes": notes, "vendor_format": "eer", "eer_group": group,
             "eer_upsampling": upsampling, "n_raw_frames": n_raw,
             "calibration": {k: v for k, v in md.items() if isinstance(v, (int, float, str, bool))}}
     exposure = _to_seconds(md.get("exposureTime"), md.get("exposureTime.unit", "s"))
@@ -255,7 +252,7 @@ def open_eer(path, group: int = EER_GROUP, upsampling: int = EER_UPSAMPLING):
         notes.append(f"EER sensorPixelSize {md['sensorPixelSize.width']} {md.get('sensorPixelSize.width.unit', '')} "
                      "is the detector pixel, not the specimen pixel size; set pixel_size in the config")
     shape = (n_out,) + frame_shape
-    return LazyStack(_EerReader(path, group, superres, first_page, frame_shape), shape, np.uint16), meta
+    return _EerReader(path, group, superres, first_page, frame_shape), shape, np.dtype(np.uint16), meta
 
 
 # --------------------------------------------------------------------------- SerialEM mdoc
