@@ -11,7 +11,7 @@ def main(smk):
     ds = stage_config(smk.params.cfg)
     io.ingest(smk.input[0], smk.output[0], pixel_size=ds.pixel_size, frames=ds.frames,
               extra_attrs={"dataset": ds.name, "kind": ds.kind},
-              eer_group=ds.eer_group, eer_upsampling=ds.eer_upsampling)
+              **{k: getattr(ds, k) for k in ("eer_group", "eer_upsampling") if k in smk.params.cfg})
 
 
 stage.run(snakemake, main)  # noqa: F821

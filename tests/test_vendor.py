@@ -273,3 +273,32 @@ def test_mdoc_beside_mrc(tmp_path):
     assert meta["exposure_time"] == [0.5] * 3 and meta["mdoc"].endswith("ts01.mrc.mdoc")
     (tmp_path / "ts01.tlt").write_text("-2\n0\n2\n")  # an IMOD .tlt wins over the mdoc angles
     assert io.read_stack(p)[1]["tilt_angles"] == [-2, 0, 2]
+
+
+# --------------------------------------------------------------------------- through the workflow
+@needs_vendor
+def test_workflow_ingests_vendor_files(tmp_path):
+    """The ingest rule takes a real TIA series and an EER (grouping from the config), and
+    refuses a real 2x2 px DM4 with one line in its log."""
+    pytest.importorskip("imagecodecs")
+    from test_workflow import snakemake
+
+    events = np.random.default_rng(1).random((40, 32, 32)) < 0.05
+    make_eer(tmp_path / "movie.eer", events, exposure_s=0.4)
+    config = {"results": "results", "datasets": {
+        "tia": {"path": str(VENDOR / "64x64x5_TEM_preview_1.ser")},
+        "eer": {"path": str(tmp_path / "movie.eer"), "eer_group": 8, "pixel_size": 0.8},
+        "tiny": {"path": str(VENDOR / "test-1.dm4")}}}
+    r = snakemake(tmp_path, "--keep-going", *(f"results/{d}/raw.zarr" for d in ("tia", "eer", "tiny")),
+                  config=config)
+    assert r.returncode != 0  # the DM4 is refused
+    arr, attrs = io.read_zarr(tmp_path / "results/tia/raw.zarr")
+    assert arr.shape == (5, 64, 64) and attrs["pixel_size"] == pytest.approx(62.8183362)
+    arr, attrs = io.read_zarr(tmp_path / "results/eer/raw.zarr")
+    assert arr.shape == (5, 32, 32) and attrs["eer_group"] == 8 and attrs["frame_time"] == pytest.approx(0.08)
+    assert attrs["pixel_size"] == 0.8 and attrs["pixel_size_source"] == "config"
+    for d in ("tia", "eer"):
+        validate_ome(tmp_path / f"results/{d}/raw.zarr")
+    log = (tmp_path / "results/logs/tiny/ingest.log").read_text()
+    assert "test-1.dm4: has 2 frames" in log and "Traceback" not in log
+    assert not (tmp_path / "results/tiny/raw.zarr").exists()
