@@ -145,3 +145,14 @@ def test_tmpfs_cli_denoise_no_signal_no_traceback(tmp_path, tiny_disk, ext):
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert str(out) in r.stderr and "no space left on device" in r.stderr
     assert list(tiny_disk.iterdir()) == []
+
+
+def test_any_atomic_write_reports_a_full_disk(tmp_path):
+    """CSV / JSON / PNG outputs of the stages go through atomic_path too."""
+    out = tmp_path / "metrics.csv"
+    with pytest.raises(DiskFullError) as e:
+        with io.atomic_path(out) as tmp:
+            tmp.write_text("partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    _assert_one_line(e, out)
+    assert list(tmp_path.iterdir()) == []

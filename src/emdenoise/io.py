@@ -322,16 +322,19 @@ def atomic_path(final_path):
     The temporary name is hidden and keeps the extension last (``denoised.tif`` ->
     ``.denoised.tmp-1a2b3c4d.tif``) so writers choose the right format. The body must
     create it (file or directory). On an exception the temporary is deleted and the
-    exception re-raised; an existing ``final_path`` is left untouched. The parent
-    directory is created if needed.
+    exception re-raised (a full disk as :class:`DiskFullError` naming ``final_path``);
+    an existing ``final_path`` is left untouched. The parent directory is created if
+    needed.
     """
     final = Path(final_path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(final)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         _discard(tmp)
+        if _is_disk_full(exc) and not isinstance(exc, DiskFullError):
+            raise DiskFullError(final) from None
         raise
     _commit(tmp, final)
 
