@@ -302,3 +302,19 @@ def test_workflow_ingests_vendor_files(tmp_path):
     log = (tmp_path / "results/logs/tiny/ingest.log").read_text()
     assert "test-1.dm4: has 2 frames" in log and "Traceback" not in log
     assert not (tmp_path / "results/tiny/raw.zarr").exists()
+
+
+def test_missing_eer_and_mdoc_packages(tmp_path, monkeypatch):
+    pytest.importorskip("imagecodecs")
+    make_eer(tmp_path / "m.eer", np.random.default_rng(2).random((20, 16, 16)) < 0.1)
+    p = tmp_path / "ts.mrc"
+    with mrcfile.new(p) as mrc:
+        mrc.set_data(np.zeros((2, 16, 16), np.float32))
+    (tmp_path / "ts.mrc.mdoc").write_text("PixelSpacing = 1.0\n\n[ZValue = 0]\nTiltAngle = 0\n")
+    monkeypatch.setitem(sys.modules, "imagecodecs", None)
+    monkeypatch.setitem(sys.modules, "mdocfile", None)
+    with pytest.raises(InputError) as e:
+        io.read_stack(tmp_path / "m.eer")
+    assert "m.eer" in str(e.value) and "pip install imagecodecs" in str(e.value)
+    arr, meta = io.read_stack(p)  # the stack stays readable; the .mdoc is skipped with a note
+    assert arr.shape == (2, 16, 16) and any("pip install mdocfile" in n for n in meta["notes"])
