@@ -1,11 +1,6 @@
 # Raw frames (TIFF, MRC, NPY, Zarr, folder, DM3/DM4, SER/EMI, EMD, EER) -> float32 (T, Y, X)
 # Zarr with metadata and the file's calibration.
-
-
-def eer_settings(ds, wildcards):
-    """EER grouping only for EER input: editing it must not re-ingest a TIFF."""
-    return ["eer_group", "eer_upsampling"] if str(ds.path).lower().endswith(".eer") else []
-
+# EER grouping is passed only for EER input: editing it must not re-ingest a TIFF.
 
 
 rule ingest:
@@ -14,7 +9,10 @@ rule ingest:
     output:
         directory(f"{RESULTS}/{{ds}}/raw.zarr"),
     params:
-        cfg=stage("name", "kind", "pixel_size", "frames", eer_settings),
+        cfg=stage(
+            "name", "kind", "pixel_size", "frames",
+            lambda ds, wc: ["eer_group", "eer_upsampling"] if str(ds.path).lower().endswith(".eer") else [],
+        ),
     log:
         f"{RESULTS}/logs/{{ds}}/ingest.log",
     resources:
@@ -31,7 +29,10 @@ rule ingest_truth:
     output:
         directory(f"{RESULTS}/{{ds}}/truth.zarr"),
     params:
-        cfg=stage("name", "kind", "pixel_size", "frames", eer_settings),
+        cfg=stage(
+            "name", "kind", "pixel_size", "frames",
+            lambda ds, wc: ["eer_group", "eer_upsampling"] if str(ds.path).lower().endswith(".eer") else [],
+        ),
     log:
         f"{RESULTS}/logs/{{ds}}/ingest_truth.log",
     resources:
