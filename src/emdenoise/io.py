@@ -992,10 +992,10 @@ def _ome_attrs(name, pixel_size, attrs, n_levels=1):
     space = {"type": "space", "unit": "angstrom"} if pixel_size else {"type": "space"}
     px = float(pixel_size) if pixel_size else 1.0
     ft = _frame_time(attrs)
-    time = {"name": "t", "type": "time", **({"unit": "second"} if ft else {})}
+    t_axis = {"name": "t", "type": "time", **({"unit": "second"} if ft else {})}
     datasets = [{"path": str(k), "coordinateTransformations": [
         {"type": "scale", "scale": [ft or 1.0, px * 2**k, px * 2**k]}]} for k in range(n_levels)]
-    ms = {"name": name, "axes": [time, {"name": "y", **space}, {"name": "x", **space}],
+    ms = {"name": name, "axes": [t_axis, {"name": "y", **space}, {"name": "x", **space}],
           "datasets": datasets}
     if n_levels > 1:
         ms["type"] = "2x2 mean (y, x)"
