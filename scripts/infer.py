@@ -2,28 +2,37 @@
 
 Movies stream through chunked inference (emdenoise.chunked.infer_zarr); tilt series are
 cut into overlapping tiles stitched with a blending window (emdenoise.infer.denoise_tiled).
+A pretrained model (`model.checkpoint`) is checked against the data first
+(emdenoise.pipeline.check_fit): a misfit is logged as a warning, a non-blind model refused.
 """
-from emdenoise import checkpoint, chunked, infer, io, stage
+import json
+
+from emdenoise import checkpoint, chunked, infer, io, pipeline, stage
 from emdenoise.config import stage_config
 
 
 def main(smk):
     ds = stage_config(smk.params.cfg)
     cfg = ds.infer
-    attrs = {"method": smk.wildcards.model, "model_checkpoint": str(smk.input.model)}
+    model, ckpt = checkpoint.load_checkpoint(smk.input.model)  # refuses a model that is not blind
+    src, src_attrs = io.read_zarr(smk.input.stack)
+    attrs = {"method": smk.wildcards.model, "model_checkpoint": str(smk.input.model),
+             "model_kind": ckpt.get("model", "wcvd"), "temporal_reach": model.params.halo_t,
+             "ks_max": max(ckpt["model_params"].get("ks", [7]))}
+    if smk.wildcards.model == "pretrained":
+        spot = json.loads(open(smk.input.blindspot).read())["blindspot"]
+        for problem in pipeline.check_fit(ckpt, src, src_attrs.get("pixel_size"), blindspot=spot):
+            stage.log.warning("model %s may not fit this data: %s", smk.input.model, problem)
     if ds.kind == "tilt_series":
-        stack, src_attrs = io.read_zarr(smk.input.stack)
-        model, ckpt = checkpoint.load_checkpoint(smk.input.model, device=cfg.device)
-        out = infer.denoise_tiled(model, ckpt, stack, tile=cfg.tilt_tile, overlap=cfg.tilt_overlap,
-                                   device=cfg.device, batch_frames=cfg.batch_frames)
-        attrs["temporal_reach"] = model.params.halo_t
+        out = infer.denoise_tiled(model, ckpt, src, tile=cfg.tilt_tile, overlap=cfg.tilt_overlap,
+                                  device=cfg.device, batch_frames=cfg.batch_frames)
         io.write_zarr(smk.output[0], out, pixel_size=src_attrs.get("pixel_size"),
                       attrs={**src_attrs, **attrs, "tiling": {"tile": cfg.tilt_tile, "overlap": cfg.tilt_overlap}})
         return
     tile = None if cfg.tile is None else (cfg.batch_frames, cfg.tile, cfg.tile)
     stats = chunked.infer_zarr(smk.input.model, None, smk.input.stack, smk.output[0], device=cfg.device, tile=tile,
-                             workers=cfg.workers or smk.threads, scheduler_address=cfg.scheduler_address,
-                             batch_frames=cfg.batch_frames, attrs=attrs)
+                               workers=cfg.workers or smk.threads, scheduler_address=cfg.scheduler_address,
+                               batch_frames=cfg.batch_frames, attrs=attrs)
     stage.log.info("inference: %s", stats)
 
 

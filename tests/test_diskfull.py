@@ -90,7 +90,7 @@ def test_injected_enospc_in_chunked_style_writer(tmp_path, enospc):
 def _fake_denoise(stack, ds, **kwargs):
     """Stands in for training: the disk-full path is about writing the result."""
     return {"chosen": "classical", "choice": {"sigma": (1.0, 1.0, 1.0)}, "outputs": {"classical": None},
-            "drift": None, "checkpoints": {}, "output": np.ones(stack.shape, np.float32)}
+            "drift": None, "checkpoints": {}, "warnings": [], "output": np.ones(stack.shape, np.float32)}
 
 
 @pytest.mark.parametrize("ext", EXTS)
@@ -133,7 +133,7 @@ def test_tmpfs_cli_denoise_no_signal_no_traceback(tmp_path, tiny_disk, ext):
         from emdenoise import cli, pipeline
         def fake(stack, ds, **kwargs):
             return {{"chosen": "classical", "choice": {{"sigma": (1.0, 1.0, 1.0)}},
-                    "outputs": {{"classical": None}}, "drift": None, "checkpoints": {{}},
+                    "outputs": {{"classical": None}}, "drift": None, "checkpoints": {{}}, "warnings": [],
                     "output": np.random.default_rng(1).random(stack.shape).astype(np.float32)}}
         pipeline.denoise_stack = fake
         sys.exit(cli.main(sys.argv[1:]))

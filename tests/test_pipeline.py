@@ -51,12 +51,32 @@ def test_auto_includes_the_classical_candidate_and_postprocess_follows_the_metho
     movie = simulate_movie(12, (64, 64), mode="counting", dose=2.0, max_drift=0.0, seed=6)
     ds = _ds(train={"epochs": 3, "crop": 32, "val_crop": 32}, shine={"blocks": 2, "channels": 8,
              "centre_channels": 8, "neighbour_channels": 4}, shine_train={"batch_size": 4, "crop": 32})
-    assert ds.model.name == "auto" and ds.select_candidates == ["wcvd", "shine", "classical"]
+    assert ds.model.name == "auto" and ds.select_candidates == ["wcvd", "wcvd_kt7", "shine", "classical"]
     res = pipeline.denoise_stack(movie.noisy, ds, device="cpu", align=False)
-    assert set(res["outputs"]) == {"wcvd", "shine", "classical"} and set(res["checkpoints"]) == {"wcvd", "shine"}
+    assert set(res["outputs"]) == {"wcvd", "wcvd_kt7", "shine", "classical"}
+    assert set(res["checkpoints"]) == {"wcvd", "wcvd_kt7", "shine"} and res["checkpoints"]["wcvd_kt7"]["window"] == 7
     assert res["chosen"] == min(res["choice"]["umse"], key=res["choice"]["umse"].get)
     assert res["choice"]["temporal_radius"] >= max(res["choice"]["reaches"].values())
     x = np.random.default_rng(0).normal(size=(3, 32, 32)).astype(np.float32)
-    assert pipeline.postprocess(x, ds, "wcvd")[1]["applied"] is True
+    assert pipeline.postprocess(x, _ds(lowpass={"diameter": 0.5}), "wcvd")[1]["applied"] is True
     out, rec = pipeline.postprocess(x, ds, "shine")
     assert rec == {"applied": False} and np.array_equal(out, x)
+
+
+@pytest.mark.parametrize("period,expect", [(3.0, None), (24.0, "lowpass")])
+def test_lowpass_auto_keeps_fine_fringes_and_removes_high_frequency_residue(period, expect):
+    """A fixed N/3 cutoff removes fringes finer than 6 px: 'auto' scores the options by
+    uMSE against the noisy movie and keeps what the data supports."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    truth = 10 + 5 * np.cos(2 * np.pi * (yy + 0.5 * xx) / period)
+    noisy = (truth + rng.normal(0, 3, (12, 64, 64))).astype(np.float32)
+    fake = (truth + rng.normal(0, 1.5, (12, 64, 64))).astype(np.float32)  # a "network" with HF residue
+    ds = _ds(model={"name": "wcvd"})
+    out, rec = pipeline.postprocess(fake, ds, "wcvd", noisy, reach=1)
+    assert rec["diameter"] == (None if expect is None else rec["diameter"]) and "auto" in rec
+    assert (rec["diameter"] is None) == (expect is None)
+    assert ((out - truth) ** 2).mean() <= ((fake - truth) ** 2).mean() + 1e-6
+    # too short to score: no low-pass rather than an unvouched cutoff
+    out, rec = pipeline.postprocess(fake[:6], ds, "wcvd", noisy[:6], reach=1)
+    assert rec["applied"] is False and np.array_equal(out, fake[:6])

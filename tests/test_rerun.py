@@ -7,6 +7,7 @@ kind Snakemake records; a dataclass param would be dropped and every edit would 
 "Nothing to be done".
 """
 from __future__ import annotations
+import dataclasses
 
 import copy
 import json
@@ -171,7 +172,7 @@ def test_stage_params_are_plain_and_read_back_typed():
     cfg = emcfg.stage_config(params)
     assert isinstance(cfg.drift, emcfg.DriftConfig) and cfg.drift.upsample == 20
     assert cfg.frames == (0, 9) and cfg.baselines.gaussian3d_sigma == (1.0, 1.0, 1.0)
-    assert cfg.candidates == ["wcvd", "shine"] and cfg.drift_enabled
+    assert cfg.candidates == ["wcvd", "wcvd_kt7", "shine"] and cfg.drift_enabled
     assert cfg.train_params("shine") == ds.train_params("shine")
     assert cfg.shine.params(3) == ds.shine.params(3) and cfg.model.wcvd_params() == ds.model.wcvd_params()
     assert cfg.to_dict() == params
@@ -199,8 +200,7 @@ def test_single_settings_keep_the_helpers_exact():
     assert wcid.model.wcvd_params(dims=2).ks == ds.model.wcvd_params(dims=2).ks  # WCID needs no kt
     with pytest.raises(AttributeError, match="'model.kt' was not passed"):
         wcid.model.wcvd_params(dims=3)  # no silent default architecture
-    train = [f"train.{f}" for f in ("lr", "batch_size", "crop", "steps_per_epoch", "augment", "seed", "val_frames",
-                                    "val_crop", "device", "amp", "lr_schedule", "val_tolerance")]
+    train = [f"train.{f.name}" for f in dataclasses.fields(emcfg.TrainParams) if f.name != "epochs"]
     part = emcfg.stage_config(emcfg.stage_params(ds, *train))
     assert part.train.replace(epochs=7) == emcfg.TrainParams(**{**emcfg.plain(ds.train), "epochs": 7})
     with pytest.raises(AttributeError, match="'train.epochs' was not passed"):

@@ -259,3 +259,45 @@ def test_load_checkpoint_errors(tmp_path):
     torch.save({"foo": 1}, tmp_path / "other.pt")
     with pytest.raises(InputError, match="not an emdenoise checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+# ------------------------------------------------------------------ resumable training
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("params", [WCVDParams(ks=(3, 5)), "shine"])
+def test_a_killed_training_resumes_bit_identical(tmp_path, params):
+    """A run killed after epoch 3 (state saved every epoch) and started again ends with
+    the weights, history and log of an uninterrupted run; the state file is then gone."""
+    from emdenoise.config import SHINEParams
+
+    if params == "shine":
+        params = SHINEParams(blindspot=3, channels=6, centre_channels=4, neighbour_channels=3, blocks=2)
+    stack = np.random.default_rng(0).poisson(3.0, (8, 48, 48)).astype(np.float32)
+    tp = TrainParams(epochs=6, crop=16, val_crop=16, batch_size=2, device="cpu")
+    ref = train_model(stack, params, tp, log_csv=tmp_path / "ref.csv")
+    state = tmp_path / "state.pt"
+
+    def kill(row):
+        if row["epoch"] == 3:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train_model(stack, params, tp, resume=state, checkpoint_every=0, progress=kill, log_csv=tmp_path / "log.csv")
+    assert state.exists() and not (tmp_path / "log.csv").exists()
+    epochs = []
+    out = train_model(stack, params, tp, resume=state, checkpoint_every=0, log_csv=tmp_path / "log.csv",
+                      progress=lambda row: epochs.append(row["epoch"]))
+    assert epochs == [4, 5, 6] and not state.exists()  # continued, not restarted
+    assert out["best_epoch"] == ref["best_epoch"] and out["best_val_loss"] == ref["best_val_loss"]
+    assert all(torch.equal(out["state_dict"][k], ref["state_dict"][k]) for k in ref["state_dict"])
+    a = [r.split(",")[:3] for r in (tmp_path / "ref.csv").read_text().splitlines()]
+    b = [r.split(",")[:3] for r in (tmp_path / "log.csv").read_text().splitlines()]
+    assert a == b  # the same epochs and losses logged
+    # a state from other settings or other data is not resumed from
+    with pytest.raises(_Killed):
+        train_model(stack, params, tp, resume=state, checkpoint_every=0, progress=kill)
+    epochs.clear()
+    train_model(stack + 1, params, tp, resume=state, checkpoint_every=0, progress=lambda r: epochs.append(r["epoch"]))
+    assert epochs[0] == 1

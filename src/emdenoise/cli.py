@@ -57,21 +57,26 @@ def _denoise(args: argparse.Namespace) -> None:
     ds = emcfg.build({"datasets": {"cli": {"path": args.input}}, "defaults": settings}).datasets["cli"]
     if args.model:
         ds = dataclasses.replace(ds, model=dataclasses.replace(ds.model, name=args.model))
+    if args.load_model:  # apply a trained model: no training (refused here if it is not blind)
+        train.load_checkpoint(args.load_model)
+        ds = dataclasses.replace(ds, model=dataclasses.replace(ds.model, checkpoint=args.load_model))
     if not ds.candidates:
         raise InputError(args.config, "model: none denoises nothing; choose wcvd, shine or auto")
     arr, meta = io.read_stack(args.input, pixel_size=args.pixel_size, eer_group=args.eer_group,
                               eer_upsampling=args.eer_upsampling)
-    io.validate_stack(arr, args.input, min_frames=3 if ds.candidates == ["wcvd"] else 5)
+    io.validate_stack(arr, args.input, min_frames=3 if ds.candidates in (["wcvd"], ["pretrained"]) else 5)
     stack = np.asarray(arr[:], dtype=np.float32)
     progress = (lambda name, row: print(f"{name} epoch {row['epoch']}: val {row['val_loss']}", flush=True)
                 ) if args.verbose else None
     try:
         result = pipeline.denoise_stack(stack, ds, device=device, progress=progress,
                                         train_overrides={"device": device, "epochs": args.epochs},
-                                        align=False if args.no_drift else None)
+                                        align=False if args.no_drift else None, pixel_size=meta.get("pixel_size"))
     except InputError as exc:
         raise InputError(args.input, exc.problem) from None
     chosen, choice = result["chosen"], result["choice"]
+    for problem in result["warnings"]:
+        print(f"emdenoise: warning: {args.load_model} may not fit {args.input}: {problem}", file=sys.stderr)
     if result["drift"] is not None:
         moved = result["drift"]["offsets"] is not None
         print(f"drift: up to {result['drift']['max_shift_px']:.1f} px; "
@@ -89,6 +94,9 @@ def _denoise(args: argparse.Namespace) -> None:
         return
     if args.save_model:
         train.save_checkpoint(ckpt, args.save_model)
+    if args.load_model:
+        print(f"wrote {args.output} {stack.shape} ({ckpt.get('model', 'wcvd')} from {args.load_model}, no training)")
+        return
     print(f"wrote {args.output} {stack.shape} ({chosen}, best epoch {ckpt['best_epoch']}, "
           f"{ckpt['train_seconds']:.0f} s training on {ckpt['device']})")
 
@@ -140,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     den.add_argument("input", help="TIFF, MRC, NPY, Zarr, DM3/DM4, SER/EMI, EMD, EER or a folder of frames (T >= 3)")
     den.add_argument("output", help="denoised stack (.tif, .mrc, .zarr or .npy)")
     den.add_argument("--model", choices=["wcvd", "shine", "auto"], default=None,
-                     help="denoising model (default: the config's, wcvd); auto trains both and keeps the "
+                     help="denoising model (default: the config's, auto); auto trains WCVD (kt and "
+                          "model.long_kt), SHINE and tunes a Gaussian 3D, and keeps the "
                           "one with the lower uMSE (needs >= 8 frames)")
     den.add_argument("--config", help="YAML with any of the pipeline's per-stage settings "
                      "(model, train, infer, lowpass: the keys of `defaults` in config/config.yaml)")
@@ -149,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     den.add_argument("--pixel-size", type=float, default=None, help="Å/px, overrides the file's")
     _eer_args(den)
     den.add_argument("--save-model", help="also save the trained checkpoint here (.pt)")
+    den.add_argument("--load-model", help="apply this trained checkpoint (.pt) instead of training; warns when "
+                     "it does not fit the data (window, pixel size, noise correlation, intensities)")
     den.add_argument("--no-drift", action="store_true",
                      help="do not align frames before denoising (default: measure drift, align by whole "
                           "pixels, denoise, shift back; tilt series are never aligned)")

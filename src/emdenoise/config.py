@@ -121,6 +121,9 @@ class TrainParams:
         chosen by validation is not a random point of that jitter.
     val_tolerance: checkpoint = latest epoch with val loss <= min + val_tolerance * its
         standard error (see ``_select_epoch``); 0 = plain minimum.
+    checkpoint_minutes: the workflow saves a resume state this often (wall time), so a
+        training job killed at a cluster's time limit continues when it is resubmitted
+        (``train.train_model(resume=...)``); it does not change the result.
     """
 
     epochs: int = 300
@@ -137,6 +140,7 @@ class TrainParams:
     amp: bool = True
     lr_schedule: str = "cosine"
     val_tolerance: float = 1.0
+    checkpoint_minutes: float = 10.0
 
     def __post_init__(self):
         if self.lr_schedule not in ("constant", "cosine"):
@@ -232,15 +236,16 @@ SHINE_TRAIN_DEFAULTS = {"batch_size": 16, "crop": 256, "lr": 1e-3, "lr_schedule"
 
 #: SHINE sizes.  'paper': the published network (~0.9 M parameters), meant for a GPU.
 #: 'cpu': 16 / 8 / 16 channels and 4 blocks, trainable in minutes on a 2-core CPU
-#: (measured on the Au movie: uPSNR 40.9 dB vs WCVD 35.3 dB); with 64 px crops and
-#: lr 2e-3 (fewer, smaller steps need a larger rate).  ``shine.size: auto`` takes
+#: (measured on the Au movie: uPSNR 40.9 dB vs WCVD 35.3 dB); with 64 px crops,
+#: lr 2e-3 (fewer, smaller steps need a larger rate) and one step of 16 crops per epoch
+#: (300 steps by default: ~8 min on 2 cores whatever the movie's length).  ``shine.size: auto`` takes
 #: 'paper' where training runs on CUDA and 'cpu' elsewhere; explicit channel / block
 #: settings override the preset.
 SHINE_SIZES = {
     "paper": {"arch": {"centre_channels": 48, "neighbour_channels": 16, "channels": 64, "blocks": 8},
               "train": SHINE_TRAIN_DEFAULTS},
     "cpu": {"arch": {"centre_channels": 16, "neighbour_channels": 8, "channels": 16, "blocks": 4},
-            "train": {**SHINE_TRAIN_DEFAULTS, "crop": 64, "lr": 2e-3}},
+            "train": {**SHINE_TRAIN_DEFAULTS, "crop": 64, "lr": 2e-3, "max_steps_per_epoch": 1, "val_crop": 128}},
 }
 
 
@@ -296,21 +301,37 @@ class ModelConfig:
 
     name: str = "auto"  # auto (every candidate, the lower uMSE wins) | wcvd | shine | none (baselines only)
     kt: int = 3
+    # auto also trains a WCVD with this longer temporal window (candidate 'wcvd_kt<N>'): on
+    # slowly changing scenes it averages more frames; on fast ones the uMSE prefers kt.
+    # null = no such candidate.
+    long_kt: int | None = 7
+    # a trained model (model.pt of an earlier run or `emdenoise denoise --save-model`) to
+    # apply instead of training: candidate 'pretrained', no `train` job
+    checkpoint: str | None = None
     ks: tuple[int, ...] = (3, 5, 7)
     channels: int = 3
     n_layers: int = 4
     negative_slope: float = 0.1
     bias: bool = True
 
-    def wcvd_params(self, dims: int = 3) -> WCVDParams:
+    def wcvd_params(self, dims: int = 3, kt: int | None = None) -> WCVDParams:
         """Architecture of WCVD (dims=3) or of its 2D twin WCID (dims=2).
 
         Reads exactly ``wcvd_arch(dims)`` (named, not probed with hasattr, so a stage view
         that lacks one of them raises instead of silently taking a default); WCID has no
-        temporal kernel, so ``kt`` is not read for dims=2.
+        temporal kernel, so ``kt`` is not read for dims=2.  ``kt`` given: that temporal
+        window instead of ``self.kt`` (the 'wcvd_kt<N>' candidates), not read either.
         """
-        arch = {name: getattr(self, name) for name in wcvd_arch(dims)}
-        return WCVDParams(**{**arch, "dims": dims})
+        names = wcvd_arch(dims) if kt is None else wcvd_arch(2)
+        arch = {name: getattr(self, name) for name in names}
+        return WCVDParams(**{**arch, "dims": dims, **({"kt": kt} if kt is not None and dims == 3 else {})})
+
+
+def candidate_model(name: str) -> tuple[str, int | None]:
+    """A candidate's model class name and temporal window: 'wcvd' -> ('wcvd', None),
+    'wcvd_kt7' -> ('wcvd', 7), 'shine' -> ('shine', None)."""
+    m = re.fullmatch(r"(\w+?)_kt(\d+)", name)
+    return (m.group(1), int(m.group(2))) if m else (name, None)
 
 
 def wcvd_arch(dims: int = 3) -> tuple[str, ...]:
@@ -368,10 +389,16 @@ class InferConfig:
 
 @dataclass(frozen=True)
 class LowpassConfig:
-    """FFT low-pass after the network (WCVD paper, SM 2)."""
+    """FFT low-pass after the network (WCVD paper, SM 2).
+
+    diameter: fraction of N (see ``filters.fft_lowpass``); None = N / Ks_max (paper text);
+    'auto' (default) = whichever of no low-pass, 1/2 and 1/3 (the released code's) gives
+    the lowest uMSE on this movie (``pipeline.postprocess``): a fixed cutoff removes
+    lattice fringes finer than 2/diameter px (1/3: 6 px), which many HRTEM movies have.
+    """
 
     enabled: bool = True
-    diameter: float | None = 1 / 3  # fraction of N; None = N / Ks_max (paper text). See filters.fft_lowpass
+    diameter: float | str | None = "auto"
     pad: str = "symmetric"  # symmetric: mirror-extended frame, no wrap-around ringing
     edge_width: float = 0.0
 
@@ -414,14 +441,20 @@ class _DatasetHelpers:
     def candidates(self) -> list[str]:
         """Models trained for this dataset: one, both for ``auto``, none for ``none``.
         Needs ``model.name``."""
-        return {"auto": ["wcvd", "shine"], "none": []}.get(self.model.name, [self.model.name])
+        if self.model.checkpoint:  # apply a trained model: nothing to train or to choose
+            return ["pretrained"]
+        if self.model.name == "auto":  # the paper's window, a longer one (model.long_kt) and SHINE
+            long_kt = self.model.long_kt
+            return ["wcvd"] + ([f"wcvd_kt{long_kt}"] if long_kt and long_kt != self.model.kt else []) + ["shine"]
+        return {"none": []}.get(self.model.name, [self.model.name])
 
     @property
     def select_candidates(self) -> list[str]:
         """What ``auto`` chooses from: the trained models and the Gaussian 3D tuned without
         ground truth ('classical', no checkpoint); the configured model otherwise.
         Needs ``model.name``."""
-        return self.candidates + (["classical"] if self.model.name == "auto" else [])
+        auto = self.model.name == "auto" and not self.model.checkpoint
+        return self.candidates + (["classical"] if auto else [])
 
     def train_params(self, model: str, gpu: bool = False) -> TrainParams:
         """Training settings of one model: SHINE takes its size's batch / crop / schedule
@@ -442,7 +475,8 @@ class _DatasetHelpers:
 
 
 #: What each helper of _DatasetHelpers reads, for the error when a stage view lacks it.
-_HELPER_NEEDS = {"candidates": ("model.name",), "select_candidates": ("model.name",),
+_HELPER_NEEDS = {"candidates": ("model.name", "model.kt", "model.long_kt", "model.checkpoint"),
+                 "select_candidates": ("model.name", "model.kt", "model.long_kt", "model.checkpoint"),
                  "drift_enabled": ("drift", "kind")}
 
 
@@ -721,6 +755,9 @@ def build(config: dict[str, Any], check_paths: bool = True) -> PipelineConfig:
             p = entry.get(key)
             if check_paths and p and p not in made_by_demo and not os.path.exists(p):
                 raise InputError(p, f"does not exist (datasets.{name}.{key})")
+        ckpt = stages["model"].checkpoint
+        if check_paths and ckpt and not os.path.isfile(ckpt):
+            raise InputError(ckpt, f"does not exist (datasets.{name}.model.checkpoint)")
         frames = entry.get("frames")
         if frames is not None and frames[1] <= frames[0]:
             raise InputError(None, f"config key datasets.{name}.frames: stop {frames[1]} must exceed start {frames[0]}")

@@ -25,7 +25,7 @@ from .errors import InputError
 #: Spatial Gaussian kernels are truncated at scipy's default 4 sigma.
 SPATIAL_TRUNCATE = 4.0
 #: sigma grids of :func:`blind_gaussian3d` (frames; pixels).
-BLIND_SIGMAS_T = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+BLIND_SIGMAS_T = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)  # limited by T: 2 reach + 4 <= T
 BLIND_SIGMAS_YX = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
 

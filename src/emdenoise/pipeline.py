@@ -15,8 +15,8 @@ from typing import Callable
 import numpy as np
 
 from . import drift, filters, infer, metrics, noise
-from .checkpoint import model_from_checkpoint
-from .config import ModelConfig, TrainParams
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .config import ModelConfig, TrainParams, candidate_model
 from .errors import InputError
 from .models import model_class, resolve_device
 from .train import train_model
@@ -59,38 +59,113 @@ def model_params(ds, name: str, blindspot: int | None = None, device: str | None
         if ds.shine.blindspot is None and blindspot is None:
             raise InputError(None, "SHINE needs the blind-spot size from the noise stage")
         return ds.shine.params(blindspot or ds.shine.blindspot, gpu=on_gpu(ds, name, device))
-    if name == "wcvd":
-        return ds.model.wcvd_params()
+    base, kt = candidate_model(name)
+    if base == "wcvd":
+        return ds.model.wcvd_params(kt=kt)
     raise InputError(None, f"unknown candidate model {name!r}")
 
 
 def train_candidate(stack: np.ndarray, ds, name: str, blindspot: int | None = None, *,
                     train_overrides: dict | None = None, log_csv=None,
-                    progress: Callable[[dict], None] | None = None) -> dict:
+                    progress: Callable[[dict], None] | None = None, resume=None,
+                    data_info: dict | None = None) -> dict:
     """Train candidate ``name`` on a (T, Y, X) stack (data units); returns its checkpoint.
-    ``train_overrides``: TrainParams fields replacing the config's (e.g. device, epochs)."""
+    ``train_overrides``: TrainParams fields replacing the config's (e.g. device, epochs);
+    ``resume``: path of a resume state saved every ``train.checkpoint_minutes``;
+    ``data_info``: what the model was trained on (pixel_size in Å, blindspot), stored
+    under 'data' so that applying it elsewhere can be checked (:func:`check_fit`)."""
     device = (train_overrides or {}).get("device")
     gpu = on_gpu(ds, name, device)
     tp = ds.train_params(name, gpu=gpu)
     if train_overrides:
         tp = dataclasses.replace(tp, **{k: v for k, v in train_overrides.items() if v is not None})
-    ckpt = train_model(stack, model_params(ds, name, blindspot, device), tp, log_csv=log_csv, progress=progress)
+    ckpt = train_model(stack, model_params(ds, name, blindspot, device), tp, log_csv=log_csv, progress=progress,
+                       resume=resume, checkpoint_every=60.0 * tp.checkpoint_minutes)
     ckpt["dataset"] = ds.name
+    ckpt["data"] = {"blindspot": blindspot, **(data_info or {})}
     if name == "shine":  # which size ran, and why (recorded in provenance and the report)
         ckpt["shine_size"] = {"setting": ds.shine.size, "used": ds.shine.resolved_size(gpu), "gpu": gpu}
     return ckpt
 
 
-def postprocess(denoised: np.ndarray, ds, name: str) -> tuple[np.ndarray, dict]:
+#: Low-pass diameters (fraction of N) that ``lowpass.diameter: auto`` compares; None = off.
+LOWPASS_AUTO = (None, 1 / 2, 1 / 3)
+
+
+def postprocess(denoised: np.ndarray, ds, name: str, noisy: np.ndarray | None = None,
+                reach: int | None = None, model_kind: str | None = None,
+                ks_max: int | None = None) -> tuple[np.ndarray, dict]:
     """The post-processing of a model's method: the FFT low-pass for models whose method
-    includes it (WCVD), nothing otherwise.  Returns (stack, record of what was done)."""
-    if not (model_class(name).lowpass and ds.lowpass.enabled):  # SHINE: reads no lowpass setting
+    includes it (WCVD), nothing otherwise.  Returns (stack, record of what was done).
+
+    ``lowpass.diameter: auto`` picks, among no low-pass and the diameters in
+    ``LOWPASS_AUTO``, the one with the lowest uMSE against ``noisy`` (the aligned raw
+    movie) at radius max(metrics.temporal_radius, ``reach``) -- the low-pass is spatial,
+    so the model's temporal reach bounds the output's; a movie too short for that radius
+    gets no low-pass (it can only remove detail that no score vouches for).
+    ``model_kind`` / ``ks_max``: for a pretrained model, its class name and largest
+    kernel (from its checkpoint) instead of the candidate name's and ``model.ks``.
+    """
+    kind = model_kind or candidate_model(name)[0]
+    if not (model_class(kind).lowpass and ds.lowpass.enabled):  # SHINE: reads no lowpass setting
         return np.asarray(denoised, dtype=np.float32), {"applied": False}
     lp = ds.lowpass
-    record = {"applied": True, "diameter": lp.diameter, "pad": lp.pad}
-    out = filters.fft_lowpass(denoised, diameter=lp.diameter, ks_max=max(ds.model.ks), pad=lp.pad,
-                              edge_width=lp.edge_width)
+
+    def lowpass(diameter):
+        # ks_max matters only for diameter None (the paper's N / Ks_max)
+        ks = ks_max or (max(ds.model.ks) if diameter is None else 7)
+        return filters.fft_lowpass(denoised, diameter=diameter, ks_max=ks, pad=lp.pad, edge_width=lp.edge_width)
+
+    if lp.diameter != "auto":
+        return lowpass(lp.diameter), {"applied": True, "diameter": lp.diameter, "pad": lp.pad}
+    r = max(int(ds.metrics.temporal_radius), int(reach or 0))
+    if noisy is None or noisy.shape[0] < 2 * r + 4:
+        return (np.asarray(denoised, dtype=np.float32),
+                {"applied": False, "diameter": "auto", "reason": f"fewer than {2 * r + 4} frames to score it"})
+    scores, best = {}, (np.inf, None, None)
+    for d in LOWPASS_AUTO:
+        out = np.asarray(denoised, dtype=np.float32) if d is None else lowpass(d)
+        scores["none" if d is None else f"{d:.4g}"] = u = metrics.umse(out, noisy, temporal_radius=r)
+        if u < best[0]:
+            best = (u, d, out)
+    _, d, out = best
+    record = {"applied": d is not None, "diameter": d, "pad": lp.pad, "auto": {"umse": scores, "radius": r}}
     return out, record
+
+
+def check_fit(ckpt: dict, stack: np.ndarray, pixel_size: float | None = None, *,
+              blindspot: int | None = None, tolerance: float = 0.1) -> list[str]:
+    """Why a trained model may not fit new data: one sentence per misfit (empty: fits).
+
+    ckpt: the checkpoint (``data`` records what it was trained on: pixel size in Å,
+    blind spot the noise asked for, intensity range); stack: (T, Y, X) data units;
+    blindspot: the size the new data's noise asks for (``noise.estimate_blindspot``).
+    Checked: the frame window against T, pixel size (relative ``tolerance``), the blind
+    spot (a model with a smaller one copies correlated noise), the intensity range
+    (another detector mode or dose: the model's normalisation no longer maps the data
+    to what it learned).  Frames smaller than the receptive field are refused later,
+    by inference itself.
+    """
+    problems = []
+    data = ckpt.get("data") or {}
+    window = int(ckpt.get("window") or ckpt["model_params"].get("kt", 1))
+    if stack.shape[0] < window:
+        problems.append(f"the model's window is {window} frames, the movie has {stack.shape[0]}")
+    trained_px = data.get("pixel_size")
+    if pixel_size and trained_px and abs(pixel_size / trained_px - 1) > tolerance:
+        problems.append(f"pixel size {pixel_size:.4g} Å differs from the training data's {trained_px:.4g} Å")
+    own = 2 * int(ckpt.get("blind_radius", 0)) + 1
+    if blindspot and blindspot > own:
+        problems.append(f"this noise is correlated over {blindspot}x{blindspot} px but the model's blind "
+                        f"spot is {own}x{own}: it will copy part of the noise")
+    norm = ckpt["normalisation"]
+    sample = np.asarray(stack[: min(stack.shape[0], 8)], dtype=np.float32)  # a few frames are enough
+    lo, hi = np.percentile(sample, [norm.get("low_pct", 0.5), norm.get("high_pct", 99.5)])
+    scale = float(hi - lo) or 1.0
+    if not 0.5 <= scale / norm["scale"] <= 2.0 or abs(lo - norm["offset"]) > norm["scale"]:
+        problems.append(f"intensities ({lo:.4g}..{hi:.4g}) differ from the training data's "
+                        f"({norm['offset']:.4g}..{norm['offset'] + norm['scale']:.4g}): another detector mode or dose?")
+    return problems
 
 
 def classical_candidate(stack: np.ndarray, blind_radius: int) -> tuple[np.ndarray, dict]:
@@ -116,8 +191,8 @@ def temporal_reach(ds, method: str, attrs: dict | None = None) -> int:
         return 0
     if method == "gaussian3d":
         return filters.temporal_reach(method, sigma=tuple(ds.baselines.gaussian3d_sigma))
-    if method == "wcvd":
-        return filters.temporal_reach(method, params=ds.model.wcvd_params())
+    if candidate_model(method)[0] == "wcvd":
+        return filters.temporal_reach("wcvd", params=model_params(ds, method))
     if method == "shine":
         return ds.shine.frames // 2
     if method == "classical":
@@ -128,16 +203,23 @@ def temporal_reach(ds, method: str, attrs: dict | None = None) -> int:
 def choose(outputs: dict, noisy: np.ndarray, ds, reaches: dict) -> dict:
     """Which candidate denoises the dataset.  One candidate: it.  Several (``auto``): the
     lowest uMSE against the noisy movie (``metrics.select_model``) at one temporal
-    radius outside every candidate's reach.  Returns the choice record."""
+    radius outside every candidate's reach.  A candidate whose reach needs more frames
+    than the movie has (T < 2 reach + 4) cannot be scored without bias: it is left out
+    of the comparison and recorded under 'left_out'.  Returns the choice record."""
     names = list(outputs)
     if len(names) == 1:
         return {"chosen": names[0], "rule": f"configured (model: {ds.model.name})"}
-    try:
-        return metrics.select_model(outputs, noisy, reaches={m: reaches[m] for m in names},
-                                    temporal_radius=ds.metrics.temporal_radius)
-    except InputError as exc:
-        raise InputError(None, f"model: auto compares candidates by uMSE: {exc.problem}; "
-                               "choose model: wcvd or shine") from None
+    t = noisy.shape[0]
+    fits = [m for m in names if t >= 2 * max(int(reaches[m]), ds.metrics.temporal_radius) + 4]
+    left_out = {m: f"temporal reach {reaches[m]} needs >= {2 * max(int(reaches[m]), ds.metrics.temporal_radius) + 4} "
+                   f"frames for an unbiased uMSE, the movie has {t}" for m in names if m not in fits}
+    if not fits:
+        raise InputError(None, f"model: auto compares candidates by uMSE, which needs at least "
+                               f"{2 * ds.metrics.temporal_radius + 4} frames; this movie has {t}: "
+                               "choose model: wcvd or shine")
+    choice = metrics.select_model({m: outputs[m] for m in fits}, noisy, reaches={m: reaches[m] for m in fits},
+                                  temporal_radius=ds.metrics.temporal_radius)
+    return {**choice, "left_out": left_out} if left_out else choice
 
 
 def align_on_canvas(stack: np.ndarray, ds) -> tuple[np.ndarray, dict]:
@@ -179,16 +261,20 @@ def from_canvas(canvas: np.ndarray, record: dict, shape) -> np.ndarray:
 
 
 def denoise_stack(stack: np.ndarray, ds, *, train_overrides: dict | None = None, device: str = "auto",
-                  progress: Callable[[str, dict], None] | None = None, align: bool | None = None) -> dict:
+                  progress: Callable[[str, dict], None] | None = None, align: bool | None = None,
+                  pixel_size: float | None = None) -> dict:
     """The whole chain on one (T, Y, X) stack in data units.
 
     align: whole-pixel drift correction before denoising and back after
         (:func:`align_on_canvas`), so the networks see a still scene while the output
         stays registered to the input; None = ``ds.drift_enabled`` (movies yes, tilt
         series no).
+    ``ds.model.checkpoint`` set: that trained model is applied (candidate 'pretrained',
+    no training), after :func:`check_fit` (its sentences in 'warnings').
     Returns {'chosen', 'output' (T, Y, X) float32 in data units, 'outputs' per candidate
     ('classical' too for ``auto``; on the input grid), 'checkpoints' per trained model,
-    'choice' (record), 'blindspot' (noise stage result), 'drift' (record or None)}.
+    'choice' (record), 'blindspot' (noise stage result), 'drift' (record or None),
+    'warnings' (list of str)}.
     """
     stack = np.asarray(stack, dtype=np.float32)
     shape = stack.shape
@@ -201,14 +287,19 @@ def denoise_stack(stack: np.ndarray, ds, *, train_overrides: dict | None = None,
             record = {**record, "offsets": None}  # no whole-pixel drift: nothing to undo
     spot = noise.estimate_blindspot(stack, max_lag=ds.noise.max_lag, threshold=ds.noise.threshold,
                                     estimate=ds.noise.estimate)
-    outputs, ckpts, reaches = {}, {}, {}
+    outputs, ckpts, reaches, warnings = {}, {}, {}, []
     for name in ds.candidates:
-        cb = (lambda row, n=name: progress(n, row)) if progress else None
-        ckpt = train_candidate(stack, ds, name, spot["blindspot"], train_overrides=train_overrides,
-                               progress=cb)
-        model = model_from_checkpoint(ckpt, device=device)
+        if name == "pretrained":
+            model, ckpt = load_checkpoint(ds.model.checkpoint, device=device)
+            warnings += check_fit(ckpt, stack, pixel_size, blindspot=spot["blindspot"])
+        else:
+            cb = (lambda row, n=name: progress(n, row)) if progress else None
+            ckpt = train_candidate(stack, ds, name, spot["blindspot"], train_overrides=train_overrides,
+                                   progress=cb, data_info={"pixel_size": pixel_size})
+            model = model_from_checkpoint(ckpt, device=device)
         out = infer.denoise(model, ckpt, stack, device=device)
-        outputs[name], _ = postprocess(out, ds, name)
+        outputs[name], _ = postprocess(out, ds, name, stack, model.params.halo_t, model_kind=ckpt.get("model"),
+                                       ks_max=max(ckpt["model_params"].get("ks", [7])))
         ckpts[name], reaches[name] = ckpt, model.params.halo_t
     if "classical" in ds.select_candidates:
         outputs["classical"], attrs = classical_candidate(stack, spot["blindspot"] // 2)
@@ -223,4 +314,4 @@ def denoise_stack(stack: np.ndarray, ds, *, train_overrides: dict | None = None,
     if choice["chosen"] == "classical":
         choice["sigma"] = attrs["sigma"]
     return {"chosen": choice["chosen"], "output": outputs[choice["chosen"]], "outputs": outputs,
-            "checkpoints": ckpts, "choice": choice, "blindspot": spot, "drift": record}
+            "checkpoints": ckpts, "choice": choice, "blindspot": spot, "drift": record, "warnings": warnings}

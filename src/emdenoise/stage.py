@@ -38,4 +38,7 @@ def run(smk: Any, main: Callable[[Any], None]) -> None:
     except InputError as exc:
         log.error("%s", exc)
         sys.exit(1)
+    except Exception:  # a bug, not bad input: keep the traceback in the rule's log file too
+        log.exception("%s failed", name)
+        raise
     log.info("done %s in %.1f s", name, time.perf_counter() - t0)

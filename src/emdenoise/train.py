@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import math
 import os
 import time
@@ -275,7 +276,7 @@ def _select_epoch(history: list[tuple[int, float, float]], tolerance: float) -> 
 class _CsvLog:
     """Training log written to ``path.part`` while running, renamed when complete."""
 
-    def __init__(self, path):
+    def __init__(self, path, rows=()):
         self.path = None if path is None else os.fspath(path)
         self.fh = None
         if self.path:
@@ -283,6 +284,8 @@ class _CsvLog:
             self.fh = open(self.path + ".part", "w", newline="")
             self.writer = csv.DictWriter(self.fh, fieldnames=LOG_COLUMNS)
             self.writer.writeheader()
+            for row in rows:  # a resumed run keeps the epochs logged before the kill
+                self.writer.writerow(row)
 
     def row(self, row: dict) -> None:
         if self.fh:
@@ -311,9 +314,36 @@ def lr_factor(total_steps: int, schedule: str, warmup_fraction: float = 0.0):
     return factor
 
 
+def _fingerprint(cls, mp, tp: TrainParams, norm, arr: np.ndarray) -> dict:
+    """What a resume state must match: model, settings, normalisation and the data
+    (shape and a hash of a strided subsample, cheap for any size)."""
+    step = max(1, arr.size // 1_000_000)
+    digest = hashlib.sha1(np.ascontiguousarray(arr.ravel()[::step]).tobytes()).hexdigest()
+    settings = {k: v for k, v in asdict(tp).items() if k != "checkpoint_minutes"}  # timing only
+    return {"model": cls.name(mp), "model_params": mp.to_dict(), "train_params": settings,
+            "normalisation": norm.to_dict(), "shape": list(arr.shape), "data": digest}
+
+
+def _save_resume(path, state: dict) -> None:
+    """Write the resume state atomically (a kill mid-write leaves the previous one)."""
+    save_checkpoint(state, path)
+
+
+def _load_resume(path, fingerprint: dict):
+    """The saved resume state when ``path`` holds one for this very run, else None."""
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 -- a corrupt state is ignored: training restarts
+        return None
+    return state if state.get("fingerprint") == fingerprint else None
+
+
 def train_model(stack: np.ndarray, model_params=WCVDParams(),
                 train_params: TrainParams = TrainParams(), *, log_csv=None,
-                progress: Callable[[dict], None] | None = None) -> dict:
+                progress: Callable[[dict], None] | None = None, resume=None,
+                checkpoint_every: float = 600.0) -> dict:
     """Train a registered blind-spot model (WCVD, WCID, SHINE, ...) on one (T, Y, X) movie.
 
     stack: (T, Y, X) array in data units (any real dtype; used as float32); at least one
@@ -323,6 +353,12 @@ def train_model(stack: np.ndarray, model_params=WCVDParams(),
     log_csv: optional path of the CSV log (epoch, train_loss, val_loss, lr, seconds);
         losses are MSE in normalised units, seconds = elapsed wall time since start.
     progress: optional callback called with each log row (a dict) after every epoch.
+    resume: path of a resume state: written atomically at the end of an epoch at most
+        every ``checkpoint_every`` seconds (wall time; 0 = every epoch) and removed when
+        training completes.  A run that finds a state of the same model, settings and
+        data there continues from its epoch -- model, optimiser, schedule and sampler
+        RNG restored, so the result is bit-identical on the CPU to an uninterrupted run
+        (a job killed at a cluster's wall time continues when it is resubmitted).
     Returns the checkpoint dict (see ``checkpoint.save_checkpoint``) holding the weights
     of the epoch chosen by validation (``_select_epoch``; the last epoch when there is no
     validation).  Its key 'model' names the architecture ('wcvd', 'wcid', 'shine').
@@ -347,7 +383,9 @@ def train_model(stack: np.ndarray, model_params=WCVDParams(),
                                              tp.max_steps_per_epoch))
 
     t_start = time.perf_counter()
-    log = _CsvLog(log_csv)
+    fingerprint = _fingerprint(cls, mp, tp, norm, arr) if resume is not None else None
+    saved = _load_resume(resume, fingerprint)
+    log = _CsvLog(log_csv, rows=saved["log_rows"] if saved else ())
     ok = False
     with _deterministic(device.type == "cpu"):
         model = cls.build(mp, seed=tp.seed).to(device)
@@ -358,9 +396,21 @@ def train_model(stack: np.ndarray, model_params=WCVDParams(),
             opt, lr_factor(tp.epochs * steps, tp.lr_schedule, cls.warmup_fraction))
         amp_ctx, scaler = _amp_context(device, tp.amp)
         history, states = [], {}  # (epoch, val, se); epoch -> weights
-        train_loss = float("nan")
+        train_loss, first, log_rows = float("nan"), 1, []
+        if saved:  # continue where the killed run stopped
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimiser"])
+            sched.load_state_dict(saved["schedule"])
+            if scaler is not None and saved.get("scaler"):
+                scaler.load_state_dict(saved["scaler"])
+            sampler.rng.bit_generator.state = saved["sampler_rng"]
+            history = [tuple(h) for h in saved["history"]]
+            states = {int(k): v for k, v in saved["states"].items()}
+            train_loss, first, log_rows = saved["train_loss"], saved["epoch"] + 1, list(saved["log_rows"])
+            t_start -= saved["elapsed"]
+        last_save = time.perf_counter()
         try:
-            for epoch in range(1, tp.epochs + 1):
+            for epoch in range(first, tp.epochs + 1):
                 losses = []
                 lr_used = opt.param_groups[0]["lr"]
                 for _ in range(steps):
@@ -387,11 +437,23 @@ def train_model(stack: np.ndarray, model_params=WCVDParams(),
                 row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                        "lr": lr_used, "seconds": round(time.perf_counter() - t_start, 3)}
                 log.row(row)
+                log_rows.append(row)
+                if resume is not None and epoch < tp.epochs and time.perf_counter() - last_save >= checkpoint_every:
+                    _save_resume(resume, {
+                        "fingerprint": fingerprint, "epoch": epoch, "model": _cpu_state(model),
+                        "optimiser": opt.state_dict(), "schedule": sched.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else None,
+                        "sampler_rng": sampler.rng.bit_generator.state, "history": [list(h) for h in history],
+                        "states": {str(k): v for k, v in states.items()}, "train_loss": train_loss,
+                        "log_rows": log_rows, "elapsed": time.perf_counter() - t_start})
+                    last_save = time.perf_counter()
                 if progress is not None:
                     progress(row)
             ok = True
         finally:
             log.close(ok)
+    if resume is not None and os.path.isfile(resume):
+        os.remove(resume)  # complete: the checkpoint below supersedes it
     return _checkpoint(cls, model, states, history, mp, tp, norm, split, arr, device, train_loss, t_start,
                        steps)
 

@@ -74,12 +74,18 @@ def model_settings(ds, wildcards):
     model.name (which candidates exist) retrains neither."""
     if wildcards.model == "shine":
         return ["shine", "shine_train"]
-    return [f"model.{f}" for f in emcfg.wcvd_arch(3)]
+    base, kt = emcfg.candidate_model(wildcards.model)  # wcvd_kt7: its window is in its name
+    return [f"model.{f}" for f in emcfg.wcvd_arch(3 if kt is None else 2)]
 
 
 def lowpass_settings(ds, wildcards):
-    """The low-pass is applied to WCVD only; SHINE's output passes through unchanged."""
-    return ["lowpass", "model.ks"] if wildcards.model == "wcvd" else []
+    """The low-pass is applied to WCVD only; SHINE's output passes through unchanged. A
+    pretrained model's kind and kernel sizes come from its checkpoint."""
+    if wildcards.model == "pretrained":
+        return ["lowpass", "metrics.temporal_radius"]
+    if emcfg.candidate_model(wildcards.model)[0] != "wcvd":
+        return []
+    return ["lowpass", "model.ks", "metrics.temporal_radius"]
 
 
 def has_truth(ds):
@@ -87,7 +93,8 @@ def has_truth(ds):
 
 
 def candidates(ds):
-    """Models trained for a dataset: [wcvd], [shine], both for `auto`, [] for `none`."""
+    """Models trained for a dataset: [wcvd], [shine], for `auto` wcvd, wcvd_kt<long_kt> and
+    shine, [] for `none`."""
     return CFG.datasets[ds].candidates
 
 
@@ -110,7 +117,12 @@ def method_stacks(wildcards):
 
 def checkpoints(ds):
     """Each trained model's checkpoint, key model_<name>."""
-    return {f"model_{m}": f"{RESULTS}/{ds}/{m}/model.pt" for m in candidates(ds)}
+    return {f"model_{m}": model_path(ds, m) for m in candidates(ds)}
+
+
+def model_path(ds, model):
+    """A candidate's checkpoint: trained here, or the configured one (`model.checkpoint`)."""
+    return CFG.datasets[ds].model.checkpoint if model == "pretrained" else f"{RESULTS}/{ds}/{model}/model.pt"
 
 
 def candidate_stacks(wildcards):

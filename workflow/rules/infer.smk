@@ -4,11 +4,12 @@
 rule infer:
     input:
         stack=f"{RESULTS}/{{ds}}/aligned.zarr",
-        model=f"{RESULTS}/{{ds}}/{{model}}/model.pt",
+        model=lambda wildcards: model_path(wildcards.ds, wildcards.model),
+        blindspot=f"{RESULTS}/{{ds}}/blindspot.json",
     output:
         directory(f"{RESULTS}/{{ds}}/{{model}}/denoised_raw.zarr"),
     wildcard_constraints:
-        model="wcvd|shine",
+        model="wcvd(_kt[0-9]+)?|shine|pretrained",
     params:
         cfg=stage("kind", "infer"),
     log:

@@ -3,11 +3,12 @@
 
 rule lowpass:
     input:
-        f"{RESULTS}/{{ds}}/{{model}}/denoised_raw.zarr",
+        denoised=f"{RESULTS}/{{ds}}/{{model}}/denoised_raw.zarr",
+        raw=f"{RESULTS}/{{ds}}/aligned.zarr",
     output:
         directory(f"{RESULTS}/{{ds}}/{{model}}/denoised.zarr"),
     wildcard_constraints:
-        model="wcvd|shine",
+        model="wcvd(_kt[0-9]+)?|shine|pretrained",
     params:
         cfg=stage(lowpass_settings),
     log:
