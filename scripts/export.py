@@ -1,7 +1,8 @@
 """Rule `export`: denoised stack as ImageJ TIFF (Fiji) or MRC (IMOD), pixel size kept.
 
 For tilt series the tilt angles read at ingest (.tlt / .rawtlt beside the MRC) are
-written beside the output as <name>.tlt.
+written beside the output as <name>.tlt. A known frame time (s) becomes the TIFF's ImageJ
+`finterval`.
 """
 from emdenoise import io, stage
 
@@ -13,7 +14,7 @@ def main(smk):
         io.write_mrc(out, stack[:], pixel_size=attrs.get("pixel_size"), tilt_angles=attrs.get("tilt_angles"))
     else:
         io.write_tiff(out, stack[:], pixel_size=attrs.get("pixel_size"),
-                      metadata={k: attrs[k] for k in ("dataset", "method", "source", "sha256") if k in attrs})
+                      metadata={k: attrs[k] for k in ("dataset", "method", "source", "sha256", "frame_time") if k in attrs})
 
 
 stage.run(snakemake, main)  # noqa: F821

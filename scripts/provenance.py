@@ -24,7 +24,10 @@ def main(smk):
     logs = sorted(p for p in Path(smk.params.logs).glob("*.log") if p.name != "provenance.log")
     outputs = [v for k, v in smk.input.items() if k != "raw"] + [smk.input.raw]
     record = provenance.build_record(ds, input_path=attrs.get("source", ds.path), input_sha256=attrs.get("sha256"),
-                                     outputs=outputs, logs=logs, model_info=model_info)
+                                     outputs=outputs, logs=logs, model_info=model_info,
+                                     acquisition={k: attrs[k] for k in ("format", "pixel_size", "pixel_size_source",
+                                                                        "pixel_size_file", *io.CALIBRATION_KEYS)
+                                                  if attrs.get(k) is not None})
     provenance.write_record(record, smk.output[0])
 
 

@@ -26,6 +26,7 @@ PACKAGE = Path(emdenoise.__file__).parent
 #: construction, and the low layers (pure NumPy / SciPy stages) never pull in torch.
 LAYERS = {
     0: {"__init__", "errors"},
+    0.5: {"vendor"},  # instrument-format readers; io wraps them
     1: {"config", "io", "tiling", "filters", "metrics", "noise", "drift", "synthetic", "stage"},
     2: {"models", "report", "provenance"},
     3: {"checkpoint"},

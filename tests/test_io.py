@@ -490,3 +490,60 @@ def test_not_zarr_and_group_without_array(tmp_path):
     with pytest.raises(InputError) as e:
         io.read_zarr(tmp_path / "g.zarr")
     assert_input_error(e, "g.zarr", "no array")
+
+
+# --------------------------------------------------------------------------- OME-Zarr conformance, calibration
+def validate_ome(path):
+    """Validate with ome-zarr-models (OME-Zarr 0.5 image); return the model."""
+    from ome_zarr_models.v05.image import Image
+
+    return Image.from_zarr(zarr.open_group(str(path), mode="r"))
+
+
+def test_every_written_ome_zarr_validates(tmp_path):
+    pytest.importorskip("ome_zarr_models", reason="pip install ome-zarr-models")
+    outs = []
+    io.write_zarr(tmp_path / "plain.zarr", stack())  # no calibration
+    io.write_zarr(tmp_path / "cal.zarr", stack(), pixel_size=0.5, attrs={"frame_time": 0.04})
+    with io.ZarrStackWriter(tmp_path / "w.zarr", (T, Y, X), pixel_size=1.0, chunks=(1, 16, 16)) as w:
+        w.array[:] = stack()  # as chunked inference writes: straight into the array
+    src = tmp_path / "m.tif"
+    tifffile.imwrite(src, stack(np.uint16), photometric="minisblack")
+    io.ingest(src, tmp_path / "raw.zarr")
+    outs = ["plain.zarr", "cal.zarr", "w.zarr", "raw.zarr"]
+    for name in outs:
+        model = validate_ome(tmp_path / name)
+        arr = zarr.open_group(str(tmp_path / name), mode="r")["0"]
+        assert arr.metadata.dimension_names == ("t", "y", "x")
+        assert len(model.attributes.ome.multiscales[0].datasets) == 1  # small frames: no pyramid
+    ms = validate_ome(tmp_path / "cal.zarr").attributes.ome.multiscales[0]
+    assert ms.axes[0].unit == "second" and ms.axes[1].unit == "angstrom"
+    assert ms.datasets[0].coordinateTransformations[0].scale == [0.04, 0.5, 0.5]
+    assert validate_ome(tmp_path / "plain.zarr").attributes.ome.multiscales[0].axes[0].unit is None
+
+
+def test_ome_zarr_pyramid_and_level0(tmp_path):
+    pytest.importorskip("ome_zarr_models", reason="pip install ome-zarr-models")
+    data = np.random.default_rng(0).random((3, 1100, 600)).astype(np.float32)
+    p = tmp_path / "big.zarr"
+    io.write_zarr(p, data, pixel_size=2.0)
+    assert io.pyramid_levels((1100, 600)) == 1 and io.pyramid_levels((4096, 4096)) == 4
+    ms = validate_ome(p).attributes.ome.multiscales[0]
+    assert [d.path for d in ms.datasets] == ["0", "1"]
+    assert ms.datasets[1].coordinateTransformations[0].scale == [1.0, 4.0, 4.0]
+    g = zarr.open_group(str(p), mode="r")
+    np.testing.assert_allclose(g["1"][1], data[1].reshape(550, 2, 300, 2).mean(axis=(1, 3)), rtol=1e-6)
+    arr, attrs = io.read_zarr(p)  # readers keep getting level 0
+    assert arr.shape == (3, 1100, 600) and attrs["pixel_size"] == 2.0
+    np.testing.assert_array_equal(arr[2], data[2])
+    assert io.read_stack(p)[0].shape == (3, 1100, 600)
+
+
+def test_tiff_finterval(tmp_path):
+    p = tmp_path / "t.tif"
+    io.write_stack(p, stack(), pixel_size=1.0, metadata={"frame_time": 0.025})
+    with tifffile.TiffFile(p) as tif:
+        assert tif.imagej_metadata["finterval"] == pytest.approx(0.025)
+    io.write_tiff(p, stack())
+    with tifffile.TiffFile(p) as tif:
+        assert "finterval" not in tif.imagej_metadata

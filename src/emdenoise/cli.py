@@ -19,7 +19,8 @@ from .errors import InputError
 
 def _info(args: argparse.Namespace) -> None:
 
-    print(json.dumps(io.describe(args.file, pixel_size=args.pixel_size), indent=2, default=str))
+    print(json.dumps(io.describe(args.file, pixel_size=args.pixel_size, eer_group=args.eer_group,
+                                 eer_upsampling=args.eer_upsampling), indent=2, default=str))
 
 
 def _simulate(args: argparse.Namespace) -> None:
@@ -64,7 +65,8 @@ def _denoise(args: argparse.Namespace) -> None:
         ds = dataclasses.replace(ds, model=dataclasses.replace(ds.model, checkpoint=args.load_model))
     if not ds.candidates:
         raise InputError(args.config, "model: none denoises nothing; choose wcvd, shine or auto")
-    arr, meta = io.read_stack(args.input, pixel_size=args.pixel_size)
+    arr, meta = io.read_stack(args.input, pixel_size=args.pixel_size, eer_group=args.eer_group,
+                              eer_upsampling=args.eer_upsampling)
     io.validate_stack(arr, args.input, min_frames=3)
     try:  # enough frames for every candidate (and for auto's uMSE) -- before any training
         pipeline.check_frames(ds, arr.shape[0])
@@ -90,7 +92,8 @@ def _denoise(args: argparse.Namespace) -> None:
         print(f"auto: chose {chosen} ({choice['rule']}; uMSE {choice['umse']})")
     ckpt = result["checkpoints"].get(chosen)  # None: the tuned classical filter won
     io.write_stack(args.output, result["output"], pixel_size=meta.get("pixel_size"),
-                   metadata={"source": meta["source"], "sha256": meta["sha256"], "method": chosen})
+                   metadata={"source": meta["source"], "sha256": meta["sha256"], "method": chosen,
+                             **{k: meta[k] for k in ("frame_time", "tilt_angles") if k in meta}})
     if ckpt is None:
         sigma = tuple(round(float(v), 2) for v in choice.get("sigma", ()))
         print(f"wrote {args.output} {stack.shape} (classical: Gaussian 3D sigma (t, y, x) = {sigma}, tuned "
@@ -115,14 +118,22 @@ def _verify(args: argparse.Namespace) -> None:
     print(f"{args.results}: all recorded inputs and outputs match their checksums")
 
 
+def _eer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eer-group", type=int, default=None,
+                   help="Falcon EER: raw frames summed per output frame (default 20)")
+    p.add_argument("--eer-upsampling", type=int, choices=[1, 2, 4], default=None,
+                   help="Falcon EER: super-resolution factor (default 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="emdenoise", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"emdenoise {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="shape, dtype, pixel size, checksum and statistics of a stack")
-    info.add_argument("file", help="TIFF, MRC, NPY, Zarr or a folder of single-frame files")
+    info.add_argument("file", help="TIFF, MRC, NPY, Zarr, DM3/DM4, SER/EMI, EMD, EER or a folder of single-frame files")
     info.add_argument("--pixel-size", type=float, default=None, help="override the pixel size (Å)")
+    _eer_args(info)
     info.set_defaults(func=_info)
 
     sim = sub.add_parser("simulate", help="write a synthetic nanoparticle movie with known ground truth")
@@ -141,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=_simulate)
 
     den = sub.add_parser("denoise", help="train a blind-spot model on one stack and write it denoised")
-    den.add_argument("input", help="TIFF, MRC, NPY, Zarr or a folder of frames (T >= 3)")
+    den.add_argument("input", help="TIFF, MRC, NPY, Zarr, DM3/DM4, SER/EMI, EMD, EER or a folder of frames (T >= 3)")
     den.add_argument("output", help="denoised stack (.tif, .mrc, .zarr or .npy)")
     den.add_argument("--model", choices=["wcvd", "shine", "auto"], default=None,
                      help="denoising model (default: the config's, auto); auto trains WCVD (kt and "
@@ -152,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     den.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     den.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     den.add_argument("--pixel-size", type=float, default=None, help="Å/px, overrides the file's")
+    _eer_args(den)
     den.add_argument("--save-model", help="also save the trained checkpoint here (.pt)")
     den.add_argument("--load-model", help="apply this trained checkpoint (.pt) instead of training; warns when "
                      "it does not fit the data (window, pixel size, noise correlation, intensities)")

@@ -1,8 +1,9 @@
 """Typed pipeline configuration.
 
-The JSON schema in ``workflow/schemas/config.schema.yaml`` checks keys and types (the
-Snakefile validates with it); this module holds the *defaults* of every stage, in one
-place, and turns a validated config dict into typed, frozen objects. A dataset entry may
+The JSON schema ``emdenoise/schemas/config.schema.yaml`` checks keys and types. It is
+package data, so a plain ``pip install .`` has it; ``workflow/schemas/config.schema.yaml``
+links to it and the Snakefile validates with it. This module holds the *defaults* of
+every stage, in one place, and turns a validated config dict into typed, frozen objects. A dataset entry may
 override any stage setting; what it does not set comes from ``defaults:`` in the config
 file, and what that does not set comes from the dataclasses below.
 """
@@ -22,7 +23,8 @@ from typing import Any
 
 from .errors import InputError
 
-SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+#: The config schema, shipped inside the package (``workflow/schemas/`` links to it).
+SCHEMA = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
 
 
 @dataclass(frozen=True)
@@ -486,6 +488,10 @@ class DatasetConfig(_DatasetHelpers):
     pixel_size: float | None = None
     ground_truth: str | None = None
     frames: tuple[int, int] | None = None
+    #: Falcon EER only: raw EER frames summed into one frame (a "fraction"), and the
+    #: super-resolution factor (1 = the detector grid, 2 or 4 = sub-pixel event positions).
+    eer_group: int = 20
+    eer_upsampling: int = 1
     prefilter: PrefilterConfig = field(default_factory=PrefilterConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
@@ -699,7 +705,8 @@ def demo_path(name: str, demo: DemoConfig, truth: bool = False) -> str:
 
 def _dataset_name(path: str) -> str:
     base = os.path.basename(os.path.normpath(path))
-    for ext in (".ome.tif", ".ome.tiff", ".tif", ".tiff", ".mrcs", ".mrc", ".st", ".npy", ".zarr"):
+    for ext in (".ome.tif", ".ome.tiff", ".tif", ".tiff", ".mrcs", ".mrc", ".st", ".npy", ".zarr",
+                ".dm3", ".dm4", ".ser", ".emi", ".emd", ".eer"):
         if base.lower().endswith(ext):
             base = base[: -len(ext)]
             break
@@ -717,7 +724,8 @@ def _glob_datasets(entries: list[dict]) -> dict[str, dict]:
             if name in out:
                 raise InputError(path, f"dataset name '{name}' derived from this file collides with "
                                  f"{out[name]['path']}; rename one or use a 'prefix'")
-            ds = {"path": path, **{k: entry[k] for k in ("kind", "pixel_size") if k in entry}}
+            ds = {"path": path, **{k: entry[k] for k in ("kind", "pixel_size", "eer_group", "eer_upsampling")
+                                   if k in entry}}
             out[name] = ds
     return out
 
@@ -760,6 +768,7 @@ def build(config: dict[str, Any], check_paths: bool = True) -> PipelineConfig:
             pixel_size=entry.get("pixel_size"),
             ground_truth=entry.get("ground_truth"),
             frames=tuple(frames) if frames else None,
+            **{k: entry[k] for k in ("eer_group", "eer_upsampling") if k in entry},
             **stages,
         )
     if not datasets:

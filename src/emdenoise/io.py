@@ -12,6 +12,7 @@ a non-ASCII escape that many tools mangle).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ import re
 import secrets
 import shutil
 import threading
+import time
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -31,15 +33,19 @@ import numpy as np
 import tifffile
 import zarr
 
-from . import __version__
-from .errors import InputError
+from . import __version__, vendor
+from .errors import DiskFullError, InputError
 
 SUPPORTED_DTYPES = tuple(np.dtype(t) for t in (
     "uint8", "int8", "uint16", "int16", "uint32", "int32", "float16", "float32", "float64"))
 
 _EXT_FORMAT = {".tif": "tiff", ".tiff": "tiff", ".npy": "npy", ".mrc": "mrc",
-               ".mrcs": "mrc", ".st": "mrc", ".ali": "mrc", ".rec": "mrc", ".map": "mrc"}
-_FOLDER_EXT = {".tif", ".tiff", ".mrc", ".npy"}
+               ".mrcs": "mrc", ".st": "mrc", ".ali": "mrc", ".rec": "mrc", ".map": "mrc",
+               ".dm3": "dm", ".dm4": "dm", ".ser": "tia", ".emi": "tia", ".emd": "emd", ".eer": "eer"}
+_FOLDER_EXT = {".tif", ".tiff", ".mrc", ".npy", ".dm3", ".dm4"}
+#: acquisition calibration keys a reader may fill (see :mod:`emdenoise.vendor`)
+CALIBRATION_KEYS = ("frame_time", "exposure_time", "dose_per_frame", "dose_unit", "tilt_angles",
+                    "vendor_format", "calibration", "eer_group", "eer_upsampling", "n_raw_frames", "mdoc")
 _TIFF_META_TAG = 65000  # private TIFF tag holding emdenoise metadata as JSON
 _MAX_BLOCK_BYTES = 256 * 2**20  # bound on memory used when streaming frames
 _TO_ANGSTROM = {  # lower-case unit name -> Å per unit
@@ -164,11 +170,11 @@ class _TiffReader:
 class _FolderReader:
     """Reads frame ``i`` from the i-th single-frame file of a folder."""
 
-    def __init__(self, files):
-        self.files = files
+    def __init__(self, files, options=None):
+        self.files, self.options = files, options
 
     def __call__(self, a, b):
-        return np.stack([np.asarray(_open_file(f)[0][0]) for f in self.files[a:b]])
+        return np.stack([np.asarray(_open_file(f, self.options)[0][0]) for f in self.files[a:b]])
 
 
 # --------------------------------------------------------------------------- helpers
@@ -281,7 +287,15 @@ def _temp_name(final, tag="tmp"):
 
 def _discard(tmp):
     if tmp.is_dir() and not tmp.is_symlink():
-        shutil.rmtree(tmp, ignore_errors=True)
+        # after a failed write, zarr's concurrent chunk writes may still be landing:
+        # remove until nothing comes back (bounded: about 2 s)
+        gone = 0
+        for _ in range(40):  # gone on two checks 50 ms apart
+            shutil.rmtree(tmp, ignore_errors=True)
+            gone = gone + 1 if not tmp.exists() else 0
+            if gone == 2:
+                return
+            time.sleep(0.05)
     elif tmp.exists() or tmp.is_symlink():
         tmp.unlink()
 
@@ -308,16 +322,19 @@ def atomic_path(final_path):
     The temporary name is hidden and keeps the extension last (``denoised.tif`` ->
     ``.denoised.tmp-1a2b3c4d.tif``) so writers choose the right format. The body must
     create it (file or directory). On an exception the temporary is deleted and the
-    exception re-raised; an existing ``final_path`` is left untouched. The parent
-    directory is created if needed.
+    exception re-raised (a full disk as :class:`DiskFullError` naming ``final_path``);
+    an existing ``final_path`` is left untouched. The parent directory is created if
+    needed.
     """
     final = Path(final_path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(final)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         _discard(tmp)
+        if _is_disk_full(exc) and not isinstance(exc, DiskFullError):
+            raise DiskFullError(final) from None
         raise
     _commit(tmp, final)
 
@@ -482,8 +499,36 @@ def _open_mrc(path):
                               "labels": [s.strip() for s in mrc.get_labels()]}}
     except ValueError as exc:
         raise InputError(path, _mrc_problem(exc)) from exc
-    _read_tilt_angles(path, 1 if arr.ndim == 2 else arr.shape[0], meta)
+    n_frames = 1 if arr.ndim == 2 else arr.shape[0]
+    _read_tilt_angles(path, n_frames, meta)
+    _read_mdoc(path, n_frames, meta)
     return arr, meta
+
+
+def _read_mdoc(path, n_frames, meta):
+    """SerialEM ``.mdoc`` beside the stack: tilt angles (unless a .tlt gave them), pixel
+    spacing (when the header has none), dose and exposure per frame; problems are notes."""
+    mdoc = vendor.mdoc_for(path)
+    if mdoc is None:
+        return
+    try:
+        md = vendor.read_mdoc(mdoc, n_frames)
+    except ImportError:
+        meta["notes"].append(f"ignored {mdoc.name}: reading .mdoc needs the optional package "
+                             "'mdocfile'; pip install mdocfile")
+        return
+    except Exception as exc:  # a malformed mdoc must not make the stack unreadable
+        meta["notes"].append(f"ignored {mdoc.name}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}")
+        return
+    px = _clean_pixel_size(md.pop("pixel_size", None))
+    if px and not meta.get("pixel_size"):
+        meta["pixel_size"] = px
+    elif px and abs(px - meta["pixel_size"]) > 1e-3 * px:
+        meta["notes"].append(f"{mdoc.name} PixelSpacing {px} Å differs from the MRC header's "
+                             f"{meta['pixel_size']} Å; kept the header's")
+    if "tilt_angles" in meta:
+        md.pop("tilt_angles", None)
+    meta.update(md)
 
 
 def _open_npy(path):
@@ -575,26 +620,47 @@ def _open_zarr(path):
 
 
 # --------------------------------------------------------------------------- folders, dispatch
-def _open_folder(path):
+def _open_folder(path, options=None):
     files = sorted((f for f in path.iterdir() if f.is_file() and not f.name.startswith(".")
                     and f.suffix.lower() in _FOLDER_EXT), key=_natural_key)
     if not files:
         raise InputError(path, "empty folder: no frame files (" + ", ".join(sorted(_FOLDER_EXT)) + ")")
-    first, meta = _open_file(files[0])
+    first, meta = _open_file(files[0], options)
     for f in files:
-        arr = first if f == files[0] else _open_file(f)[0]
+        arr = first if f == files[0] else _open_file(f, options)[0]
         if arr.shape[0] != 1:
             raise InputError(f, f"has {arr.shape[0]} frames; folder members must be single frames")
         if arr.shape != first.shape or arr.dtype != first.dtype:
             raise InputError(f, f"frame shape/dtype {arr.shape[1:]} {arr.dtype.name} differs from "
                                 f"{files[0].name} {first.shape[1:]} {first.dtype.name}")
     shape = (len(files),) + tuple(first.shape[1:])
+    calib = {k: meta[k] for k in CALIBRATION_KEYS if k in meta and k != "tilt_angles"}
+    if "exposure_time" in calib and "frame_time" not in calib:  # per-frame files: one exposure each
+        calib["frame_time"] = calib["exposure_time"]
     meta = {"pixel_size": meta["pixel_size"], "notes": [], "n_files": len(files),
-            "files": [files[0].name, files[-1].name]}
-    return LazyStack(_FolderReader(files), shape, first.dtype), meta, files
+            "files": [files[0].name, files[-1].name], **calib}
+    return LazyStack(_FolderReader(files, options), shape, first.dtype), meta, files
 
 
-_OPENERS = {"tiff": _open_tiff, "mrc": _open_mrc, "npy": _open_npy}
+def _open_vendor(path, fmt, options):
+    """A vendor file (:mod:`emdenoise.vendor`) as a LazyStack; its x scale and unit -> Å."""
+    if fmt == "eer":
+        read, shape, dtype, meta = vendor.open_eer(
+            path, group=options.get("eer_group") or vendor.EER_GROUP,
+            upsampling=options.get("eer_upsampling") or vendor.EER_UPSAMPLING)
+    else:
+        read, shape, dtype, meta = vendor.open_rsciio(path, fmt)
+    cal = meta.get("calibration", {})
+    scale, unit = cal.get("x_scale"), cal.get("x_unit")
+    meta["pixel_size"] = _to_angstrom(scale, unit) if unit and "/" not in str(unit) else None
+    if meta["pixel_size"] is None and unit and str(unit).strip():
+        meta["notes"].append(f"pixel size {scale} {unit} is not a real-space length; ignored")
+    return LazyStack(read, shape, dtype), meta
+
+
+_OPENERS = {"tiff": _open_tiff, "mrc": _open_mrc, "npy": _open_npy,
+            **{fmt: (lambda p, o, fmt=fmt: _open_vendor(p, fmt, o)) for fmt in ("dm", "tia", "emd", "eer")}}
+_NEEDS_OPTIONS = {"dm", "tia", "emd", "eer"}
 
 
 def _detect_format(path):
@@ -613,11 +679,13 @@ def _detect_format(path):
     return fmt
 
 
-def _open_file(path):
-    """Open one file as (T, Y, X) with a supported dtype; no checksum."""
+def _open_file(path, options=None):
+    """Open one file as (T, Y, X) with a supported dtype; no checksum. ``options``: reader
+    settings (``eer_group``, ``eer_upsampling``)."""
     fmt = _detect_format(path)
     try:
-        arr, meta = _OPENERS[fmt](path)
+        opener = _OPENERS[fmt]
+        arr, meta = opener(path, options or {}) if fmt in _NEEDS_OPTIONS else opener(path)
     except OSError as exc:
         raise InputError(path, f"cannot read ({exc.strerror or exc})") from exc
     arr = _to_tyx(arr, path)
@@ -638,19 +706,26 @@ def _select_frames(arr, frames, path):
     return LazyStack(_Offset(arr, start), (stop - start,) + tuple(arr.shape[1:]), arr.dtype)
 
 
-def read_stack(path, pixel_size: float | None = None, frames: tuple[int, int] | None = None):
+def read_stack(path, pixel_size: float | None = None, frames: tuple[int, int] | None = None,
+               *, eer_group: int | None = None, eer_upsampling: int | None = None):
     """Open a stack lazily, read-only.
 
     Parameters
     ----------
     path : str or Path
-        TIFF / OME-TIFF / ImageJ hyperstack, MRC (.mrc .mrcs .st .ali .rec .map), .npy,
-        a Zarr v3 array or OME-Zarr group directory, or a folder of single-frame files
-        (.tif .tiff .mrc .npy, natural sort order, hidden files ignored).
+        TIFF / OME-TIFF / ImageJ hyperstack, MRC (.mrc .mrcs .st .ali .rec .map; a
+        SerialEM ``.mdoc`` beside it adds tilt angles, dose and pixel spacing), .npy,
+        a Zarr v3 array or OME-Zarr group directory, Gatan .dm3/.dm4, TIA .ser/.emi,
+        Velox/NCEM .emd, Falcon .eer (:mod:`emdenoise.vendor`; optional packages), or a
+        folder of single-frame files (.tif .tiff .mrc .npy .dm3 .dm4, natural sort
+        order, hidden files ignored).
     pixel_size : float, optional
         Pixel size in Å; overrides the file's.
     frames : (int, int), optional
-        ``(start, stop)`` frame range with Python slice semantics.
+        ``(start, stop)`` frame range with Python slice semantics (after EER grouping).
+    eer_group, eer_upsampling : int, optional
+        EER only: raw frames summed per output frame (default
+        ``vendor.EER_GROUP`` = 20) and super-resolution factor 1, 2 or 4 (default 1).
 
     Returns
     -------
@@ -659,7 +734,9 @@ def read_stack(path, pixel_size: float | None = None, frames: tuple[int, int] | 
     meta : dict
         ``source``, ``format``, ``pixel_size`` (Å or None), ``pixel_size_source``
         ('file', 'config' or None), ``sha256``, ``dtype``, ``shape``, ``notes`` and,
-        where available, ``n_files``, ``tilt_angles``, ``detector_mode``, ``extra``.
+        where available, ``n_files``, ``tilt_angles`` (degrees), ``detector_mode``,
+        ``extra`` and the acquisition calibration :data:`CALIBRATION_KEYS`
+        (``frame_time`` s, ``exposure_time`` s, ``dose_per_frame`` in ``dose_unit``).
 
     Raises
     ------
@@ -669,8 +746,9 @@ def read_stack(path, pixel_size: float | None = None, frames: tuple[int, int] | 
     """
     p = Path(path)
     fmt = _detect_format(p)
+    options = {"eer_group": eer_group, "eer_upsampling": eer_upsampling}
     if fmt == "folder":
-        arr, meta, files = _open_folder(p)
+        arr, meta, files = _open_folder(p, options)
         digest = _sha256_files(p, files)
     else:
         if fmt == "zarr":
@@ -678,7 +756,7 @@ def read_stack(path, pixel_size: float | None = None, frames: tuple[int, int] | 
             arr = _to_tyx(arr, p)
             _check_dtype(arr.dtype, p)
         else:
-            arr, meta = _open_file(p)
+            arr, meta = _open_file(p, options)
         digest = sha256_path(p)
     meta.update(source=str(p.resolve()), format=fmt, sha256=digest, dtype=np.dtype(arr.dtype).name,
                 pixel_size_source="file" if meta.get("pixel_size") else None)
@@ -715,7 +793,8 @@ def validate_stack(arr, path, *, min_frames: int = 1, min_size: int = 16,
     _check_dtype(arr.dtype, path)
     t, y, x = shape
     if t < min_frames:
-        raise InputError(path, f"has {t} frame{'' if t == 1 else 's'}; this stage needs at least {min_frames}")
+        what = "1 frame (a single image, not a movie)" if t == 1 else f"{t} frames"
+        raise InputError(path, f"has {what}; this stage needs at least {min_frames}")
     if min(y, x) < min_size:
         raise InputError(path, f"frames are too small ({y}x{x} px); this stage needs at least "
                                f"{min_size} px in Y and X")
@@ -733,11 +812,14 @@ def validate_stack(arr, path, *, min_frames: int = 1, min_size: int = 16,
                                f"(first in frame {first}); all pixels must be finite")
 
 
-def describe(path, pixel_size: float | None = None) -> dict:
+def describe(path, pixel_size: float | None = None, **options) -> dict:
     """Summary used by ``emdenoise info``: format, shape, dtype, pixel size (Å; the
-    argument overrides the file's), sha256, and min/max/mean of finite values plus
-    NaN/Inf counts over up to 16 evenly spaced frames (``sampled_frames``)."""
-    arr, meta = read_stack(path, pixel_size=pixel_size)
+    argument overrides the file's), sha256, the acquisition calibration the file holds
+    (``frame_time`` s, ``exposure_time`` s, ``dose_per_frame``/``dose_unit``,
+    ``tilt_angles`` degrees; only those present), and min/max/mean of finite values plus
+    NaN/Inf counts over up to 16 evenly spaced frames (``sampled_frames``). ``options``:
+    ``eer_group``, ``eer_upsampling`` (see :func:`read_stack`)."""
+    arr, meta = read_stack(path, pixel_size=pixel_size, **options)
     t = arr.shape[0]
     idx = np.unique(np.linspace(0, t - 1, min(t, 16)).round().astype(int))
     lo, hi, total, count, n_nan, n_inf = math.inf, -math.inf, 0.0, 0, 0, 0
@@ -750,35 +832,106 @@ def describe(path, pixel_size: float | None = None) -> dict:
             lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
             total, count = total + float(v.sum(dtype=np.float64)), count + v.size
     keys = ("source", "format", "shape", "dtype", "pixel_size", "pixel_size_source", "sha256", "notes")
-    return {**{k: meta.get(k) for k in keys}, "sampled_frames": idx.tolist(),
+    calib = {k: meta[k] for k in CALIBRATION_KEYS if k in meta}
+    return {**{k: meta.get(k) for k in keys}, **_jsonable(calib), "sampled_frames": idx.tolist(),
             "min": lo if count else None, "max": hi if count else None,
             "mean": total / count if count else None, "n_nan": n_nan, "n_inf": n_inf}
 
 
 # --------------------------------------------------------------------------- writers
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy tofile on a full disk
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """True for ENOSPC/EDQUOT, also when wrapped (zarr's async stores chain the OSError),
+    and for numpy's short-write OSError, which carries no errno."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and (exc.errno in _DISK_FULL_ERRNOS
+                                         or (exc.errno is None and _SHORT_WRITE.search(str(exc)))):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _disk_full_as_error(path):
+    """Turn ENOSPC/EDQUOT raised inside into :class:`DiskFullError` naming ``path``."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        if _is_disk_full(exc):
+            raise DiskFullError(path) from None
+        raise
+
+
+def _reserve(fh, nbytes, path):
+    """Allocate ``nbytes`` for an open file before it is memory-mapped.
+
+    Writing through a mapping of a sparse file on a full disk kills the process with
+    SIGBUS; with the blocks allocated up front the disk-full case is an ENOSPC here.
+    Where ``posix_fallocate`` is unsupported, the free space is checked instead.
+    """
+    try:
+        os.posix_fallocate(fh.fileno(), 0, int(nbytes))
+        return
+    except OSError as exc:
+        if exc.errno in _DISK_FULL_ERRNOS:
+            raise DiskFullError(path, f"needs {nbytes / 2**20:.1f} MiB") from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+    except AttributeError:  # no posix_fallocate on this platform
+        pass
+    free = shutil.disk_usage(Path(fh.name).parent).free
+    if free < nbytes:
+        raise DiskFullError(path, f"needs {nbytes / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free")
+
+
+def _frame_time(metadata):
+    ft = (metadata or {}).get("frame_time")
+    try:
+        ft = float(ft)
+    except (TypeError, ValueError):
+        return None
+    return ft if math.isfinite(ft) and ft > 0 else None
+
+
 def write_tiff(path, stack, pixel_size: float | None = None, metadata: dict | None = None) -> None:
     """Write an ImageJ-compatible float32 hyperstack (axes ``'TYX'``), atomically.
 
     ``pixel_size`` (Å) is stored as resolution in ``nm`` (ImageJ unit ``'nm'``), so
-    Fiji shows the calibrated size. ``metadata`` is stored as JSON in private tag
+    Fiji shows the calibrated size; ``metadata['frame_time']`` (s between frames), when
+    known, becomes the ImageJ ``finterval``. ``metadata`` is stored as JSON in private tag
     65000 (ImageJ owns the ImageDescription). BigTIFF is used above 4 GiB. Frames are
-    streamed, so ``stack`` may be a lazy or Zarr array.
+    streamed, so ``stack`` may be a lazy or Zarr array. A full disk raises
+    :class:`DiskFullError` and leaves nothing behind.
     """
     stack = _stack_for_writing(stack)
     shape = tuple(int(n) for n in stack.shape)
-    kwargs = {"metadata": {"axes": "TYX"}}
+    ij = {"axes": "TYX"}
+    kwargs = {}
     if pixel_size:
         per_nm = 10.0 / float(pixel_size)
-        kwargs = {"resolution": (per_nm, per_nm), "metadata": {"axes": "TYX", "unit": "nm"}}
+        kwargs["resolution"] = (per_nm, per_nm)
+        ij["unit"] = "nm"
+    ft = _frame_time(metadata)
+    if ft:
+        ij["finterval"] = ft
     extra = json.dumps(_jsonable({**(metadata or {}), "pixel_size": pixel_size,
                                   "emdenoise_version": __version__}))
     frames = (f for _, block in _iter_blocks(stack) for f in block.astype(np.float32, copy=False))
-    with atomic_path(path) as tmp, warnings.catch_warnings():
+    with _disk_full_as_error(path), atomic_path(path) as tmp, warnings.catch_warnings():
         # BigTIFF ImageJ files are "nonconformant" but Fiji reads them
         warnings.filterwarnings("ignore", message=".*nonconformant BigTIFF ImageJ")
         tifffile.imwrite(tmp, frames, shape=shape, dtype=np.float32, imagej=True,
                          photometric="minisblack", bigtiff=math.prod(shape) * 4 > 2**32 - 2**25,
-                         extratags=[(_TIFF_META_TAG, "s", 0, extra, True)], **kwargs)
+                         extratags=[(_TIFF_META_TAG, "s", 0, extra, True)], metadata=ij, **kwargs)
 
 
 def write_mrc(path, stack, pixel_size: float | None = None, tilt_angles=None) -> None:
@@ -786,15 +939,19 @@ def write_mrc(path, stack, pixel_size: float | None = None, tilt_angles=None) ->
 
     ``pixel_size`` (Å) goes to the voxel size (0 = unknown). Header statistics are
     computed while streaming frames. ``tilt_angles`` (degrees, one per frame) are
-    written to an IMOD ``.tlt`` beside the file, also atomically.
+    written to an IMOD ``.tlt`` beside the file, also atomically. The file's blocks are
+    allocated before the memory-mapped write, so a full disk raises
+    :class:`DiskFullError` (temporary removed) instead of killing the process by SIGBUS.
     """
     stack = _stack_for_writing(stack)
     shape = tuple(int(n) for n in stack.shape)
     if tilt_angles is not None and len(tilt_angles) != shape[0]:
         raise ValueError(f"{len(tilt_angles)} tilt angles for {shape[0]} frames")
     lo, hi, s1, s2 = math.inf, -math.inf, 0.0, 0.0
-    with atomic_path(path) as tmp:
+    with _disk_full_as_error(path), atomic_path(path) as tmp:
         with mrcfile.new_mmap(tmp, shape, mrc_mode=2, overwrite=True) as mrc:
+            with open(tmp, "r+b") as fh:  # the mapped file is sparse until written
+                _reserve(fh, 1024 + math.prod(shape) * 4, path)
             for a, block in _iter_blocks(stack):
                 block = block.astype(np.float32, copy=False)
                 mrc.data[a:a + len(block)] = block
@@ -813,13 +970,35 @@ def write_mrc(path, stack, pixel_size: float | None = None, tilt_angles=None) ->
                 tlt.write_text("".join(f"{float(a):.2f}\n" for a in tilt_angles))
 
 
-def _ome_attrs(name, pixel_size, attrs):
+#: OME-Zarr pyramid: 2x-binned levels are added while the smaller frame edge stays at or
+#: above this many px, at most ``_PYRAMID_MAX_LEVELS`` of them (level 0 is the data).
+_PYRAMID_MIN_EDGE = 256
+_PYRAMID_MAX_LEVELS = 4
+AXES = ("t", "y", "x")
+
+
+def pyramid_levels(frame_shape) -> int:
+    """Number of 2x-downsampled levels written after level 0 for frames ``(Y, X)``."""
+    edge, n = min(int(v) for v in frame_shape), 0
+    while n < _PYRAMID_MAX_LEVELS and edge // 2 ** (n + 1) >= _PYRAMID_MIN_EDGE:
+        n += 1
+    return n
+
+
+def _ome_attrs(name, pixel_size, attrs, n_levels=1):
+    """OME-Zarr 0.5 group attributes: axes t (time, unit second when ``attrs['frame_time']``
+    is known), y, x (space, angstrom when ``pixel_size`` is known); one dataset per level
+    with scale ``[frame_time or 1, px * 2**k, px * 2**k]``."""
     space = {"type": "space", "unit": "angstrom"} if pixel_size else {"type": "space"}
     px = float(pixel_size) if pixel_size else 1.0
-    ms = {"name": name, "axes": [{"name": "t", "type": "time"}, {"name": "y", **space},
-                                 {"name": "x", **space}],
-          "datasets": [{"path": "0", "coordinateTransformations": [
-              {"type": "scale", "scale": [1.0, px, px]}]}]}
+    ft = _frame_time(attrs)
+    t_axis = {"name": "t", "type": "time", **({"unit": "second"} if ft else {})}
+    datasets = [{"path": str(k), "coordinateTransformations": [
+        {"type": "scale", "scale": [ft or 1.0, px * 2**k, px * 2**k]}]} for k in range(n_levels)]
+    ms = {"name": name, "axes": [t_axis, {"name": "y", **space}, {"name": "x", **space}],
+          "datasets": datasets}
+    if n_levels > 1:
+        ms["type"] = "2x2 mean (y, x)"
     return {"ome": {"version": "0.5", "multiscales": [ms]},
             "emdenoise": _jsonable({**(attrs or {}), "pixel_size": pixel_size})}
 
@@ -828,43 +1007,72 @@ class ZarrStackWriter:
     """Stream frames into an OME-Zarr 0.5 group (zarr v3), renamed into place on success.
 
     Layout: group ``path`` with attributes ``{'ome': {...multiscales...}, 'emdenoise':
-    attrs + pixel_size}`` and the ``(T, Y, X)`` array at ``path/0`` (default chunks:
-    whole frames ``(1, Y, X)``). Space axes carry unit ``'angstrom'`` and scale
-    ``pixel_size`` when it is known, else no unit and scale 1.0.
+    attrs + pixel_size}``, the ``(T, Y, X)`` array at ``path/0`` (default chunks: whole
+    frames ``(1, Y, X)``; ``dimension_names`` t, y, x) and, for frames of at least
+    512 px, a pyramid ``path/1``, ``path/2`` ... of 2x2-mean-binned frames (float32,
+    computed at close time from level 0, a block of frames at a time) so viewers open
+    large stacks fast; :func:`read_zarr` returns level 0. Space axes carry unit
+    ``'angstrom'`` and scale ``pixel_size`` when it is known, else no unit and scale 1.0;
+    the time axis carries unit ``'second'`` and scale ``attrs['frame_time']`` when known.
 
     Use as a context manager: ``w[i] = frame`` or ``w[a:b] = block``; ``w.array`` is
-    the writable Zarr array. On an exception the temporary group is removed.
+    the writable Zarr array (level 0). On an exception the temporary group is removed;
+    a full disk raises :class:`DiskFullError` naming ``path``.
     """
 
-    def __init__(self, path, shape, *, pixel_size=None, attrs=None, chunks=None, dtype="float32"):
+    def __init__(self, path, shape, *, pixel_size=None, attrs=None, chunks=None, dtype="float32",
+                 pyramid: bool = True):
         self.path, self.shape = Path(path), tuple(int(n) for n in shape)
         if len(self.shape) != 3:
             raise ValueError(f"shape must be (T, Y, X), got {self.shape}")
         self.pixel_size, self.attrs, self.dtype = pixel_size, attrs, np.dtype(dtype)
         self.chunks = tuple(chunks) if chunks else (1,) + self.shape[1:]
-        self.array, self._tmp = None, None
+        self.n_levels = 1 + (pyramid_levels(self.shape[1:]) if pyramid else 0)
+        self.array, self._tmp, self._group = None, None, None
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = _temp_name(self.path)
         try:
-            group = zarr.open_group(str(self._tmp), mode="w", zarr_format=3)
-            group.attrs.update(_ome_attrs(self.path.stem, self.pixel_size, self.attrs))
-            self.array = group.create_array("0", shape=self.shape, chunks=self.chunks,
-                                            dtype=self.dtype, fill_value=0)
+            with _disk_full_as_error(self.path):
+                self._group = zarr.open_group(str(self._tmp), mode="w", zarr_format=3)
+                self._group.attrs.update(_ome_attrs(self.path.stem, self.pixel_size, self.attrs, self.n_levels))
+                self.array = self._group.create_array("0", shape=self.shape, chunks=self.chunks,
+                                                      dtype=self.dtype, fill_value=0, dimension_names=AXES)
         except BaseException:
             _discard(self._tmp)
             raise
         return self
 
     def __setitem__(self, key, value):
-        self.array[key] = np.asarray(value, dtype=self.dtype)
+        with _disk_full_as_error(self.path):
+            self.array[key] = np.asarray(value, dtype=self.dtype)
+
+    def _write_pyramid(self):
+        t, y, x = self.shape
+        src = self.array
+        for k in range(1, self.n_levels):
+            ny, nx = y // 2**k, x // 2**k
+            dst = self._group.create_array(str(k), shape=(t, ny, nx), chunks=(1, ny, nx), dtype="float32",
+                                           fill_value=0, dimension_names=AXES)
+            for a, block in _iter_blocks(src):
+                block = block[:, :2 * ny, :2 * nx].astype(np.float32, copy=False)
+                dst[a:a + len(block)] = block.reshape(len(block), ny, 2, nx, 2).mean(axis=(2, 4))
+            src = dst
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            _commit(self._tmp, self.path)
-        else:
+        if exc_type is not None:
             _discard(self._tmp)
+            if _is_disk_full(exc) and not isinstance(exc, DiskFullError):
+                raise DiskFullError(self.path) from None
+            return False
+        try:
+            with _disk_full_as_error(self.path):
+                self._write_pyramid()
+                _commit(self._tmp, self.path)
+        except BaseException:
+            _discard(self._tmp)
+            raise
         return False
 
 
@@ -879,9 +1087,13 @@ def write_zarr(path, stack, *, pixel_size=None, attrs: dict | None = None, chunk
 
 
 def _write_npy(path, stack):
+    """float32 ``.npy``, atomically; blocks allocated before the memory-mapped write (no
+    SIGBUS on a full disk: :class:`DiskFullError`, temporary removed)."""
     stack = _stack_for_writing(stack)
-    with atomic_path(path) as tmp:
+    with _disk_full_as_error(path), atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=tuple(stack.shape))
+        with open(tmp, "r+b") as fh:
+            _reserve(fh, os.path.getsize(tmp), path)
         for a, block in _iter_blocks(stack):
             out[a:a + len(block)] = block
         out.flush()
@@ -919,16 +1131,21 @@ def write_stack(path, stack, pixel_size=None, metadata=None) -> None:
 
 
 def ingest(src, dst, *, pixel_size: float | None = None, frames: tuple[int, int] | None = None,
-           extra_attrs: dict | None = None, min_frames: int = 4, min_size: int = 16) -> dict:
+           extra_attrs: dict | None = None, min_frames: int = 4, min_size: int = 16,
+           eer_group: int | None = None, eer_upsampling: int | None = None) -> dict:
     """Copy any readable stack to a float32 OME-Zarr (``raw.zarr``), streaming frames.
 
     Checks shape and dtype up front (:func:`validate_stack`) and finiteness while
     copying, so bad input fails in one pass and leaves no output. The read metadata
     (source, sha256, pixel size, ...) plus ``extra_attrs`` go into the 'emdenoise'
     attributes, which are also returned. ``min_frames`` defaults to 4 because uMSE
-    needs frames t-1, t+1 and t+2 around every scored frame t.
+    needs frames t-1, t+1 and t+2 around every scored frame t. The file's calibration
+    (``frame_time`` s, dose, tilt angles, ...) is kept in the attributes, and a known
+    ``frame_time`` calibrates the OME time axis. ``eer_group`` / ``eer_upsampling``:
+    EER grouping (:func:`read_stack`).
     """
-    arr, meta = read_stack(src, pixel_size=pixel_size, frames=frames)
+    arr, meta = read_stack(src, pixel_size=pixel_size, frames=frames, eer_group=eer_group,
+                           eer_upsampling=eer_upsampling)
     validate_stack(arr, src, min_frames=min_frames, min_size=min_size, check_finite=False)
     attrs = {**meta, **(extra_attrs or {}), "emdenoise_version": __version__}
     with ZarrStackWriter(dst, arr.shape, pixel_size=meta["pixel_size"], attrs=attrs) as w:

@@ -23,7 +23,8 @@ from .config import StageConfig
 from .io import atomic_path, read_stack, sha256_path
 
 PACKAGES = ("numpy", "scipy", "scikit-image", "torch", "zarr", "dask", "tifffile", "mrcfile",
-            "pandas", "snakemake")
+            "pandas", "snakemake",
+            "rosettasciio", "h5py", "imagecodecs", "mdocfile")
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
 
 
@@ -74,11 +75,14 @@ def _jsonable(obj):
 
 
 def build_record(dataset_config, *, input_path: str, input_sha256: str | None, outputs: Iterable[str],
-                 logs: Iterable[str], model_info: dict | None = None) -> dict:
+                 logs: Iterable[str], model_info: dict | None = None, acquisition: dict | None = None) -> dict:
     """The provenance dict of one dataset (see module docstring).
 
     dataset_config: DatasetConfig, or the StageConfig of all its sections that the
     provenance rule passes; recorded in full under "config".
+    acquisition: what the input file recorded and ingest kept (format, pixel size in Å and
+    where it came from, frame time s, exposure, dose, tilt angles, EER grouping);
+    recorded under "input".
     """
     return {
         "dataset": dataset_config.name,
@@ -88,7 +92,8 @@ def build_record(dataset_config, *, input_path: str, input_sha256: str | None, o
         "host": {"platform": platform.platform(), "machine": platform.machine()},
         "workdir": os.getcwd(),
         "config": _jsonable(dataset_config),
-        "input": {"path": os.path.abspath(input_path), "sha256": input_sha256},
+        "input": {"path": os.path.abspath(input_path), "sha256": input_sha256,
+                  **({"acquisition": _jsonable(acquisition)} if acquisition else {})},
         "model": model_info or {},
         "stages": stage_times(logs),
         "outputs": {os.fspath(p): sha256_path(p) for p in outputs},

@@ -1,4 +1,6 @@
-# Raw frames (TIFF, MRC, NPY, Zarr, folder) -> float32 (T, Y, X) Zarr with metadata.
+# Raw frames (TIFF, MRC, NPY, Zarr, folder, DM3/DM4, SER/EMI, EMD, EER) -> float32 (T, Y, X)
+# Zarr with metadata and the file's calibration.
+# EER grouping is passed only for EER input: editing it must not re-ingest a TIFF.
 
 
 rule ingest:
@@ -7,7 +9,10 @@ rule ingest:
     output:
         directory(f"{RESULTS}/{{ds}}/raw.zarr"),
     params:
-        cfg=stage("name", "kind", "pixel_size", "frames"),
+        cfg=stage(
+            "name", "kind", "pixel_size", "frames",
+            lambda ds, wc: ["eer_group", "eer_upsampling"] if str(ds.path).lower().endswith(".eer") else [],
+        ),
     log:
         f"{RESULTS}/logs/{{ds}}/ingest.log",
     resources:
@@ -24,7 +29,10 @@ rule ingest_truth:
     output:
         directory(f"{RESULTS}/{{ds}}/truth.zarr"),
     params:
-        cfg=stage("name", "kind", "pixel_size", "frames"),
+        cfg=stage(
+            "name", "kind", "pixel_size", "frames",
+            lambda ds, wc: ["eer_group", "eer_upsampling"] if str(ds.path).lower().endswith(".eer") else [],
+        ),
     log:
         f"{RESULTS}/logs/{{ds}}/ingest_truth.log",
     resources:
