@@ -101,3 +101,19 @@ def test_run_tag_puts_results_in_their_own_folder(tmp_path):
     assert emcfg.build(tagged).results == "out/v0.2-reprocess"
     with pytest.raises(InputError, match="run"):
         emcfg.validate({**base, "run": "../escape"})
+
+
+def test_the_schema_file_is_generated_from_the_typed_settings():
+    """One source of truth: every setting's type, constraints and default are written in
+    emdenoise.config; the schema the workflow validates with is generated from them
+    (`python -m emdenoise.config`) and must be up to date."""
+    import yaml
+
+    assert yaml.safe_load(emcfg.SCHEMA.read_text()) == emcfg.json_schema(), \
+        "run `python -m emdenoise.config` to regenerate the schema"
+    # every typed default validates against the generated schema, for every stage
+    defaults = {stage: emcfg.plain(cls()) for stage, cls in emcfg.STAGES.items() if cls is not dict}
+    emcfg.validate({"defaults": defaults, "datasets": {"x": {"path": "p", **defaults}}})
+    # and a constraint written next to a default is enforced
+    with pytest.raises(InputError, match="drift.upsample"):
+        emcfg.validate({"defaults": {"drift": {"upsample": 5}}})

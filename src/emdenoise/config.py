@@ -27,6 +27,16 @@ from .errors import InputError
 SCHEMA = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
 
 
+def setting(default, **schema):
+    """A config field: its default (written here and nowhere else) and its JSON-schema
+    constraints (``minimum``, ``enum``, ...; ``also``: extra constant values allowed, e.g.
+    ``'auto'`` beside numbers).  The type comes from the annotation; :func:`json_schema`
+    turns both into the schema the workflow validates with."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults: use a tuple")
+    return field(default=default, metadata={"schema": schema})
+
+
 @dataclass(frozen=True)
 class WCVDParams:
     """Architecture hyper-parameters (paper values as defaults).
@@ -119,28 +129,28 @@ class TrainParams:
         (paper).  Adam at a constant 1e-3 keeps jittering (+-0.15 dB PSNR between epochs
         on the benchmark movie); the cosine decay lets the weights settle, so the epoch
         chosen by validation is not a random point of that jitter.
-    val_tolerance: checkpoint = latest epoch with val loss <= min + val_tolerance * its
+    val_tolerance: checkpoint = setting(latest epoch with val loss <= min + val_tolerance * its, minimum=0)
         standard error (see ``_select_epoch``); 0 = plain minimum.
     checkpoint_minutes: the workflow saves a resume state this often (wall time), so a
         training job killed at a cluster's time limit continues when it is resubmitted
         (``train.train_model(resume=...)``); it does not change the result.
     """
 
-    epochs: int = 300
-    lr: float = 1e-3
-    batch_size: int = 8
-    crop: int | None = 128
-    steps_per_epoch: int | None = None
-    max_steps_per_epoch: int = 4
-    augment: bool = True
-    seed: int = 0
-    val_frames: int = 2
-    val_crop: int | None = 256
-    device: str = "auto"
-    amp: bool = True
-    lr_schedule: str = "cosine"
-    val_tolerance: float = 1.0
-    checkpoint_minutes: float = 10.0
+    epochs: int = setting(300, minimum=1)
+    lr: float = setting(1e-3, exclusiveMinimum=0)
+    batch_size: int = setting(8, minimum=1)
+    crop: int | None = setting(128, minimum=8)
+    steps_per_epoch: int | None = setting(None, minimum=1)
+    max_steps_per_epoch: int = setting(4, minimum=1)
+    augment: bool = setting(True)
+    seed: int = setting(0, minimum=0)
+    val_frames: int = setting(2, minimum=0)
+    val_crop: int | None = setting(256, minimum=8)
+    device: str = setting("auto", enum=["auto", "cpu", "cuda"])
+    amp: bool = setting(True)
+    lr_schedule: str = setting("cosine", enum=["cosine", "constant"])
+    val_tolerance: float = setting(1.0, minimum=0)
+    checkpoint_minutes: float = setting(10.0, exclusiveMinimum=0)
 
     def __post_init__(self):
         if self.lr_schedule not in ("constant", "cosine"):
@@ -263,56 +273,56 @@ def shine_train_params(**overrides) -> "TrainParams":
 class PrefilterConfig:
     """Pre-denoising used only to *measure* drift (never applied to the output)."""
 
-    method: str = "wcid"  # wcid | gaussian2d | none
-    sigma: float = 1.5  # px, for gaussian2d
-    epochs: int = 100  # for wcid: a rough denoise is enough to register frames
+    method: str = setting("wcid", enum=["gaussian2d", "wcid", "none"])  # wcid | gaussian2d | none
+    sigma: float = setting(1.5, exclusiveMinimum=0)  # px, for gaussian2d
+    epochs: int = setting(100, minimum=1)  # for wcid: a rough denoise is enough to register frames
 
 
 @dataclass(frozen=True)
 class DriftConfig:
-    enabled: bool | None = None  # None: on for movies, off for tilt series
-    upsample: int = 20  # phase-correlation upsampling -> 1/20 px precision
-    apply: str = "integer"  # integer | fourier | spline
-    crop: bool = True  # crop the border that lacks data after shifting
+    enabled: bool | None = setting(None)  # None: on for movies, off for tilt series
+    upsample: int = setting(20, minimum=10)  # phase-correlation upsampling -> 1/20 px precision
+    apply: str = setting("integer", enum=["integer", "fourier", "spline"])  # integer | fourier | spline
+    crop: bool = setting(True)  # crop the border that lacks data after shifting
 
 
 @dataclass(frozen=True)
 class NoiseConfig:
-    max_lag: int = 4  # heatmap covers lags -max_lag..max_lag in y and x
-    threshold: float = 0.1  # |r| above this at a lag must be inside the blind spot
-    estimate: str = "auto"  # auto | frame | difference
+    max_lag: int = setting(4, minimum=4, maximum=16)  # heatmap covers lags -max_lag..max_lag in y and x
+    threshold: float = setting(0.1, exclusiveMinimum=0, exclusiveMaximum=1)  # |r| above this at a lag must be inside the blind spot
+    estimate: str = setting("auto", enum=["auto", "frame", "difference"])  # auto | frame | difference
 
 
 @dataclass(frozen=True)
 class BaselinesConfig:
-    gaussian2d_sigma: float = 1.0  # px (WCVD paper: Gaussian 2D per frame)
-    gaussian3d_sigma: tuple[float, float, float] = (1.0, 1.0, 1.0)  # (t, y, x)
+    gaussian2d_sigma: float = setting(1.0, exclusiveMinimum=0)  # px (WCVD paper: Gaussian 2D per frame)
+    gaussian3d_sigma: tuple[float, float, float] = setting((1.0, 1.0, 1.0), exclusiveMinimum=0)  # (t, y, x)
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    peak: float | None = None  # M of uPSNR; None: max of the raw aligned stack
-    temporal_radius: int = 2  # uMSE views a, b, c start r+1 frames from t (see metrics.umse)
+    peak: float | None = setting(None, exclusiveMinimum=0)  # M of uPSNR; None: max of the raw aligned stack
+    temporal_radius: int = setting(2, minimum=0, maximum=8)  # uMSE views a, b, c start r+1 frames from t (see metrics.umse)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Which model denoises the dataset, and its architecture (see WCVDParams)."""
 
-    name: str = "auto"  # auto (every candidate, the lower uMSE wins) | wcvd | shine | none (baselines only)
-    kt: int = 3
+    name: str = setting("auto", enum=["wcvd", "shine", "auto", "none"])  # auto (every candidate, the lower uMSE wins) | wcvd | shine | none (baselines only)
+    kt: int = setting(3, minimum=3)
     # auto also trains a WCVD with this longer temporal window (candidate 'wcvd_kt<N>'): on
     # slowly changing scenes it averages more frames; on fast ones the uMSE prefers kt.
     # null = no such candidate.
-    long_kt: int | None = 7
+    long_kt: int | None = setting(7, minimum=3)
     # a trained model (model.pt of an earlier run or `emdenoise denoise --save-model`) to
     # apply instead of training: candidate 'pretrained', no `train` job
-    checkpoint: str | None = None
-    ks: tuple[int, ...] = (3, 5, 7)
-    channels: int = 3
-    n_layers: int = 4
-    negative_slope: float = 0.1
-    bias: bool = True
+    checkpoint: str | None = setting(None)
+    ks: tuple[int, ...] = setting((3, 5, 7), minimum=3)
+    channels: int = setting(3, minimum=1)
+    n_layers: int = setting(4, minimum=0)
+    negative_slope: float = setting(0.1, minimum=0)
+    bias: bool = setting(True)
 
     def wcvd_params(self, dims: int = 3, kt: int | None = None) -> WCVDParams:
         """Architecture of WCVD (dims=3) or of its 2D twin WCID (dims=2).
@@ -349,15 +359,15 @@ class ShineConfig:
     otherwise), 'paper' or 'cpu' (``SHINE_SIZES``); channel counts and blocks set here
     (not None) override the preset."""
 
-    blindspot: int | None = None
-    size: str = "auto"
-    frames: int = SHINEParams.frames
-    centre_channels: int | None = None
-    neighbour_channels: int | None = None
-    channels: int | None = None
-    blocks: int | None = None
-    head_layers: int = SHINEParams.head_layers
-    negative_slope: float = SHINEParams.negative_slope
+    blindspot: int | None = setting(None, enum=[1, 3, 5, 7, 9])
+    size: str = setting("auto", enum=["auto", "paper", "cpu"])
+    frames: int = setting(SHINEParams.frames, minimum=3)
+    centre_channels: int | None = setting(None, minimum=1)
+    neighbour_channels: int | None = setting(None, minimum=1)
+    channels: int | None = setting(None, minimum=1)
+    blocks: int | None = setting(None, minimum=1)
+    head_layers: int = setting(SHINEParams.head_layers, minimum=0)
+    negative_slope: float = setting(SHINEParams.negative_slope, minimum=0)
 
     def resolved_size(self, gpu: bool) -> str:
         """'paper' or 'cpu': what ``size`` means on this machine."""
@@ -378,13 +388,13 @@ class ShineConfig:
 class InferConfig:
     """Chunked inference (emdenoise.infer.infer_zarr) and tilt-series tiling."""
 
-    device: str = "auto"  # auto: CUDA when available, else CPU
-    batch_frames: int = 8  # frames per forward pass; bounds memory
-    tile: int | None = None  # movies: square tile edge in px; None = sized from free RAM / GPU memory
-    workers: int | None = None  # None = the rule's threads (one per GPU on a GPU machine)
-    scheduler_address: str | None = None  # an existing Dask cluster, e.g. from dask-jobqueue
-    tilt_tile: int = 1024  # tilt series: overlapping tiles stitched with a blending window (SHINE)
-    tilt_overlap: int = 256
+    device: str = setting("auto", enum=["auto", "cpu", "cuda"])  # auto: CUDA when available, else CPU
+    batch_frames: int = setting(8, minimum=1)  # frames per forward pass; bounds memory
+    tile: int | None = setting(None, minimum=16)  # movies: square tile edge in px; None = sized from free RAM / GPU memory
+    workers: int | None = setting(None, minimum=1)  # None = the rule's threads (one per GPU on a GPU machine)
+    scheduler_address: str | None = setting(None)  # an existing Dask cluster, e.g. from dask-jobqueue
+    tilt_tile: int = setting(1024, minimum=32)  # tilt series: overlapping tiles stitched with a blending window (SHINE)
+    tilt_overlap: int = setting(256, minimum=0)
 
 
 @dataclass(frozen=True)
@@ -397,10 +407,10 @@ class LowpassConfig:
     lattice fringes finer than 2/diameter px (1/3: 6 px), which many HRTEM movies have.
     """
 
-    enabled: bool = True
-    diameter: float | str | None = "auto"
-    pad: str = "symmetric"  # symmetric: mirror-extended frame, no wrap-around ringing
-    edge_width: float = 0.0
+    enabled: bool = setting(True)
+    diameter: float | str | None = setting("auto", exclusiveMinimum=0, maximum=1, also=["auto"])
+    pad: str = setting("symmetric", enum=["symmetric", "periodic"])  # symmetric: mirror-extended frame, no wrap-around ringing
+    edge_width: float = setting(0.0, minimum=0)
 
 
 STAGES = {
@@ -422,15 +432,15 @@ STAGES = {
 class DemoConfig:
     """A synthetic demo movie written by the `demo` rule (see emdenoise.synthetic)."""
 
-    mode: str = "counting"
-    n_frames: int = 20
-    shape: tuple[int, int] = (192, 192)
-    spacing: float = 9.0
-    dose: float = 1.0
-    max_drift: float = 6.0
-    psf_sigma: float = 1.0
-    format: str = "tif"
-    seed: int = 0
+    mode: str = setting("counting", enum=["counting", "linear"])
+    n_frames: int = setting(20, minimum=4)
+    shape: tuple[int, int] = setting((192, 192), minimum=16)
+    spacing: float = setting(9.0, exclusiveMinimum=0)
+    dose: float = setting(1.0, exclusiveMinimum=0)
+    max_drift: float = setting(6.0, minimum=0)
+    psf_sigma: float = setting(1.0, minimum=0)
+    format: str = setting("tif", enum=["tif", "mrc", "npy"])
+    seed: int = setting(0, minimum=0)
 
 
 class _DatasetHelpers:
@@ -484,14 +494,14 @@ _HELPER_NEEDS = {"candidates": ("model.name", "model.kt", "model.long_kt", "mode
 class DatasetConfig(_DatasetHelpers):
     name: str
     path: str
-    kind: str = "movie"
-    pixel_size: float | None = None
-    ground_truth: str | None = None
-    frames: tuple[int, int] | None = None
+    kind: str = setting("movie", enum=["movie", "tilt_series"])
+    pixel_size: float | None = setting(None, exclusiveMinimum=0)
+    ground_truth: str | None = setting(None)
+    frames: tuple[int, int] | None = setting(None, minimum=0)
     #: Falcon EER only: raw EER frames summed into one frame (a "fraction"), and the
     #: super-resolution factor (1 = the detector grid, 2 or 4 = sub-pixel event positions).
-    eer_group: int = 20
-    eer_upsampling: int = 1
+    eer_group: int = setting(20, minimum=1)
+    eer_upsampling: int = setting(1, enum=[1, 2, 4])
     prefilter: PrefilterConfig = field(default_factory=PrefilterConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
@@ -805,3 +815,126 @@ def load(path: str | os.PathLike, check_paths: bool = True) -> PipelineConfig:
         raise InputError(path, f"cannot read config: {exc}") from exc
     validate(config)
     return build(config, check_paths=check_paths)
+
+
+# --------------------------------------------------------------------------------------
+# the JSON schema, generated from the typed settings above
+# --------------------------------------------------------------------------------------
+_JSON_TYPES = {"int": "integer", "float": "number", "bool": "boolean", "str": "string"}
+_NAME = "^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_DATASET_DOCS = {
+    "path": "TIFF, MRC, NPY, Zarr, DM3/DM4, SER/EMI, EMD, EER file or a folder of single-frame files",
+    "pixel_size": "Å per pixel; overrides the file's",
+    "eer_group": "Falcon EER: raw frames summed per output frame",
+    "eer_upsampling": "Falcon EER: super-resolution factor",
+    "ground_truth": "clean stack of the same shape (synthetic data)",
+    "frames": "[start, stop) frame range to process",
+}
+
+
+def _split_union(ann: str) -> list[str]:
+    """'tuple[int, int] | None' -> ['tuple[int, int]', 'None'] (top-level | only)."""
+    parts, depth, cur = [], 0, ""
+    for ch in ann:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "|" and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur.strip()]
+
+
+def _field_schema(f) -> dict:
+    """JSON schema of one settings field, from its annotation and ``setting`` metadata."""
+    cons = dict(f.metadata.get("schema", {}))
+    also = cons.pop("also", [])
+    parts = _split_union(str(f.type))
+    nullable = "None" in parts
+    base = [p for p in parts if p not in ("None",) and not (also and p == "str")]
+    if len(base) != 1:
+        raise TypeError(f"setting {f.name}: cannot map type {f.type!r} to JSON schema")
+    t = base[0]
+    if t.startswith("tuple["):
+        items = [x.strip() for x in t[6:-1].split(",")]
+        out = {"type": ["array", "null"] if nullable else "array", "items": {"type": _JSON_TYPES[items[0]], **cons}}
+        if items[-1] == "...":
+            out["minItems"] = 1
+        else:
+            out["minItems"] = out["maxItems"] = len(items)
+        return out
+    if "enum" in cons and nullable:
+        cons["enum"] = [*cons["enum"], None]
+    typ = _JSON_TYPES[t]
+    if also:
+        return {"anyOf": [{"type": typ, **cons}, *([{"type": "null"}] if nullable else []),
+                          *({"const": v} for v in also)]}
+    return {"type": [typ, "null"] if nullable else typ, **cons}
+
+
+def _object_schema(cls, names=None, docs=None) -> dict:
+    props = {}
+    for f in fields(cls):
+        if names is None or f.name in names:
+            props[f.name] = {**_field_schema(f), **({"description": docs[f.name]} if docs and f.name in docs else {})}
+    return {"type": "object", "additionalProperties": False, "properties": props}
+
+
+def json_schema() -> dict:
+    """The config's JSON schema (draft 2020-12), built from the typed settings of this
+    module, so that a setting, its type, its constraints and its default are written
+    once.  ``python -m emdenoise.config`` writes it to ``SCHEMA`` (what Snakemake's
+    ``validate`` reads); ``tests/test_config.py`` keeps the file equal to this."""
+    ref = {stage: {"$ref": f"#/definitions/{'train' if stage == 'shine_train' else stage}"} for stage in STAGES}
+    own = ("path", "kind", "pixel_size", "eer_group", "eer_upsampling", "ground_truth", "frames")
+    dataset = _object_schema(DatasetConfig, own, _DATASET_DOCS)
+    dataset["properties"]["path"] = {"type": "string", "description": _DATASET_DOCS["path"]}
+    dataset["properties"] = {k: dataset["properties"][k] for k in own} | ref
+    dataset["required"] = ["path"]
+    glob_props = {"pattern": {"type": "string", "description": "glob, e.g. /data/archive/*.mrc"}}
+    glob_props |= {k: dataset["properties"][k] for k in ("kind", "pixel_size", "eer_group", "eer_upsampling")}
+    glob_props["prefix"] = {"type": "string", "description": "prepended to every derived dataset name"}
+    definitions = {stage: _object_schema(cls) for stage, cls in STAGES.items() if cls is not dict}
+    definitions["stages"] = {"type": "object", "additionalProperties": False, "properties": ref}
+    definitions["dataset"] = dataset
+    definitions["glob_entry"] = {"type": "object", "additionalProperties": False, "required": ["pattern"],
+                                 "properties": glob_props}
+    definitions["demo_entry"] = _object_schema(DemoConfig)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "description": "emdenoise pipeline configuration. GENERATED from the typed settings in "
+                       "emdenoise/config.py by `python -m emdenoise.config`: edit those, not this file. "
+                       "Unknown keys are errors so that a typo is never silently ignored.",
+        "type": "object",
+        "additionalProperties": False,
+        "patternProperties": {"^x-": {"description": "free blocks for YAML anchors (&name / <<: *name), ignored"}},
+        "properties": {
+            "results": {"type": "string",
+                        "description": "folder that receives all outputs (results/{dataset}/..., results/report/...)"},
+            "run": {"type": ["string", "null"], "pattern": _NAME,
+                    "description": "run tag: outputs go to {results}/{run}/{dataset}/... so that reprocessing an "
+                                   "archive with a new version or config never overwrites earlier results"},
+            "demo": {"type": "object", "additionalProperties": {"$ref": "#/definitions/demo_entry"},
+                     "description": "synthetic demo datasets written under resources/demo/ by the `demo` rule"},
+            "datasets": {"type": "object", "propertyNames": {"pattern": _NAME},
+                         "additionalProperties": {"$ref": "#/definitions/dataset"},
+                         "description": "dataset name -> dataset entry"},
+            "datasets_glob": {"type": "array", "items": {"$ref": "#/definitions/glob_entry"},
+                              "description": "archive folders; each matching file (or folder) becomes a dataset"},
+            "defaults": {"$ref": "#/definitions/stages"},
+        },
+        "definitions": definitions,
+    }
+
+
+def schema_text() -> str:
+    """:func:`json_schema` as the YAML text of ``SCHEMA``."""
+    import yaml
+
+    return yaml.safe_dump(json_schema(), sort_keys=False, allow_unicode=True, width=100)
+
+
+if __name__ == "__main__":  # python -m emdenoise.config: regenerate the schema file
+    SCHEMA.write_text(schema_text())
+    print(f"wrote {SCHEMA}")
