@@ -80,3 +80,28 @@ def test_lowpass_auto_keeps_fine_fringes_and_removes_high_frequency_residue(peri
     # too short to score: no low-pass rather than an unvouched cutoff
     out, rec = pipeline.postprocess(fake[:6], ds, "wcvd", noisy[:6], reach=1)
     assert rec["applied"] is False and np.array_equal(out, fake[:6])
+
+
+def test_auto_picks_the_lower_true_mse_between_kt3_and_kt7():
+    """Candidates of different temporal reach (WCVD kt 3: reach 1; kt 7: reach 3): the
+    uMSE radius is set by the wider one, so neither sees its reference frames, and the
+    candidate with the lower true MSE wins (a static scene: the longer window averages
+    more frames)."""
+    import torch
+
+    torch.set_num_threads(1)
+    movie = simulate_movie(24, (64, 64), mode="counting", dose=1.0, max_drift=0.0, seed=8)
+    ds = _ds(model={"name": "auto", "long_kt": 7}, train={"epochs": 40, "crop": 32, "val_crop": 32},
+             lowpass={"enabled": False})
+    outs, reaches = {}, {}
+    for name in ("wcvd", "wcvd_kt7"):
+        ckpt = pipeline.train_candidate(movie.noisy, ds, name, 1, train_overrides={"device": "cpu"})
+        model = pipeline.model_from_checkpoint(ckpt)
+        outs[name] = pipeline.infer.denoise(model, ckpt, movie.noisy, device="cpu")
+        reaches[name] = model.params.halo_t
+    assert reaches == {"wcvd": 1, "wcvd_kt7": 3}
+    true_mse = {m: float(((o - movie.clean) ** 2).mean()) for m, o in outs.items()}
+    lo, hi = sorted(true_mse.values())
+    assert hi > 1.15 * lo, true_mse  # a clear difference, or the test proves nothing
+    choice = pipeline.choose(outs, movie.noisy, ds, reaches)
+    assert choice["temporal_radius"] >= 3 and choice["chosen"] == min(true_mse, key=true_mse.get), (true_mse, choice)
