@@ -18,7 +18,7 @@ from scipy import ndimage
 from emdenoise.config import SHINEParams, TrainParams, WCVDParams
 from emdenoise.infer import denoise
 from emdenoise.models import build_any
-from emdenoise.train import _amp_context, _loss
+from emdenoise.train import _amp_context, _loss, optimiser_step
 
 
 def _sync(device):
@@ -53,15 +53,7 @@ def train_steps_per_s(params, device, crop, batch):
     tgt = torch.rand(batch, crop, crop, device=device)
 
     def step():
-        loss = _loss(model, x, tgt, "valid", amp_ctx)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        optimiser_step(_loss(model, x, tgt, "valid", amp_ctx), opt, scaler)
     del tp
     return 1.0 / timed(step, device, repeat=5)
 

@@ -299,6 +299,18 @@ class _CsvLog:
                 os.replace(self.path + ".part", self.path)
 
 
+def optimiser_step(loss: torch.Tensor, opt, scaler) -> None:
+    """One optimiser step on ``loss``, through the fp16 GradScaler when there is one."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+
+
 def lr_factor(total_steps: int, schedule: str, warmup_fraction: float = 0.0):
     """Learning-rate factor per optimiser step: linear warm-up over ``warmup_fraction`` of
     the steps (none when 0), then cosine annealing to 1/100 ('cosine') or constant."""
@@ -418,14 +430,7 @@ def train_model(stack: np.ndarray, model_params=WCVDParams(),
                     xb = torch.from_numpy(xb).to(device, non_blocking=True)
                     tb = torch.from_numpy(tb).to(device, non_blocking=True)
                     loss = _loss(model, xb, tb, sampler.padding, amp_ctx)
-                    opt.zero_grad(set_to_none=True)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.step(opt)
-                        scaler.update()
-                    else:
-                        loss.backward()
-                        opt.step()
+                    optimiser_step(loss, opt, scaler)
                     sched.step()
                     losses.append(loss.detach().item())
                 train_loss = float(np.mean(losses))
