@@ -169,11 +169,29 @@ def check_fit(ckpt: dict, stack: np.ndarray, pixel_size: float | None = None, *,
     return problems
 
 
+#: The tuned Gaussian's temporal reach sets the uMSE radius of the whole comparison, so
+#: it is capped: at most this many frames, and at least ``MIN_SCORED_FRAMES`` frames must
+#: remain scored (T >= 2 r + 3 + MIN_SCORED_FRAMES).  A wide radius scores few frames and,
+#: on a changing scene, favours temporal over-smoothing (the reference frame t - r - 1 is
+#: then closer to a long average than to frame t).
+MAX_CLASSICAL_REACH = 6
+MIN_SCORED_FRAMES = 8
+
+
+def max_classical_reach(n_frames: int) -> int:
+    """Largest temporal reach (frames) the tuned Gaussian may have for an n-frame movie."""
+    return max(0, min(MAX_CLASSICAL_REACH, (int(n_frames) - 3 - MIN_SCORED_FRAMES) // 2))
+
+
 def classical_candidate(stack: np.ndarray, blind_radius: int) -> tuple[np.ndarray, dict]:
     """The Gaussian 3D tuned on the movie itself (``filters.blind_gaussian3d``, Noise2Self
-    with the noise stage's blind spot): (T, Y, X) float32 and the attributes recording
-    sigma (t, y, x), temporal reach, blind radius and the score table."""
-    res = filters.blind_gaussian3d(np.asarray(stack, dtype=np.float32), int(blind_radius))
+    with the noise stage's blind spot), its reach capped by :func:`max_classical_reach`:
+    (T, Y, X) float32 and the attributes recording sigma (t, y, x), temporal reach,
+    blind radius and the score table."""
+    stack = np.asarray(stack, dtype=np.float32)
+    reach = max_classical_reach(stack.shape[0])
+    sigmas = [st for st in filters.BLIND_SIGMAS_T if filters.gaussian_reach(st) <= reach]
+    res = filters.blind_gaussian3d(stack, int(blind_radius), sigmas_t=sigmas)
     scores = [{k: None if v != v else float(v) for k, v in row.items()}  # NaN -> null (JSON)
               for row in res.scores.to_dict(orient="records")]
     attrs = {"method": "classical", "filter": "gaussian3d blind-tuned (Noise2Self)",
