@@ -466,9 +466,10 @@ def _differences(y: np.ndarray, most: int) -> np.ndarray:
 
 
 def noise_length(noisy, *, threshold: float = 0.05, max_lag: int = 8, frames: int = 8) -> int:
-    """The noise's spatial correlation length in px: the largest Chebyshev lag at which the
-    autocorrelation of differences of adjacent frames (noise only, for an aligned static
-    scene) exceeds ``threshold``; 0 for white noise or a single frame."""
+    """The noise's spatial correlation length in px: the largest Chebyshev distance k at
+    which the autocorrelation of differences of adjacent frames (noise only, for an
+    aligned static scene), averaged over the ring of lags at distance k, exceeds
+    ``threshold``; 0 for white noise or a single frame."""
     y = _stack(noisy, "noise_length")
     if y.shape[0] < 2:
         return 0
@@ -476,8 +477,8 @@ def noise_length(noisy, *, threshold: float = 0.05, max_lag: int = 8, frames: in
     L = (cov.shape[0] - 1) // 2
     acf = cov / cov[L, L] if cov[L, L] > 0 else np.zeros_like(cov)
     cheb = _chebyshev(L)
-    above = cheb[(np.abs(acf) > threshold) & (cheb > 0)]
-    return int(above.max()) if above.size else 0
+    above = [k for k in range(1, L + 1) if abs(float(np.mean(acf[cheb == k]))) > threshold]
+    return int(max(above)) if above else 0
 
 
 def _lag_cov(a: np.ndarray, b: np.ndarray) -> float:
