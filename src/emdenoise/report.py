@@ -113,9 +113,10 @@ def _write_gray_png(path, img: np.ndarray, lo: float, hi: float) -> None:
 
 
 def thumbnail(img: np.ndarray, max_px: int = THUMB_PX) -> np.ndarray:
-    """Block-averaged copy of a (Y, X) image whose longest side is <= ``max_px``."""
+    """Block-averaged copy of a (Y, X) image, by the integer factor that brings its longest
+    side to between ``max_px`` and 2 x ``max_px`` (unchanged below 2 x ``max_px``)."""
     img = np.asarray(img, np.float64)
-    k = max(1, math.ceil(max(img.shape) / max_px))
+    k = max(1, max(img.shape) // max_px)
     if k == 1:
         return img
     ny, nx = img.shape[0] // k * k, img.shape[1] // k * k
@@ -298,7 +299,7 @@ def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.Da
     index = {
         "frame": t, "n_frames": n, "shape": list(raw.shape[1:]), "display_range": [lo, hi],
         "residual_range": [-spread, spread], "residual_mean_range": [-spread_mean, spread_mean],
-        "crop": [y0, x0, h, w], "thumb_scale": max(1, math.ceil(max(raw.shape[1:]) / THUMB_PX)),
+        "crop": [y0, x0, h, w], "thumb_scale": max(1, max(raw.shape[1:]) // THUMB_PX),
         "methods": methods, "truth": truth is not None, "files": files, "umse_radius": r,
         "residual_lag": r + 1, "noise_length": length, "residual": residual, "lattice": peak_info,
         "profile": {"centre": list(centre), "length_px": length_px, "width_px": 5},
@@ -469,7 +470,8 @@ def dataset_summary(name: str, table: pd.DataFrame, *, choice: dict | None, inde
 _OVERVIEW_COLUMNS = [  # (key, header, type)
     ("dataset", "Dataset", "text"), ("status", "Status", "text"), ("frames", "Frames", "num"),
     ("chosen", "Chosen", "text"), ("upsnr_db", "uPSNR (dB)", "num"), ("best_classical", "Best classical", "text"),
-    ("gain_db", "Gain (dB)", "num"), ("residual_share", "Residual share", "num"),
+    ("gain_db", "Gain (dB)", "num"), ("residual_spatial", "Residual low-pass", "num"),
+    ("residual_share", "Residual share", "num"),
     ("max_drift_px", "Max drift (px)", "num"), ("blindspot", "Blind spot", "num"), ("warnings", "Warnings", "num"),
 ]
 
@@ -524,6 +526,7 @@ def _dataset_html(name: str, diag_dir: Path, index: dict, summary: dict, table: 
     files = index["files"]
     y0, x0, h, w = index["crop"]
     k = index["thumb_scale"]
+    zoom = 2 if max(index["shape"]) / k < 100 else 1  # tiny frames: show the thumbnails x2
     lo, hi = index["display_range"]
     out = [f'<section class="dataset" id="ds-{html.escape(name)}">',
            f'<h2>{html.escape(name)} <span class="badge st-{summary["status"].split()[0]}">'
@@ -557,12 +560,13 @@ def _dataset_html(name: str, diag_dir: Path, index: dict, summary: dict, table: 
     for m in shown:
         full = (diag_dir / files["full"][m]).read_bytes()
         crop = (diag_dir / files["crop"][m]).read_bytes()
-        box = (f'<span class="box" style="top:{y0 / k:.0f}px;left:{x0 / k:.0f}px;width:{w / k:.0f}px;'
-               f'height:{h / k:.0f}px"></span>')
+        box = (f'<span class="box" style="top:{y0 * zoom / k:.0f}px;left:{x0 * zoom / k:.0f}px;'
+               f'width:{w * zoom / k:.0f}px;height:{h * zoom / k:.0f}px"></span>')
         out.append(f'<figure><figcaption>{html.escape(_label(m, chosen))}</figcaption>'
-                   f'<div class="frame">{_img_tag(full, f"{name} {m} full frame")}{box}</div>'
+                   f'<div class="frame">{_img_tag(full, f"{name} {m} full frame", cls="px", scale=zoom)}{box}</div>'
                    f'{_img_tag(crop, f"{name} {m} crop", cls="px", scale=2)}</figure>')
-    out.append(f"</div><p class=note>Full frames{' block-averaged ×' + str(k) if k > 1 else ''}; the box marks "
+    out.append(f"</div><p class=note>Full frames{' block-averaged ×' + str(k) if k > 1 else ''}"
+               f"{' shown ×2' if zoom > 1 else ''}; the box marks "
                f"the crop ({w}×{h} px at native pixels, shown ×2) where the signal varies most.</p>")
     # residuals
     res = index.get("residual", {})
@@ -575,7 +579,7 @@ def _dataset_html(name: str, diag_dir: Path, index: dict, summary: dict, table: 
         rs = res.get(m)
         flag = (' <b class="warn">structure</b>' if rs and rs["structure"] else "") if rs else " (no uMSE radius)"
         out.append(f'<figure><figcaption>{html.escape(_label(m, chosen))}{flag}</figcaption>'
-                   f'{_img_tag(mean, f"{name} {m} mean residual")}'
+                   f'{_img_tag(mean, f"{name} {m} mean residual", cls="px", scale=zoom)}'
                    f'{_img_tag(crop, f"{name} {m} residual crop", cls="px", scale=2)}</figure>')
     out.append(f"</div><p class=note>Top: residual averaged over all frames (±{rhi:.3g}; static structure "
                f"stands out of the noise); bottom: frame {index['frame']} in the crop "
