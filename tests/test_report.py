@@ -171,3 +171,23 @@ def test_in_headless_chromium(built, tmp_path):
 
     img = np.asarray(Image.open(shot).convert("L"))
     assert img.shape == (800, 1000) and img.std() > 10
+
+
+def test_lattice_peak_profile_and_crop_on_a_known_pattern():
+    yy, xx = np.mgrid[:128, :160].astype(np.float64)
+    angle, period = np.radians(30.0), 8.0
+    fringes = np.cos(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period)
+    img = np.zeros_like(fringes)
+    img[40:104, 80:144] = fringes[40:104, 80:144]  # the lattice fills one 64 px patch
+    img += 0.2 * np.random.default_rng(0).normal(size=img.shape)
+    peak = report.lattice_peak(img)
+    assert peak["period_px"] == pytest.approx(period, rel=0.05)
+    assert abs(((peak["angle_deg"] - 30.0) + 90) % 180 - 90) < 4  # the wave vector, up to its sign
+    assert peak["contrast"] > 20
+    y0, x0, h, w = report.crop_box(img, 64)
+    assert (h, w) == (64, 64) and abs(y0 - 40) <= 4 and abs(x0 - 80) <= 4
+    pos, vals = report.line_profile(fringes, (72, 112), (peak["ky"], peak["kx"]), 32)
+    spectrum = np.abs(np.fft.rfft(vals - vals.mean()))  # across the fringes: 32 px hold 4 periods
+    assert np.argmax(spectrum) == 4
+    freq, power = report.radial_spectrum(fringes[None])
+    assert freq[np.nanargmax(power)] == pytest.approx(1 / period, abs=0.01)
