@@ -423,7 +423,7 @@ def upsnr_per_frame(denoised, noisy, peak: float | None = None, *, temporal_radi
 #: of the movie's persistent signal is in the residual (``signal_share``, when it is also
 #: more than 3 standard errors from 0).
 RESIDUAL_SPATIAL_WARN = 0.25
-RESIDUAL_SHARE_WARN = 0.1
+RESIDUAL_SHARE_WARN = 0.05
 
 
 def _frame_indices(n: int, most: int) -> list[int]:
@@ -485,7 +485,8 @@ def _lag_cov(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean((a - a.mean()) * (b - b.mean())))
 
 
-def residual_structure(denoised, noisy, *, lag: int, length: int | None = None, frames: int = 32) -> dict:
+def residual_structure(denoised, noisy, *, lag: int, length: int | None = None, frames: int = 32,
+                       window: int = 4) -> dict:
     """How much structure the residual ``noisy - denoised`` holds besides noise.
 
     A denoiser that removes only noise leaves a residual that is noise: spatially
@@ -505,13 +506,13 @@ def residual_structure(denoised, noisy, *, lag: int, length: int | None = None, 
       structure finer than the low-pass (lattice fringes): see signal_share.
       ``spatial_frames``: the per-frame values (which frames hold the structure).
     - ``signal_share`` (persistent structure, lattice included): covariance of the
-      residual of frame t with the raw frame t + ``lag``, over the covariance of raw
-      frames t and t + ``lag``: the share of the movie's persistent signal power in the
-      residual (alpha for a residual alpha * signal; negative for a ghost of later
-      frames). The noise of frame t + lag is independent of the residual of frame t
-      when lag > the denoiser's temporal reach, so noise gives 0 +- ``signal_share_se``
-      whatever its spatial correlation. NaN where the raw frames share no measurable
-      signal or T <= lag.
+      residual of frame t with a template, the mean of the raw frames t +- (lag .. lag +
+      ``window`` - 1), over the covariance of raw frame t with the template: the share
+      of the movie's persistent signal power in the residual (alpha for a residual
+      alpha * signal; negative for a ghost of other frames). The template's noise is
+      independent of the residual of frame t when lag > the denoiser's temporal reach,
+      so noise gives 0 +- ``signal_share_se`` whatever its spatial correlation. NaN
+      where the raw frames share no measurable signal or T <= lag.
     - ``temporal``: Pearson correlation of residual frames t and t + ``lag``
       (reported only; independent noise needs lag > 2 x reach).
 
@@ -524,6 +525,8 @@ def residual_structure(denoised, noisy, *, lag: int, length: int | None = None, 
         Noise correlation length (px); None measures it (:func:`noise_length`).
     frames : int
         At most this many frames or frame pairs (spread over the movie) per estimate.
+    window : int
+        Raw frames on each side in the signal_share template.
 
     Returns
     -------
@@ -560,18 +563,26 @@ def residual_structure(denoised, noisy, *, lag: int, length: int | None = None, 
     if n > lag:
         num = den = var_num = 0.0
         corrs = []
-        for t in _frame_indices(n - lag, frames):
-            ya, yb = np.asarray(y[t], np.float64), np.asarray(y[t + lag], np.float64)
+        for t in _frame_indices(n, frames):
+            # template: the mean of up to 2 x ``window`` raw frames at distance lag .. lag + window - 1
+            # on each side (their noise is independent of the residual; the mean has less of it)
+            near = [s for d in range(lag, lag + window) for s in (t - d, t + d) if 0 <= s < n]
+            if not near:
+                continue
+            ya = np.asarray(y[t], np.float64)
             ra = ya - np.asarray(f[t], np.float64)
-            rb = yb - np.asarray(f[t + lag], np.float64)
-            ra, ya, yb, rb = ra - ra.mean(), ya - ya.mean(), yb - yb.mean(), rb - rb.mean()
-            prod = ra * yb
+            tmpl = np.mean([np.asarray(y[s], np.float64) for s in near], axis=0)
+            ra, ya, tmpl = ra - ra.mean(), ya - ya.mean(), tmpl - tmpl.mean()
+            prod = ra * tmpl
             num += float(prod.mean())
             var_num += float(prod.var()) / prod.size  # its estimation variance (independent pixels)
-            den += float(np.mean(ya * yb))
-            norm = np.sqrt(np.sum(ra * ra) * np.sum(rb * rb))
-            corrs.append(np.sum(ra * rb) / norm if norm > 0 else 0.0)
-        temporal = float(np.mean(corrs))
+            den += float(np.mean(ya * tmpl))
+            if t + lag < n:
+                rb = np.asarray(y[t + lag], np.float64) - np.asarray(f[t + lag], np.float64)
+                rb = rb - rb.mean()
+                norm = np.sqrt(np.sum(ra * ra) * np.sum(rb * rb))
+                corrs.append(np.sum(ra * rb) / norm if norm > 0 else 0.0)
+        temporal = float(np.mean(corrs)) if corrs else float("nan")
         se = float(np.sqrt(var_num))  # standard error of num
         if den > 3 * se:  # the raw frames share signal beyond the estimation noise
             share, share_se = num / den, se / den
