@@ -530,7 +530,8 @@ def _dataset_html(name: str, diag_dir: Path, index: dict, summary: dict, table: 
     lo, hi = index["display_range"]
     out = [f'<section class="dataset" id="ds-{html.escape(name)}">',
            f'<h2>{html.escape(name)} <span class="badge st-{summary["status"].split()[0]}">'
-           f'{html.escape(summary["status"])}</span></h2>', f"<p>{html.escape(line)}</p>"]
+           f'{html.escape(summary["status"])}</span> <a class="up" href="#overview">↑ overview</a></h2>',
+           f"<p>{html.escape(line)}</p>"]
     if summary["warnings"]:
         out.append('<ul class="warnings">' + "".join(f"<li>{html.escape(x)}</li>" for x in summary["warnings"])
                    + "</ul>")
@@ -641,7 +642,7 @@ tr.chosen{background:#fff6d5}section.dataset{border-top:2px solid #888;margin-to
 figcaption{font-size:12px;font-weight:bold}.frame{position:relative;line-height:0}
 .box{position:absolute;border:1px solid #ff0;box-sizing:border-box}
 img{display:block;margin-bottom:4px}img.px{image-rendering:pixelated}
-.note{font-size:12px;color:#555}ul.warnings{color:#b00}
+.note{font-size:12px;color:#555}ul.warnings{color:#b00}a.up{font-size:12px;font-weight:normal}
 """
 
 # Sortable tables; #section=NAME shows one dataset alone; #selftest checks the page (a
