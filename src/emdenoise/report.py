@@ -502,13 +502,19 @@ def _overview_html(rows: list[dict]) -> str:
             f'<tbody>{"".join(body)}</tbody></table>')
 
 
-def _shown_methods(index: dict, chosen: str | None) -> list[str]:
+def _shown_methods(index: dict, chosen: str | None, table: pd.DataFrame | None = None) -> list[str]:
     """Panels: raw, the Gaussian 3D baseline, the blind-tuned classical candidate, the
-    chosen model (when another), ground truth."""
+    chosen model (when another; when a classical filter was chosen, the network with the
+    best uPSNR instead, to see what it lost on), ground truth."""
     methods = index["methods"]
     shown = ["raw"] + [m for m in ("gaussian3d", "classical") if m in methods]
-    if chosen and chosen not in shown and chosen in methods:
-        shown.append(chosen)
+    extra = chosen
+    if (chosen is None or chosen in CLASSICAL) and table is not None:
+        nets = table[table.method.isin([m for m in methods if m not in CLASSICAL])]
+        nets = nets[nets.upsnr_db.notna()].sort_values("upsnr_db", ascending=False)
+        extra = nets.method.iloc[0] if len(nets) else None
+    if extra and extra not in shown and extra in methods:
+        shown.append(extra)
     if index.get("truth"):
         shown.append("truth")
     return shown
@@ -522,7 +528,7 @@ def _dataset_html(name: str, diag_dir: Path, index: dict, summary: dict, table: 
                   choice: dict | None, logs: Mapping[str, pd.DataFrame], line: str,
                   extra_images: Sequence[tuple[str, str]]) -> str:
     chosen = summary["chosen"]
-    shown = _shown_methods(index, chosen)
+    shown = _shown_methods(index, chosen, table[table.dataset == name])
     files = index["files"]
     y0, x0, h, w = index["crop"]
     k = index["thumb_scale"]
