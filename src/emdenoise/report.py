@@ -92,7 +92,7 @@ def _has_tabulate() -> bool:
 
 #: Classical (non-network) methods: the "best classical" reference of the report.
 CLASSICAL = ("gaussian2d", "gaussian3d", "classical")
-#: Longest side in px of a full-frame thumbnail (block-averaged); crops are native pixels.
+#: Longest side in px of a full-frame thumbnail (area-averaged); crops are native pixels.
 THUMB_PX = 160
 CROP_PX = 64
 #: Overview warnings: largest drift |shift| (px) and blind-spot edge (px) still accepted.
@@ -105,22 +105,21 @@ def _to_uint8(img: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(np.rint(scaled * 255), 0, 255).astype(np.uint8)
 
 
-def _write_gray_png(path, img: np.ndarray, lo: float, hi: float) -> None:
-    """8-bit greyscale PNG, ``lo``..``hi`` mapped to black..white (small: no colour map)."""
+def _write_gray_png(path, img: np.ndarray, lo: float, hi: float, max_px: int | None = None) -> None:
+    """8-bit greyscale PNG, ``lo``..``hi`` mapped to black..white (small: no colour map),
+    area-averaged down to ``max_px`` on its longest side when larger."""
     from PIL import Image
 
-    Image.fromarray(_to_uint8(img, lo, hi), mode="L").save(path, format="PNG", optimize=True)
+    im = Image.fromarray(_to_uint8(img, lo, hi), mode="L")
+    if max_px and max(im.size) > max_px:
+        f = max_px / max(im.size)
+        im = im.resize((max(1, round(im.width * f)), max(1, round(im.height * f))), Image.BOX)
+    im.save(path, format="PNG", optimize=True)
 
 
-def thumbnail(img: np.ndarray, max_px: int = THUMB_PX) -> np.ndarray:
-    """Block-averaged copy of a (Y, X) image, by the integer factor that brings its longest
-    side to between ``max_px`` and 2 x ``max_px`` (unchanged below 2 x ``max_px``)."""
-    img = np.asarray(img, np.float64)
-    k = max(1, max(img.shape) // max_px)
-    if k == 1:
-        return img
-    ny, nx = img.shape[0] // k * k, img.shape[1] // k * k
-    return img[:ny, :nx].reshape(ny // k, k, nx // k, k).mean(axis=(1, 3))
+def thumb_scale(shape, max_px: int = THUMB_PX) -> float:
+    """Native px per thumbnail px of a frame of ``shape`` (>= 1)."""
+    return max(1.0, max(shape) / max_px)
 
 
 def crop_box(image: np.ndarray, size: int = CROP_PX) -> tuple[int, int, int, int]:
@@ -245,7 +244,7 @@ def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.Da
     files = {"full": {}, "crop": {}, "residual": {}, "residual_mean": {}}
     for name, s in panels.items():
         f = np.asarray(s[t], np.float64)
-        _write_gray_png(out / f"full_{name}.png", thumbnail(f), lo, hi)
+        _write_gray_png(out / f"full_{name}.png", f, lo, hi, THUMB_PX)
         _write_gray_png(out / f"crop_{name}.png", f[y0:y0 + h, x0:x0 + w], lo, hi)
         files["full"][name], files["crop"][name] = f"full_{name}.png", f"crop_{name}.png"
     # residuals raw - denoised: one symmetric range (from the frame's raw noise) for all
@@ -257,7 +256,7 @@ def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.Da
         if res_mean else 1.0
     for m in methods:
         _write_gray_png(out / f"residual_{m}.png", res_t[m][y0:y0 + h, x0:x0 + w], -spread, spread)
-        _write_gray_png(out / f"residual_mean_{m}.png", thumbnail(res_mean[m]), -spread_mean, spread_mean)
+        _write_gray_png(out / f"residual_mean_{m}.png", res_mean[m], -spread_mean, spread_mean, THUMB_PX)
         files["residual"][m], files["residual_mean"][m] = f"residual_{m}.png", f"residual_mean_{m}.png"
     # residual structure, at lag r + 1 (beyond every valid method's reach)
     length = _metrics.noise_length(raw)
@@ -299,7 +298,7 @@ def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.Da
     index = {
         "frame": t, "n_frames": n, "shape": list(raw.shape[1:]), "display_range": [lo, hi],
         "residual_range": [-spread, spread], "residual_mean_range": [-spread_mean, spread_mean],
-        "crop": [y0, x0, h, w], "thumb_scale": max(1, max(raw.shape[1:]) // THUMB_PX),
+        "crop": [y0, x0, h, w], "thumb_scale": thumb_scale(raw.shape[1:]),
         "methods": methods, "truth": truth is not None, "files": files, "umse_radius": r,
         "residual_lag": r + 1, "noise_length": length, "residual": residual, "lattice": peak_info,
         "profile": {"centre": list(centre), "length_px": length_px, "width_px": 5},
@@ -336,7 +335,7 @@ def _img_tag(data: bytes, alt: str, *, cls: str = "", scale: float = 1.0) -> str
 
     w, h = Image.open(_bytesio.BytesIO(data)).size
     return (f'<img src="{_png_uri(data)}" alt="{html.escape(alt)}" width="{round(w * scale)}" '
-            f'height="{round(h * scale)}"' + (f' class="{cls}"' if cls else "") + ">")
+            f'height="{round(h * scale)}" decoding="async"' + (f' class="{cls}"' if cls else "") + ">")
 
 
 def _fig_png(fig) -> bytes:
@@ -572,7 +571,7 @@ def _dataset_html(name: str, diag_dir: Path, index: dict, summary: dict, table: 
         out.append(f'<figure><figcaption>{html.escape(_label(m, chosen))}</figcaption>'
                    f'<div class="frame">{_img_tag(full, f"{name} {m} full frame", cls="px", scale=zoom)}{box}</div>'
                    f'{_img_tag(crop, f"{name} {m} crop", cls="px", scale=2)}</figure>')
-    out.append(f"</div><p class=note>Full frames{' block-averaged ×' + str(k) if k > 1 else ''}"
+    out.append(f"</div><p class=note>Full frames{f' area-averaged ×{k:.3g}' if k > 1 else ''}"
                f"{' shown ×2' if zoom > 1 else ''}; the box marks "
                f"the crop ({w}×{h} px at native pixels, shown ×2) where the signal varies most.</p>")
     # residuals
