@@ -37,6 +37,9 @@ def main(argv=None) -> int:
     shots = {"report_overview.png": ("", 1000), "report_section.png": (f"#section={section}", 2300)}
     for name, (fragment, height) in shots.items():
         report.browse(page, fragment=fragment, screenshot=out / name, size=(args.width, height))
+        from PIL import Image  # 128-colour palette: a third of the size, fine for a page of text and greys
+
+        Image.open(out / name).convert("RGB").quantize(colors=128).save(out / name, optimize=True)
         print(f"{out / name}  ({page}{fragment})")
     return 0
 
