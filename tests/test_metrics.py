@@ -257,10 +257,10 @@ def test_residual_structure_flags_temporal_over_smoothing_of_a_dynamic_scene(see
     noisy, clean = moving_particles(seed=seed)
     smooth = gaussian3d(noisy, (6.0, 0.0, 0.0))  # averages ~25 frames: the moving particles smear
     good = clean + np.random.default_rng(9).normal(scale=0.3, size=clean.shape).astype(np.float32)
-    bad = residual_structure(smooth, noisy, lag=3)
+    bad = residual_structure(smooth, noisy, lag=13)  # > its temporal reach, ceil(2 x 6)
     assert bad["structure"], bad
     assert bad["spatial"] > 0.25
-    ok = residual_structure(good, noisy, lag=3)
+    ok = residual_structure(good, noisy, lag=13)
     assert not ok["structure"], ok
     assert abs(ok["spatial"]) < 0.15 and abs(ok["signal_share"]) < 0.1
     # per frame: every frame of the over-smoothed movie holds the particles
