@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 CORES  ?= all
 CONFIG ?= config/config.yaml
 
-.PHONY: run test lint dryrun bench clean venv
+.PHONY: run test lint dryrun bench docs clean venv
 
 # The venv is rebuilt when pyproject.toml changes. torch is pinned (==2.13.0): pip takes
 # the CPU build from local disk; an open range would pull a multi-GB CUDA build.
@@ -31,6 +31,11 @@ dryrun: venv
 
 bench: venv
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+# Screenshots of the demo report (overview, one dataset) in docs/: headless Chromium.
+docs: venv
+	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG) results/report/report.html
+	$(BIN)/python bench/report_screenshots.py results/report/report.html --out docs
 
 clean:
 	rm -rf results .snakemake resources/demo

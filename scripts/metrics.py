@@ -1,4 +1,6 @@
-"""Rule `metrics`: uMSE, uPSNR, SNR (+ PSNR, SSIM with ground truth) per method; preview image.
+"""Rule `metrics`: uMSE, uPSNR, SNR (+ PSNR, SSIM with ground truth) per method; preview image;
+the report's per-dataset diagnostics (panels, residuals, spectra, line profile, per-frame
+uPSNR: emdenoise.report.write_diagnostics), which need the stacks.
 
 One uMSE radius for all methods: max(metrics.temporal_radius, widest temporal reach)
 (emdenoise.metrics.compute_metrics); the table records it (umse_radius, snr_lag).
@@ -34,6 +36,12 @@ def main(smk):
         table.to_csv(tmp, index=False)
     with io.atomic_path(smk.output.preview) as tmp:
         report.plot_preview(stacks, tmp, truth=truth, title=ds.name)
+    with io.atomic_path(smk.output.diagnostics) as tmp:
+        index = report.write_diagnostics(tmp, stacks, table=table, truth=truth, peak=ds.metrics.peak)
+    for m, rs in index["residual"].items():
+        if rs["structure"]:
+            stage.log.warning("residual of %s holds structure: low-pass excess %.2f, signal share %.3f +- %.3f",
+                              m, rs["spatial"], rs["signal_share"], rs["signal_share_se"])
 
 
 stage.run(snakemake, main)  # noqa: F821

@@ -201,3 +201,81 @@ def test_snr_column_still_rewards_denoising_a_static_scene(static_counting_movie
     df = compute_metrics({"raw": m.noisy, "gaussian3d": gaussian3d(m.noisy, 1.0)}, m.noisy,
                          reaches={"raw": 0, "gaussian3d": 2}).set_index("method")
     assert df.loc["gaussian3d", "snr_db"] > df.loc["raw", "snr_db"] + 3.0
+
+
+# --------------------------------------------------------------------------- per frame, residual
+def test_umse_per_frame_averages_to_umse():
+    from emdenoise.metrics import umse_per_frame, upsnr_per_frame
+
+    denoised, noisy = _tiny()
+    per = umse_per_frame(denoised, noisy)
+    # frames 1, 2 scored (t = r+1 .. T-r-3), by hand as in test_umse_by_hand: 16 - 4.5, 1 - 0.5
+    np.testing.assert_allclose(per, [np.nan, 11.5, 0.5, np.nan, np.nan])
+    assert np.nanmean(per) == pytest.approx(umse(denoised, noisy))
+    np.testing.assert_allclose(upsnr_per_frame(denoised, noisy, peak=20.0)[1:3], 10 * np.log10(400 / per[1:3]))
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(14, 16, 16))
+    f = 0.5 * y
+    for r in (0, 2, 5):
+        assert np.nanmean(umse_per_frame(f, y, temporal_radius=r)) == pytest.approx(umse(f, y, temporal_radius=r))
+        assert np.isfinite(umse_per_frame(f, y, temporal_radius=r)).sum() == 14 - 2 * r - 3
+    with pytest.raises(InputError, match="at least 16 frames"):
+        umse_per_frame(f, y, temporal_radius=6)
+
+
+def test_noise_length_white_and_psf_correlated():
+    from emdenoise.metrics import noise_length
+
+    rng = np.random.default_rng(1)
+    white = rng.normal(size=(8, 64, 64))
+    assert noise_length(white) == 0
+    blurred = ndimage.gaussian_filter(white, (0, 1.5, 1.5))  # detector PSF: noise correlated over ~3 px
+    assert 2 <= noise_length(blurred) <= 5
+
+
+def moving_particles(n_frames=24, shape=(64, 64), dose=4.0, speed=1.5, seed=0):
+    """A lattice (simulate_movie) with 3 bright particles moving ``speed`` px/frame:
+    (noisy counting movie, clean movie)."""
+    rng = np.random.default_rng(seed)
+    base = simulate_movie(1, shape, dose=dose, max_drift=0.0, seed=seed).clean[0].astype(np.float64)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    clean = np.repeat(base[None], n_frames, axis=0)
+    for _ in range(3):
+        c = rng.uniform(16, shape[0] - 16, 2)
+        v = rng.normal(size=2)
+        v *= speed / np.linalg.norm(v)
+        for t in range(n_frames):
+            cy, cx = c + v * (t - n_frames / 2)
+            clean[t] += dose * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 3.0 ** 2))
+    return rng.poisson(clean).astype(np.float32), clean.astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_residual_structure_flags_temporal_over_smoothing_of_a_dynamic_scene(seed):
+    from emdenoise.metrics import residual_structure
+
+    noisy, clean = moving_particles(seed=seed)
+    smooth = gaussian3d(noisy, (6.0, 0.0, 0.0))  # averages ~25 frames: the moving particles smear
+    good = clean + np.random.default_rng(9).normal(scale=0.3, size=clean.shape).astype(np.float32)
+    bad = residual_structure(smooth, noisy, lag=13)  # > its temporal reach, ceil(2 x 6)
+    assert bad["structure"], bad
+    assert bad["spatial"] > 0.25
+    ok = residual_structure(good, noisy, lag=13)
+    assert not ok["structure"], ok
+    assert abs(ok["spatial"]) < 0.15 and abs(ok["signal_share"]) < 0.1
+    # per frame: every frame of the over-smoothed movie holds the particles
+    assert np.mean([v > 0.1 for v in bad["spatial_frames"].values()]) > 0.5
+
+
+def test_residual_structure_share_of_a_removed_lattice():
+    """A spatial blur that removes lattice contrast puts a persistent share of the signal in
+    the residual (the low-pass check cannot see fringes finer than its sigma); the
+    estimate is unbiased by spatially correlated (PSF) noise."""
+    from emdenoise.metrics import residual_structure
+
+    movie = simulate_movie(16, (96, 96), mode="linear", dose=4.0, max_drift=0.0, seed=4)
+    blurred = gaussian2d(movie.noisy, 2.5)
+    res = residual_structure(blurred, movie.noisy, lag=1)
+    assert res["structure"] and res["signal_share"] > 0.2, res
+    clean = residual_structure(movie.clean, movie.noisy, lag=1)
+    assert not clean["structure"] and abs(clean["signal_share"]) < 3 * clean["signal_share_se"] + 0.02, clean

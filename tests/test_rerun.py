@@ -29,7 +29,7 @@ DOWNSTREAM = {
     "drift": {"noise", "baselines", "train", "infer", "select", "metrics", "provenance", "report"},
     "noise": {"train", "provenance", "report"},
     "baselines": {"metrics"},
-    "train": {"infer", "select"},
+    "train": {"infer", "select", "report"},  # report: the training curves
     "infer": {"lowpass"},
     "lowpass": {"select", "metrics"},
     "select": {"export", "provenance", "report"},

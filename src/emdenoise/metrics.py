@@ -365,3 +365,231 @@ def select_model(denoised: dict, noisy, *, reaches: Mapping[str, int], temporal_
     scores = {name: umse(stack, y, temporal_radius=r) for name, stack in denoised.items()}
     chosen = min(scores, key=scores.get)
     return {"chosen": chosen, "rule": SELECT_RULE, "umse": scores, "temporal_radius": r, "reaches": own}
+
+
+# --------------------------------------------------------------------------- per frame
+def umse_per_frame(denoised, noisy, *, temporal_radius: int = 0) -> np.ndarray:
+    """uMSE of each output frame (the terms :func:`umse` averages), same reference frames.
+
+    Parameters
+    ----------
+    denoised, noisy : (T, Y, X) arrays
+        As for :func:`umse`.
+    temporal_radius : int
+        The uMSE radius r (use the metrics table's ``umse_radius`` so the per-frame
+        values average to its uMSE).
+
+    Returns
+    -------
+    numpy.ndarray
+        (T,) float64: for t = r+1 .. T-r-3, ``mean_px (f[t] - y[t-r-1])^2 - 1/2 mean_px
+        (y[t+r+1] - y[t+r+2])^2``; NaN for the frames without reference frames.  Their
+        mean equals ``umse(denoised, noisy, temporal_radius=r)``.  One frame's value is a
+        noisy estimate (it can be negative for a near-perfect denoiser).
+
+    Raises
+    ------
+    InputError
+        Shapes differ, r < 0, or T < 2r + 4.
+    """
+    f, y = _stack(denoised, "umse_per_frame"), _stack(noisy, "umse_per_frame")
+    _same_shape(f, y, "umse_per_frame")
+    r = int(temporal_radius)
+    if r < 0:
+        raise InputError(None, f"umse_per_frame: temporal_radius must be >= 0, got {r}")
+    n = y.shape[0]
+    if n < 2 * r + 4:
+        raise InputError(None, f"umse_per_frame: needs at least {2 * r + 4} frames for temporal_radius={r}, got {n}")
+    out = np.full(n, np.nan)
+    for t in range(r + 1, n - r - 2):
+        a, b, c = (np.asarray(y[i], dtype=np.float64) for i in (t - r - 1, t + r + 1, t + r + 2))
+        out[t] = np.mean((np.asarray(f[t], dtype=np.float64) - a) ** 2) - 0.5 * np.mean((b - c) ** 2)
+    return out
+
+
+def upsnr_per_frame(denoised, noisy, peak: float | None = None, *, temporal_radius: int = 0) -> np.ndarray:
+    """uPSNR in dB of each output frame, ``10 log10(M^2 / uMSE_t)`` (:func:`umse_per_frame`);
+    M as in :func:`upsnr`. NaN where uMSE_t <= 0 or the frame has no reference frames."""
+    y = _stack(noisy, "upsnr_per_frame")
+    m = float(np.max(y)) if peak is None else float(peak)
+    err = umse_per_frame(denoised, y, temporal_radius=temporal_radius)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(err > 0, 10.0 * np.log10(m * m / np.where(err > 0, err, 1.0)), np.nan)
+
+
+# --------------------------------------------------------------------------- residual
+#: Residual-structure warnings (:func:`residual_structure`): the residual's low-pass power
+#: exceeds the noise's by more than this fraction (``spatial``), or more than this share
+#: of the movie's persistent signal is in the residual (``signal_share``, when it is also
+#: more than 3 standard errors from 0).
+RESIDUAL_SPATIAL_WARN = 0.25
+RESIDUAL_SHARE_WARN = 0.05
+
+
+def _frame_indices(n: int, most: int) -> list[int]:
+    return sorted(set(np.linspace(0, n - 1, min(n, most)).round().astype(int).tolist()))
+
+
+def spatial_autocov(frames, max_lag: int = 12) -> np.ndarray:
+    """Mean spatial autocovariance of (T, Y, X) ``frames`` at lags -max_lag..max_lag.
+
+    Each frame has its mean removed and is zero-padded (no wrap-around); the sum of
+    products at lag d is divided by the number of overlapping pixels. Returns a
+    (2L+1, 2L+1) float64 array (centre: the mean variance); divide by the centre for
+    the autocorrelation.
+    """
+    x = _stack(frames, "spatial_autocov")
+    ny, nx = x.shape[1:]
+    L = int(min(max_lag, ny - 1, nx - 1))
+    shape = (ny + L, nx + L)
+    ones = np.fft.rfft2(np.ones((ny, nx)), shape)
+    overlap = np.fft.irfft2(ones * np.conj(ones), shape)
+    acc = np.zeros((2 * L + 1, 2 * L + 1))
+    for frame in x:
+        a = np.asarray(frame, dtype=np.float64)
+        fa = np.fft.rfft2(a - a.mean(), shape)
+        c = np.fft.irfft2(fa * np.conj(fa), shape) / np.maximum(overlap, 1.0)
+        acc += np.roll(c, (L, L), axis=(0, 1))[: 2 * L + 1, : 2 * L + 1]
+    return acc / len(x)
+
+
+def _chebyshev(L: int) -> np.ndarray:
+    d = np.arange(-L, L + 1)
+    return np.maximum(np.abs(d)[:, None], np.abs(d)[None, :])
+
+
+def _differences(y: np.ndarray, most: int) -> np.ndarray:
+    """Differences of adjacent frames / sqrt(2): noise only (static aligned scene), same
+    variance and spatial correlation as one frame's noise."""
+    return np.stack([(np.asarray(y[t + 1], np.float64) - np.asarray(y[t], np.float64)) / np.sqrt(2)
+                     for t in _frame_indices(y.shape[0] - 1, most)])
+
+
+def noise_length(noisy, *, threshold: float = 0.05, max_lag: int = 8, frames: int = 8) -> int:
+    """The noise's spatial correlation length in px: the largest Chebyshev distance k at
+    which the autocorrelation of differences of adjacent frames (noise only, for an
+    aligned static scene), averaged over the ring of lags at distance k, exceeds
+    ``threshold``; 0 for white noise or a single frame."""
+    y = _stack(noisy, "noise_length")
+    if y.shape[0] < 2:
+        return 0
+    cov = spatial_autocov(_differences(y, frames), max_lag)
+    L = (cov.shape[0] - 1) // 2
+    acf = cov / cov[L, L] if cov[L, L] > 0 else np.zeros_like(cov)
+    cheb = _chebyshev(L)
+    above = [k for k in range(1, L + 1) if abs(float(np.mean(acf[cheb == k]))) > threshold]
+    return int(max(above)) if above else 0
+
+
+def _lag_cov(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean((a - a.mean()) * (b - b.mean())))
+
+
+def residual_structure(denoised, noisy, *, lag: int, length: int | None = None, frames: int = 32,
+                       window: int = 4) -> dict:
+    """How much structure the residual ``noisy - denoised`` holds besides noise.
+
+    A denoiser that removes only noise leaves a residual that is noise: spatially
+    correlated no further than the noise itself and uncorrelated with any raw frame whose
+    noise it did not see. Signal it removed (particles, lattice, an event smeared over
+    time) or invented (a ghost from other frames) is neither. Two checks, each
+    independent of the dose:
+
+    - ``spatial`` (transient and static structure): the residual's spatial
+      autocorrelation beyond the noise's correlation length, measured as its power after
+      a Gaussian low-pass of sigma = ``length`` + 2 px (a weighted sum of the
+      autocovariance over lags of a few sigma), relative to the same for the noise
+      (differences of adjacent raw frames / sqrt 2, which hold the noise with its own
+      spatial correlation), minus 1: mean over frames. About 0 or below for noise (a
+      denoiser that keeps the low frequencies leaves less low-pass noise than the raw
+      frames hold), > 0 when the residual holds blobs, edges or background. Blind to
+      structure finer than the low-pass (lattice fringes): see signal_share.
+      ``spatial_frames``: the per-frame values (which frames hold the structure).
+    - ``signal_share`` (persistent structure, lattice included): covariance of the
+      residual of frame t with a template, the mean of the raw frames t +- (lag .. lag +
+      ``window`` - 1), over the covariance of raw frame t with the template: the share
+      of the movie's persistent signal power in the residual (alpha for a residual
+      alpha * signal; negative for a ghost of other frames). The template's noise is
+      independent of the residual of frame t when lag > the denoiser's temporal reach,
+      so noise gives 0 +- ``signal_share_se`` whatever its spatial correlation. NaN
+      where the raw frames share no measurable signal or T <= lag.
+    - ``temporal``: Pearson correlation of residual frames t and t + ``lag``
+      (reported only; independent noise needs lag > 2 x reach).
+
+    Parameters
+    ----------
+    denoised, noisy : (T, Y, X) arrays, same shape (aligned raw movie, T >= 2)
+    lag : int
+        Frame lag > every compared method's temporal reach (the uMSE radius + 1).
+    length : int or None
+        Noise correlation length (px); None measures it (:func:`noise_length`).
+    frames : int
+        At most this many frames or frame pairs (spread over the movie) per estimate.
+    window : int
+        Raw frames on each side in the signal_share template.
+
+    Returns
+    -------
+    dict
+        ``spatial``, ``spatial_frames`` ({frame: value}), ``signal_share``,
+        ``signal_share_se``, ``temporal``, ``length``, ``sigma``, ``lag`` and
+        ``structure`` (True when spatial > RESIDUAL_SPATIAL_WARN, or |signal_share| >
+        RESIDUAL_SHARE_WARN and > 3 standard errors).
+    """
+    from scipy import ndimage
+
+    f, y = _stack(denoised, "residual_structure"), _stack(noisy, "residual_structure")
+    _same_shape(f, y, "residual_structure")
+    n = y.shape[0]
+    lag = int(lag)
+    if lag < 1:
+        raise InputError(None, f"residual_structure: lag must be >= 1, got {lag}")
+    if n < 2:
+        raise InputError(None, f"residual_structure: needs at least 2 frames, got {n}")
+    L = noise_length(y) if length is None else int(length)
+    sigma = float(L + 2)
+
+    def lowpass_var(a: np.ndarray) -> float:
+        return float(np.var(ndimage.gaussian_filter(a, sigma, mode="reflect")))
+
+    noise = np.median([lowpass_var(d) for d in _differences(y, frames)])
+    per_frame = {}
+    for t in _frame_indices(n, frames):
+        r = np.asarray(y[t], np.float64) - np.asarray(f[t], np.float64)
+        per_frame[int(t)] = lowpass_var(r) / noise - 1.0 if noise > 0 else float("nan")
+    spatial = float(np.mean(list(per_frame.values())))
+
+    share = share_se = temporal = float("nan")
+    if n > lag:
+        num = den = var_num = 0.0
+        corrs = []
+        for t in _frame_indices(n, frames):
+            # template: the mean of up to 2 x ``window`` raw frames at distance lag .. lag + window - 1
+            # on each side (their noise is independent of the residual; the mean has less of it)
+            near = [s for d in range(lag, lag + window) for s in (t - d, t + d) if 0 <= s < n]
+            if not near:
+                continue
+            ya = np.asarray(y[t], np.float64)
+            ra = ya - np.asarray(f[t], np.float64)
+            tmpl = np.mean([np.asarray(y[s], np.float64) for s in near], axis=0)
+            ra, ya, tmpl = ra - ra.mean(), ya - ya.mean(), tmpl - tmpl.mean()
+            prod = ra * tmpl
+            num += float(prod.mean())
+            var_num += float(prod.var()) / prod.size  # its estimation variance (independent pixels)
+            den += float(np.mean(ya * tmpl))
+            if t + lag < n:
+                rb = np.asarray(y[t + lag], np.float64) - np.asarray(f[t + lag], np.float64)
+                rb = rb - rb.mean()
+                norm = np.sqrt(np.sum(ra * ra) * np.sum(rb * rb))
+                corrs.append(np.sum(ra * rb) / norm if norm > 0 else 0.0)
+        temporal = float(np.mean(corrs)) if corrs else float("nan")
+        se = float(np.sqrt(var_num))  # standard error of num
+        if den > 3 * se:  # the raw frames share signal beyond the estimation noise
+            share, share_se = num / den, se / den
+    structure = bool(spatial > RESIDUAL_SPATIAL_WARN
+                     or (share == share and abs(share) > RESIDUAL_SHARE_WARN and abs(share) > 3 * share_se))
+    return {"spatial": spatial, "spatial_frames": per_frame, "signal_share": share, "signal_share_se": share_se,
+            "temporal": temporal, "length": L, "sigma": sigma, "lag": lag, "structure": structure}
+
+
+__all__ += ["umse_per_frame", "upsnr_per_frame", "spatial_autocov", "noise_length", "residual_structure"]

@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import base64
 import html
+import io as _bytesio
 import json
+import math
 import os
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -18,6 +23,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from scipy import ndimage  # noqa: E402
+
+from . import metrics as _metrics  # noqa: E402
 from .io import atomic_path  # noqa: E402
 
 METRIC_COLUMNS = ["dataset", "method", "umse", "upsnr_db", "snr_db", "psnr_db", "ssim", "umse_radius"]
@@ -66,37 +74,656 @@ def collect_metrics(csv_paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
     return table[METRIC_COLUMNS + rest]
 
 
-def _img(path: str | os.PathLike) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" style="max-width:100%">'
-
-
 def _fmt(table: pd.DataFrame) -> pd.DataFrame:
     return table.round({"umse": 5, "upsnr_db": 2, "snr_db": 2, "snr_corr": 4, "psnr_db": 2, "ssim": 4})
 
 
-def write_report(datasets: Sequence[str], inputs, outputs, choices: Mapping[str, str] | None = None) -> None:
-    """Write the combined CSV, report.md and report.html.
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401  (pandas.to_markdown needs it)
+    except ImportError:
+        return False
+    return True
+
+
+# =========================================================================== diagnostics
+# Computed by the `metrics` rule (it holds every method's stack) and written as small
+# files into {ds}/diagnostics/; the `report` rule embeds them. index.json lists them.
+
+#: Classical (non-network) methods: the "best classical" reference of the report.
+CLASSICAL = ("gaussian2d", "gaussian3d", "classical")
+#: Longest side in px of a full-frame thumbnail (area-averaged); crops are native pixels.
+THUMB_PX = 160
+CROP_PX = 64
+#: Overview warnings: largest drift |shift| (px) and blind-spot edge (px) still accepted.
+DRIFT_WARN_PX = 10.0
+BLINDSPOT_WARN = 7
+
+
+def _to_uint8(img: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    scaled = (np.asarray(img, np.float64) - lo) / (hi - lo if hi > lo else 1.0)
+    return np.clip(np.rint(scaled * 255), 0, 255).astype(np.uint8)
+
+
+def _write_gray_png(path, img: np.ndarray, lo: float, hi: float, max_px: int | None = None) -> None:
+    """8-bit greyscale PNG, ``lo``..``hi`` mapped to black..white (small: no colour map),
+    area-averaged down to ``max_px`` on its longest side when larger."""
+    from PIL import Image
+
+    im = Image.fromarray(_to_uint8(img, lo, hi), mode="L")
+    if max_px and max(im.size) > max_px:
+        f = max_px / max(im.size)
+        im = im.resize((max(1, round(im.width * f)), max(1, round(im.height * f))), Image.BOX)
+    im.save(path, format="PNG", optimize=True)
+
+
+def thumb_scale(shape, max_px: int = THUMB_PX) -> float:
+    """Native px per thumbnail px of a frame of ``shape`` (>= 1)."""
+    return max(1.0, max(shape) / max_px)
+
+
+def crop_box(image: np.ndarray, size: int = CROP_PX) -> tuple[int, int, int, int]:
+    """(y0, x0, h, w): the ``size`` square (clipped to the frame) where the image varies
+    most (largest local variance after a 1 px Gaussian that tames the noise)."""
+    img = ndimage.gaussian_filter(np.asarray(image, np.float64), 1.0)
+    h, w = min(size, img.shape[0]), min(size, img.shape[1])
+    mean = ndimage.uniform_filter(img, (h, w), mode="nearest")
+    var = ndimage.uniform_filter(img * img, (h, w), mode="nearest") - mean * mean
+    # window centres whose window lies inside the frame
+    cy0, cx0 = h // 2, w // 2
+    valid = var[cy0: img.shape[0] - (h - cy0) + 1, cx0: img.shape[1] - (w - cx0) + 1]
+    iy, ix = np.unravel_index(int(np.argmax(valid)), valid.shape)
+    return int(iy), int(ix), int(h), int(w)
+
+
+def _hann2d(shape) -> np.ndarray:
+    return np.outer(np.hanning(shape[0]), np.hanning(shape[1]))
+
+
+def radial_spectrum(frames: np.ndarray, n_bins: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Radially averaged power spectrum of (T, Y, X) frames (mean removed, Hann window),
+    averaged over the frames: (frequency in cycles/px at the bin centres, power)."""
+    frames = np.asarray(frames, np.float64)
+    ny, nx = frames.shape[1:]
+    win = _hann2d((ny, nx))
+    power = np.zeros((ny, nx))
+    for f in frames:
+        power += np.abs(np.fft.fft2((f - f.mean()) * win)) ** 2
+    power /= len(frames) * np.sum(win ** 2)
+    k = np.hypot(*np.meshgrid(np.fft.fftfreq(ny), np.fft.fftfreq(nx), indexing="ij"))
+    n_bins = n_bins or min(ny, nx) // 2
+    edges = np.linspace(0, 0.5, n_bins + 1)
+    idx = np.digitize(k.ravel(), edges) - 1
+    keep = (idx >= 0) & (idx < n_bins)
+    sums = np.bincount(idx[keep], power.ravel()[keep], n_bins)
+    counts = np.bincount(idx[keep], minlength=n_bins)
+    with np.errstate(invalid="ignore"):
+        return 0.5 * (edges[1:] + edges[:-1]), np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def lattice_peak(image: np.ndarray, k_min: float = 0.03) -> dict:
+    """The strongest non-DC peak of an image's power spectrum (a lattice's main reflection).
+
+    Frequencies below ``k_min`` cycles/px (background, the window's leakage) are ignored.
+    Returns ky, kx (cycles/px), period_px, angle_deg (of the wave vector: the direction
+    *across* the fringes) and contrast (peak power / median power at that |k|; a clear
+    lattice gives tens or more).
+    """
+    img = np.asarray(image, np.float64)
+    ny, nx = img.shape
+    power = np.abs(np.fft.fft2((img - img.mean()) * _hann2d(img.shape))) ** 2
+    ky, kx = np.meshgrid(np.fft.fftfreq(ny), np.fft.fftfreq(nx), indexing="ij")
+    k = np.hypot(ky, kx)
+    masked = np.where(k >= k_min, power, 0.0)
+    i = np.unravel_index(int(np.argmax(masked)), masked.shape)
+    kk = float(k[i])
+    ring = np.abs(k - kk) <= 1.0 / min(ny, nx)
+    background = float(np.median(power[ring])) if ring.any() else 0.0
+    return {"ky": float(ky[i]), "kx": float(kx[i]), "period_px": 1.0 / kk if kk > 0 else float("nan"),
+            "angle_deg": float(np.degrees(np.arctan2(ky[i], kx[i]))),
+            "contrast": float(power[i] / background) if background > 0 else float("inf")}
+
+
+def line_profile(image: np.ndarray, centre, direction, length: float, width: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Intensity along a line through ``centre`` (y, x) in ``direction`` (dy, dx), ``length``
+    px long, sampled every px (bilinear) and averaged over ``width`` parallel lines
+    (1 px apart, perpendicular offsets: along lattice fringes when the line crosses
+    them). Returns (position px from the centre, values)."""
+    d = np.asarray(direction, np.float64)
+    d = d / (np.linalg.norm(d) or 1.0)
+    perp = np.array([-d[1], d[0]])
+    s = np.arange(-(length // 2), length // 2 + 1, dtype=np.float64)
+    offsets = np.arange(width) - (width - 1) / 2
+    cy, cx = float(centre[0]), float(centre[1])
+    ys = cy + s[None, :] * d[0] + offsets[:, None] * perp[0]
+    xs = cx + s[None, :] * d[1] + offsets[:, None] * perp[1]
+    vals = ndimage.map_coordinates(np.asarray(image, np.float64), [ys.ravel(), xs.ravel()], order=1, mode="nearest")
+    return s, vals.reshape(len(offsets), len(s)).mean(axis=0)
+
+
+def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.DataFrame,
+                      truth: np.ndarray | None = None, peak: float | None = None, frame: int | None = None) -> dict:
+    """Everything the report shows about one dataset that needs the stacks.
+
+    Parameters
+    ----------
+    out_dir : path
+        Folder to create (must not exist); written in full or not at all by the caller.
+    stacks : mapping name -> (T, Y, X)
+        ``raw`` (the aligned noisy movie) and every denoised method.
+    table : DataFrame
+        The dataset's metrics (``emdenoise.metrics.compute_metrics``): the uMSE radius
+        r and which methods are valid come from it, so the per-frame uPSNR averages to
+        the table's and the residual checks use lag r + 1 (> every valid reach).
+    truth : (T, Y, X) or None
+    peak : float or None
+        uPSNR's M (None: max of raw), as for the table.
+    frame : int or None
+        Frame shown (None: the middle one).
+
+    Writes ``index.json`` and small PNG / CSV files (see the keys of index.json); returns
+    the index.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True)
+    raw = np.asarray(stacks["raw"])
+    n = raw.shape[0]
+    t = n // 2 if frame is None else int(frame)
+    r = int(table.umse_radius.iloc[0])
+    valid = dict(zip(table.method, table.umse_valid.astype(bool)))
+    umse_by = dict(zip(table.method, table.umse))
+    methods = [m for m in stacks if m != "raw"]
+    panels = dict(stacks)
+    if truth is not None:
+        panels["truth"] = truth
+    # crop where the best-scoring denoised frame varies most
+    ranked = sorted((m for m in methods if valid.get(m) and umse_by.get(m) == umse_by.get(m)), key=umse_by.get)
+    ref = np.asarray(panels[ranked[0] if ranked else ("truth" if truth is not None else "raw")][t], np.float64)
+    y0, x0, h, w = crop_box(ref)
+    lo, hi = display_range(panels, t)
+    files = {"full": {}, "crop": {}, "residual": {}, "residual_mean": {}}
+    for name, s in panels.items():
+        f = np.asarray(s[t], np.float64)
+        _write_gray_png(out / f"full_{name}.png", f, lo, hi, THUMB_PX)
+        _write_gray_png(out / f"crop_{name}.png", f[y0:y0 + h, x0:x0 + w], lo, hi)
+        files["full"][name], files["crop"][name] = f"full_{name}.png", f"crop_{name}.png"
+    # residuals raw - denoised: one symmetric range (from the frame's raw noise) for all
+    res_t = {m: raw[t].astype(np.float64) - np.asarray(stacks[m][t], np.float64) for m in methods}
+    res_mean = {m: raw.mean(axis=0, dtype=np.float64) - np.asarray(stacks[m], np.float64).mean(axis=0)
+                for m in methods}
+    spread = float(np.percentile(np.abs(np.concatenate([v.ravel() for v in res_t.values()])), 99)) if res_t else 1.0
+    spread_mean = float(np.percentile(np.abs(np.concatenate([v.ravel() for v in res_mean.values()])), 99.5)) \
+        if res_mean else 1.0
+    for m in methods:
+        _write_gray_png(out / f"residual_{m}.png", res_t[m][y0:y0 + h, x0:x0 + w], -spread, spread)
+        _write_gray_png(out / f"residual_mean_{m}.png", res_mean[m], -spread_mean, spread_mean, THUMB_PX)
+        files["residual"][m], files["residual_mean"][m] = f"residual_{m}.png", f"residual_mean_{m}.png"
+    # residual structure, at lag r + 1 (beyond every valid method's reach)
+    length = _metrics.noise_length(raw)
+    residual = {}
+    for m in methods:
+        if not valid.get(m, False) or n < 2:
+            continue
+        rs = _metrics.residual_structure(stacks[m], raw, lag=r + 1, length=length)
+        rs["spatial_frames"] = {str(k): v for k, v in rs["spatial_frames"].items()}
+        residual[m] = rs
+    # per-frame uPSNR with the table's radius and peak
+    pk = float(np.max(raw)) if peak is None else float(peak)
+    rows = []
+    for name, s in stacks.items():
+        if not valid.get(name, False):
+            continue
+        err = _metrics.umse_per_frame(s, raw, temporal_radius=r)
+        ups = _metrics.upsnr_per_frame(s, raw, pk, temporal_radius=r)
+        rows += [{"frame": i, "method": name, "umse": e, "upsnr_db": u} for i, (e, u) in enumerate(zip(err, ups))
+                 if e == e]
+    pd.DataFrame(rows, columns=["frame", "method", "umse", "upsnr_db"]).to_csv(out / "per_frame.csv", index=False)
+    # spectra (up to 8 frames spread over the movie)
+    idx = np.unique(np.linspace(0, n - 1, min(n, 8)).round().astype(int))
+    spec = []
+    for name, s in panels.items():
+        freq, power = radial_spectrum(np.asarray(s)[idx])
+        spec += [{"method": name, "freq": fq, "power": p} for fq, p in zip(freq, power)]
+    pd.DataFrame(spec).to_csv(out / "spectra.csv", index=False)
+    # line profile across the strongest lattice direction, through the crop centre
+    peak_info = lattice_peak(raw.mean(axis=0, dtype=np.float64))
+    centre = (y0 + h / 2 - 0.5, x0 + w / 2 - 0.5)
+    period = peak_info["period_px"]
+    length_px = int(min(max(h, w), max(16, 6 * period))) if period == period else min(h, w)
+    prof = {}
+    for name, s in panels.items():
+        pos, vals = line_profile(np.asarray(s[t], np.float64), centre, (peak_info["ky"], peak_info["kx"]), length_px)
+        prof["position_px"], prof[name] = pos, vals
+    pd.DataFrame(prof).to_csv(out / "profile.csv", index=False)
+    index = {
+        "frame": t, "n_frames": n, "shape": list(raw.shape[1:]), "display_range": [lo, hi],
+        "residual_range": [-spread, spread], "residual_mean_range": [-spread_mean, spread_mean],
+        "crop": [y0, x0, h, w], "thumb_scale": thumb_scale(raw.shape[1:]),
+        "methods": methods, "truth": truth is not None, "files": files, "umse_radius": r,
+        "residual_lag": r + 1, "noise_length": length, "residual": residual, "lattice": peak_info,
+        "profile": {"centre": list(centre), "length_px": length_px, "width_px": 5},
+        "tables": {"per_frame": "per_frame.csv", "spectra": "spectra.csv", "profile": "profile.csv"},
+    }
+    (out / "index.json").write_text(json.dumps(index, indent=1, default=float))
+    return index
+
+
+# =========================================================================== the page
+def _png_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _small_png(path_or_bytes, max_width: int | None = None, colors: int = 64) -> bytes:
+    """A PNG re-encoded small for embedding: palette of ``colors`` (plots: lossless in
+    practice), optionally shrunk to ``max_width`` px. Greyscale images pass unchanged."""
+    from PIL import Image
+
+    data = Path(path_or_bytes).read_bytes() if not isinstance(path_or_bytes, bytes) else path_or_bytes
+    im = Image.open(_bytesio.BytesIO(data))
+    if im.mode == "L" and max_width is None:
+        return data
+    if max_width and im.width > max_width:
+        im = im.resize((max_width, round(im.height * max_width / im.width)), Image.LANCZOS)
+    im = im.convert("RGB").quantize(colors=colors)
+    buf = _bytesio.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _img_tag(data: bytes, alt: str, *, cls: str = "", scale: float = 1.0) -> str:
+    from PIL import Image
+
+    w, h = Image.open(_bytesio.BytesIO(data)).size
+    return (f'<img src="{_png_uri(data)}" alt="{html.escape(alt)}" width="{round(w * scale)}" '
+            f'height="{round(h * scale)}" decoding="async"' + (f' class="{cls}"' if cls else "") + ">")
+
+
+def _fig_png(fig) -> bytes:
+    buf = _bytesio.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return _small_png(buf.getvalue(), colors=48)
+
+
+_COLOURS = {"raw": "#999999", "gaussian2d": "#8c6d31", "gaussian3d": "#1f77b4", "classical": "#17becf",
+            "wcvd": "#d62728", "shine": "#9467bd", "truth": "#000000"}
+
+
+def _style(name: str, chosen: str | None) -> dict:
+    return {"color": _COLOURS.get(name, None), "lw": 2.2 if name == chosen else 1.0,
+            "ls": "--" if name == "truth" else "-", "label": name + (" (chosen)" if name == chosen else "")}
+
+
+def _plot_spectra(spec: pd.DataFrame, shown: list[str], chosen, lattice: dict) -> bytes:
+    fig, ax = plt.subplots(figsize=(3.6, 2.6))
+    for name in shown:
+        d = spec[spec.method == name]
+        if len(d):
+            ax.semilogy(d.freq, d.power, **_style(name, chosen))
+    k = math.hypot(lattice.get("ky", 0.0), lattice.get("kx", 0.0))
+    if k > 0:
+        ax.axvline(k, color="#e377c2", lw=0.8, ls=":", label=f"lattice peak ({1 / k:.3g} px)")
+    ax.set(xlabel="spatial frequency (cycles/px)", ylabel="power", title="radially averaged power spectrum")
+    ax.legend(fontsize=6)
+    ax.title.set_fontsize(8)
+    fig.tight_layout()
+    return _fig_png(fig)
+
+
+def _plot_profile(prof: pd.DataFrame, shown: list[str], chosen, lattice: dict) -> bytes:
+    fig, ax = plt.subplots(figsize=(3.6, 2.6))
+    for name in shown:
+        if name in prof:
+            ax.plot(prof.position_px, prof[name], **_style(name, chosen))
+    ax.set(xlabel=f"px across the fringes ({lattice.get('angle_deg', 0):.0f}°)", ylabel="intensity",
+           title="line profile through the crop centre")
+    ax.legend(fontsize=6)
+    ax.title.set_fontsize(8)
+    fig.tight_layout()
+    return _fig_png(fig)
+
+
+def _plot_per_frame(per: pd.DataFrame, chosen, radius: int) -> bytes:
+    fig, ax = plt.subplots(figsize=(3.6, 2.6))
+    for name, d in per.groupby("method", sort=False):
+        ax.plot(d.frame, d.upsnr_db, marker="o", ms=2.5, **_style(name, chosen))
+    ax.set(xlabel="frame", ylabel="uPSNR (dB)", title=f"uPSNR per frame (radius {radius})")
+    ax.legend(fontsize=6)
+    ax.title.set_fontsize(8)
+    fig.tight_layout()
+    return _fig_png(fig)
+
+
+def _plot_training(logs: Mapping[str, pd.DataFrame], chosen) -> bytes:
+    fig, ax = plt.subplots(figsize=(3.6, 2.6))
+    for name, log in logs.items():
+        st = _style(name, chosen)
+        ax.plot(log.epoch, log.val_loss, color=st["color"], lw=st["lw"], label=f"{st['label']} val")
+        ax.plot(log.epoch, log.train_loss, color=st["color"], lw=0.8, ls=":", label=f"{name} train")
+    ax.set(xlabel="epoch", ylabel="loss", title="training curves")
+    ax.set_yscale("log")
+    ax.legend(fontsize=6)
+    ax.title.set_fontsize(8)
+    fig.tight_layout()
+    return _fig_png(fig)
+
+
+def _num(x) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+    return v
+
+
+def _f(x, fmt: str = ".2f", na: str = "–") -> str:
+    v = _num(x)
+    return na if v != v else format(v, fmt)
+
+
+def dataset_summary(name: str, table: pd.DataFrame, *, choice: dict | None, index: dict | None,
+                    drift: pd.DataFrame | None, blindspot: dict | None,
+                    drift_warn_px: float = DRIFT_WARN_PX, blindspot_warn: int = BLINDSPOT_WARN,
+                    min_umse_frames: int = 5) -> dict:
+    """One overview row: status, chosen model, gain over the best classical method, warnings.
+
+    gain_db = uPSNR(chosen) - max uPSNR over CLASSICAL methods (those with a uPSNR);
+    warnings: residual structure in the chosen output; too few frames for the uMSE radius
+    (a method without a uMSE, or fewer than ``min_umse_frames`` scored frames); drift
+    larger than ``drift_warn_px``; a blind spot larger than ``blindspot_warn``.
+    """
+    rows = table[table.dataset == name]
+    ups = dict(zip(rows.method, rows.upsnr_db))
+    chosen = choice.get("chosen") if choice else None
+    classical = {m: _num(ups.get(m)) for m in CLASSICAL if m in ups and _num(ups.get(m)) == _num(ups.get(m))}
+    best = max(classical, key=classical.get) if classical else None
+    up_chosen = _num(ups.get(chosen)) if chosen else float("nan")
+    gain = up_chosen - classical[best] if best and up_chosen == up_chosen else float("nan")
+    warnings = []
+    n = int(index["n_frames"]) if index else None
+    residual = (index or {}).get("residual", {}).get(chosen) if chosen else None
+    if residual and residual.get("structure"):
+        warnings.append(f"residual structure in {chosen} (low-pass excess {_f(residual['spatial'])}, "
+                        f"signal share {_f(residual['signal_share'], '.3f')})")
+    r = int(rows.umse_radius.iloc[0]) if len(rows) and rows.umse_radius.notna().any() else None
+    if "umse_valid" in rows and not rows.umse_valid.astype(bool).all():
+        bad = ", ".join(rows.method[~rows.umse_valid.astype(bool)])
+        warnings.append(f"too few frames ({n}) for uMSE radius of {bad}: no uMSE")
+    if r is not None and n is not None and n - 2 * r - 3 < min_umse_frames:
+        warnings.append(f"uMSE from {max(0, n - 2 * r - 3)} frame(s) only (T = {n}, radius {r})")
+    max_drift = float("nan")
+    if drift is not None and len(drift):
+        max_drift = float(np.max(np.hypot(drift.dy, drift.dx)))
+        if max_drift > drift_warn_px:
+            warnings.append(f"drift {max_drift:.1f} px > {drift_warn_px:g} px")
+    spot = blindspot.get("blindspot") if blindspot else None
+    if spot is not None and int(spot) > blindspot_warn:
+        warnings.append(f"blind spot {spot}×{spot} > {blindspot_warn}×{blindspot_warn}")
+    status = "baselines only" if not chosen else ("check" if warnings else "ok")
+    return {"dataset": name, "status": status, "frames": n, "chosen": chosen, "upsnr_db": up_chosen,
+            "best_classical": best, "gain_db": gain, "residual_spatial": _num((residual or {}).get("spatial")),
+            "residual_share": _num((residual or {}).get("signal_share")), "max_drift_px": max_drift,
+            "blindspot": spot, "warnings": warnings}
+
+
+_OVERVIEW_COLUMNS = [  # (key, header, type)
+    ("dataset", "Dataset", "text"), ("status", "Status", "text"), ("frames", "Frames", "num"),
+    ("chosen", "Chosen", "text"), ("upsnr_db", "uPSNR (dB)", "num"), ("best_classical", "Best classical", "text"),
+    ("gain_db", "Gain (dB)", "num"), ("residual_spatial", "Residual low-pass", "num"),
+    ("residual_share", "Residual share", "num"),
+    ("max_drift_px", "Max drift (px)", "num"), ("blindspot", "Blind spot", "num"), ("warnings", "Warnings", "num"),
+]
+
+
+def _overview_html(rows: list[dict]) -> str:
+    head = "".join(f'<th data-type="{t}" title="click to sort">{html.escape(h)}</th>' for _, h, t in _OVERVIEW_COLUMNS)
+    body = []
+    for row in rows:
+        cells = []
+        for key, _, typ in _OVERVIEW_COLUMNS:
+            v = row.get(key)
+            if key == "dataset":
+                cells.append(f'<td data-sort="{html.escape(v)}"><a href="#ds-{html.escape(v)}">{html.escape(v)}</a></td>')
+            elif key == "warnings":
+                text = "<br>".join(html.escape(w) for w in v) if v else "–"
+                cells.append(f'<td data-sort="{len(v)}" class="{"warn" if v else ""}">{text}</td>')
+            elif key == "status":
+                cells.append(f'<td data-sort="{html.escape(v)}" class="st-{v.split()[0]}">{html.escape(v)}</td>')
+            elif typ == "num":
+                x = _num(v)
+                shown = "–" if x != x else (str(int(x)) if key in ("frames", "blindspot") else
+                                            _f(x, ".3f" if key == "residual_share" else ".2f"))
+                cells.append(f'<td data-sort="{"" if x != x else repr(x)}">{shown}</td>')
+            else:
+                cells.append(f'<td data-sort="{html.escape(str(v or ""))}">{html.escape(str(v or "–"))}</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (f'<table id="overview-table" class="sortable"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table>')
+
+
+def _shown_methods(index: dict, chosen: str | None, table: pd.DataFrame | None = None) -> list[str]:
+    """Panels: raw, the Gaussian 3D baseline, the blind-tuned classical candidate, the
+    chosen model (when another; when a classical filter was chosen, the network with the
+    best uPSNR instead, to see what it lost on), ground truth."""
+    methods = index["methods"]
+    shown = ["raw"] + [m for m in ("gaussian3d", "classical") if m in methods]
+    extra = chosen
+    if (chosen is None or chosen in CLASSICAL) and table is not None:
+        nets = table[table.method.isin([m for m in methods if m not in CLASSICAL])]
+        nets = nets[nets.upsnr_db.notna()].sort_values("upsnr_db", ascending=False)
+        extra = nets.method.iloc[0] if len(nets) else None
+    if extra and extra not in shown and extra in methods:
+        shown.append(extra)
+    if index.get("truth"):
+        shown.append("truth")
+    return shown
+
+
+def _label(m: str, chosen: str | None) -> str:
+    return {"raw": "raw", "truth": "ground truth"}.get(m, m) + (" ★ chosen" if m == chosen else "")
+
+
+def _dataset_html(name: str, diag_dir: Path, index: dict, summary: dict, table: pd.DataFrame,
+                  choice: dict | None, logs: Mapping[str, pd.DataFrame], line: str,
+                  extra_images: Sequence[tuple[str, str]]) -> str:
+    chosen = summary["chosen"]
+    shown = _shown_methods(index, chosen, table[table.dataset == name])
+    files = index["files"]
+    y0, x0, h, w = index["crop"]
+    k = index["thumb_scale"]
+    zoom = 2 if max(index["shape"]) / k < 100 else 1  # tiny frames: show the thumbnails x2
+    lo, hi = index["display_range"]
+    out = [f'<section class="dataset" id="ds-{html.escape(name)}">',
+           f'<h2>{html.escape(name)} <span class="badge st-{summary["status"].split()[0]}">'
+           f'{html.escape(summary["status"])}</span> <a class="up" href="#overview">↑ overview</a></h2>',
+           f"<p>{html.escape(line)}</p>"]
+    if summary["warnings"]:
+        out.append('<ul class="warnings">' + "".join(f"<li>{html.escape(x)}</li>" for x in summary["warnings"])
+                   + "</ul>")
+    # model choice with its evidence
+    rows = table[table.dataset == name].set_index("method")
+    if choice:
+        umse = choice.get("umse", {})
+        reaches = choice.get("reaches", {})
+        trs = []
+        for m in choice.get("candidates", list(umse)):
+            r = rows.loc[m] if m in rows.index else None
+            trs.append(f"<tr{' class=chosen' if m == chosen else ''}><td>{html.escape(m)}</td>"
+                       f"<td>{reaches.get(m, '–')}</td><td>{_f(umse.get(m), '.5g')}</td>"
+                       f"<td>{_f(r.upsnr_db if r is not None else None)}</td>"
+                       f"<td>{_f(r.psnr_db if r is not None else None)}</td>"
+                       f"<td>{'★' if m == chosen else ''}</td></tr>")
+        extra = ", ".join(f"{k2} {html.escape(str(choice[k2]))}" for k2 in ("kind", "sigma", "shine_size", "checkpoint")
+                          if choice.get(k2) is not None)
+        out.append(f"<h3>Model choice</h3><p>{html.escape(choice.get('rule', ''))}; uMSE radius "
+                   f"{choice.get('temporal_radius', '–')}. {extra}</p>"
+                   "<table class=small><thead><tr><th>candidate</th><th>reach</th><th>uMSE (select)</th>"
+                   "<th>uPSNR (dB)</th><th>PSNR vs truth</th><th>chosen</th></tr></thead><tbody>"
+                   + "".join(trs) + "</tbody></table>")
+    # images at one contrast
+    out.append(f"<h3>Frame {index['frame']} at one contrast ({lo:.4g} – {hi:.4g} for every panel)</h3>"
+               '<div class="grid">')
+    for m in shown:
+        full = (diag_dir / files["full"][m]).read_bytes()
+        crop = (diag_dir / files["crop"][m]).read_bytes()
+        box = (f'<span class="box" style="top:{y0 * zoom / k:.0f}px;left:{x0 * zoom / k:.0f}px;'
+               f'width:{w * zoom / k:.0f}px;height:{h * zoom / k:.0f}px"></span>')
+        out.append(f'<figure><figcaption>{html.escape(_label(m, chosen))}</figcaption>'
+                   f'<div class="frame">{_img_tag(full, f"{name} {m} full frame", cls="px", scale=zoom)}{box}</div>'
+                   f'{_img_tag(crop, f"{name} {m} crop", cls="px", scale=2)}</figure>')
+    out.append(f"</div><p class=note>Full frames{f' area-averaged ×{k:.3g}' if k > 1 else ''}"
+               f"{' shown ×2' if zoom > 1 else ''}; the box marks "
+               f"the crop ({w}×{h} px at native pixels, shown ×2) where the signal varies most.</p>")
+    # residuals
+    res = index.get("residual", {})
+    rmethods = [m for m in shown if m in files["residual"]]
+    rlo, rhi = index["residual_mean_range"]
+    out.append(f"<h3>Residual raw − denoised</h3><div class=grid>")
+    for m in rmethods:
+        mean = (diag_dir / files["residual_mean"][m]).read_bytes()
+        crop = (diag_dir / files["residual"][m]).read_bytes()
+        rs = res.get(m)
+        flag = (' <b class="warn">structure</b>' if rs and rs["structure"] else "") if rs else " (no uMSE radius)"
+        out.append(f'<figure><figcaption>{html.escape(_label(m, chosen))}{flag}</figcaption>'
+                   f'{_img_tag(mean, f"{name} {m} mean residual", cls="px", scale=zoom)}'
+                   f'{_img_tag(crop, f"{name} {m} residual crop", cls="px", scale=2)}</figure>')
+    out.append(f"</div><p class=note>Top: residual averaged over all frames (±{rhi:.3g}; static structure "
+               f"stands out of the noise); bottom: frame {index['frame']} in the crop "
+               f"(±{index['residual_range'][1]:.3g}). Mid-grey = 0.</p>")
+    trs = []
+    for m, rs in res.items():
+        trs.append(f"<tr{' class=chosen' if m == chosen else ''}><td>{html.escape(m)}</td>"
+                   f"<td>{_f(rs['spatial'])}</td><td>{_f(rs['signal_share'], '.3f')} ± "
+                   f"{_f(rs['signal_share_se'], '.3f')}</td><td>{_f(rs['temporal'], '.3f')}</td>"
+                   f"<td class={'warn' if rs['structure'] else 'ok'}>{'structure' if rs['structure'] else 'noise-like'}"
+                   "</td></tr>")
+    if trs:
+        any_rs = next(iter(res.values()))
+        out.append("<table class=small><thead><tr><th>method</th><th>low-pass excess</th><th>signal share</th>"
+                   "<th>temporal corr.</th><th>verdict</th></tr></thead><tbody>" + "".join(trs) + "</tbody></table>"
+                   f"<p class=note>Noise correlation length {any_rs['length']} px. Low-pass excess: the "
+                   f"residual's power after a Gaussian low-pass of σ = {any_rs['sigma']:g} px (its spatial "
+                   "autocorrelation beyond the noise's) over the noise's (adjacent-frame differences), − 1: "
+                   f"≈ 0 or below for noise, warning above {_metrics.RESIDUAL_SPATIAL_WARN}. Signal share: "
+                   f"covariance of the residual of frame t with raw frame t + {any_rs['lag']} (noise "
+                   "independent) over that of the raw frames: the share of the persistent signal in the "
+                   f"residual, warning above {_metrics.RESIDUAL_SHARE_WARN} (and 3 standard errors). "
+                   f"Temporal corr.: residual frames t, t + {any_rs['lag']}.</p>")
+    # curves
+    spec = pd.read_csv(diag_dir / index["tables"]["spectra"])
+    prof = pd.read_csv(diag_dir / index["tables"]["profile"])
+    per = pd.read_csv(diag_dir / index["tables"]["per_frame"])
+    plots = [("power spectra", _plot_spectra(spec, shown, chosen, index["lattice"])),
+             ("line profile", _plot_profile(prof, shown, chosen, index["lattice"]))]
+    if len(per):
+        plots.append(("uPSNR per frame", _plot_per_frame(per, chosen, index["umse_radius"])))
+    if logs:
+        plots.append(("training curves", _plot_training(logs, chosen)))
+    lat = index["lattice"]
+    out.append("<h3>Spectra, line profile, uPSNR over time, training</h3><div class=grid>"
+               + "".join(f"<figure>{_img_tag(data, f'{name} {label}')}</figure>" for label, data in plots)
+               + f"</div><p class=note>Strongest non-DC spectral peak of the time-averaged raw movie: period "
+               f"{lat['period_px']:.3g} px at {lat['angle_deg']:.0f}° (peak/background {lat['contrast']:.3g}); "
+               f"the profile crosses it over {index['profile']['length_px']} px, averaged over "
+               f"{index['profile']['width_px']} px along the fringes. uPSNR per frame: the metrics table's "
+               f"reference frames (radius {index['umse_radius']}), frames with reference frames on both "
+               "sides only.</p>")
+    for label, path in extra_images:
+        out.append(f"<details><summary>{html.escape(label)}</summary>"
+                   f"{_img_tag(_small_png(path, max_width=720), f'{name} {label}')}</details>")
+    out.append("</section>")
+    return "\n".join(out)
+
+
+_CSS = """
+body{font-family:sans-serif;font-size:14px;max-width:1240px;margin:auto;padding:0 12px;color:#222}
+table{border-collapse:collapse;margin:6px 0}td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}
+th{background:#f2f2f2}table.sortable th{cursor:pointer}table.sortable th[aria-sort=ascending]::after{content:" ▲"}
+table.sortable th[aria-sort=descending]::after{content:" ▼"}table.small{font-size:12px}
+.warn{color:#b00}.ok{color:#060}.st-ok{color:#060}.st-check{color:#b00;font-weight:bold}.st-baselines{color:#666}
+.badge{font-size:13px;border:1px solid currentColor;border-radius:4px;padding:0 4px;vertical-align:middle}
+tr.chosen{background:#fff6d5}section.dataset{border-top:2px solid #888;margin-top:24px}
+.grid{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start}figure{margin:0}
+figcaption{font-size:12px;font-weight:bold}.frame{position:relative;line-height:0}
+.box{position:absolute;border:1px solid #ff0;box-sizing:border-box}
+img{display:block;margin-bottom:4px}img.px{image-rendering:pixelated}
+.note{font-size:12px;color:#555}ul.warnings{color:#b00}a.up{font-size:12px;font-weight:normal}
+"""
+
+# Sortable tables; #section=NAME shows one dataset alone; #selftest checks the page (a
+# browser test reads the result from <pre id="test-results">).
+_JS_HEAD = """
+window.__errors=[];
+if(location.hash==='#selftest'){
+ window.addEventListener('error',function(e){window.__errors.push('error: '+e.message);},true);
+ window.addEventListener('securitypolicyviolation',function(e){window.__errors.push('csp: '+e.blockedURI);});
+ ['error','warn'].forEach(function(k){var f=console[k];console[k]=function(){
+  window.__errors.push(k+': '+Array.prototype.join.call(arguments,' '));f.apply(console,arguments);};});
+}
+"""
+
+_JS = """
+(function(){
+function key(td,type){var v=td.getAttribute('data-sort');if(v===null)v=td.textContent.trim();
+ if(type==='num'){var x=parseFloat(v);return isNaN(x)?-Infinity:x;}return v.toLowerCase();}
+function sortBy(table,col){var th=table.tHead.rows[0].cells[col],type=th.getAttribute('data-type')||'text';
+ var dir=th.getAttribute('aria-sort')==='ascending'?-1:1;
+ Array.prototype.forEach.call(table.tHead.rows[0].cells,function(c){c.removeAttribute('aria-sort');});
+ th.setAttribute('aria-sort',dir===1?'ascending':'descending');
+ var body=table.tBodies[0],rows=Array.prototype.slice.call(body.rows);
+ rows.sort(function(a,b){var x=key(a.cells[col],type),y=key(b.cells[col],type);return (x<y?-1:x>y?1:0)*dir;});
+ rows.forEach(function(r){body.appendChild(r);});}
+Array.prototype.forEach.call(document.querySelectorAll('table.sortable'),function(t){
+ Array.prototype.forEach.call(t.tHead.rows[0].cells,function(th,i){th.addEventListener('click',function(){sortBy(t,i);});});});
+function showHash(){var m=/^#section=(.+)$/.exec(location.hash),only=m?decodeURIComponent(m[1]):null;
+ Array.prototype.forEach.call(document.querySelectorAll('.top, section.dataset'),function(el){
+  el.style.display=(!only||el.id==='ds-'+only)?'':'none';});}
+window.addEventListener('hashchange',showHash);showHash();
+function values(t,col){var type=t.tHead.rows[0].cells[col].getAttribute('data-type');
+ return Array.prototype.map.call(t.tBodies[0].rows,function(r){return key(r.cells[col],type);});}
+function sorted(v,dir){for(var i=1;i<v.length;i++){if((v[i]<v[i-1]?-1:v[i]>v[i-1]?1:0)*dir<0)return false;}return true;}
+function selftest(){var t=document.getElementById('overview-table'),out={errors:window.__errors,images:[],sort:[]};
+ Array.prototype.forEach.call(document.images,function(im){
+  out.images.push({alt:im.alt,complete:im.complete,naturalWidth:im.naturalWidth});});
+ var ths=t.tHead.rows[0].cells;
+ for(var i=0;i<ths.length;i++){ths[i].click();var a=sorted(values(t,i),1);ths[i].click();var d=sorted(values(t,i),-1);
+  out.sort.push({column:ths[i].textContent,ascending:a,descending:d});}
+ ths[ths.length-1].click();ths[ths.length-1].click();
+ var gain=Array.prototype.map.call(ths,function(th){return th.textContent;}).indexOf('Gain (dB)');
+ if(gain>=0){ths[gain].click();out.final_sort='Gain (dB)';}
+ var pre=document.getElementById('test-results');pre.textContent=JSON.stringify(out);pre.hidden=false;}
+if(location.hash==='#selftest'){window.addEventListener('load',selftest);}
+})();
+"""
+
+#: No network: images only from data: URIs, no external script, style, font or frame.
+_CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'")
+
+
+def write_report(datasets: Sequence[str], inputs, outputs, choices: Mapping[str, str] | None = None,
+                 train_logs: Mapping[str, Mapping[str, str]] | None = None) -> list[dict]:
+    """Write the combined CSV, report.md and report.html; returns the overview rows
+    (:func:`dataset_summary`).
 
     inputs: object with lists ``metrics``, ``previews``, ``drift``, ``noise``,
-    ``blindspot`` ordered like ``datasets``; outputs: ``table``, ``markdown``, ``html``;
-    choices: dataset -> model_choice.json (which model denoised it, and why).
+    ``blindspot`` and (optionally) ``diagnostics`` (the metrics rule's folders) and
+    ``drift_csv``, ordered like ``datasets``; outputs: ``table``, ``markdown``, ``html``;
+    choices: dataset -> model_choice.json (which model denoised it, and why);
+    train_logs: dataset -> {model: train_log.csv}.
+
+    The HTML page is one self-contained file (images as base64 PNG, inline CSS and a few
+    lines of JavaScript, a Content-Security-Policy that forbids any network access): an
+    overview table (one row per dataset, sortable by clicking a header), then one section
+    per dataset.
     """
     table = collect_metrics(inputs.metrics)
     with atomic_path(outputs.table) as tmp:
         table.to_csv(tmp, index=False)
     spots = [json.loads(Path(p).read_text()) for p in inputs.blindspot]
+    diags = list(getattr(inputs, "diagnostics", []) or [])
+    drift_csvs = list(getattr(inputs, "drift_csv", []) or [])
     md_dir = Path(outputs.markdown).parent
-    md = ["# emdenoise report", "",
-          "uMSE / uPSNR: WCVD paper eq. 1–2 from raw frames t−r−1, t+r+1, t+r+2, outside every method's "
-          "temporal reach (r = umse_radius; lower uMSE, higher uPSNR is better). SNR: SHINE eq. 5 from the "
-          "correlation snr_corr of output frames t and t+2r+1, whose input frames do not overlap. "
-          "PSNR / SSIM only where a ground truth exists.", "",
-          _fmt(table).to_markdown(index=False) if _has_tabulate() else _fmt(table).to_string(index=False), ""]
-    body = ["<h1>emdenoise report</h1>", "<p>uMSE / uPSNR: WCVD paper eq. 1–2 from raw frames t−r−1, t+r+1, "
-            "t+r+2, outside every method's temporal reach (r = umse_radius). SNR: SHINE eq. 5 from output "
-            "frames t and t+2r+1 (no shared input frames). PSNR / SSIM against ground truth "
-            "where one exists.</p>", _fmt(table).to_html(index=False, na_rep="–")]
+    summaries, sections, md_sections = [], [], []
     for i, name in enumerate(datasets):
         spot = spots[i]
         line = (f"Blind spot chosen: {spot.get('blindspot')}×{spot.get('blindspot')} "
@@ -106,30 +733,88 @@ def write_report(datasets: Sequence[str], inputs, outputs, choices: Mapping[str,
             r = int(radius.iloc[0])
             line += (f" uMSE radius {r}: reference frames t−{r + 1}, t+{r + 1}, t+{r + 2}; "
                      f"SNR from frames t and t+{2 * r + 1}.")
+        choice = None
         if choices and name in choices:
-            c = json.loads(Path(choices[name]).read_text())
-            evidence = ", ".join(f"{m} {v:.4g}" for m, v in c.get("umse", {}).items())
-            line += (f" Model: {c['chosen']} ({c['rule']}" + (f"; uMSE {evidence}" if evidence else "") + ").")
-        md += [f"## {name}", "", line, ""]
-        body += [f"<h2>{html.escape(name)}</h2>", f"<p>{html.escape(line)}</p>"]
-        for label, key in (("Preview (same contrast in every panel)", "previews"),
-                           ("Drift", "drift"), ("Noise correlation", "noise")):
-            path = getattr(inputs, key)[i]
-            md += [f"![{label}]({os.path.relpath(path, md_dir)})", ""]
-            body += [f"<h3>{label}</h3>", _img(path)]
+            choice = json.loads(Path(choices[name]).read_text())
+            evidence = ", ".join(f"{m} {v:.4g}" for m, v in choice.get("umse", {}).items())
+            line += (f" Model: {choice['chosen']} ({choice['rule']}" + (f"; uMSE {evidence}" if evidence else "") + ").")
+        index = json.loads((Path(diags[i]) / "index.json").read_text()) if diags else None
+        drift = pd.read_csv(drift_csvs[i]) if drift_csvs else None
+        summary = dataset_summary(name, table, choice=choice, index=index, drift=drift, blindspot=spot)
+        summaries.append(summary)
+        md_sections += [f"## {name}", "", line, ""]
+        md_sections += [f"- warning: {w}" for w in summary["warnings"]] + ([""] if summary["warnings"] else [])
+        extra = [("Drift", getattr(inputs, "drift")[i]), ("Noise correlation", getattr(inputs, "noise")[i])]
+        for label, key in (("Preview (same contrast in every panel)", "previews"), ("Drift", "drift"),
+                           ("Noise correlation", "noise")):
+            md_sections += [f"![{label}]({os.path.relpath(getattr(inputs, key)[i], md_dir)})", ""]
+        logs = {}
+        for m, p in ((train_logs or {}).get(name) or {}).items():
+            if Path(p).exists():
+                logs[m] = pd.read_csv(p)
+        if index is not None:
+            sections.append(_dataset_html(name, Path(diags[i]), index, summary, table, choice, logs, line, extra))
+        else:
+            sections.append(f'<section class="dataset" id="ds-{html.escape(name)}"><h2>{html.escape(name)}</h2>'
+                            f"<p>{html.escape(line)}</p>"
+                            + "".join(f"<h3>{label}</h3>{_img_tag(_small_png(path, max_width=720), label)}"
+                                      for label, path in extra) + "</section>")
+    overview = pd.DataFrame([{**s, "warnings": "; ".join(s["warnings"])} for s in summaries])
+    intro = ("uMSE / uPSNR: WCVD paper eq. 1–2 from raw frames t−r−1, t+r+1, t+r+2, outside every method's "
+             "temporal reach (r = umse_radius; lower uMSE, higher uPSNR is better). SNR: SHINE eq. 5 from the "
+             "correlation snr_corr of output frames t and t+2r+1, whose input frames do not overlap. "
+             "PSNR / SSIM only where a ground truth exists. Gain: uPSNR of the chosen model minus the best "
+             f"classical method's ({', '.join(CLASSICAL)}).")
+    to_md = (lambda d: d.to_markdown(index=False)) if _has_tabulate() else (lambda d: d.to_string(index=False))
+    md = ["# emdenoise report", "", intro, "", "## Overview", "", to_md(overview.round(3)), "",
+          "## All metrics", "", to_md(_fmt(table)), ""] + md_sections
     with atomic_path(outputs.markdown) as tmp:
         Path(tmp).write_text("\n".join(md))
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>emdenoise report</title>"
-            "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}"
-            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}</style>"
-            "</head><body>" + "\n".join(body) + "</body></html>")
+    n_check = sum(s["status"] == "check" for s in summaries)
+    body = ['<div class="top">', "<h1>emdenoise report</h1>",
+            f"<p>{len(datasets)} dataset(s); {n_check} to check. Click a column header to sort; click a "
+            "dataset for its section (raw vs denoised at one contrast, residuals, spectra, line profile, "
+            "uPSNR per frame, training, model choice).</p>",
+            "<h2 id=overview>Overview</h2>", _overview_html(summaries), f"<p class=note>{html.escape(intro)}</p>",
+            "<details><summary>All metrics (one row per dataset and method)</summary>",
+            _fmt(table).to_html(index=False, na_rep="–", classes="small"), "</details>", "</div>"]
+    page = ("<!doctype html><html lang=en><head><meta charset='utf-8'>"
+            f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
+            "<meta name=viewport content='width=device-width'><title>emdenoise report</title>"
+            f"<style>{_CSS}</style><script>{_JS_HEAD}</script></head><body>" + "\n".join(body + sections)
+            + f'<pre id="test-results" hidden></pre><script>{_JS}</script></body></html>')
     with atomic_path(outputs.html) as tmp:
         Path(tmp).write_text(page)
+    return summaries
 
 
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401  (pandas.to_markdown needs it)
-    except ImportError:
-        return False
-    return True
+# =========================================================================== browser
+def find_chromium() -> str | None:
+    """Path of a Chromium / Chrome executable on PATH, or None."""
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def browse(html_path, *, fragment: str = "", screenshot=None, size: tuple[int, int] = (1280, 1000),
+           timeout: float = 120, chromium: str | None = None) -> tuple[str, list[str]]:
+    """Open a local HTML file in headless Chromium; returns (the DOM after the load
+    event's scripts ran, the console messages Chromium logged). With ``screenshot`` (a
+    PNG path) it takes a screenshot of ``size`` (width, height) instead of dumping the
+    DOM (returns ""). ``fragment``: e.g. "#selftest" or "#section=NAME"."""
+    exe = chromium or find_chromium()
+    if exe is None:
+        raise FileNotFoundError("no chromium on PATH (Debian: apt-get install chromium)")
+    url = Path(html_path).resolve().as_uri() + fragment
+    with tempfile.TemporaryDirectory(prefix="emdenoise-chromium-") as profile:
+        cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+               "--hide-scrollbars", f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
+               f"--window-size={size[0]},{size[1]}", "--virtual-time-budget=5000"]
+        cmd += [f"--screenshot={Path(screenshot).resolve()}"] if screenshot else ["--dump-dom"]
+        proc = subprocess.run(cmd + [url], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"chromium exited {proc.returncode}: {proc.stderr[-2000:]}")
+    console = [ln for ln in proc.stderr.splitlines() if ":CONSOLE" in ln]
+    return ("" if screenshot else proc.stdout), console

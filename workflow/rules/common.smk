@@ -167,6 +167,11 @@ def model_choices(wildcards=None):
     return {ds: f"{RESULTS}/{ds}/model_choice.json" for ds in DATASETS if candidates(ds)}
 
 
+def train_logs(wildcards=None):
+    """Each trained candidate's training log, by dataset and model (the report's curves)."""
+    return {ds: {m: f"{RESULTS}/{ds}/{m}/train_log.csv" for m in candidates(ds)} for ds in DATASETS if candidates(ds)}
+
+
 def drift_inputs(wildcards):
     """Tilt series skip drift correction by default: then no pre-filtered stack is needed."""
     inputs = {"raw": f"{RESULTS}/{wildcards.ds}/raw.zarr"}

@@ -1,4 +1,5 @@
-# uMSE / uPSNR / SNR (and PSNR / SSIM against ground truth) per method, plus a preview.
+# uMSE / uPSNR / SNR (and PSNR / SSIM against ground truth) per method, plus a preview and
+# the report's per-dataset diagnostics (small PNG / CSV / JSON files that need the stacks).
 
 
 rule metrics:
@@ -14,6 +15,7 @@ rule metrics:
             category="Previews",
             labels={"dataset": "{ds}"},
         ),
+        diagnostics=directory(f"{RESULTS}/{{ds}}/diagnostics"),
     params:
         cfg=stage("name", "metrics"),
         methods=lambda wildcards: methods(wildcards.ds),

@@ -1,4 +1,4 @@
-# One table and one page for all datasets.
+# One table and one page for all datasets (per-dataset diagnostics come from the metrics rule).
 
 
 rule report:
@@ -9,6 +9,9 @@ rule report:
         noise=expand(f"{RESULTS}/{{ds}}/noise_correlation.png", ds=DATASETS),
         blindspot=expand(f"{RESULTS}/{{ds}}/blindspot.json", ds=DATASETS),
         choices=list(model_choices().values()),
+        diagnostics=expand(f"{RESULTS}/{{ds}}/diagnostics", ds=DATASETS),
+        drift_csv=expand(f"{RESULTS}/{{ds}}/drift.csv", ds=DATASETS),
+        train_logs=[p for logs in train_logs().values() for p in logs.values()],
     output:
         table=report(
             f"{RESULTS}/report/metrics.csv",
@@ -21,6 +24,7 @@ rule report:
     params:
         datasets=DATASETS,
         choices=model_choices(),
+        train_logs=train_logs(),
     log:
         f"{RESULTS}/logs/report.log",
     resources:

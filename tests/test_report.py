@@ -1,0 +1,193 @@
+"""The report: built from small synthetic inputs made here (no pipeline run), then opened in
+headless Chromium (Debian package ``chromium``; .ci/run installs it): no console errors,
+every image decoded, the overview table sorts on click, a screenshot renders."""
+from __future__ import annotations
+
+import html
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from emdenoise import report  # noqa: E402
+from emdenoise.filters import gaussian3d  # noqa: E402
+from emdenoise.metrics import compute_metrics, select_model  # noqa: E402
+from test_metrics import moving_particles  # noqa: E402
+
+NO_CHROMIUM = "headless Chromium not found: install the Debian package (apt-get install -y chromium; .ci/run does)"
+
+
+def _tiny_png(path: Path, title: str) -> str:
+    fig, ax = plt.subplots(figsize=(2, 1.5))
+    ax.plot([0, 1, 2], [0, 1, 0])
+    ax.set_title(title)
+    fig.savefig(path, dpi=50)
+    plt.close(fig)
+    return str(path)
+
+
+def make_dataset(root: Path, name: str, noisy, clean, methods: dict, *, chosen: str | None,
+                 blindspot: int = 3, drift_px: float = 2.0) -> dict:
+    """One dataset's pipeline outputs as the report rule reads them. methods: name ->
+    (stack, reach); the networks among them get a training log. Returns report inputs."""
+    d = root / name
+    d.mkdir(parents=True)
+    stacks = {"raw": noisy, **{m: s for m, (s, _) in methods.items()}}
+    reaches = {"raw": 0, **{m: r for m, (_, r) in methods.items()}}
+    table = compute_metrics(stacks, noisy, truth=clean, reaches=reaches, temporal_radius=2)
+    report.write_diagnostics(d / "diagnostics", stacks, table=table, truth=clean)
+    table.insert(0, "dataset", name)
+    table.to_csv(d / "metrics.csv", index=False)
+    report.plot_preview(stacks, d / "preview.png", truth=clean, title=name)
+    t = np.arange(noisy.shape[0])
+    pd.DataFrame({"frame": t, "dy": drift_px * t / t[-1], "dx": 0.0}).to_csv(d / "drift.csv", index=False)
+    (d / "blindspot.json").write_text(json.dumps({"blindspot": blindspot, "estimate_used": "frame", "rule": "test"}))
+    out = {"metrics": d / "metrics.csv", "previews": d / "preview.png", "drift": _tiny_png(d / "drift.png", "drift"),
+           "noise": _tiny_png(d / "noise.png", "noise"), "blindspot": d / "blindspot.json",
+           "diagnostics": d / "diagnostics", "drift_csv": d / "drift.csv", "choice": None, "logs": {}}
+    if chosen:
+        cands = [m for m in methods if m not in ("gaussian2d", "gaussian3d")]
+        choice = select_model({m: stacks[m] for m in cands}, noisy, reaches={m: reaches[m] for m in cands},
+                              temporal_radius=2)
+        choice["chosen"] = chosen  # as if select had chosen it (the over-smoothing one, for the test)
+        (d / "model_choice.json").write_text(json.dumps({"dataset": name, "candidates": cands, **choice}))
+        out["choice"] = d / "model_choice.json"
+        for m in cands:
+            if m != "classical":
+                epochs = np.arange(1, 11)
+                pd.DataFrame({"epoch": epochs, "train_loss": 1 / epochs, "val_loss": 1.1 / epochs, "lr": 1e-3,
+                              "seconds": epochs}).to_csv(d / f"train_log_{m}.csv", index=False)
+                out["logs"][m] = str(d / f"train_log_{m}.csv")
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Three datasets: a dynamic movie whose chosen output over-smooths in time (residual
+    warning, large drift); the same movie with a good model (blind spot 9 x 9); a short
+    movie, baselines only (too few frames for the uMSE radius)."""
+    root = tmp_path_factory.mktemp("report")
+    noisy, clean = moving_particles(n_frames=32, seed=0)
+    rng = np.random.default_rng(3)
+    good = (clean + rng.normal(scale=0.3, size=clean.shape)).astype(np.float32)
+    methods = {"gaussian2d": (gaussian3d(noisy, (0.0, 1.0, 1.0)), 0), "gaussian3d": (gaussian3d(noisy, 1.0), 2),
+               "classical": (gaussian3d(noisy, (6.0, 0.0, 0.0)), 12), "wcvd": (good, 1)}
+    short_noisy, short_clean = moving_particles(n_frames=7, seed=1)
+    sets = {
+        "dyn_oversmoothed": make_dataset(root, "dyn_oversmoothed", noisy, clean, methods, chosen="classical",
+                                         drift_px=14.0),
+        "dyn_good": make_dataset(root, "dyn_good", noisy, clean, methods, chosen="wcvd", blindspot=9),
+        "short_baselines": make_dataset(root, "short_baselines", short_noisy, short_clean,
+                                        {"gaussian2d": (gaussian3d(short_noisy, (0.0, 1.0, 1.0)), 0),
+                                         "gaussian3d": (gaussian3d(short_noisy, 1.0), 2)}, chosen=None),
+    }
+    names = list(sets)
+    inputs = SimpleNamespace(**{k: [str(sets[n][k]) for n in names] for k in
+                                ("metrics", "previews", "drift", "noise", "blindspot", "diagnostics", "drift_csv")})
+    outputs = SimpleNamespace(table=str(root / "report" / "metrics.csv"), markdown=str(root / "report" / "report.md"),
+                              html=str(root / "report" / "report.html"))
+    summaries = report.write_report(names, inputs, outputs,
+                                    choices={n: str(s["choice"]) for n, s in sets.items() if s["choice"]},
+                                    train_logs={n: s["logs"] for n, s in sets.items() if s["logs"]})
+    return Path(outputs.html), {s["dataset"]: s for s in summaries}
+
+
+def test_overview_rows_and_warnings(built):
+    page, rows = built
+    bad, good, short = rows["dyn_oversmoothed"], rows["dyn_good"], rows["short_baselines"]
+    assert bad["status"] == "check" and bad["chosen"] == "classical"
+    assert any(w.startswith("residual structure in classical") for w in bad["warnings"]), bad
+    assert any("drift 14.0 px" in w for w in bad["warnings"])
+    assert good["chosen"] == "wcvd" and not any("residual" in w for w in good["warnings"]), good
+    assert any("blind spot 9×9" in w for w in good["warnings"])
+    # uPSNR against frames 13 away (the classical candidate's reach sets the radius) is biased
+    # on a moving scene: the gain may be negative even for the near-perfect model, which is
+    # why the residual check exists
+    assert np.isfinite(good["gain_db"]) and good["best_classical"] in report.CLASSICAL
+    assert short["status"] == "baselines only" and short["chosen"] is None
+    assert any(w.startswith("too few frames (7)") for w in short["warnings"]), short
+
+
+def test_page_is_self_contained_and_small(built):
+    page, _ = built
+    text = page.read_text()
+    refs = re.findall(r'(?:src|href)="([^"]*)"', text)
+    assert refs and all(r.startswith(("data:image/png;base64,", "#")) for r in refs), [r[:40] for r in refs]
+    assert "http://" not in text and "https://" not in text and "@import" not in text
+    assert "Content-Security-Policy" in text
+    assert len(text) < 3 * 400_000, len(text)  # three datasets, a few hundred kB each at most
+    for name in ("dyn_oversmoothed", "dyn_good", "short_baselines"):
+        assert f'id="ds-{name}"' in text
+    for what in ("Residual raw − denoised", "power spectra", "line profile", "uPSNR per frame", "training curves",
+                 "Model choice"):
+        assert what in text, what
+
+
+def _results(dom: str) -> dict:
+    m = re.search(r'<pre id="test-results"[^>]*>(.*?)</pre>', dom, re.S)
+    assert m and m.group(1), dom[-2000:]
+    return json.loads(html.unescape(m.group(1)))
+
+
+def test_in_headless_chromium(built, tmp_path):
+    exe = report.find_chromium()
+    if exe is None:
+        pytest.skip(NO_CHROMIUM)
+    page, rows = built
+    dom, console = report.browse(page, fragment="#selftest")
+    res = _results(dom)
+    assert res["errors"] == [] and console == [], (res["errors"], console)
+    n_img = page.read_text().count("<img ")
+    assert len(res["images"]) == n_img > 20
+    bad = [im["alt"] for im in res["images"] if not (im["complete"] and im["naturalWidth"] > 0)]
+    assert not bad, bad
+    assert len(res["sort"]) == len(report._OVERVIEW_COLUMNS)
+    assert all(s["ascending"] and s["descending"] for s in res["sort"]), res["sort"]
+    # the DOM after the self-test's last click: overview rows ascending by gain (NaN first)
+    table = re.search(r'<table id="overview-table".*?</table>', dom, re.S).group(0)
+    col = [c for c, _, _ in report._OVERVIEW_COLUMNS].index("gain_db")
+    gains = [re.findall(r'<td data-sort="([^"]*)"', tr)[col] for tr in re.findall(r"<tr>(.*?)</tr>", table, re.S)[1:]]
+    values = [float(g) if g else -np.inf for g in gains]
+    assert len(values) == 3 and values == sorted(values), gains
+    names = re.findall(r'<a href="#ds-([^"]+)"', table)
+    expected = sorted(rows, key=lambda n: rows[n]["gain_db"] if rows[n]["gain_db"] == rows[n]["gain_db"] else -np.inf)
+    assert names == expected
+    # one dataset alone (#section=NAME), and a screenshot that shows something
+    dom, console = report.browse(page, fragment="#section=dyn_good")
+    assert re.search(r'<section class="dataset" id="ds-dyn_oversmoothed" style="display: none;', dom)
+    assert re.search(r'<section class="dataset" id="ds-dyn_good"(?! style="display: none)', dom) and console == []
+    assert re.search(r'<div class="top" style="display: none;', dom)
+    shot = tmp_path / "shot.png"
+    report.browse(page, fragment="#section=dyn_good", screenshot=shot, size=(1000, 800))
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("L"))
+    assert img.shape == (800, 1000) and img.std() > 10
+
+
+def test_lattice_peak_profile_and_crop_on_a_known_pattern():
+    yy, xx = np.mgrid[:128, :160].astype(np.float64)
+    angle, period = np.radians(30.0), 8.0
+    fringes = np.cos(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period)
+    img = np.zeros_like(fringes)
+    img[40:104, 80:144] = fringes[40:104, 80:144]  # the lattice fills one 64 px patch
+    img += 0.2 * np.random.default_rng(0).normal(size=img.shape)
+    peak = report.lattice_peak(img)
+    assert peak["period_px"] == pytest.approx(period, rel=0.05)
+    assert abs(((peak["angle_deg"] - 30.0) + 90) % 180 - 90) < 4  # the wave vector, up to its sign
+    assert peak["contrast"] > 20
+    y0, x0, h, w = report.crop_box(img, 64)
+    assert (h, w) == (64, 64) and abs(y0 - 40) <= 4 and abs(x0 - 80) <= 4
+    pos, vals = report.line_profile(fringes, (72, 112), (peak["ky"], peak["kx"]), 32)
+    spectrum = np.abs(np.fft.rfft(vals - vals.mean()))  # across the fringes: 32 px hold 4 periods
+    assert np.argmax(spectrum) == 4
+    freq, power = report.radial_spectrum(fringes[None])
+    assert freq[np.nanargmax(power)] == pytest.approx(1 / period, abs=0.01)
