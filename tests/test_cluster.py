@@ -16,7 +16,8 @@ SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 CONFIG = {
     "demo": {"c": {"mode": "counting", "n_frames": 8, "shape": [48, 48], "max_drift": 2.0}},
     "datasets": {"c": {"path": "resources/demo/c.tif", "ground_truth": "resources/demo/c_truth.tif"}},
-    "defaults": {"train": {"epochs": 2, "crop": 32, "val_crop": 32}, "prefilter": {"epochs": 2}},
+    "defaults": {"train": {"epochs": 2, "crop": 32, "val_crop": 32}, "prefilter": {"epochs": 2},
+                 "model": {"name": "wcvd"}},  # 8 frames: too few for auto
 }
 
 

@@ -175,7 +175,8 @@ def test_bad_input_file_fails_cleanly_without_partial_output(tmp_path):
 def test_real_au_movie_subset(tmp_path):
     """Ingest -> metrics on the first 10 frames of the real K2 movie, read in place."""
     config = {"datasets": {"au": {"path": str(AU), "pixel_size": 0.317, "frames": [0, 10]}},
-              "defaults": {"train": {"epochs": 20}, "prefilter": {"epochs": 20}}}  # short: full runs use config/au_graphene_liquid_cell.yaml
+              "defaults": {"train": {"epochs": 20}, "prefilter": {"epochs": 20},
+                           "model": {"name": "wcvd"}}}  # short: full runs use config/au_graphene_liquid_cell.yaml
     proc = snakemake(tmp_path, config=config)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = tmp_path / "results"
