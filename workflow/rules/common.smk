@@ -169,7 +169,8 @@ def model_choices(wildcards=None):
 
 def train_logs(wildcards=None):
     """Each trained candidate's training log, by dataset and model (the report's curves)."""
-    return {ds: {m: f"{RESULTS}/{ds}/{m}/train_log.csv" for m in candidates(ds)} for ds in DATASETS if candidates(ds)}
+    return {ds: {m: f"{RESULTS}/{ds}/{m}/train_log.csv" for m in candidates(ds) if m != "pretrained"}
+            for ds in DATASETS if candidates(ds)}  # a pretrained model was trained elsewhere
 
 
 def drift_inputs(wildcards):
