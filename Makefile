@@ -34,7 +34,7 @@ bench: venv
 
 # Screenshots of the demo report (overview, one dataset) in docs/: headless Chromium.
 docs: venv
-	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG) results/report/report.html
+	$(BIN)/snakemake results/report/report.html --cores $(CORES) --configfile $(CONFIG)
 	$(BIN)/python bench/report_screenshots.py results/report/report.html --out docs
 
 clean:
