@@ -68,7 +68,10 @@ def tiny_config(tmp_path: Path) -> dict:
 
 
 def test_dry_run_and_lint_of_the_default_config(tmp_path):
-    dry = subprocess.run([str(SNAKEMAKE), "-n", "--cores", "1"], cwd=REPO, capture_output=True, text=True)
+    # in an empty folder: results/ of an earlier `make run` in the checkout must not matter
+    dry = subprocess.run([str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path), "-n",
+                          "--cores", "1", "--configfile", str(REPO / "config" / "config.yaml")],
+                         cwd=REPO, capture_output=True, text=True)
     assert dry.returncode == 0, dry.stderr
     assert "report" in dry.stdout and "demo" in dry.stdout
     lint = subprocess.run([str(SNAKEMAKE), "--lint"], cwd=REPO, capture_output=True, text=True)
