@@ -31,7 +31,7 @@ LAYERS = {
     2: {"models", "report", "provenance"},
     3: {"checkpoint"},
     4: {"train", "infer"},
-    5: {"chunked", "pipeline"},
+    5: {"chunked", "pipeline", "watch"},
     6: {"cli"},
 }
 RANK = {m: r for r, mods in LAYERS.items() for m in mods}

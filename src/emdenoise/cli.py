@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import yaml
 
-from . import __version__, io, models, pipeline, provenance, synthetic, train
+from . import __version__, io, models, pipeline, provenance, synthetic, train, watch
 from . import config as emcfg
 from .errors import InputError
 
@@ -108,6 +108,15 @@ def _denoise(args: argparse.Namespace) -> None:
           f"{ckpt['train_seconds']:.0f} s training on {ckpt['device']})")
 
 
+def _watch(args: argparse.Namespace) -> None:
+    """Denoise frames as the microscope writes them (emdenoise.watch)."""
+    device = str(models.resolve_device(args.device or "auto"))
+    stats = watch.watch(args.input, args.output, args.load_model, device=device, poll=args.poll,
+                        idle=None if args.idle <= 0 else args.idle)
+    print(f"watch: {stats['frames']} frames in {stats['seconds']:.1f} s ({stats['frames_per_s']:.2f} frames/s), "
+          f"lag mean {stats['lag_mean_s']:.2f} s, max {stats['lag_max_s']:.2f} s")
+
+
 def _verify(args: argparse.Namespace) -> None:
 
     problems = provenance.verify(args.results)
@@ -172,6 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "pixels, denoise, shift back; tilt series are never aligned)")
     den.add_argument("-v", "--verbose", action="store_true", help="print the validation loss every epoch")
     den.set_defaults(func=_denoise)
+
+    wat = sub.add_parser("watch", help="denoise single-frame files as they appear in a folder (live, in situ)")
+    wat.add_argument("input", help="folder the detector writes frames into (.tif, .mrc, .dm4, ...)")
+    wat.add_argument("output", help="folder for the denoised frames (same names, .tif) and preview.png")
+    wat.add_argument("--load-model", required=True, help="trained checkpoint (.pt), e.g. from "
+                     "`emdenoise denoise first_frames.tif out.tif --save-model m.pt`")
+    wat.add_argument("--idle", type=float, default=30.0, help="stop after this many seconds without a new frame "
+                     "(0: only on Ctrl-C); the last frames are written with mirrored windows")
+    wat.add_argument("--poll", type=float, default=0.5, help="seconds between looks at the folder")
+    wat.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    wat.set_defaults(func=_watch)
 
     ver = sub.add_parser("verify", help="recompute the checksums recorded in provenance.json files")
     ver.add_argument("results", help="a results folder (searched recursively for provenance.json)")
