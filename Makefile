@@ -30,7 +30,9 @@ dryrun: venv
 	$(BIN)/snakemake -n --cores 1
 
 bench: venv
-	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
+	for b in bench/bench_*.py; do \
+	  case $$b in *bench_quality.py) $(BIN)/python $$b --quick || exit 1;; *) $(BIN)/python $$b || exit 1;; esac; \
+	done   # bench_quality.py without --quick: the full ground-truth suite (hours on 2 cores)
 
 # Screenshots of the demo report (overview, one dataset) in docs/: headless Chromium.
 docs: venv
