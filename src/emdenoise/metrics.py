@@ -90,21 +90,7 @@ def umse(denoised, noisy, *, temporal_radius: int = 0) -> float:
     InputError
         If T < 2 * temporal_radius + 4 or the shapes differ.
     """
-    f, y = _stack(denoised, "umse"), _stack(noisy, "umse")
-    _same_shape(f, y, "umse")
-    r = int(temporal_radius)
-    if r < 0:
-        raise InputError(None, f"umse: temporal_radius must be >= 0, got {r}")
-    n = y.shape[0]
-    if n < 2 * r + 4:
-        raise InputError(None, f"umse: needs at least {2 * r + 4} frames for temporal_radius={r}, got {n}")
-    err = noise = 0.0
-    frames = range(r + 1, n - r - 2)
-    for t in frames:  # frame by frame: float64 sums without float64 copies of the movies
-        a, b, c = (np.asarray(y[i], dtype=np.float64) for i in (t - r - 1, t + r + 1, t + r + 2))
-        err += np.mean((np.asarray(f[t], dtype=np.float64) - a) ** 2)
-        noise += np.mean((b - c) ** 2)
-    return float((err - 0.5 * noise) / len(frames))
+    return float(np.nanmean(umse_per_frame(denoised, noisy, temporal_radius=temporal_radius, what="umse")))
 
 
 def upsnr(denoised, noisy, peak: float | None = None, *, temporal_radius: int = 0) -> float:
@@ -368,8 +354,9 @@ def select_model(denoised: dict, noisy, *, reaches: Mapping[str, int], temporal_
 
 
 # --------------------------------------------------------------------------- per frame
-def umse_per_frame(denoised, noisy, *, temporal_radius: int = 0) -> np.ndarray:
-    """uMSE of each output frame (the terms :func:`umse` averages), same reference frames.
+def umse_per_frame(denoised, noisy, *, temporal_radius: int = 0, what: str = "umse_per_frame") -> np.ndarray:
+    """uMSE of each output frame (the terms :func:`umse` averages), same reference frames;
+    ``what`` names the caller in error messages.
 
     Parameters
     ----------
@@ -392,14 +379,14 @@ def umse_per_frame(denoised, noisy, *, temporal_radius: int = 0) -> np.ndarray:
     InputError
         Shapes differ, r < 0, or T < 2r + 4.
     """
-    f, y = _stack(denoised, "umse_per_frame"), _stack(noisy, "umse_per_frame")
-    _same_shape(f, y, "umse_per_frame")
+    f, y = _stack(denoised, what), _stack(noisy, what)
+    _same_shape(f, y, what)
     r = int(temporal_radius)
     if r < 0:
-        raise InputError(None, f"umse_per_frame: temporal_radius must be >= 0, got {r}")
+        raise InputError(None, f"{what}: temporal_radius must be >= 0, got {r}")
     n = y.shape[0]
     if n < 2 * r + 4:
-        raise InputError(None, f"umse_per_frame: needs at least {2 * r + 4} frames for temporal_radius={r}, got {n}")
+        raise InputError(None, f"{what}: needs at least {2 * r + 4} frames for temporal_radius={r}, got {n}")
     out = np.full(n, np.nan)
     for t in range(r + 1, n - r - 2):
         a, b, c = (np.asarray(y[i], dtype=np.float64) for i in (t - r - 1, t + r + 1, t + r + 2))
