@@ -30,7 +30,7 @@ def main(smk):
                       attrs={**src_attrs, **attrs, "tiling": {"tile": cfg.tilt_tile, "overlap": cfg.tilt_overlap}})
         return
     tile = None if cfg.tile is None else (cfg.batch_frames, cfg.tile, cfg.tile)
-    stats = chunked.infer_zarr(smk.input.model, None, smk.input.stack, smk.output[0], device=cfg.device, tile=tile,
+    stats = chunked.infer_zarr(model, ckpt, smk.input.stack, smk.output[0], device=cfg.device, tile=tile,
                                workers=cfg.workers or smk.threads, scheduler_address=cfg.scheduler_address,
                                batch_frames=cfg.batch_frames, attrs=attrs)
     stage.log.info("inference: %s", stats)

@@ -4,7 +4,6 @@ WCVD: circular FFT low-pass (WCVD paper, SM 2), its diameter chosen by uMSE agai
 aligned raw movie when `lowpass.diameter: auto`; SHINE's method has none: its output
 passes through unchanged.
 """
-import numpy as np
 
 from emdenoise import io, pipeline, stage
 from emdenoise.config import stage_config
@@ -13,7 +12,7 @@ from emdenoise.config import stage_config
 def main(smk):
     ds = stage_config(smk.params.cfg)  # nothing for SHINE (common.smk: lowpass_settings)
     stack, attrs = io.read_zarr(smk.input.denoised)
-    raw = np.asarray(io.read_zarr(smk.input.raw)[0][:], dtype=np.float32)
+    raw, _ = io.read_zarr(smk.input.raw)  # lazy: read only when a low-pass diameter is scored
     out, record = pipeline.postprocess(stack[:], ds, smk.wildcards.model, raw, attrs.get("temporal_reach"),
                                        model_kind=attrs.get("model_kind"), ks_max=attrs.get("ks_max"))
     stage.log.info("post-processing: %s", record)

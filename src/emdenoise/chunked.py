@@ -32,7 +32,7 @@ from . import io as _io
 from .checkpoint import load_checkpoint, normalisation_of
 from .errors import InputError
 from .models import resolve_device
-from .tiling import check_frame_size, read_with_halo, window_index, wrap_index
+from .tiling import check_frame_count, check_frame_size, read_with_halo, window_index, wrap_index
 
 __all__ = ["infer_zarr", "auto_tile", "available_memory", "cached_model", "is_oom"]
 
@@ -355,10 +355,7 @@ def infer_zarr(model, ckpt, src_zarr_path, dst_zarr_path, *, device: str = "auto
         ckpt = cached_model(model, "cpu")[1]
     p = params_model.params
     check_frame_size(shape[1:], p.halo_s, src_zarr_path)  # a wrapped halo must not fold p onto itself
-    try:
-        window_index(0, shape[0], shape[0], p.halo_t)
-    except ValueError as exc:
-        raise InputError(src_zarr_path, str(exc)) from None
+    check_frame_count(shape[0], p.halo_t, src_zarr_path)
     ngpu = torch.cuda.device_count() if dev.type == "cuda" else 0
     if workers is None:
         workers = max(1, ngpu) if ngpu else max(1, torch.get_num_threads() // max(1, threads_per_worker))

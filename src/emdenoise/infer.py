@@ -282,15 +282,6 @@ def predict_block(model, block: np.ndarray, *, normalisation=None, device: str =
                            spatial_padding=spatial_padding, batch_frames=batch_frames, num_workers=num_workers)
 
 
-def movie_windows(model, n_frames: int, source=None) -> np.ndarray:
-    """(T, kt) input windows of every output frame (``tiling.window_index``); InputError
-    when the movie is too short for windows mirrored about their centre frame."""
-    try:
-        return window_index(0, n_frames, n_frames, model.params.halo_t)
-    except ValueError as exc:
-        raise InputError(source, str(exc)) from None
-
-
 def denoise(model, ckpt: dict | None, stack: np.ndarray, *, device: str = "auto",
             batch_frames: int = 8, num_workers: int | None = None) -> np.ndarray:
     """Denoise a whole movie: (T, Y, X) in data units -> (T, Y, X) float32, same units.
@@ -310,7 +301,7 @@ def denoise(model, ckpt: dict | None, stack: np.ndarray, *, device: str = "auto"
         raise InputError(None, "empty stack")
     check_frame_size(stack.shape[1:], model.params.halo_s)
     t = stack.shape[0]
-    windows = movie_windows(model, t)
+    windows = window_index(0, t, t, model.params.halo_t)  # InputError for a too short movie
     out = np.empty(stack.shape, dtype=np.float32)
     step = max(1, int(batch_frames))
     for s in range(0, t, step):  # each batch reads only its own input frames

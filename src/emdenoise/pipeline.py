@@ -93,7 +93,7 @@ def train_candidate(stack: np.ndarray, ds, name: str, blindspot: int | None = No
 LOWPASS_AUTO = (None, 1 / 2, 1 / 3)
 
 
-def postprocess(denoised: np.ndarray, ds, name: str, noisy: np.ndarray | None = None,
+def postprocess(denoised: np.ndarray, ds, name: str, noisy=None,
                 reach: int | None = None, model_kind: str | None = None,
                 ks_max: int | None = None) -> tuple[np.ndarray, dict]:
     """The post-processing of a model's method: the FFT low-pass for models whose method
@@ -120,6 +120,8 @@ def postprocess(denoised: np.ndarray, ds, name: str, noisy: np.ndarray | None = 
     if lp.diameter != "auto":
         return lowpass(lp.diameter), {"applied": True, "diameter": lp.diameter, "pad": lp.pad}
     r = max(int(ds.metrics.temporal_radius), int(reach or 0))
+    if noisy is not None:  # may be a lazy (Zarr) array: read once, only now that it is needed
+        noisy = np.asarray(noisy[:], dtype=np.float32)
     if noisy is None or noisy.shape[0] < 2 * r + 4:
         return (np.asarray(denoised, dtype=np.float32),
                 {"applied": False, "diameter": "auto", "reason": f"fewer than {2 * r + 4} frames to score it"})

@@ -578,7 +578,7 @@ def _dataset_html(name: str, diag_dir: Path, index: dict, summary: dict, table: 
     res = index.get("residual", {})
     rmethods = [m for m in shown if m in files["residual"]]
     rlo, rhi = index["residual_mean_range"]
-    out.append(f"<h3>Residual raw − denoised</h3><div class=grid>")
+    out.append("<h3>Residual raw − denoised</h3><div class=grid>")
     for m in rmethods:
         mean = (diag_dir / files["residual_mean"][m]).read_bytes()
         crop = (diag_dir / files["residual"][m]).read_bytes()

@@ -65,7 +65,7 @@ import numpy as np
 from .errors import InputError
 
 __all__ = ["tile_grid", "blend_window", "blend_tiles", "training_patches", "read_with_halo",
-           "window_index", "min_frames_for_windows", "check_frame_size", "wrap_index"]
+           "window_index", "min_frames_for_windows", "check_frame_count", "check_frame_size", "wrap_index"]
 
 
 # ------------------------------------------------------------------------- indices
@@ -79,8 +79,8 @@ def window_index(start: int, stop: int, n: int, halo: int) -> np.ndarray:
     centre frame twice: mirroring about frame 0 instead (NumPy 'reflect', the old
     scheme) gives output frame 1 the window (1, 0, 1, 2, 3) for halo 2, so its own
     noisy pixel enters through a neighbour slot and the blind spot leaks.
-    Raises ValueError when ``n`` is too short for some window (both t + k and t - k
-    outside the movie), i.e. roughly n < halo + 1 + halo // 2.
+    Raises InputError (a ValueError) when ``n`` is too short for some window (both
+    t + k and t - k outside the movie), i.e. roughly n < halo + 1 + halo // 2.
     """
     t = np.arange(start, stop)[:, None]
     k = np.arange(-halo, halo + 1)[None, :]
@@ -88,8 +88,8 @@ def window_index(start: int, stop: int, n: int, halo: int) -> np.ndarray:
     out = (idx < 0) | (idx >= n)
     idx = np.where(out, t - k, idx)
     if ((idx < 0) | (idx >= n)).any() or (t < 0).any() or (t >= n).any():
-        raise ValueError(f"a {n}-frame movie is too short for temporal windows of {2 * halo + 1} frames "
-                         f"mirrored about their centre frame")
+        raise InputError(None, f"a {n}-frame movie is too short for temporal windows of {2 * halo + 1} "
+                               "frames mirrored about their centre frame")
     return idx.astype(np.int64)
 
 
@@ -102,6 +102,15 @@ def min_frames_for_windows(halo: int) -> int:
             return n
         except ValueError:
             n += 1
+
+
+def check_frame_count(n_frames: int, halo_t: int, source=None) -> None:
+    """InputError(source, ...) unless every output frame of an ``n_frames`` movie has a
+    temporal window of 2 * halo_t + 1 frames (:func:`window_index`)."""
+    try:
+        window_index(0, n_frames, n_frames, halo_t)
+    except InputError as exc:
+        raise InputError(source, exc.problem) from None
 
 
 def check_frame_size(shape_yx, halo_s: int, source=None) -> None:
@@ -250,10 +259,7 @@ def blend_tiles(predict, stack, *, halo_t: int, halo_s: int, tile: int = 1024, o
     t, y, x = shape
     ht, hs = int(halo_t), int(halo_s)
     check_frame_size((y, x), hs)
-    try:
-        windows = window_index(0, t, t, ht)
-    except ValueError as exc:
-        raise InputError(None, str(exc)) from None
+    windows = window_index(0, t, t, ht)
     guard = hs if padding == "circular" else 0
     grid = tile_grid((y, x), tile, overlap)
     if padding == "circular":

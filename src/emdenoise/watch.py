@@ -29,7 +29,7 @@ import numpy as np
 from . import infer, io
 from .checkpoint import load_checkpoint
 from .errors import InputError
-from .tiling import min_frames_for_windows, window_index
+from .tiling import check_frame_count, window_index
 
 __all__ = ["watch", "WATCH_EXTENSIONS"]
 
@@ -146,8 +146,8 @@ def watch(in_dir, out_dir, checkpoint, *, device: str = "cpu", poll: float = 0.5
     except KeyboardInterrupt:
         _log.info("watch: interrupted, writing the last frames")
     n = len(frames)
-    if n and n < min_frames_for_windows(h):
-        raise InputError(in_dir, f"only {n} frames arrived; the model's window needs {min_frames_for_windows(h)}")
+    if n:
+        check_frame_count(n, h, in_dir)
     while done < n:                                # the end of the movie: mirrored windows
         emit(done, n)
         done += 1
