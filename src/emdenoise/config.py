@@ -703,6 +703,40 @@ class StageConfig(_DatasetHelpers):
         return f"StageConfig({self.to_dict()!r})"
 
 
+# Which settings each stage reads, per case: what a rule passes as params (common.smk), so
+# that editing a setting re-runs exactly the stages that read it.
+def prefilter_settings(ds) -> list[str]:
+    """The chosen pre-filter method's settings only: a Gaussian pre-filter must not re-run
+    drift (and everything after it) when training settings change.  WCID trains
+    ``prefilter.epochs``, not ``train.epochs``, and is 2D (no ``model.kt``)."""
+    if ds.prefilter.method == "wcid":
+        train = [f"train.{f.name}" for f in fields(TrainParams) if f.name != "epochs"]
+        return ["prefilter.method", "prefilter.epochs", *(f"model.{f}" for f in wcvd_arch(2)), *train]
+    if ds.prefilter.method == "gaussian2d":
+        return ["prefilter.method", "prefilter.sigma"]
+    return ["prefilter.method"]
+
+
+def model_settings(ds, model: str) -> list[str]:
+    """Candidate ``model``'s own architecture: SHINE edits do not retrain WCVD, and
+    ``model.name`` (which candidates exist) retrains neither; 'wcvd_kt7' has its window
+    in its name."""
+    if model == "shine":
+        return ["shine", "shine_train"]
+    _, kt = candidate_model(model)
+    return [f"model.{f}" for f in wcvd_arch(3 if kt is None else 2)]
+
+
+def lowpass_settings(ds, model: str) -> list[str]:
+    """The low-pass belongs to WCVD's method only (``models.WCVD.lowpass``); SHINE's output
+    passes through.  A pretrained model's kind and kernel sizes come from its checkpoint."""
+    if model == "pretrained":
+        return ["lowpass", "metrics.temporal_radius"]
+    if candidate_model(model)[0] != "wcvd":
+        return []
+    return ["lowpass", "model.ks", "metrics.temporal_radius"]
+
+
 def stage_config(params: Mapping[str, Any]) -> StageConfig:
     """The typed, read-only view a script reads its rule's ``stage_params`` through."""
     return StageConfig(params)

@@ -1,5 +1,4 @@
 import re
-from dataclasses import fields
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
@@ -58,34 +57,15 @@ def stage(*sections):
 
 
 def prefilter_settings(ds, wildcards):
-    """Only the chosen method's settings: a Gaussian pre-filter must not re-run drift (and
-    everything after it) when training settings change. WCID trains prefilter.epochs, not
-    train.epochs, and is 2D (no model.kt); model.name only picks the denoiser."""
-    if ds.prefilter.method == "wcid":
-        train = [f"train.{f.name}" for f in fields(emcfg.TrainParams) if f.name != "epochs"]
-        return ["prefilter.method", "prefilter.epochs", *(f"model.{f}" for f in emcfg.wcvd_arch(2)), *train]
-    if ds.prefilter.method == "gaussian2d":
-        return ["prefilter.method", "prefilter.sigma"]
-    return ["prefilter.method"]
+    return emcfg.prefilter_settings(ds)
 
 
 def model_settings(ds, wildcards):
-    """The {model} candidate's own architecture: SHINE edits do not retrain WCVD, and
-    model.name (which candidates exist) retrains neither."""
-    if wildcards.model == "shine":
-        return ["shine", "shine_train"]
-    base, kt = emcfg.candidate_model(wildcards.model)  # wcvd_kt7: its window is in its name
-    return [f"model.{f}" for f in emcfg.wcvd_arch(3 if kt is None else 2)]
+    return emcfg.model_settings(ds, wildcards.model)
 
 
 def lowpass_settings(ds, wildcards):
-    """The low-pass is applied to WCVD only; SHINE's output passes through unchanged. A
-    pretrained model's kind and kernel sizes come from its checkpoint."""
-    if wildcards.model == "pretrained":
-        return ["lowpass", "metrics.temporal_radius"]
-    if emcfg.candidate_model(wildcards.model)[0] != "wcvd":
-        return []
-    return ["lowpass", "model.ks", "metrics.temporal_radius"]
+    return emcfg.lowpass_settings(ds, wildcards.model)
 
 
 def has_truth(ds):
