@@ -22,7 +22,10 @@ Methods, all scored against the noise-free truth:
                  inverse (Makitalo & Foi 2011). Linear mode: the noise PSD estimated from the
                  data, the mean 2D power spectrum of differences of adjacent frames (/2),
                  constant along t (noise independent between frames).
-  wcvd / shine / auto   ``emdenoise denoise IN OUT --model M --config cfg.yaml`` in a subprocess
+  wcvd / wcvd_ctx / shine / auto   the candidates of ``model: auto`` (wcvd_ctx: WCVD with
+                 temporal context channels) and its choice, from one run of the chain
+                 ``emdenoise denoise`` runs (``pipeline.denoise_stack``); other networks via
+                 ``emdenoise denoise IN OUT --model M --config cfg.yaml`` in a subprocess
                  (the user-facing path, whatever the library internals), TIFF in and out; SHINE
                  CPU-sized (16/8/16 channels, 4 blocks, 64 px crops) as in the demo config.
 
@@ -54,7 +57,7 @@ sys.path.insert(0, SRC)
 from emdenoise.filters import gaussian3d  # noqa: E402
 from emdenoise.synthetic import SyntheticMovie, simulate_scene, simulate_tilt_series  # noqa: E402
 
-METHODS = ["raw", "g3d_s1", "oracle_g3d", "blind_g3d", "bm4d", "wcvd", "wcvd_kt7", "shine", "auto"]
+METHODS = ["raw", "g3d_s1", "oracle_g3d", "blind_g3d", "bm4d", "wcvd", "wcvd_ctx", "shine", "auto"]
 DETECTORS = {"count0.25": ("counting", 0.25, None), "count1": ("counting", 1.0, None),
              "count4": ("counting", 4.0, None), "lin0.7": ("linear", 2.0, 0.7),
              "lin1.0": ("linear", 2.0, 1.0), "lin1.5": ("linear", 2.0, 1.5)}
@@ -261,7 +264,7 @@ def bench_regime(reg: Regime, methods, epochs: int, tmp: str):
     for name in methods:
         if name in table:
             add(name, table[name])
-        elif name in ("wcvd", "wcvd_kt7", "shine", "auto"):
+        elif name in ("wcvd", "wcvd_ctx", "shine", "auto"):
             # one run of the chain `emdenoise denoise` runs (emdenoise.pipeline.denoise_stack,
             # auto: every candidate) gives every network's output and auto's choice
             if not chain:

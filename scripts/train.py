@@ -14,7 +14,7 @@ def main(smk):
     torch.set_num_threads(max(1, smk.threads))
     aligned, attrs = io.read_zarr(smk.input.stack)
     blindspot = json.loads(open(smk.input.blindspot).read())["blindspot"]
-    stage.log.info("training %s: %s", name, pipeline.model_params(ds, name, blindspot))
+    stage.log.info("training %s: %s", name, pipeline.model_params(ds, name, blindspot, n_frames=aligned.shape[0]))
     # a resume state beside the outputs (not one of them: Snakemake would delete it with a
     # failed job): a job killed at the time limit continues from it when resubmitted
     resume = Path(smk.output.model).with_name("train_state.pt")

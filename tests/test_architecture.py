@@ -153,7 +153,7 @@ class Toy(BlindSpotModel):
         self.register_buffer("mask", mask, persistent=False)
 
     @classmethod
-    def check_state(cls, state_dict, source=None):
+    def check_state(cls, state_dict, source=None, params=None):
         if torch.count_nonzero(state_dict["conv.weight"][..., 2, 2] * 0 + state_dict["conv.weight"][..., 2, 2]):
             raise InputError(source, "centre weight is not zero")
 

@@ -29,6 +29,10 @@ SHINE_TINY = dict(channels=6, centre_channels=4, neighbour_channels=3, blocks=2,
 MODELS = (
     [pytest.param(WCVDParams(kt=kt, ks=(3, 5)), id=f"wcvd-kt{kt}") for kt in (3, 5, 7, 9)]
     + [pytest.param(WCVDParams(dims=2, ks=(3, 5)), id="wcid")]
+    # temporal context channels (means without the centre frame) and wider blind spots
+    + [pytest.param(WCVDParams(context=2, ks=(3, 5)), id="wcvd-ctx2"),
+       pytest.param(WCVDParams(context=4, blindspot=3, ks=(3, 5)), id="wcvd-ctx4-b3"),
+       pytest.param(WCVDParams(kt=5, context=1, blindspot=5, ks=(3, 7)), id="wcvd-kt5-ctx1-b5")]
     + [pytest.param(SHINEParams(blindspot=b, frames=5, **SHINE_TINY), id=f"shine-b{b}") for b in (1, 3, 5, 7, 9)]
     + [pytest.param(SHINEParams(blindspot=3, frames=f, **SHINE_TINY), id=f"shine-f{f}") for f in (3, 7)]
 )

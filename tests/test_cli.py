@@ -197,7 +197,10 @@ def test_denoise_cuda_without_cuda_is_one_line_exit_2(tmp_path):
 
 
 # ---- --model auto: the candidate it keeps is the one closer to the ground truth
-AUTO_TINY = {"model": {"name": "auto", "long_kt": None}, "train": {"crop": 32, "val_crop": 32},
+# the choice between two trained networks: no context candidate, no least-squares start
+# (its validated "epoch 0" would undo the deliberately wrecked training below)
+AUTO_TINY = {"model": {"name": "auto", "long_kt": None, "context": 0},
+             "train": {"crop": 32, "val_crop": 32, "linear_start": False},
              "shine": {"centre_channels": 4, "neighbour_channels": 4, "channels": 4, "blocks": 1},
              "shine_train": {"batch_size": 4, "crop": 32, "lr": 1e-3}}
 

@@ -60,9 +60,36 @@ def test_mean_reference_survives_where_frame0_reference_jumps():
     movie = simulate_movie(20, (256, 256), dose=0.5, max_drift=10.0, seed=2)
     pre = gaussian2d(movie.noisy, 1.5)
     auto = measure_drift(pre)
-    first = measure_drift(pre, reference="first")
+    first = measure_drift(pre, reference="first", min_peak_z=0)  # the raw strategy, unchecked
     assert np.max(np.abs(auto - movie.shifts)) < 1.0 and _rms(auto, movie.shifts) < 0.35
     assert np.max(np.abs(first - movie.shifts)) > 5.0
+
+
+def test_drift_without_a_significant_peak_is_not_applied():
+    """Too little dose for phase correlation (0.1 count/px, static): the unchecked
+    measurement returns noise maxima (jumps across the frame); the check finds no
+    significant peak in most frames and returns no drift, saying so."""
+    movie = simulate_movie(16, (128, 128), dose=0.1, max_drift=0.0, seed=3)
+    pre = gaussian2d(movie.noisy, 1.5)
+    assert np.max(np.abs(measure_drift(pre, min_peak_z=0))) > 5.0      # what it did before
+    shifts, info = measure_drift(pre, return_info=True)
+    assert info["status"] == "unmeasurable" and len(info["unreliable_frames"]) > 8
+    np.testing.assert_array_equal(shifts, 0.0)
+    assert sum(z < info["min_peak_z"] for z in info["peak_z"][1:]) > 7
+
+
+def test_frames_without_a_peak_are_interpolated_in_time():
+    """A drifting movie with three blank (noise-only) frames: those frames get the shift
+    interpolated from their neighbours, the others keep their measurement."""
+    movie = simulate_movie(20, (192, 192), dose=2.0, max_drift=6.0, seed=5)
+    noisy = movie.noisy.copy()
+    blank = [5, 6, 13]
+    noisy[blank] = np.random.default_rng(0).poisson(2.0, (3, 192, 192))
+    shifts, info = measure_drift(gaussian2d(noisy, 1.5), return_info=True)
+    assert info["status"] == "interpolated" and info["unreliable_frames"] == blank
+    good = [t for t in range(20) if t not in blank]
+    assert np.max(np.abs(shifts[good] - movie.shifts[good])) < 1.0
+    assert np.max(np.abs(shifts[blank] - movie.shifts[blank])) < 1.5   # smooth drift: interpolation is close
 
 
 def test_max_shift_bounds_the_search(counting_movie):

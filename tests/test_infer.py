@@ -88,8 +88,8 @@ def test_row_tiles_and_worker_threads_do_not_change_the_result(monkeypatch, work
 
 @pytest.mark.parametrize("params", [WCVDParams(), WCVDParams(dims=2), WCVDParams(bias=False),
                                     WCVDParams(n_layers=0), WCVDParams(n_layers=1, channels=2, ks=(3, 7)),
-                                    WCVDParams(kt=5)],
-                         ids=["wcvd", "wcid", "no-bias", "no-hidden", "small", "kt5"])
+                                    WCVDParams(kt=5), WCVDParams(context=3, blindspot=3)],
+                         ids=["wcvd", "wcid", "no-bias", "no-hidden", "small", "kt5", "context"])
 def test_fast_cpu_path_equals_model_forward(params):
     # The CPU path folds the first 1x1 layer into the convolution and evaluates the rest
     # as planar multiply-adds; it must be the same function as the model.

@@ -87,8 +87,9 @@ def test_output_shapes():
     assert build_model(WCVDParams(kt=5, ks=(3,)))(x, "valid").shape == (2, 2, 18, 22)
 
 
-@pytest.mark.parametrize("params", [P3, P2, WCVDParams(bias=False), WCVDParams(n_layers=0)],
-                         ids=["wcvd", "wcid", "no-bias", "no-hidden"])
+@pytest.mark.parametrize("params", [P3, P2, WCVDParams(bias=False), WCVDParams(n_layers=0),
+                                    WCVDParams(context=2), WCVDParams(kt=5, context=1, blindspot=3)],
+                         ids=["wcvd", "wcid", "no-bias", "no-hidden", "context", "kt5-context-b3"])
 def test_merged_forward_equals_literal_conv3d_reference(params):
     m = _perturb(build_model(params, seed=3))
     x = _rand(2, 5, 18, 22)
@@ -196,3 +197,47 @@ def test_resolve_device_without_cuda():
 
 def test_model_is_module():
     assert isinstance(build_model(P3), WCVD)
+
+
+def test_context_means_leave_out_the_centre_frame_and_match_a_window():
+    # Each context channel is the mean of frames t-r..t+r without t, and a block gives the
+    # same values as each window on its own (the CPU path computes them per tile).
+    from emdenoise.models import context_means
+    x = torch.rand(1, 11, 4, 5)
+    c = context_means(x, 3, (3, 1))                                  # centres 3..7
+    assert c.shape == (1, 5, 2, 4, 5)
+    for j, t in enumerate(range(3, 8)):
+        ref = (x[0, t - 3:t + 4].sum(0) - x[0, t]) / 6
+        torch.testing.assert_close(c[0, j, 0], ref)
+        torch.testing.assert_close(c[0, j, 1], (x[0, t - 1] + x[0, t + 1]) / 2)
+        assert torch.equal(context_means(x[:, t - 3:t + 4], 3, (3, 1))[0, 0], c[0, j])
+    assert WCVDParams(context=6).context_radii == (6, 3, 1) and WCVDParams(context=6).kt_eff == 13
+    assert WCVDParams(kt=7, context=2).kt_eff == 7 and WCVDParams().context_radii == ()
+
+
+@pytest.mark.parametrize("params", [WCVDParams(context=3), WCVDParams(blindspot=5)], ids=["context", "b5"])
+def test_blind_spot_and_context_gradients(params):
+    # d out(t, p) / d x(t, q) == 0 for |q - p| <= b (Chebyshev) and != 0 just outside;
+    # the context reaches frames t +- R at p itself.
+    m = _perturb(build_model(params, seed=5))
+    x = _rand(1, params.kt_eff + 2, 21, 21).requires_grad_(True)
+    m(x)[0, 1, 10, 10].backward()
+    g = x.grad[0, 1 + params.halo_t].abs()
+    b = params.blind_radius
+    assert float(g[10 - b:11 + b, 10 - b:11 + b].max()) == 0.0
+    assert float(g[10 - b - 1, 10]) > 0
+    if params.context:
+        assert float(x.grad[0, 1 + params.halo_t + params.context, 10, 10].abs()) > 0
+
+
+def test_check_blind_state_knows_the_blind_spot():
+    params = WCVDParams(blindspot=3)
+    state = build_model(params).state_dict()
+    check_blind_state(state, "ok.pt", params.blind_radius)
+    key = next(k for k in state if k.endswith("bck.weight"))
+    state[key][0, 0, 1, 0, 0] = 0.1     # one px from the centre, inside a 3x3 blind spot
+    check_blind_state(state, "ok-for-b0.pt", 0)
+    with pytest.raises(InputError, match="not zero"):
+        check_blind_state(state, "bad.pt", params.blind_radius)
+    with pytest.raises(InputError, match="blindspot"):
+        WCVDParams(dims=2, blindspot=3, ks=(3, 5))

@@ -51,10 +51,13 @@ def test_auto_includes_the_classical_candidate_and_postprocess_follows_the_metho
     movie = simulate_movie(12, (64, 64), mode="counting", dose=2.0, max_drift=0.0, seed=6)
     ds = _ds(train={"epochs": 3, "crop": 32, "val_crop": 32}, shine={"blocks": 2, "channels": 8,
              "centre_channels": 8, "neighbour_channels": 4}, shine_train={"batch_size": 4, "crop": 32})
-    assert ds.model.name == "auto" and ds.select_candidates == ["wcvd", "wcvd_kt7", "shine", "classical"]
+    assert ds.model.name == "auto" and ds.select_candidates == ["wcvd", "wcvd_ctx", "shine", "classical"]
     res = pipeline.denoise_stack(movie.noisy, ds, device="cpu", align=False)
-    assert set(res["outputs"]) == {"wcvd", "wcvd_kt7", "shine", "classical"}
-    assert set(res["checkpoints"]) == {"wcvd", "wcvd_kt7", "shine"} and res["checkpoints"]["wcvd_kt7"]["window"] == 7
+    assert set(res["outputs"]) == {"wcvd", "wcvd_ctx", "shine", "classical"}
+    assert set(res["checkpoints"]) == {"wcvd", "wcvd_ctx", "shine"}
+    # context 'auto' for 12 frames: min(6, (12 - 11) // 2) -> at least 1 frame each side
+    assert res["checkpoints"]["wcvd_ctx"]["model_params"]["context"] == 1
+    assert res["checkpoints"]["wcvd"]["model_params"]["context"] == 0
     assert res["chosen"] == min(res["choice"]["umse"], key=res["choice"]["umse"].get)
     assert res["choice"]["temporal_radius"] >= max(res["choice"]["reaches"].values())
     x = np.random.default_rng(0).normal(size=(3, 32, 32)).astype(np.float32)

@@ -191,3 +191,21 @@ def test_lattice_peak_profile_and_crop_on_a_known_pattern():
     assert np.argmax(spectrum) == 4
     freq, power = report.radial_spectrum(fringes[None])
     assert freq[np.nanargmax(power)] == pytest.approx(1 / period, abs=0.01)
+
+
+def test_overview_warns_when_drift_could_not_be_measured():
+    import pandas as pd
+    from emdenoise.drift import drift_table
+    from emdenoise.report import dataset_summary
+    table = pd.DataFrame({"dataset": ["d", "d"], "method": ["raw", "classical"], "upsnr_db": [20.0, 24.0],
+                          "umse_radius": [3, 3], "umse_valid": [True, True]})
+    zeros = np.zeros((6, 2))
+    rows = {}
+    for status, bad in (("measured", []), ("interpolated", [2]), ("unmeasurable", [1, 2, 3, 4, 5])):
+        check = {"peak_z": [9.0] * 6, "unreliable_frames": bad, "status": status, "min_peak_z": 6.0}
+        df = drift_table(zeros, zeros, zeros, check)
+        rows[status] = dataset_summary("d", table, choice={"chosen": "classical"}, index={"n_frames": 40},
+                                       drift=df, blindspot=None)["warnings"]
+    assert not any("drift" in w for w in rows["measured"])
+    assert any("interpolated in 1 frame" in w for w in rows["interpolated"])
+    assert any("not measurable" in w for w in rows["unmeasurable"])

@@ -172,7 +172,7 @@ def test_stage_params_are_plain_and_read_back_typed():
     cfg = emcfg.stage_config(params)
     assert isinstance(cfg.drift, emcfg.DriftConfig) and cfg.drift.upsample == 20
     assert cfg.frames == (0, 9) and cfg.baselines.gaussian3d_sigma == (1.0, 1.0, 1.0)
-    assert cfg.candidates == ["wcvd", "wcvd_kt7", "shine"] and cfg.drift_enabled
+    assert cfg.candidates == ["wcvd", "wcvd_ctx", "shine"] and cfg.drift_enabled
     assert cfg.train_params("shine") == ds.train_params("shine")
     assert cfg.shine.params(3) == ds.shine.params(3) and cfg.model.wcvd_params() == ds.model.wcvd_params()
     assert cfg.to_dict() == params

@@ -95,7 +95,7 @@ def tilt_series():
     a tilt series, no structure aligned with the tile rows), and a briefly trained WCVD."""
     mv = simulate_movie(5, (256, 256), mode="linear", max_drift=0.0, rotation=0.5, seed=3)
     ckpt = train_model(mv.noisy, WCVDParams(), TrainParams(epochs=4, crop=48, batch_size=8, steps_per_epoch=8,
-                                                           val_frames=0, device="cpu", seed=0))
+                                                           val_frames=0, device="cpu", seed=0, linear_start=False))
     return mv.noisy, model_from_checkpoint(ckpt), ckpt
 
 

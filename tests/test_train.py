@@ -159,7 +159,7 @@ def test_normalisation_in_three_intensity_regimes(name, tmp_path, one_thread):
     # ... better than the untrained network (same seed, lr ~ 0), whose neighbour-average
     # initialisation alone passes the line above in the counting and 8-bit regimes.
     # Measured MSE trained / untrained: 0.42 counting, 0.37 8-bit, 0.11 linear.
-    untrained, _ = _denoised(noisy, dataclasses.replace(tp, epochs=1, lr=NO_LR))
+    untrained, _ = _denoised(noisy, dataclasses.replace(tp, epochs=1, lr=NO_LR, linear_start=False))
     assert np.mean((out - clean) ** 2) < 0.6 * np.mean((untrained - clean) ** 2)
 
 
@@ -176,7 +176,7 @@ def test_training_beats_the_untrained_model_on_a_synthetic_movie(one_thread):
     noisy, clean = movie.noisy.astype(np.float32), movie.clean
     tp = TrainParams(epochs=40, lr=1e-3, crop=32, val_crop=32, batch_size=4, device="cpu", seed=0)
     trained, ckpt = _denoised(noisy, tp)
-    untrained, init = _denoised(noisy, dataclasses.replace(tp, lr=NO_LR))
+    untrained, init = _denoised(noisy, dataclasses.replace(tp, lr=NO_LR, linear_start=False))
     # the baseline really is the initialisation, and the trained weights moved away from it
     start = build_model(WCVDParams(), seed=0).state_dict()
     assert all(torch.allclose(init["state_dict"][k], v, atol=1e-9) for k, v in start.items())
@@ -248,7 +248,7 @@ def test_select_epoch_prefers_latest_within_standard_error():
 def test_best_checkpoint_holds_the_selected_epoch_weights(counting_movie):
     # constant lr: the first k epochs of any run are identical, so a k-epoch run that
     # keeps its last epoch reproduces the weights of epoch k of the longer run.
-    base = {**FAST.__dict__, "lr_schedule": "constant", "lr": 0.05, "epochs": 6}
+    base = {**FAST.__dict__, "lr_schedule": "constant", "lr": 0.05, "epochs": 6, "linear_start": False}
     ckpt = train_model(counting_movie, WCVDParams(), TrainParams(**{**base, "val_tolerance": 0.0}))
     k = ckpt["best_epoch"]
     assert k < 6  # this setting's minimum is not at the end, so the test can tell
@@ -357,3 +357,25 @@ def test_a_killed_training_resumes_bit_identical(tmp_path, params):
     epochs.clear()
     train_model(stack + 1, params, tp, resume=state, checkpoint_every=0, progress=lambda r: epochs.append(r["epoch"]))
     assert epochs[0] == 1
+
+
+def test_least_squares_start_is_blind_and_beats_the_neighbour_average():
+    # The data-driven start (WCVD.initialise) fits the best linear blind-spot predictor:
+    # on a movie with ground truth it must already denoise better than the neighbour
+    # average, keep every blind tap at zero, and be the same for the same seed.
+    noisy, clean = regime("counting", t=12)
+    norm = Normalisation.fit(noisy)
+    z = torch.from_numpy(norm.apply(noisy))
+    params = WCVDParams(context=3, blindspot=3)
+    plain = build_model(params, seed=0)
+    fitted = build_model(params, seed=0)
+    rec = fitted.initialise(z, list(range(3, 9)), torch.Generator().manual_seed(0))
+    assert rec["linear_start"]["ks7"]["unknowns"] < rec["linear_start"]["ks7"]["taps"]
+    WCVD.check_state(fitted.state_dict(), "fitted", params)     # blind taps still exactly 0
+    again = build_model(params, seed=0)
+    again.initialise(z, list(range(3, 9)), torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(fitted.state_dict().values(), again.state_dict().values()))
+    ckpt = {"normalisation": norm.to_dict()}
+    err = {name: float(np.mean((denoise(m, ckpt, noisy, device="cpu") - clean) ** 2))
+           for name, m in (("plain", plain), ("fitted", fitted))}
+    assert err["fitted"] < 0.8 * err["plain"], err

@@ -85,7 +85,7 @@ def test_tiny_run_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     table = pd.read_csv(tmp_path / "results" / "report" / "metrics.csv")
     for ds in config["datasets"]:
-        models = {"wcvd", "wcvd_kt7", "shine", "classical"} if ds == "lin" else {"wcvd"}
+        models = {"wcvd", "wcvd_ctx", "shine", "classical"} if ds == "lin" else {"wcvd"}
         assert set(table[table.dataset == ds].method) == {"raw", "gaussian2d", "gaussian3d"} | models, ds
     rows = table.set_index(["dataset", "method"])
     # ground truth was used where given, and only there
@@ -108,7 +108,7 @@ def test_tiny_run_end_to_end(tmp_path):
         else:
             assert (tmp_path / choice["checkpoint"]).resolve() == (res / ds / choice["chosen"] / "model.pt").resolve()
         if ds == "lin":  # auto: the choice is the candidate with the lowest uMSE, evidence recorded
-            assert set(choice["umse"]) | set(choice.get("left_out", {})) == {"wcvd", "wcvd_kt7", "shine", "classical"}
+            assert set(choice["umse"]) | set(choice.get("left_out", {})) == {"wcvd", "wcvd_ctx", "shine", "classical"}
             assert (res / ds / "classical" / "tuning.csv").exists()
             assert choice["chosen"] == min(choice["umse"], key=choice["umse"].get)
             assert rows.loc[("lin", choice["chosen"]), "umse"] == pytest.approx(choice["umse"][choice["chosen"]])

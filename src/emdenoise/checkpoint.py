@@ -128,7 +128,7 @@ def model_from_checkpoint(ckpt: dict, source=None, device: str = "cpu") -> Blind
         params = cls.params_class.from_dict(ckpt["model_params"])
     except (TypeError, InputError) as exc:
         raise InputError(source, f"invalid {ckpt.get('model', 'wcvd')} model parameters: {exc}") from None
-    cls.check_state(ckpt["state_dict"], source)
+    cls.check_state(ckpt["state_dict"], source, params=params)
     model = cls(params)
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)

@@ -48,6 +48,16 @@ class WCVDParams:
     negative_slope: LeakyReLU slope.
     dims: 3 = WCVD (video, 3D kernel), 2 = WCID (image, 2D kernel per frame).
     bias: bias in the 1x1 layers (the BCK never has one); see the module docstring.
+    blindspot: side of the square centre-frame blind spot in px (1, 3, 5, 7, 9; the
+        paper's WCVD: 1).  Detector-correlated noise (linear mode, PSF) needs the size
+        the ``noise`` stage measured, else the kernel copies the correlated noise of the
+        neighbours.  Only the centre frame is masked: other frames carry independent noise.
+    context: temporal context radius R in frames (0 = off, the paper's WCVD).  R > 0 adds
+        input channels that are means of the frames t-r..t+r *without frame t* for
+        r = R, R/2, R/4, ... 1 (``context_radii``), seen through an unmasked Ks x Ks kernel.
+        They never contain the centre frame, so the blind spot is unchanged, and the
+        network can average as many frames as a slowly changing scene allows.  The input
+        window grows to ``max(kt, 2 R + 1)`` frames.
     """
 
     kt: int = 3
@@ -57,12 +67,21 @@ class WCVDParams:
     negative_slope: float = 0.1
     dims: int = 3
     bias: bool = True
+    blindspot: int = 1
+    context: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
         problems = []
         if self.dims not in (2, 3):
             problems.append(f"dims must be 2 (WCID) or 3 (WCVD), got {self.dims}")
+        if self.blindspot not in (1, 3, 5, 7, 9):
+            problems.append(f"blindspot must be 1, 3, 5, 7 or 9, got {self.blindspot}")
+        if self.dims == 2 and self.ks and self.blindspot >= min(self.ks):
+            problems.append(f"WCID (dims=2) sees only the centre frame: blindspot {self.blindspot} must be "
+                            f"smaller than every kernel size {self.ks}")
+        if self.context < 0 or (self.dims == 2 and self.context):
+            problems.append(f"context must be >= 0 (and 0 for dims=2), got {self.context}")
         if self.dims == 3 and (self.kt < 3 or self.kt % 2 == 0):
             problems.append(f"kt must be odd and >= 3 for dims=3, got {self.kt}")
         if not self.ks or any(k < 3 or k % 2 == 0 for k in self.ks):
@@ -74,8 +93,8 @@ class WCVDParams:
 
     @property
     def kt_eff(self) -> int:
-        """Number of frames in one input window (kt for WCVD, 1 for WCID)."""
-        return self.kt if self.dims == 3 else 1
+        """Number of frames in one input window (max(kt, 2 context + 1) for WCVD, 1 for WCID)."""
+        return max(self.kt, 2 * self.context + 1) if self.dims == 3 else 1
 
     @property
     def halo_t(self) -> int:
@@ -89,8 +108,18 @@ class WCVDParams:
 
     @property
     def blind_radius(self) -> int:
-        """Centre-frame blind spot radius in px: 0, only the predicted pixel is unseen."""
-        return 0
+        """b = blindspot // 2: centre-frame pixels within Chebyshev distance b are unseen
+        (0: only the predicted pixel)."""
+        return self.blindspot // 2
+
+    @property
+    def context_radii(self) -> tuple[int, ...]:
+        """Radii of the context channels, largest first: R, R // 2, ... >= 1 (() if off)."""
+        out, r = [], self.context
+        while r >= 1:
+            out.append(r)
+            r //= 2
+        return tuple(out)
 
     def to_dict(self) -> dict:
         """Plain dict (lists, not tuples) safe for ``torch.load(weights_only=True)``."""
@@ -131,6 +160,9 @@ class TrainParams:
         chosen by validation is not a random point of that jitter.
     val_tolerance: checkpoint = setting(latest epoch with val loss <= min + val_tolerance * its, minimum=0)
         standard error (see ``_select_epoch``); 0 = plain minimum.
+    linear_start: start from the best linear blind-spot predictor fitted by least squares
+        on the movie (``BlindSpotModel.initialise``; WCVD/WCID), not from the fixed
+        neighbour-average initialisation; SHINE has no such start.
     checkpoint_minutes: the workflow saves a resume state this often (wall time), so a
         training job killed at a cluster's time limit continues when it is resubmitted
         (``train.train_model(resume=...)``); it does not change the result.
@@ -151,6 +183,7 @@ class TrainParams:
     lr_schedule: str = setting("cosine", enum=["cosine", "constant"])
     val_tolerance: float = setting(1.0, minimum=0)
     checkpoint_minutes: float = setting(10.0, exclusiveMinimum=0)
+    linear_start: bool = setting(True)
 
     def __post_init__(self):
         if self.lr_schedule not in ("constant", "cosine"):
@@ -284,6 +317,7 @@ class DriftConfig:
     upsample: int = setting(20, minimum=10)  # phase-correlation upsampling -> 1/20 px precision
     apply: str = setting("integer", enum=["integer", "fourier", "spline"])  # integer | fourier | spline
     crop: bool = setting(True)  # crop the border that lacks data after shifting
+    min_peak_z: float = setting(6.0, minimum=0)  # trust a frame's shift only above this correlation-peak z-score (0 = off)
 
 
 @dataclass(frozen=True)
@@ -311,10 +345,17 @@ class ModelConfig:
 
     name: str = setting("auto", enum=["wcvd", "shine", "auto", "none"])  # auto (every candidate, the lower uMSE wins) | wcvd | shine | none (baselines only)
     kt: int = setting(3, minimum=3)
-    # auto also trains a WCVD with this longer temporal window (candidate 'wcvd_kt<N>'): on
-    # slowly changing scenes it averages more frames; on fast ones the uMSE prefers kt.
-    # null = no such candidate.
-    long_kt: int | None = setting(7, minimum=3)
+    # auto also trains a WCVD with this longer temporal window (candidate 'wcvd_kt<N>').
+    # null = no such candidate (the default: the context candidate below reaches further).
+    long_kt: int | None = setting(None, minimum=3)
+    # temporal context of the candidate 'wcvd_ctx' (WCVDParams.context: frames on each
+    # side whose means, without the centre frame, are extra inputs): 'auto' = the longest
+    # reach the movie lets uMSE score, as for the tuned Gaussian (at most 6); 0 = no such
+    # candidate in auto
+    context: int | str = setting("auto", minimum=0, also=["auto"])
+    # WCVD's centre-frame blind spot (px, odd): null = the size the noise stage measured
+    # (1 for uncorrelated counting noise; the detector PSF of linear mode needs more)
+    blindspot: int | None = setting(None, enum=[1, 3, 5, 7, 9])
     # a trained model (model.pt of an earlier run or `emdenoise denoise --save-model`) to
     # apply instead of training: candidate 'pretrained', no `train` job
     checkpoint: str | None = setting(None)
@@ -324,24 +365,50 @@ class ModelConfig:
     negative_slope: float = setting(0.1, minimum=0)
     bias: bool = setting(True)
 
-    def wcvd_params(self, dims: int = 3, kt: int | None = None) -> WCVDParams:
+    def wcvd_params(self, dims: int = 3, kt: int | None = None, *, context: int = 0,
+                    blindspot: int = 1) -> WCVDParams:
         """Architecture of WCVD (dims=3) or of its 2D twin WCID (dims=2).
 
         Reads exactly ``wcvd_arch(dims)`` (named, not probed with hasattr, so a stage view
         that lacks one of them raises instead of silently taking a default); WCID has no
         temporal kernel, so ``kt`` is not read for dims=2.  ``kt`` given: that temporal
         window instead of ``self.kt`` (the 'wcvd_kt<N>' candidates), not read either.
+        ``context`` / ``blindspot``: resolved by the caller (``pipeline.model_params``:
+        the movie's length, the noise stage); WCID keeps a 1 px blind spot and no context.
         """
         names = wcvd_arch(dims) if kt is None else wcvd_arch(2)
         arch = {name: getattr(self, name) for name in names}
-        return WCVDParams(**{**arch, "dims": dims, **({"kt": kt} if kt is not None and dims == 3 else {})})
+        extra = {"kt": kt} if kt is not None and dims == 3 else {}
+        if dims == 3:
+            extra.update(context=int(context), blindspot=int(blindspot))
+        return WCVDParams(**{**arch, "dims": dims, **extra})
 
 
 def candidate_model(name: str) -> tuple[str, int | None]:
     """A candidate's model class name and temporal window: 'wcvd' -> ('wcvd', None),
-    'wcvd_kt7' -> ('wcvd', 7), 'shine' -> ('shine', None)."""
+    'wcvd_kt7' -> ('wcvd', 7), 'wcvd_ctx' -> ('wcvd', None), 'shine' -> ('shine', None)."""
+    if name.endswith(CONTEXT_SUFFIX):
+        return candidate_model(name[:-len(CONTEXT_SUFFIX)])
     m = re.fullmatch(r"(\w+?)_kt(\d+)", name)
     return (m.group(1), int(m.group(2))) if m else (name, None)
+
+
+#: name suffix of the WCVD candidate with temporal context channels ('wcvd_ctx')
+CONTEXT_SUFFIX = "_ctx"
+#: the longest context 'auto' gives a network: the tuned Gaussian's reach cap
+#: (``pipeline.MAX_CLASSICAL_REACH``), so both are scored at the same uMSE radius
+MAX_AUTO_CONTEXT = 6
+
+
+def context_frames(setting_value, n_frames: int | None, source=None) -> int:
+    """The context radius R of a 'wcvd_ctx' candidate: an int as configured, or for 'auto'
+    the longest reach an n-frame movie lets uMSE score with >= 8 frames
+    (min(6, (T - 11) // 2), the tuned Gaussian's cap), at least 1."""
+    if setting_value != "auto":
+        return int(setting_value)
+    if n_frames is None:
+        raise InputError(source, "model.context: auto depends on the number of frames; pass n_frames")
+    return max(1, min(MAX_AUTO_CONTEXT, (int(n_frames) - 11) // 2))
 
 
 def wcvd_arch(dims: int = 3) -> tuple[str, ...]:
@@ -453,9 +520,10 @@ class _DatasetHelpers:
         Needs ``model.name``."""
         if self.model.checkpoint:  # apply a trained model: nothing to train or to choose
             return ["pretrained"]
-        if self.model.name == "auto":  # the paper's window, a longer one (model.long_kt) and SHINE
+        if self.model.name == "auto":  # the paper's WCVD, WCVD with temporal context, SHINE
             long_kt = self.model.long_kt
-            return ["wcvd"] + ([f"wcvd_kt{long_kt}"] if long_kt and long_kt != self.model.kt else []) + ["shine"]
+            return (["wcvd"] + ([f"wcvd_kt{long_kt}"] if long_kt and long_kt != self.model.kt else [])
+                    + ([f"wcvd{CONTEXT_SUFFIX}"] if self.model.context != 0 else []) + ["shine"])
         return {"none": []}.get(self.model.name, [self.model.name])
 
     @property
@@ -485,8 +553,9 @@ class _DatasetHelpers:
 
 
 #: What each helper of _DatasetHelpers reads, for the error when a stage view lacks it.
-_HELPER_NEEDS = {"candidates": ("model.name", "model.kt", "model.long_kt", "model.checkpoint"),
-                 "select_candidates": ("model.name", "model.kt", "model.long_kt", "model.checkpoint"),
+_HELPER_NEEDS = {"candidates": ("model.name", "model.kt", "model.long_kt", "model.context", "model.checkpoint"),
+                 "select_candidates": ("model.name", "model.kt", "model.long_kt", "model.context",
+                                       "model.checkpoint"),
                  "drift_enabled": ("drift", "kind")}
 
 
@@ -720,11 +789,12 @@ def prefilter_settings(ds) -> list[str]:
 def model_settings(ds, model: str) -> list[str]:
     """Candidate ``model``'s own architecture: SHINE edits do not retrain WCVD, and
     ``model.name`` (which candidates exist) retrains neither; 'wcvd_kt7' has its window
-    in its name."""
+    in its name; only 'wcvd_ctx' reads ``model.context``."""
     if model == "shine":
         return ["shine", "shine_train"]
     _, kt = candidate_model(model)
-    return [f"model.{f}" for f in wcvd_arch(3 if kt is None else 2)]
+    return ([f"model.{f}" for f in wcvd_arch(3 if kt is None else 2)] + ["model.blindspot"]
+            + (["model.context"] if model.endswith(CONTEXT_SUFFIX) else []))
 
 
 def lowpass_settings(ds, model: str) -> list[str]:

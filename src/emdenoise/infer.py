@@ -62,7 +62,8 @@ class _CpuPlan:
         p = model.params
         self.params = p
         nb, c = len(p.ks), p.channels
-        w = model.merged_bck_weight().float().cpu()            # (nb*C, kt, K, K)
+        w = model.merged_input_weight().float().cpu()          # (nb*C, kt [+ n_ctx], K, K)
+        self.features = model.features  # windows (+ context means) of a block, pure tensor ops
         self.conv_bias = None
         layers = list(range(p.n_layers))
         if layers:  # fold hidden layer 0 into the convolution
@@ -135,7 +136,8 @@ class _CpuPlan:
             with torch.inference_mode():  # thread-local: worker threads need their own
                 if not hasattr(local, "bufs"):  # per-thread scratch, reused across tiles
                     local.bufs = (torch.empty(2, self.nb, self.c, rows * xo), torch.empty(self.nb, 1, rows * xo))
-                hcv = F.conv2d(z[t:t + kt, r0:r1 + 2 * h][None], self.conv_w, self.conv_bias)[0]
+                inp = self.features(z[t:t + kt, r0:r1 + 2 * h][None])   # (1, kt [+ n_ctx], rows, X)
+                hcv = F.conv2d(inp, self.conv_w, self.conv_bias)[0]
                 hcv = hcv.reshape(self.conv_w.shape[0], -1)
                 npx = hcv.shape[1]
                 self.pointwise(hcv, out[t, r0:r1].reshape(-1), (local.bufs[0][..., :npx], local.bufs[1][..., :npx]))

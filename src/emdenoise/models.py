@@ -16,6 +16,12 @@ A WCVD window of Kt frames centred on frame t predicts frame t; the BCK never se
 pixel (t, y, x) itself, so the network cannot learn the identity and is trained with a
 plain MSE against the noisy frame (Noise2Void / Noise2Self principle).
 
+Beyond the paper (``WCVDParams``): ``blindspot`` masks the centre frame's taps within
+b = blindspot // 2 px (detector-correlated noise), ``context`` R adds input channels
+holding the means of frames t-R..t+R *without frame t* (:func:`context_means`), seen
+through an unmasked kernel per branch (``_Branch.ctx``), and :meth:`WCVD.initialise`
+starts every branch from the least-squares linear blind-spot predictor.
+
 Implementation notes (why it looks different from a literal Conv3d stack):
 - The Kt temporal taps are treated as the *input channels* of a 2D convolution over
   temporal windows.  With valid temporal padding this is exactly a Conv3d with one input
@@ -143,7 +149,7 @@ class BlindSpotModel(nn.Module):
     - ``forward(x, spatial_padding)``: x (N, T, Y, X) float32 normalised, T >= kt_eff;
       returns (N, T - kt_eff + 1, Y', X'), Y' = Y for 'circular' (whole frames, periodic
       padding) and Y - 2 halo_s for 'valid' (crops or tiles carrying a real-pixel halo);
-    - ``check_state(state_dict, source)``: refuse weights that are not blind;
+    - ``check_state(state_dict, source, params)``: refuse weights that are not blind;
     - ``name(params)``: the registry name written into checkpoints;
     - ``optimiser`` ('adam' | 'radam') and ``warmup_fraction`` (linear warm-up over that
       fraction of all optimiser steps before the cosine / constant schedule).
@@ -174,8 +180,13 @@ class BlindSpotModel(nn.Module):
     def name(cls, params) -> str:
         return next(n for n, c in MODELS.items() if c is cls)
 
+    def initialise(self, z: torch.Tensor, centres: list[int], generator: torch.Generator) -> dict:
+        """Data-driven start before training (default: none).  z (T, Y, X) normalised
+        frames, centres: the training target frames.  Returns a record for the log."""
+        return {}
+
     @classmethod
-    def check_state(cls, state_dict: dict, source=None) -> None:
+    def check_state(cls, state_dict: dict, source=None, params=None) -> None:
         raise NotImplementedError
 
     @classmethod
@@ -193,32 +204,27 @@ class BlindSpotModel(nn.Module):
                                      f"than {2 * params.halo_s} px")
 
 
-def _centre_index(shape: tuple[int, ...]) -> tuple:
-    """Index of the centre tap of a BCK weight (C, 1, [kt,] ks, ks), all channels."""
-    return (slice(None), 0) + tuple(s // 2 for s in shape[2:])
-
-
 class BlindConv(nn.Module):
-    """Blind convolution kernel (BCK): no bias, centre weight zero, gradient masked.
+    """Blind convolution kernel (BCK): no bias, centre-frame blind spot zero, gradient masked.
 
     weight: (C, 1, kt, ks, ks) for dims=3 (the shape of an ``nn.Conv3d`` weight) or
-    (C, 1, ks, ks) for dims=2.  The centre tap is kept at zero three ways: it is zero at
-    initialisation, its gradient is zeroed by a hook (as in the paper), and the forward
-    pass multiplies the weight by a mask, so even a corrupted centre value has provably
-    no influence on the output (d output / d centre input == 0 exactly).
+    (C, 1, ks, ks) for dims=2.  The taps of the centre frame within Chebyshev distance
+    ``blind_radius`` of the centre (the centre tap alone for 0) are kept at zero three
+    ways: zero at initialisation, their gradient zeroed by a hook (as in the paper), and
+    the forward pass multiplies the weight by a mask, so even a corrupted value has
+    provably no influence on the output (d output / d blind input == 0 exactly).
     """
 
     def __init__(self, ks: int, kt: int, channels: int, dims: int,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, blind_radius: int = 0, scale: float = 1.0):
         super().__init__()
         self.ks, self.kt, self.dims = ks, (kt if dims == 3 else 1), dims
         shape = (channels, 1, kt, ks, ks) if dims == 3 else (channels, 1, ks, ks)
         self.weight = nn.Parameter(torch.empty(shape))
-        mask = torch.ones(shape)
-        mask[_centre_index(shape)] = 0.0
-        self.register_buffer("mask", mask, persistent=False)
+        self.register_buffer("mask", blind_mask(shape, blind_radius), persistent=False)
         # Paper: "intercept the gradient ... set the corresponding element to 0".
         self.weight.register_hook(self._mask_grad)
+        self.scale = float(scale)
         self.reset_parameters(generator)
 
     def _mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
@@ -226,17 +232,29 @@ class BlindConv(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Neighbour-average init (+-20 % jitter), centre exactly zero, sum 1 per channel."""
+        """Neighbour-average init (+-20 % jitter), blind taps exactly zero, sum ``scale``
+        per channel."""
         w = 1.0 + 0.2 * (2.0 * torch.rand(self.weight.shape, generator=generator) - 1.0)
         w = w * self.mask
-        w = w / w.flatten(1).sum(1).view(-1, *([1] * (w.dim() - 1)))
+        w = self.scale * w / w.flatten(1).sum(1).view(-1, *([1] * (w.dim() - 1)))
         self.weight.copy_(w)
 
     def masked_weight(self) -> torch.Tensor:
-        """Weight with the centre forced to zero, as a 2D-conv weight (C, kt, ks, ks)."""
+        """Weight with the blind taps forced to zero, as a 2D-conv weight (C, kt, ks, ks)."""
         w = self.weight * self.mask
         c = w.shape[0]
         return w.reshape(c, self.kt, self.ks, self.ks)
+
+
+def blind_mask(shape: tuple[int, ...], blind_radius: int) -> torch.Tensor:
+    """Ones of a BCK weight's ``shape`` (C, 1, [kt,] ks, ks) with zeros on the centre
+    frame's taps within Chebyshev distance ``blind_radius`` of the centre."""
+    mask = torch.ones(shape)
+    ks = shape[-1]
+    c, b = ks // 2, min(int(blind_radius), ks // 2)
+    sl = (slice(None), 0) + ((shape[2] // 2,) if len(shape) == 5 else ()) + (slice(c - b, c + b + 1),) * 2
+    mask[sl] = 0.0
+    return mask
 
 
 def _pad_kernel(w: torch.Tensor, k: int) -> torch.Tensor:
@@ -258,21 +276,63 @@ def _near_identity(c: int, generator: torch.Generator | None) -> torch.Tensor:
 
 
 class _Branch(nn.Module):
-    """One ensemble member: BCK -> N_L x (1x1, LeakyReLU) -> 1x1 -> ReLU.
+    """One ensemble member: BCK (+ context kernel) -> N_L x (1x1, LeakyReLU) -> 1x1 -> ReLU.
 
-    The 1x1(x1) convolutions are stored as per-pixel matrices (C_out, C_in).
+    The 1x1(x1) convolutions are stored as per-pixel matrices (C_out, C_in).  With
+    temporal context the context channels enter through ``ctx`` (C, n_ctx, ks, ks),
+    unmasked: they hold no centre-frame pixel.  At initialisation the BCK and the widest
+    context mean each carry half the weight, so the untrained branch still preserves the
+    mean intensity.
     """
 
     def __init__(self, ks: int, p: WCVDParams, generator: torch.Generator | None):
         super().__init__()
         c = p.channels
-        self.bck = BlindConv(ks, p.kt, c, p.dims, generator)
+        n_ctx = len(p.context_radii)
+        self.bck = BlindConv(ks, p.kt, c, p.dims, generator, p.blind_radius, scale=0.5 if n_ctx else 1.0)
+        if n_ctx:
+            w = torch.zeros(c, n_ctx, ks, ks)
+            w[:, 0, ks // 2, ks // 2] = 0.5
+            self.ctx = nn.Parameter(w)
+        else:
+            self.ctx = None
         self.hidden_w = nn.ParameterList(
             [nn.Parameter(_near_identity(c, generator)) for _ in range(p.n_layers)])
         self.hidden_b = nn.ParameterList(
             [nn.Parameter(torch.zeros(c)) for _ in range(p.n_layers)] if p.bias else [])
         self.out_w = nn.Parameter(torch.full((1, c), 1.0 / c))
         self.out_b = nn.Parameter(torch.zeros(1)) if p.bias else None
+
+
+def _tap_orbits(n_in: int, kt: int, k: int) -> torch.Tensor:
+    """(n_in, k, k) int64 orbit labels of the taps of a first-layer kernel under the
+    dihedral group of the square (flips in y and x, transposition) and, for the first
+    ``kt`` input channels (the frames of the window), time reversal t + d <-> t - d."""
+    c = k // 2
+    lab = torch.empty(n_in, k, k, dtype=torch.int64)
+    for ch in range(n_in):
+        ch_key = min(ch, kt - 1 - ch) if ch < kt else ch
+        for i in range(k):
+            for j in range(k):
+                a, b = sorted((abs(i - c), abs(j - c)))
+                lab[ch, i, j] = (ch_key * k + a) * k + b
+    return lab
+
+
+def context_means(x: torch.Tensor, halo: int, radii: tuple[int, ...]) -> torch.Tensor:
+    """Temporal context: x (N, T, Y, X) -> (N, T - 2 halo, len(radii), Y, X); for the
+    centre frame c = halo + j, channel i is the mean of frames c-r..c+r *without frame c*,
+    r = radii[i] <= halo.  Summed outwards frame by frame, so a window and any block
+    holding it give bit-identical values."""
+    t = x.shape[1]
+    out = [None] * len(radii)
+    acc = torch.zeros_like(x[:, halo:t - halo])
+    for d in range(1, max(radii) + 1):
+        acc = acc + x[:, halo - d:t - halo - d] + x[:, halo + d:t - halo + d]
+        for i, r in enumerate(radii):
+            if r == d:
+                out[i] = acc / (2 * d)
+    return torch.stack(out, 2)
 
 
 @register("wcvd", "wcid")
@@ -314,13 +374,23 @@ class WCVD(BlindSpotModel):
         return "wcvd" if params.dims == 3 else "wcid"
 
     @classmethod
-    def check_state(cls, state_dict: dict, source=None) -> None:
-        check_blind_state(state_dict, source)
+    def check_state(cls, state_dict: dict, source=None, params: WCVDParams | None = None) -> None:
+        check_blind_state(state_dict, source, 0 if params is None else params.blind_radius)
 
     # -- shared pieces -------------------------------------------------------------
-    def _windows(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, T, Y, X) -> (N*T', kt, Y, X) sliding temporal windows (valid padding)."""
-        return temporal_windows(x, self.params.kt_eff, "kt")
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, Y, X) -> (N*T', kt + n_ctx, Y, X), T' = T - kt_eff + 1: for every output
+        frame the kt frames around it (the BCK's input) and the context means
+        (:func:`context_means`), the input channels of :meth:`merged_input_weight`."""
+        p = self.params
+        if not p.context:
+            return temporal_windows(x, p.kt_eff, "kt")
+        t, h, k2 = x.shape[1], p.halo_t, p.kt // 2
+        if t < p.kt_eff:
+            raise ValueError(f"need at least kt={p.kt_eff} frames, got {t}")
+        win = temporal_windows(x[:, h - k2:t - h + k2], p.kt, "kt")             # (N*T', kt, Y, X)
+        ctx = context_means(x, h, p.context_radii).flatten(0, 1)                 # (N*T', n_ctx, Y, X)
+        return torch.cat([win, ctx], 1)
 
     def _spatial_pad(self, w: torch.Tensor, spatial_padding: str) -> torch.Tensor:
         h = self.params.halo_s
@@ -335,19 +405,102 @@ class WCVD(BlindSpotModel):
         raise ValueError(f"spatial_padding must be 'circular' or 'valid', got {spatial_padding!r}")
 
     def merged_bck_weight(self) -> torch.Tensor:
-        """All branch kernels, centre-masked and zero-padded to Ks_max: (nb*C, kt, K, K)."""
+        """All branch kernels, blind taps masked, zero-padded to Ks_max: (nb*C, kt, K, K)."""
         k = max(self.params.ks)
         return torch.cat([_pad_kernel(b.bck.masked_weight(), k) for b in self.branches], 0)
+
+    def merged_input_weight(self) -> torch.Tensor:
+        """The first convolution over :meth:`features`: (nb*C, kt + n_ctx, K, K), the
+        masked BCKs followed by the (unmasked) context kernels."""
+        w = self.merged_bck_weight()
+        if not self.params.context:
+            return w
+        k = max(self.params.ks)
+        return torch.cat([w, torch.cat([_pad_kernel(b.ctx, k) for b in self.branches], 0)], 1)
+
+    # -- least-squares start ------------------------------------------------------------
+    @torch.no_grad()
+    def initialise(self, z: torch.Tensor, centres: list[int], generator: torch.Generator,
+                   max_pixels: int = 100_000) -> dict:
+        """Start every branch from the best *linear* blind-spot predictor on its support.
+
+        The self-supervised loss is a least-squares problem for a linear model: the taps
+        of the branch's blind kernel (+ context kernel) and an intercept that minimise
+        the MSE between the prediction and the noisy centre pixel over up to
+        ``max_pixels`` random pixels of the training frames (no intercept with
+        ``bias=False``; ridge 1e-4 of the mean
+        diagonal).  Blind by construction -- the masked taps are not unknowns -- and,
+        because those taps exclude the noise of the predicted pixel, the fit estimates
+        the best linear denoiser on that support (Noise2Self), a data-tuned Wiener filter.
+        Every channel of a branch starts from it (+-5 % jitter to break the symmetry),
+        the intercept goes into the output bias, and SGD then learns the nonlinear part.
+        On the synthetic counting movie this start is what makes a few hundred CPU steps
+        enough (the neighbour-average start left the network below a tuned Gaussian).
+        z (T, Y, X) normalised float32; centres: the frames targets may come from.
+        """
+        p = self.params
+        if not centres:
+            return {}
+        kmax, h = max(p.ks), p.halo_t
+        n_in = (p.kt if p.dims == 3 else 1) + len(p.context_radii)
+        per = max(1, max_pixels // len(centres))
+        cols, ys = [], []
+        for c in centres:
+            f = self.features(z[None, c - h:c + h + 1])                       # (1, n_in, Y, X)
+            f = F.pad(f, (kmax // 2,) * 4, mode="circular")
+            yy, xx = z.shape[-2:]
+            idx = torch.randint(0, yy * xx, (min(per, yy * xx),), generator=generator)
+            py, px = idx // xx, idx % xx
+            dy = torch.arange(kmax)
+            # (n_in, K, K, n): every tap of every sampled pixel
+            patch = f[0][:, (py[None, None, :] + dy[:, None, None]), (px[None, None, :] + dy[None, :, None])]
+            cols.append(patch.reshape(n_in * kmax * kmax, -1))
+            ys.append(z[c][py, px])
+        a_all, y = torch.cat(cols, 1), torch.cat(ys).double()
+        record = {}
+        for b in self.branches:
+            k, o = b.bck.ks, (kmax - b.bck.ks) // 2
+            sel = torch.zeros(n_in, kmax, kmax, dtype=torch.bool)
+            sel[:, o:o + k, o:o + k] = True
+            kt_in = b.bck.kt
+            blind = (b.bck.mask.reshape(-1, kt_in, k, k)[0] == 0)
+            sel[:kt_in, o:o + k, o:o + k] &= ~blind
+            # one unknown per orbit of taps under the symmetries the training assumes
+            # (flips / transposes: the dihedral group; time reversal of the kt frames):
+            # ~8x fewer unknowns than taps, so the fit is not drowned in estimation noise
+            orbit = _tap_orbits(n_in, kt_in, kmax)[sel]                            # (n_sel,)
+            uniq, inv = torch.unique(orbit, return_inverse=True)
+            proj = torch.zeros(len(inv), len(uniq), dtype=torch.float64)
+            proj[torch.arange(len(inv)), inv] = 1.0
+            a = proj.T @ a_all[sel.flatten()].double()
+            if p.bias:  # the intercept lives in the output bias
+                a = torch.cat([a, torch.ones(1, a.shape[1], dtype=a.dtype)], 0)
+            g = a @ a.T
+            g += 1e-6 * g.diagonal().mean() * torch.eye(len(g), dtype=g.dtype)
+            sol = torch.linalg.solve(g, a @ y)
+            w = torch.zeros(n_in, kmax, kmax, dtype=torch.float64)
+            w[sel] = proj @ sol[:len(uniq)]
+            w = w[:, o:o + k, o:o + k].float()
+            c = p.channels
+            jitter = 1.0 + 0.05 * (2.0 * torch.rand((c,) + tuple(w.shape), generator=generator) - 1.0)
+            wc = w[None] * jitter                                                  # (C, n_in, k, k)
+            b.bck.weight.copy_((wc[:, :kt_in] * b.bck.mask.reshape(c, kt_in, k, k)).reshape(b.bck.weight.shape))
+            if b.ctx is not None:
+                b.ctx.copy_(wc[:, kt_in:])
+            if b.out_b is not None:
+                b.out_b.fill_(float(sol[-1]))
+            record[f"ks{k}"] = {"taps": int(sel.sum()), "unknowns": len(uniq)}
+        return {"linear_start": record, "pixels": int(y.numel())}
 
     # -- fast merged forward (training and GPU inference) --------------------------
     def forward(self, x: torch.Tensor, spatial_padding: str = "circular") -> torch.Tensor:
         p = self.params
         n, t = x.shape[:2]
-        w = self._spatial_pad(self._windows(x), spatial_padding)
+        w = self._spatial_pad(self.features(x), spatial_padding)
         if w.device.type == "cpu":
             w = w.contiguous(memory_format=torch.channels_last)
         nb = len(self.branches)
-        h = F.conv2d(w, self.merged_bck_weight())                     # (M, nb*C, Y, X)
+        h = F.conv2d(w, self.merged_input_weight())                   # (M, nb*C, Y, X)
         for layer in range(p.n_layers):
             wl = torch.cat([b.hidden_w[layer] for b in self.branches], 0)[:, :, None, None]
             bl = torch.cat([b.hidden_b[layer] for b in self.branches]) if p.bias else None
@@ -360,23 +513,33 @@ class WCVD(BlindSpotModel):
 
     # -- literal paper formulation, for tests ------------------------------------------
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-branch Conv3d (dims=3) / Conv2d (dims=2) with circular spatial padding.
+        """Per-branch Conv3d (dims=3) / Conv2d (dims=2) with circular spatial padding;
+        the context means written out frame by frame with a per-branch Conv2d.
 
         Slow and literal; same contract as ``forward(x, 'circular')``.
         """
         p = self.params
         n, t, yy, xx = x.shape
+        h_t, k2 = p.halo_t, (p.kt // 2 if p.dims == 3 else 0)
         outs = []
         for b in self.branches:
             h_s = b.bck.ks // 2
             wgt = b.bck.weight * b.bck.mask
             if p.dims == 3:
-                xi = F.pad(x[:, None], (h_s, h_s, h_s, h_s, 0, 0), mode="circular")
+                xi = F.pad(x[:, None, h_t - k2:t - h_t + k2], (h_s, h_s, h_s, h_s, 0, 0), mode="circular")
                 h = F.conv3d(xi, wgt)                                    # (N, C, T', Y, X)
                 h = h.permute(0, 2, 1, 3, 4).reshape(-1, p.channels, yy, xx)
             else:
                 xi = F.pad(x.reshape(n * t, 1, yy, xx), (h_s,) * 4, mode="circular")
                 h = F.conv2d(xi, wgt)
+            if p.context:
+                ctx = []
+                for i in range(n):
+                    for c in range(h_t, t - h_t):
+                        ctx.append(torch.stack([(x[i, c - r:c + r + 1].sum(0) - x[i, c]) / (2 * r)
+                                                for r in p.context_radii]))
+                ctx = F.pad(torch.stack(ctx), (h_s,) * 4, mode="circular")
+                h = h + F.conv2d(ctx, b.ctx)
             for layer in range(p.n_layers):
                 bias = b.hidden_b[layer] if p.bias else None
                 h = F.leaky_relu(F.conv2d(h, b.hidden_w[layer][:, :, None, None], bias), p.negative_slope)
@@ -390,8 +553,9 @@ def build_model(params: WCVDParams = WCVDParams(), seed: int = 0) -> WCVD:
     return WCVD.build(params, seed)
 
 
-def check_blind_state(state_dict: dict, source=None) -> None:
-    """Refuse weights whose BCK centre tap is not exactly zero.
+def check_blind_state(state_dict: dict, source=None, blind_radius: int = 0) -> None:
+    """Refuse weights whose BCK blind taps (centre frame, within ``blind_radius`` of the
+    centre) are not exactly zero.
 
     state_dict: a ``WCVD.state_dict()``; source: file name for the error message.
     Raises ``InputError(source, 'centre weight of the blind kernel is not zero ...')``.
@@ -403,7 +567,7 @@ def check_blind_state(state_dict: dict, source=None) -> None:
         raise InputError(source, "no blind convolution kernel weights (*.bck.weight) in the model state")
     for k in keys:
         w = state_dict[k]
-        centre = w[_centre_index(tuple(w.shape))]
+        centre = w[blind_mask(tuple(w.shape), blind_radius) == 0]
         if torch.count_nonzero(centre).item():
             worst = float(centre.abs().max())
             raise InputError(
@@ -474,7 +638,7 @@ class SHINE(BlindSpotModel):
     warmup_fraction = 0.05  # the paper names a warm-up without its length
 
     @classmethod
-    def check_state(cls, state_dict: dict, source=None) -> None:
+    def check_state(cls, state_dict: dict, source=None, params=None) -> None:
         check_shine_state(state_dict, source)
 
     def __init__(self, params: SHINEParams = SHINEParams()):

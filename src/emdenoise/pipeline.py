@@ -16,7 +16,7 @@ import numpy as np
 
 from . import drift, filters, infer, metrics, noise
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .config import ModelConfig, TrainParams, candidate_model
+from .config import CONTEXT_SUFFIX, ModelConfig, TrainParams, candidate_model, context_frames
 from .errors import InputError
 from .models import model_class, resolve_device
 from .tiling import min_frames_for_windows
@@ -52,17 +52,21 @@ def on_gpu(ds, name: str, device: str | None = None) -> bool:
     return resolve_device(device or ds.train.device).type == "cuda"
 
 
-def model_params(ds, name: str, blindspot: int | None = None, device: str | None = None):
-    """Architecture of candidate ``name`` ('wcvd' | 'shine') for dataset config ``ds``;
-    SHINE's blind spot comes from the noise stage (``blindspot``) unless the config
-    fixes it, and its size from ``shine.size`` and the training device."""
+def model_params(ds, name: str, blindspot: int | None = None, device: str | None = None,
+                 n_frames: int | None = None):
+    """Architecture of candidate ``name`` ('wcvd', 'wcvd_ctx', 'wcvd_kt<N>', 'shine') for
+    dataset config ``ds``.  The blind spot of SHINE and WCVD comes from the noise stage
+    (``blindspot``) unless the config fixes it (WCVD: 1 when neither says); SHINE's size
+    from ``shine.size`` and the training device; 'wcvd_ctx' resolves ``model.context``
+    from the movie's length (``n_frames``, :func:`config.context_frames`)."""
     if name == "shine":
         if ds.shine.blindspot is None and blindspot is None:
             raise InputError(None, "SHINE needs the blind-spot size from the noise stage")
         return ds.shine.params(blindspot or ds.shine.blindspot, gpu=on_gpu(ds, name, device))
     base, kt = candidate_model(name)
     if base == "wcvd":
-        return ds.model.wcvd_params(kt=kt)
+        context = context_frames(ds.model.context, n_frames) if name.endswith(CONTEXT_SUFFIX) else 0
+        return ds.model.wcvd_params(kt=kt, context=context, blindspot=ds.model.blindspot or blindspot or 1)
     raise InputError(None, f"unknown candidate model {name!r}")
 
 
@@ -80,7 +84,7 @@ def train_candidate(stack: np.ndarray, ds, name: str, blindspot: int | None = No
     tp = ds.train_params(name, gpu=gpu)
     if train_overrides:
         tp = dataclasses.replace(tp, **{k: v for k, v in train_overrides.items() if v is not None})
-    ckpt = train_model(stack, model_params(ds, name, blindspot, device), tp, log_csv=log_csv, progress=progress,
+    ckpt = train_model(stack, model_params(ds, name, blindspot, device, n_frames=len(stack)), tp, log_csv=log_csv, progress=progress,
                        resume=resume, checkpoint_every=60.0 * tp.checkpoint_minutes)
     ckpt["dataset"] = ds.name
     ckpt["data"] = {"blindspot": blindspot, **(data_info or {})}
@@ -202,7 +206,7 @@ def classical_candidate(stack: np.ndarray, blind_radius: int) -> tuple[np.ndarra
     return res.denoised, attrs
 
 
-def temporal_reach(ds, method: str, attrs: dict | None = None) -> int:
+def temporal_reach(ds, method: str, attrs: dict | None = None, n_frames: int | None = None) -> int:
     """Frames on each side of t that ``method``'s output frame t depends on: from the
     stack's attributes where the stage that made it recorded it (``temporal_reach``:
     baselines, classical, infer), else from the config (``filters.temporal_reach``)."""
@@ -213,7 +217,7 @@ def temporal_reach(ds, method: str, attrs: dict | None = None) -> int:
     if method == "gaussian3d":
         return filters.temporal_reach(method, sigma=tuple(ds.baselines.gaussian3d_sigma))
     if candidate_model(method)[0] == "wcvd":
-        return filters.temporal_reach("wcvd", params=model_params(ds, method))
+        return filters.temporal_reach("wcvd", params=model_params(ds, method, n_frames=n_frames))
     if method == "shine":
         return ds.shine.frames // 2
     if method == "classical":
@@ -229,7 +233,7 @@ def check_frames(ds, n_frames: int) -> None:
     it before any training (a short movie must not cost minutes of training first)."""
     names = [n for n in ds.candidates if n != "pretrained"]  # a checkpoint is checked by check_fit
     for name in names:
-        need = min_frames_for_windows(model_params(ds, name, 1).halo_t)  # halo_t: any blind spot
+        need = min_frames_for_windows(model_params(ds, name, 1, n_frames=n_frames).halo_t)  # any blind spot
         if n_frames < need:
             raise InputError(None, f"has {n_frames} frames; {name} needs at least {need}")
     if len(ds.select_candidates) > 1:
@@ -279,7 +283,8 @@ def align_on_canvas(stack: np.ndarray, ds) -> tuple[np.ndarray, dict]:
     pf = ds.prefilter
     pre = prefilter(stack, method=pf.method, sigma=pf.sigma, wcid_params=ds.model.wcvd_params(dims=2),
                     train_params=dataclasses.replace(ds.train, epochs=pf.epochs))
-    measured = drift.measure_drift(pre, upsample=ds.drift.upsample)
+    measured, check = drift.measure_drift(pre, upsample=ds.drift.upsample, min_peak_z=ds.drift.min_peak_z,
+                                          return_info=True)
     d = np.rint(measured).astype(int)
     t, y, x = stack.shape
     off = d.max(0)[None, :] - d                       # (T, 2) offsets of each frame on the canvas
@@ -289,7 +294,7 @@ def align_on_canvas(stack: np.ndarray, ds) -> tuple[np.ndarray, dict]:
         canvas[i, off[i, 0]:off[i, 0] + y, off[i, 1]:off[i, 1] + x] = stack[i]
     common = [int(span[0]), int(y), int(span[1]), int(x)]  # covered by every frame
     return canvas, {"measured": measured.tolist(), "offsets": off.tolist(), "common": common,
-                    "max_shift_px": float(np.abs(measured).max())}
+                    "max_shift_px": float(np.abs(measured).max()), "check": check}
 
 
 def from_canvas(canvas: np.ndarray, record: dict, shape) -> np.ndarray:

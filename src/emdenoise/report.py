@@ -456,6 +456,11 @@ def dataset_summary(name: str, table: pd.DataFrame, *, choice: dict | None, inde
         max_drift = float(np.max(np.hypot(drift.dy, drift.dx)))
         if max_drift > drift_warn_px:
             warnings.append(f"drift {max_drift:.1f} px > {drift_warn_px:g} px")
+        if "trusted" in drift and not drift.trusted.iloc[1:].all():
+            n_bad = int((~drift.trusted.astype(bool)).sum())
+            warnings.append("drift not measurable (no significant correlation peak): frames left unaligned"
+                            if n_bad >= len(drift) - 1 else
+                            f"drift interpolated in {n_bad} frame(s) without a significant correlation peak")
     spot = blindspot.get("blindspot") if blindspot else None
     if spot is not None and int(spot) > blindspot_warn:
         warnings.append(f"blind spot {spot}×{spot} > {blindspot_warn}×{blindspot_warn}")

@@ -73,8 +73,8 @@ def has_truth(ds):
 
 
 def candidates(ds):
-    """Models trained for a dataset: [wcvd], [shine], for `auto` wcvd, wcvd_kt<long_kt> and
-    shine, [] for `none`."""
+    """Models trained for a dataset: [wcvd], [shine], for `auto` wcvd, wcvd_ctx (temporal
+    context; wcvd_kt<long_kt> when set) and shine, [] for `none`."""
     return CFG.datasets[ds].candidates
 
 

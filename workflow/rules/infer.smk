@@ -9,7 +9,7 @@ rule infer:
     output:
         directory(f"{RESULTS}/{{ds}}/{{model}}/denoised_raw.zarr"),
     wildcard_constraints:
-        model="wcvd(_kt[0-9]+)?|shine|pretrained",
+        model="wcvd(_kt[0-9]+)?(_ctx)?|shine|pretrained",
     params:
         cfg=stage("kind", "infer"),
     log:

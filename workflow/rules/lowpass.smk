@@ -8,7 +8,7 @@ rule lowpass:
     output:
         directory(f"{RESULTS}/{{ds}}/{{model}}/denoised.zarr"),
     wildcard_constraints:
-        model="wcvd(_kt[0-9]+)?|shine|pretrained",
+        model="wcvd(_kt[0-9]+)?(_ctx)?|shine|pretrained",
     params:
         cfg=stage(lowpass_settings),
     log:

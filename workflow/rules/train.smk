@@ -10,7 +10,7 @@ rule train:
         model=f"{RESULTS}/{{ds}}/{{model}}/model.pt",
         log_csv=f"{RESULTS}/{{ds}}/{{model}}/train_log.csv",
     wildcard_constraints:
-        model="wcvd(_kt[0-9]+)?|shine",
+        model="wcvd(_kt[0-9]+)?(_ctx)?|shine",
     params:
         cfg=stage("name", "train", model_settings),
     log:
