@@ -190,3 +190,42 @@ def test_real_au_movie_subset(tmp_path):
     spot = yaml.safe_load((res / "au" / "blindspot.json").read_text())
     assert spot["blindspot"] == 3  # as the SHINE authors chose for this movie
     assert (res / "au" / "denoised.tif").exists() and "wcvd" in set(table.index)
+
+
+def _intervals(log_dir: Path, pattern: str) -> list[tuple[str, float, float]]:
+    """(log name, start, end) in seconds from the 'start' / 'done' lines of stage logs."""
+    import datetime as dt
+    out = []
+    for path in sorted(log_dir.rglob(pattern)):
+        stamps = [dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                  for line in path.read_text().splitlines() if " start " in line or " done " in line]
+        out.append((f"{path.parent.name}/{path.name}", stamps[0], stamps[-1]))
+    return out
+
+
+def test_gpu_jobs_run_one_at_a_time_under_the_workstation_profile(tmp_path):
+    # Three datasets, many cores: the network rules declare `gpu` (device auto) and the
+    # workstation profile (profiles/default, found from the repository) caps it at 1, so no
+    # two trainings or inferences ever overlap -- on a one-GPU machine they would share it.
+    data = {}
+    for i in range(3):
+        movie = synthetic.simulate_movie(n_frames=6, shape=(40, 40), mode="counting", dose=2.0, max_drift=0.0,
+                                         seed=i)
+        tifffile.imwrite(tmp_path / f"m{i}.tif", movie.noisy.astype(np.float32))
+        data[f"m{i}"] = {"path": str(tmp_path / f"m{i}.tif")}
+    config = {"datasets": data, "demo": {},
+              "defaults": {"train": {"epochs": 6, "crop": 24, "val_crop": 24}, "model": {"name": "wcvd"},
+                           "prefilter": {"method": "gaussian2d"}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    cmd = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--cores", "12",
+           "--configfile", str(tmp_path / "config.yaml")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "profiles/default" in proc.stderr  # the workstation profile was in force
+    jobs = _intervals(tmp_path / "results" / "logs", "train_*.log") + _intervals(tmp_path / "results" / "logs",
+                                                                                   "infer_*.log")
+    assert len(jobs) == 6, jobs
+    jobs.sort(key=lambda j: j[1])
+    for (a, _, end), (b, start, _) in zip(jobs, jobs[1:]):
+        assert start >= end - 0.01, f"{b} started before {a} ended: two GPU jobs at once"

@@ -356,7 +356,8 @@ def infer_zarr(model, ckpt, src_zarr_path, dst_zarr_path, *, device: str = "auto
     p = params_model.params
     check_frame_size(shape[1:], p.halo_s, src_zarr_path)  # a wrapped halo must not fold p onto itself
     check_frame_count(shape[0], p.halo_t, src_zarr_path)
-    ngpu = torch.cuda.device_count() if dev.type == "cuda" else 0
+    # device 'cuda' shares the blocks among every GPU; 'cuda:N' pins the run to that one
+    ngpu = (1 if dev.index is not None else torch.cuda.device_count()) if dev.type == "cuda" else 0
     if workers is None:
         workers = max(1, ngpu) if ngpu else max(1, torch.get_num_threads() // max(1, threads_per_worker))
     workers = max(1, int(workers))

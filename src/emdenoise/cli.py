@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 
 import numpy as np
@@ -127,6 +128,13 @@ def _verify(args: argparse.Namespace) -> None:
     print(f"{args.results}: all recorded inputs and outputs match their checksums")
 
 
+def _device(value: str) -> str:
+    """argparse type of --device: auto, cpu, cuda or cuda:N."""
+    if not re.fullmatch(emcfg.DEVICE_PATTERN, value):
+        raise argparse.ArgumentTypeError(f"invalid device {value!r}: use auto, cpu, cuda or cuda:N")
+    return value
+
+
 def _eer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eer-group", type=int, default=None,
                    help="Falcon EER: raw frames summed per output frame (default 20)")
@@ -169,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "one with the lower uMSE (needs >= 8 frames)")
     den.add_argument("--config", help="YAML with any of the pipeline's per-stage settings "
                      "(model, train, infer, lowpass: the keys of `defaults` in config/config.yaml)")
-    den.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    den.add_argument("--device", type=_device, default=None, help="auto | cpu | cuda | cuda:N")
     den.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     den.add_argument("--pixel-size", type=float, default=None, help="Å/px, overrides the file's")
     _eer_args(den)
@@ -190,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     wat.add_argument("--idle", type=float, default=30.0, help="stop after this many seconds without a new frame "
                      "(0: only on Ctrl-C); the last frames are written with mirrored windows")
     wat.add_argument("--poll", type=float, default=0.5, help="seconds between looks at the folder")
-    wat.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    wat.add_argument("--device", type=_device, default=None, help="auto | cpu | cuda | cuda:N")
     wat.set_defaults(func=_watch)
 
     ver = sub.add_parser("verify", help="recompute the checksums recorded in provenance.json files")

@@ -37,6 +37,10 @@ def setting(default, **schema):
     return field(default=default, metadata={"schema": schema})
 
 
+#: device settings: auto (CUDA when available), cpu, cuda, or one GPU as cuda:N
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
+
+
 @dataclass(frozen=True)
 class WCVDParams:
     """Architecture hyper-parameters (paper values as defaults).
@@ -152,7 +156,7 @@ class TrainParams:
         (0 = no validation: the last epoch is kept).  See ``_split`` for small T.
     val_crop: validation uses a fixed centre crop of this size (px) of each held-out
         frame, to bound its cost per epoch; None = full frames.
-    device: 'auto' | 'cpu' | 'cuda'.
+    device: 'auto' | 'cpu' | 'cuda' | 'cuda:N' (one GPU of several).
     amp: mixed precision (bf16 or fp16 autocast) -- only ever used on CUDA.
     lr_schedule: 'cosine' (decay to lr/100 over the epochs; default) or 'constant'
         (paper).  Adam at a constant 1e-3 keeps jittering (+-0.15 dB PSNR between epochs
@@ -178,7 +182,7 @@ class TrainParams:
     seed: int = setting(0, minimum=0)
     val_frames: int = setting(2, minimum=0)
     val_crop: int | None = setting(256, minimum=8)
-    device: str = setting("auto", enum=["auto", "cpu", "cuda"])
+    device: str = setting("auto", pattern=DEVICE_PATTERN)
     amp: bool = setting(True)
     lr_schedule: str = setting("cosine", enum=["cosine", "constant"])
     val_tolerance: float = setting(1.0, minimum=0)
@@ -455,7 +459,7 @@ class ShineConfig:
 class InferConfig:
     """Chunked inference (emdenoise.infer.infer_zarr) and tilt-series tiling."""
 
-    device: str = setting("auto", enum=["auto", "cpu", "cuda"])  # auto: CUDA when available, else CPU
+    device: str = setting("auto", pattern=DEVICE_PATTERN)  # auto: CUDA when available, else CPU; cuda:N picks a GPU
     batch_frames: int = setting(8, minimum=1)  # frames per forward pass; bounds memory
     tile: int | None = setting(None, minimum=16)  # movies: square tile edge in px; None = sized from free RAM / GPU memory
     workers: int | None = setting(None, minimum=1)  # None = the rule's threads (one per GPU on a GPU machine)

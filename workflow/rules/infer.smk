@@ -16,6 +16,7 @@ rule infer:
         f"{RESULTS}/logs/{{ds}}/infer_{{model}}.log",
     threads: 2
     resources:
+        gpu=gpu_slots("infer"),
         mem_mb=8000,
         runtime=120,
     conda:

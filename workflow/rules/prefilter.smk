@@ -11,6 +11,7 @@ rule prefilter:
     log:
         f"{RESULTS}/logs/{{ds}}/prefilter.log",
     resources:
+        gpu=gpu_slots("prefilter"),
         mem_mb=4000,
     conda:
         "../../envs/emdenoise.yaml"

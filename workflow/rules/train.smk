@@ -17,6 +17,7 @@ rule train:
         f"{RESULTS}/logs/{{ds}}/train_{{model}}.log",
     threads: 2
     resources:
+        gpu=gpu_slots("train"),
         mem_mb=8000,
         runtime=240,
     conda:
