@@ -126,7 +126,9 @@ def test_tiny_run_end_to_end(tmp_path):
     assert (res / "count" / "denoised.tif").exists() and (res / "lin" / "denoised.mrc").exists()
     # the tilt series went through overlapping tiles; its angles are copied beside the MRC
     assert io.read_zarr(res / "tilts" / "wcvd" / "denoised_raw.zarr")[1]["tiling"] == {"tile": 32, "overlap": 16}
-    assert np.loadtxt(res / "tilts" / "denoised.tlt").tolist() == [-6, -3, 0, 3, 6]
+    # a tilt series follows IMOD's basename convention: <name>_denoised.mrc + .tlt
+    assert np.loadtxt(res / "tilts" / "tilts_denoised.tlt").tolist() == [-6, -3, 0, 3, 6]
+    assert (res / "tilts" / "tilts_denoised.mrc").exists() and not (res / "tilts" / "denoised.mrc").exists()
     # Snakemake's own report: metrics table, previews, drift and noise plots with captions
     rep = snakemake(tmp_path, "--report", str(tmp_path / "smk_report.zip"), config=config)
     assert rep.returncode == 0, rep.stderr[-3000:]

@@ -134,11 +134,20 @@ def export_ext(ds):
     return "mrc" if path.endswith((".mrc", ".mrcs", ".st", ".ali", ".rec", ".map")) else "tif"
 
 
+def export_path(ds):
+    """The exported denoised stack: results/{ds}/denoised.tif|.mrc; a tilt series follows
+    IMOD's basename convention, results/{ds}/{ds}_denoised.mrc with {ds}_denoised.tlt
+    beside it (what etomo looks for next to a stack)."""
+    if CFG.datasets[ds].kind == "tilt_series":
+        return f"{RESULTS}/{ds}/{ds}_denoised.{export_ext(ds)}"
+    return f"{RESULTS}/{ds}/denoised.{export_ext(ds)}"
+
+
 def dataset_outputs(ds):
     """Everything a dataset's run delivers (requested by `rule all` via the report)."""
     outs = [f"{RESULTS}/{ds}/metrics.csv", f"{RESULTS}/{ds}/provenance.json"]
     if candidates(ds):
-        outs.append(f"{RESULTS}/{ds}/denoised.{export_ext(ds)}")
+        outs.append(export_path(ds))
     return outs
 
 
@@ -155,7 +164,7 @@ def provenance_inputs(wildcards):
         inputs.update(checkpoints(ds))  # provenance records the chosen one's (none for `classical`)
         inputs["choice"] = f"{RESULTS}/{ds}/model_choice.json"
         inputs["denoised"] = f"{RESULTS}/{ds}/denoised.zarr"
-        inputs["export"] = f"{RESULTS}/{ds}/denoised.{export_ext(ds)}"
+        inputs["export"] = export_path(ds)
     return inputs
 
 

@@ -25,11 +25,12 @@ rule export:
     input:
         f"{RESULTS}/{{ds}}/denoised.zarr",
     output:
-        f"{RESULTS}/{{ds}}/denoised.{{ext}}",
+        f"{RESULTS}/{{ds}}/{{stem}}.{{ext}}",
     wildcard_constraints:
         ext="tif|mrc",
+        stem="denoised|[A-Za-z0-9_.-]+_denoised",
     log:
-        f"{RESULTS}/logs/{{ds}}/export_{{ext}}.log",
+        f"{RESULTS}/logs/{{ds}}/export_{{stem}}_{{ext}}.log",
     resources:
         mem_mb=4000,
     conda:
