@@ -225,6 +225,10 @@ def test_gpu_jobs_run_one_at_a_time_under_the_workstation_profile(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "profiles/default" in proc.stderr  # the workstation profile was in force
+    # memory from the size of the job's input, evaluated once the input exists
+    from emdenoise.stage import job_memory_mb, stack_megabytes
+    aligned = stack_megabytes(tmp_path / "results" / "m0" / "aligned.zarr")
+    assert aligned > 0 and f"mem_mb={job_memory_mb(aligned, 3, 4000)}," in proc.stderr
     jobs = _intervals(tmp_path / "results" / "logs", "train_*.log") + _intervals(tmp_path / "results" / "logs",
                                                                                    "infer_*.log")
     assert len(jobs) == 6, jobs

@@ -7,6 +7,7 @@ the problem, in the rule's log and on stderr, instead of a traceback.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -42,3 +43,38 @@ def run(smk: Any, main: Callable[[Any], None]) -> None:
         log.exception("%s failed", name)
         raise
     log.info("done %s in %.1f s", name, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- resources
+def stack_megabytes(path) -> float:
+    """What a stack at ``path`` occupies in memory as float32, in MB (1e6 bytes).
+
+    A Zarr store: exactly, from the shape in its ``zarr.json`` (the store on disk is
+    compressed and says nothing about memory).  Any other file, or a folder of frame
+    files: twice its size on disk (16-bit detector data become float32; compressed or
+    8-bit files are underestimated, float32 files overestimated).  Missing: 0.
+    """
+    import json
+    import math
+    import os
+
+    path = os.fspath(path)
+    meta = os.path.join(path, "zarr.json")
+    if os.path.isfile(meta):
+        with open(meta) as fh:
+            node = json.load(fh)
+        if node.get("node_type") == "group":  # OME-Zarr: the full-resolution array of its multiscales
+            ms = node.get("attributes", {}).get("ome", {}).get("multiscales") or [{}]
+            first = (ms[0].get("datasets") or [{"path": "0"}])[0].get("path", "0")
+            return stack_megabytes(os.path.join(path, first))
+        return 4.0 * math.prod(node.get("shape") or []) / 1e6
+    if os.path.isdir(path):
+        return 2.0 * sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 1e6
+    return 2.0 * os.path.getsize(path) / 1e6 if os.path.isfile(path) else 0.0
+
+
+def job_memory_mb(stacks_mb: float, copies: float, base_mb: int = 1000, attempt: int = 1) -> int:
+    """``mem_mb`` of a workflow job: ``base_mb`` (interpreter, torch, buffers) plus
+    ``copies`` float32 copies of its input stacks (``stacks_mb``, :func:`stack_megabytes`),
+    doubled on every retry (``attempt`` 1, 2, ...) so a job killed for memory gets more."""
+    return int(math.ceil((base_mb + copies * stacks_mb) * 2 ** (max(1, int(attempt)) - 1)))

@@ -12,7 +12,7 @@ rule baselines:
     log:
         f"{RESULTS}/logs/{{ds}}/baselines.log",
     resources:
-        mem_mb=4000,
+        mem_mb=mem_mb(4),
     conda:
         "../../envs/emdenoise.yaml"
     script:

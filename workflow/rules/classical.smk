@@ -13,7 +13,7 @@ rule classical:
     log:
         f"{RESULTS}/logs/{{ds}}/classical.log",
     resources:
-        mem_mb=4000,
+        mem_mb=mem_mb(5),
     conda:
         "../../envs/emdenoise.yaml"
     script:

@@ -1,9 +1,12 @@
+import errno
+import os
 import re
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
 import emdenoise.config as emcfg
+import emdenoise.stage as emstage
 from emdenoise.errors import InputError
 
 min_version("9.0")
@@ -46,6 +49,30 @@ def gpu_slots(stage_name):
         return 0 if device == "cpu" else 1
 
     return slots
+
+
+def mem_mb(copies, base=1000):
+    """A rule's `mem_mb`: `base` MB plus `copies` float32 copies of its input stacks
+    (sizes read when the job is scheduled), doubled on each retry
+    (`emdenoise.stage.job_memory_mb`; retries: profiles/slurm)."""
+
+    def resource(wildcards, input, attempt):
+        stacks = [p for p in input if not p.endswith((".json", ".csv", ".pt", ".png"))]
+        for p in stacks:
+            if not os.path.exists(p):  # made by an earlier job: Snakemake asks again once it exists
+                raise FileNotFoundError(errno.ENOENT, "not made yet", p)
+        return emstage.job_memory_mb(sum(emstage.stack_megabytes(p) for p in stacks), copies, base, attempt)
+
+    return resource
+
+
+def runtime(minutes):
+    """A rule's `runtime` (minutes), doubled on each retry."""
+
+    def resource(wildcards, attempt):
+        return int(minutes * 2 ** (attempt - 1))
+
+    return resource
 
 
 def dataset(wildcards):

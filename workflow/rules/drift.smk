@@ -18,7 +18,7 @@ rule drift:
     log:
         f"{RESULTS}/logs/{{ds}}/drift.log",
     resources:
-        mem_mb=4000,
+        mem_mb=mem_mb(3),
     conda:
         "../../envs/emdenoise.yaml"
     script:
@@ -37,7 +37,7 @@ rule align_truth:
     log:
         f"{RESULTS}/logs/{{ds}}/align_truth.log",
     resources:
-        mem_mb=2000,
+        mem_mb=mem_mb(1),
     conda:
         "../../envs/emdenoise.yaml"
     script:

@@ -17,8 +17,8 @@ rule infer:
     threads: 2
     resources:
         gpu=gpu_slots("infer"),
-        mem_mb=8000,
-        runtime=120,
+        mem_mb=mem_mb(1, 4000),
+        runtime=runtime(120),
     conda:
         "../../envs/emdenoise.yaml"
     script:

@@ -16,7 +16,7 @@ rule ingest:
     log:
         f"{RESULTS}/logs/{{ds}}/ingest.log",
     resources:
-        mem_mb=2000,
+        mem_mb=mem_mb(3),
     conda:
         "../../envs/emdenoise.yaml"
     script:
@@ -36,7 +36,7 @@ rule ingest_truth:
     log:
         f"{RESULTS}/logs/{{ds}}/ingest_truth.log",
     resources:
-        mem_mb=2000,
+        mem_mb=mem_mb(3),
     conda:
         "../../envs/emdenoise.yaml"
     script:

@@ -22,7 +22,7 @@ rule metrics:
     log:
         f"{RESULTS}/logs/{{ds}}/metrics.log",
     resources:
-        mem_mb=4000,
+        mem_mb=mem_mb(1.5),
     conda:
         "../../envs/emdenoise.yaml"
     script:

@@ -18,7 +18,7 @@ rule noise:
     log:
         f"{RESULTS}/logs/{{ds}}/noise.log",
     resources:
-        mem_mb=2000,
+        mem_mb=mem_mb(1),
     conda:
         "../../envs/emdenoise.yaml"
     script:

@@ -12,7 +12,7 @@ rule prefilter:
         f"{RESULTS}/logs/{{ds}}/prefilter.log",
     resources:
         gpu=gpu_slots("prefilter"),
-        mem_mb=4000,
+        mem_mb=mem_mb(3, 2000),
     conda:
         "../../envs/emdenoise.yaml"
     script:

@@ -16,7 +16,7 @@ rule select:
     log:
         f"{RESULTS}/logs/{{ds}}/select.log",
     resources:
-        mem_mb=4000,
+        mem_mb=mem_mb(1.5),
     conda:
         "../../envs/emdenoise.yaml"
     script:

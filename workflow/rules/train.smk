@@ -18,8 +18,8 @@ rule train:
     threads: 2
     resources:
         gpu=gpu_slots("train"),
-        mem_mb=8000,
-        runtime=240,
+        mem_mb=mem_mb(3, 4000),
+        runtime=runtime(240),
     conda:
         "../../envs/emdenoise.yaml"
     script:

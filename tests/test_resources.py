@@ -1,0 +1,30 @@
+"""Workflow job resources from the size of the data (issue: bounded memory and disk)."""
+from __future__ import annotations
+
+import numpy as np
+import tifffile
+
+from emdenoise import io
+from emdenoise.stage import job_memory_mb, stack_megabytes
+
+
+def test_stack_megabytes_reads_zarr_shapes_and_file_sizes(tmp_path):
+    stack = np.zeros((10, 64, 48), dtype=np.float32)
+    io.write_zarr(tmp_path / "s.zarr", stack)                        # OME-Zarr group, array "0"
+    assert stack_megabytes(tmp_path / "s.zarr") == stack.nbytes / 1e6  # exact, whatever the compression
+    tifffile.imwrite(tmp_path / "s.tif", stack.astype(np.uint16))
+    size = (tmp_path / "s.tif").stat().st_size
+    assert stack_megabytes(tmp_path / "s.tif") == 2 * size / 1e6     # 16-bit on disk -> float32
+    (tmp_path / "frames").mkdir()
+    for i in range(3):
+        tifffile.imwrite(tmp_path / "frames" / f"f{i}.tif", stack[i].astype(np.uint16))
+    assert np.isclose(stack_megabytes(tmp_path / "frames"),
+                      2 * sum(p.stat().st_size for p in (tmp_path / "frames").iterdir()) / 1e6)
+    assert stack_megabytes(tmp_path / "missing.mrc") == 0.0
+
+
+def test_job_memory_grows_with_the_data_and_doubles_on_retry():
+    assert job_memory_mb(0, 3, 1000) == 1000
+    assert job_memory_mb(1000, 3, 1000) == 4000          # three float32 copies of a 1 GB stack
+    assert job_memory_mb(1000, 3, 1000, attempt=2) == 8000
+    assert job_memory_mb(1000, 3, 1000, attempt=3) == 16000
