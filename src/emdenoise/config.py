@@ -354,7 +354,7 @@ class ModelConfig:
     long_kt: int | None = setting(None, minimum=3)
     # temporal context of the candidate 'wcvd_ctx' (WCVDParams.context: frames on each
     # side whose means, without the centre frame, are extra inputs): 'auto' = the longest
-    # reach the movie lets uMSE score, as for the tuned Gaussian (at most 6); 0 = no such
+    # reach the movie lets uMSE score, as for the tuned Gaussian (at most 12); 0 = no such
     # candidate in auto
     context: int | str = setting("auto", minimum=0, also=["auto"])
     # WCVD's centre-frame blind spot (px, odd): null = the size the noise stage measured
@@ -399,20 +399,21 @@ def candidate_model(name: str) -> tuple[str, int | None]:
 
 #: name suffix of the WCVD candidate with temporal context channels ('wcvd_ctx')
 CONTEXT_SUFFIX = "_ctx"
-#: the longest context 'auto' gives a network: the tuned Gaussian's reach cap
-#: (``pipeline.MAX_CLASSICAL_REACH``), so both are scored at the same uMSE radius
-MAX_AUTO_CONTEXT = 6
+#: the longest temporal reach ``auto`` gives a candidate: the context network's R and the
+#: tuned Gaussian's ceil(2 sigma_t) (``pipeline.max_classical_reach``), so both are scored
+#: at the same uMSE radius (why 12: ``pipeline.MAX_CLASSICAL_REACH``)
+MAX_AUTO_REACH = 12
 
 
 def context_frames(setting_value, n_frames: int | None, source=None) -> int:
     """The context radius R of a 'wcvd_ctx' candidate: an int as configured, or for 'auto'
     the longest reach an n-frame movie lets uMSE score with >= 8 frames
-    (min(6, (T - 11) // 2), the tuned Gaussian's cap), at least 1."""
+    (min(MAX_AUTO_REACH, (T - 11) // 2), the tuned Gaussian's cap), at least 1."""
     if setting_value != "auto":
         return int(setting_value)
     if n_frames is None:
         raise InputError(source, "model.context: auto depends on the number of frames; pass n_frames")
-    return max(1, min(MAX_AUTO_CONTEXT, (int(n_frames) - 11) // 2))
+    return max(1, min(MAX_AUTO_REACH, (int(n_frames) - 11) // 2))
 
 
 def wcvd_arch(dims: int = 3) -> tuple[str, ...]:
