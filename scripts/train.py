@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emdenoise import checkpoint, io, pipeline, stage
+from emdenoise import checkpoint, io, pipeline, stage, train
 from emdenoise.config import stage_config
 
 
@@ -21,7 +21,7 @@ def main(smk):
     if resume.exists():
         stage.log.info("resuming from %s if it matches this run", resume)
     ckpt = pipeline.train_candidate(np.asarray(aligned[:], dtype=np.float32), ds, name, blindspot,
-                                    log_csv=smk.output.log_csv, progress=lambda row: stage.log.info("epoch %s", row),
+                                    log_csv=smk.output.log_csv, progress=lambda row: stage.log.info("%s", train.epoch_line(row)),
                                     resume=resume, data_info={"pixel_size": attrs.get("pixel_size")})
     checkpoint.save_checkpoint(ckpt, smk.output.model)
 

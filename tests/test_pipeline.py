@@ -108,3 +108,14 @@ def test_auto_picks_the_lower_true_mse_between_kt3_and_kt7():
     assert hi > 1.15 * lo, true_mse  # a clear difference, or the test proves nothing
     choice = pipeline.choose(outs, movie.noisy, ds, reaches)
     assert choice["temporal_radius"] >= 3 and choice["chosen"] == min(true_mse, key=true_mse.get), (true_mse, choice)
+
+
+def test_reach_cap_depends_on_the_kind_of_data():
+    # Movies: up to 12 frames each side where T lets uMSE score it (T >= 2r + 11); tilt
+    # series: 6 -- their neighbouring "frames" are other projections, and uMSE against a
+    # tilt 13 steps away misranked the candidates on the phantom series.
+    from emdenoise.config import context_frames
+    assert [pipeline.max_classical_reach(t) for t in (12, 24, 41, 100)] == [0, 6, 12, 12]
+    assert [pipeline.max_classical_reach(t, "tilt_series") for t in (24, 41, 100)] == [6, 6, 6]
+    assert [context_frames("auto", t) for t in (12, 24, 41, 100)] == [1, 6, 12, 12]
+    assert context_frames("auto", 41, kind="tilt_series") == 6 and context_frames(3, 100) == 3

@@ -13,7 +13,7 @@ from emdenoise.infer import denoise
 from emdenoise.metrics import psnr
 from emdenoise.models import WCVD, WCVDParams, build_model
 from emdenoise.synthetic import simulate_movie
-from emdenoise.train import (Normalisation, TrainParams, _select_epoch, load_checkpoint,
+from emdenoise.train import (Normalisation, TrainParams, _select_epoch, epoch_line, load_checkpoint,
                              model_from_checkpoint, save_checkpoint, train_model)
 
 FAST = TrainParams(epochs=3, crop=24, batch_size=4, val_crop=24, device="cpu", seed=0)
@@ -379,3 +379,9 @@ def test_least_squares_start_is_blind_and_beats_the_neighbour_average():
     err = {name: float(np.mean((denoise(m, ckpt, noisy, device="cpu") - clean) ** 2))
            for name, m in (("plain", plain), ("fitted", fitted))}
     assert err["fitted"] < 0.8 * err["plain"], err
+
+
+def test_epoch_log_line_is_readable():
+    row = {"epoch": 12, "train_loss": 0.0279312, "val_loss": 0.0279889, "lr": 1e-3, "seconds": 41.23}
+    assert epoch_line(row) == "epoch 12: train 0.027931, val 0.027989, lr 1.0e-03, 41.2 s"
+    assert "val n/a" in epoch_line({**row, "val_loss": float("nan")})

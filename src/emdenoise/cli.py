@@ -74,8 +74,7 @@ def _denoise(args: argparse.Namespace) -> None:
     except InputError as exc:
         raise InputError(args.input, exc.problem) from None
     stack = np.asarray(arr[:], dtype=np.float32)
-    progress = (lambda name, row: print(f"{name} epoch {row['epoch']}: val {row['val_loss']}", flush=True)
-                ) if args.verbose else None
+    progress = (lambda name, row: print(f"{name} {train.epoch_line(row)}", flush=True)) if args.verbose else None
     try:
         result = pipeline.denoise_stack(stack, ds, device=device, progress=progress,
                                         train_overrides={"device": device, "epochs": args.epochs},

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import drift, filters, infer, metrics, noise
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .config import CONTEXT_SUFFIX, MAX_AUTO_REACH, ModelConfig, TrainParams, candidate_model, context_frames
+from .config import CONTEXT_SUFFIX, ModelConfig, auto_reach_cap, TrainParams, candidate_model, context_frames
 from .errors import InputError
 from .models import model_class, resolve_device
 from .tiling import min_frames_for_windows
@@ -65,7 +65,7 @@ def model_params(ds, name: str, blindspot: int | None = None, device: str | None
         return ds.shine.params(blindspot or ds.shine.blindspot, gpu=on_gpu(ds, name, device))
     base, kt = candidate_model(name)
     if base == "wcvd":
-        context = context_frames(ds.model.context, n_frames) if name.endswith(CONTEXT_SUFFIX) else 0
+        context = context_frames(ds.model.context, n_frames, kind=ds.kind) if name.endswith(CONTEXT_SUFFIX) else 0
         return ds.model.wcvd_params(kt=kt, context=context, blindspot=ds.model.blindspot or blindspot or 1)
     raise InputError(None, f"unknown candidate model {name!r}")
 
@@ -176,29 +176,30 @@ def check_fit(ckpt: dict, stack: np.ndarray, pixel_size: float | None = None, *,
 
 
 #: The tuned Gaussian's temporal reach sets the uMSE radius of the whole comparison, so
-#: it is capped: at most ``config.MAX_AUTO_REACH`` frames (the context network's cap too),
+#: it is capped: at most ``config.auto_reach_cap(kind)`` frames (the context network's cap
+#: too; 12 for movies, 6 for tilt series),
 #: and at least ``MIN_SCORED_FRAMES`` frames must remain scored (T >= 2 r + 3 +
 #: MIN_SCORED_FRAMES).  A wide radius scores fewer frames and could, on a fast-changing
 #: scene, favour temporal over-smoothing; on synthetic dynamic movies (particles moving,
 #: rotating, dissolving every 4-16 frames, 50 frames) uMSE at radius 12 still picked the
 #: Gaussian with the lowest true MSE, and the cap of 12 (was 6) gained 1.1 dB for the tuned
 #: Gaussian and 0.9-1.3 dB for the context network on 50-frame movies.
-MAX_CLASSICAL_REACH = MAX_AUTO_REACH
 MIN_SCORED_FRAMES = 8
 
 
-def max_classical_reach(n_frames: int) -> int:
-    """Largest temporal reach (frames) the tuned Gaussian may have for an n-frame movie."""
-    return max(0, min(MAX_CLASSICAL_REACH, (int(n_frames) - 3 - MIN_SCORED_FRAMES) // 2))
+def max_classical_reach(n_frames: int, kind: str = "movie") -> int:
+    """Largest temporal reach (frames) the tuned Gaussian may have for an n-frame stack of
+    ``kind`` ('movie' | 'tilt_series')."""
+    return max(0, min(auto_reach_cap(kind), (int(n_frames) - 3 - MIN_SCORED_FRAMES) // 2))
 
 
-def classical_candidate(stack: np.ndarray, blind_radius: int) -> tuple[np.ndarray, dict]:
+def classical_candidate(stack: np.ndarray, blind_radius: int, kind: str = "movie") -> tuple[np.ndarray, dict]:
     """The Gaussian 3D tuned on the movie itself (``filters.blind_gaussian3d``, Noise2Self
     with the noise stage's blind spot), its reach capped by :func:`max_classical_reach`:
     (T, Y, X) float32 and the attributes recording sigma (t, y, x), temporal reach,
     blind radius and the score table."""
     stack = np.asarray(stack, dtype=np.float32)
-    reach = max_classical_reach(stack.shape[0])
+    reach = max_classical_reach(stack.shape[0], kind)
     sigmas = [st for st in filters.BLIND_SIGMAS_T if filters.gaussian_reach(st) <= reach]
     res = filters.blind_gaussian3d(stack, int(blind_radius), sigmas_t=sigmas)
     scores = [{k: None if v != v else float(v) for k, v in row.items()}  # NaN -> null (JSON)
@@ -350,7 +351,7 @@ def denoise_stack(stack: np.ndarray, ds, *, train_overrides: dict | None = None,
                                        ks_max=max(ckpt["model_params"].get("ks", [7])))
         ckpts[name], reaches[name] = ckpt, model.params.halo_t
     if "classical" in ds.select_candidates:
-        outputs["classical"], attrs = classical_candidate(stack, spot["blindspot"] // 2)
+        outputs["classical"], attrs = classical_candidate(stack, spot["blindspot"] // 2, ds.kind)
         reaches["classical"] = attrs["temporal_reach"]
     shifted = record is not None and record["offsets"] is not None
     if shifted:  # choose on the region every frame covers, then back onto the input grid

@@ -60,6 +60,7 @@ __all__ = [
     "TrainParams",
     "Normalisation",
     "train_model",
+    "epoch_line",
     "save_checkpoint",
     "load_checkpoint",
     "model_from_checkpoint",
@@ -297,6 +298,16 @@ class _CsvLog:
             self.fh.close()
             if ok:
                 os.replace(self.path + ".part", self.path)
+
+
+def epoch_line(row: dict) -> str:
+    """One readable log line for a training-log row (what ``progress`` receives), e.g.
+    ``epoch 12: train 0.02793, val 0.02799, lr 1.0e-03, 41.2 s`` (losses: MSE in
+    normalised units; val 'n/a' without validation)."""
+    val = row.get("val_loss")
+    val = "n/a" if val is None or val != val else f"{val:.5g}"
+    return (f"epoch {row['epoch']}: train {row['train_loss']:.5g}, val {val}, lr {row['lr']:.1e}, "
+            f"{row['seconds']:.1f} s")
 
 
 def optimiser_step(loss: torch.Tensor, opt, scaler) -> None:
