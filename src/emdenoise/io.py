@@ -22,7 +22,6 @@ import os
 import re
 import secrets
 import shutil
-import threading
 import time
 import warnings
 import xml.etree.ElementTree as ET
@@ -139,32 +138,22 @@ class _Offset:
         return np.asarray(self.base[key]).reshape((b - a,) + tuple(self.base.shape[-2:]))
 
 
-class _TiffReader:
+class _TiffReader(vendor.LazyReader):
     """Reads frames of TIFF series 0 page by page; keeps one handle open per process."""
 
     def __init__(self, path, frame_shape, per_page):
+        super().__init__()
         self.path, self.frame_shape, self.per_page = path, frame_shape, per_page
-        self._tif, self._lock = None, threading.Lock()
 
-    def __getstate__(self):  # file handles and locks do not pickle
-        return {k: v for k, v in self.__dict__.items() if k not in ("_tif", "_lock")}
+    def _open(self):
+        return tifffile.TiffFile(self.path)
 
-    def __setstate__(self, state):
-        self.__dict__.update(state, _tif=None, _lock=threading.Lock())
-
-    def __call__(self, a, b):
-        with self._lock:
-            if self._tif is None:
-                self._tif = tifffile.TiffFile(self.path)
-            if self.per_page:
-                data = self._tif.asarray(series=0, key=range(a, b))
-            else:  # frames are not one per page: read the whole (small) series
-                data = self._tif.series[0].asarray().reshape((-1,) + self.frame_shape)[a:b]
+    def _read(self, tif, a, b):
+        if self.per_page:
+            data = tif.asarray(series=0, key=range(a, b))
+        else:  # frames are not one per page: read the whole (small) series
+            data = tif.series[0].asarray().reshape((-1,) + self.frame_shape)[a:b]
         return data.reshape((b - a,) + self.frame_shape)
-
-    def __del__(self):
-        if getattr(self, "_tif", None) is not None:
-            self._tif.close()
 
 
 class _FolderReader:

@@ -98,25 +98,48 @@ def _find(tree, *names):
     return None
 
 
-class _RsciioReader:
-    """Frames ``[a, b)`` of signal ``index`` of a vendor file; reopens the file per process."""
+class LazyReader:
+    """A frame reader ``read(a, b)`` that opens its file on first use and keeps it open.
 
-    def __init__(self, path, fmt, index):
-        self.path, self.fmt, self.index = str(path), fmt, index
-        self._data, self._lock = None, threading.Lock()
+    The open handle and the lock do not pickle: Dask sends readers to worker processes,
+    where each reopens the file.  Subclasses give ``_open()`` (the handle) and
+    ``_read(handle, a, b)`` (frames [a, b)); reads are serialised by the lock.
+    """
+
+    def __init__(self):
+        self._handle, self._lock = None, threading.Lock()
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_data", "_lock")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_handle", "_lock")}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _data=None, _lock=threading.Lock())
+        self.__dict__.update(state, _handle=None, _lock=threading.Lock())
 
     def __call__(self, a, b):
         with self._lock:
-            if self._data is None:
-                self._data = _rsciio_signals(self.path, self.fmt)[self.index]["data"]
-            block = self._data[a:b] if self._data.ndim == 3 else self._data[np.newaxis][a:b]
-            return np.asarray(block.compute(scheduler="synchronous") if hasattr(block, "compute") else block)
+            if self._handle is None:
+                self._handle = self._open()
+            return self._read(self._handle, a, b)
+
+    def __del__(self):
+        close = getattr(getattr(self, "_handle", None), "close", None)
+        if close is not None:
+            close()
+
+
+class _RsciioReader(LazyReader):
+    """Frames ``[a, b)`` of signal ``index`` of a vendor file; reopens the file per process."""
+
+    def __init__(self, path, fmt, index):
+        super().__init__()
+        self.path, self.fmt, self.index = str(path), fmt, index
+
+    def _open(self):
+        return _rsciio_signals(self.path, self.fmt)[self.index]["data"]
+
+    def _read(self, data, a, b):
+        block = data[a:b] if data.ndim == 3 else data[np.newaxis][a:b]
+        return np.asarray(block.compute(scheduler="synchronous") if hasattr(block, "compute") else block)
 
 
 def open_rsciio(path, fmt):
@@ -165,36 +188,26 @@ def open_rsciio(path, fmt):
 
 
 # --------------------------------------------------------------------------- EER
-class _EerReader:
+class _EerReader(LazyReader):
     """Fraction ``i`` = sum of raw EER frames ``[i*group, (i+1)*group)`` (uint16 counts)."""
 
     def __init__(self, path, group, superres, first_page, frame_shape):
+        super().__init__()
         self.path, self.group, self.superres = str(path), group, superres
         self.first_page, self.frame_shape = first_page, frame_shape
-        self._tif, self._lock = None, threading.Lock()
 
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_tif", "_lock")}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state, _tif=None, _lock=threading.Lock())
-
-    def __call__(self, a, b):
+    def _open(self):
         import tifffile
 
-        out = np.zeros((b - a,) + self.frame_shape, np.uint16)
-        with self._lock:
-            if self._tif is None:
-                self._tif = tifffile.TiffFile(self.path, superres=self.superres)
-            for i in range(a, b):
-                start = self.first_page + i * self.group
-                for k in range(start, start + self.group):  # one raw frame at a time: bounded memory
-                    out[i - a] += self._tif.pages[k].asarray()
-        return out
+        return tifffile.TiffFile(self.path, superres=self.superres)
 
-    def __del__(self):
-        if getattr(self, "_tif", None) is not None:
-            self._tif.close()
+    def _read(self, tif, a, b):
+        out = np.zeros((b - a,) + self.frame_shape, np.uint16)
+        for i in range(a, b):
+            start = self.first_page + i * self.group
+            for k in range(start, start + self.group):  # one raw frame at a time: bounded memory
+                out[i - a] += tif.pages[k].asarray()
+        return out
 
 
 def open_eer(path, group: int = EER_GROUP, upsampling: int = EER_UPSAMPLING):
