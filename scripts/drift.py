@@ -13,7 +13,7 @@ def main(smk):
         pre, _ = io.read_zarr(smk.input.prefiltered)
         shifts, check = drift.measure_drift(np.asarray(pre[:]), upsample=ds.drift.upsample,
                                             min_peak_z=ds.drift.min_peak_z, return_info=True)
-        if check["status"] != "measured":
+        if check["status"] in ("interpolated", "unmeasurable"):
             stage.log.warning("drift %s: frames %s have no significant correlation peak (z < %s)",
                               check["status"], check["unreliable_frames"], check["min_peak_z"])
     else:  # drift correction disabled (tilt series by default): identity alignment

@@ -117,3 +117,13 @@ def test_the_schema_file_is_generated_from_the_typed_settings():
     # and a constraint written next to a default is enforced
     with pytest.raises(InputError, match="drift.upsample"):
         emcfg.validate({"defaults": {"drift": {"upsample": 5}}})
+
+
+def test_gpu_jobs_follow_the_device_and_the_prefilter_method(tmp_path):
+    (tmp_path / "a.tif").touch()
+    def ds(**entry):
+        return emcfg.build({"datasets": {"a": {"path": str(tmp_path / "a.tif"), **entry}}}).datasets["a"]
+    auto = ds()
+    assert [auto.gpu_jobs(s) for s in ("train", "infer", "prefilter")] == [1, 1, 1]  # WCID prefilter trains
+    cpu = ds(train={"device": "cpu"}, infer={"device": "cuda:1"}, prefilter={"method": "gaussian2d"})
+    assert [cpu.gpu_jobs(s) for s in ("train", "infer", "prefilter")] == [0, 1, 0]

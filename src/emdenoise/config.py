@@ -413,15 +413,25 @@ def auto_reach_cap(kind: str) -> int:
     return MAX_AUTO_REACH.get(kind, min(MAX_AUTO_REACH.values()))
 
 
+#: uMSE must score at least this many frames of the movie (T >= 2 r + 3 + this)
+MIN_SCORED_FRAMES = 8
+
+
+def max_auto_reach(n_frames: int, kind: str = "movie") -> int:
+    """The longest temporal reach ``auto`` may give a candidate for an n-frame stack: the
+    cap of its ``kind`` (:func:`auto_reach_cap`), and at least ``MIN_SCORED_FRAMES``
+    frames left for uMSE to score ((T - 3 - MIN_SCORED_FRAMES) // 2); >= 0."""
+    return max(0, min(auto_reach_cap(kind), (int(n_frames) - 3 - MIN_SCORED_FRAMES) // 2))
+
+
 def context_frames(setting_value, n_frames: int | None, source=None, kind: str = "movie") -> int:
     """The context radius R of a 'wcvd_ctx' candidate: an int as configured, or for 'auto'
-    the longest reach an n-frame movie lets uMSE score with >= 8 frames
-    (min(auto_reach_cap(kind), (T - 11) // 2), the tuned Gaussian's cap), at least 1."""
+    :func:`max_auto_reach` (the tuned Gaussian's cap too), at least 1."""
     if setting_value != "auto":
         return int(setting_value)
     if n_frames is None:
         raise InputError(source, "model.context: auto depends on the number of frames; pass n_frames")
-    return max(1, min(auto_reach_cap(kind), (int(n_frames) - 11) // 2))
+    return max(1, max_auto_reach(n_frames, kind))
 
 
 def wcvd_arch(dims: int = 3) -> tuple[str, ...]:
@@ -557,6 +567,16 @@ class _DatasetHelpers:
         preset = SHINE_SIZES[self.shine.resolved_size(gpu)]["train"]
         return dataclasses.replace(self.train, **{**preset, **self.shine_train})
 
+    def gpu_jobs(self, stage: str) -> int:
+        """GPUs a workflow job of ``stage`` ('train' | 'infer' | 'prefilter') may occupy:
+        1 when it runs a network on a device that may be CUDA (``auto``, ``cuda``,
+        ``cuda:N``), 0 on the CPU or without a network (prefilter other than WCID).
+        Needs ``train``, ``infer`` and ``prefilter``."""
+        if stage == "prefilter" and self.prefilter.method != "wcid":
+            return 0
+        device = self.infer.device if stage == "infer" else self.train.device
+        return 0 if device == "cpu" else 1
+
     @property
     def drift_enabled(self) -> bool:
         """Needs ``drift`` and ``kind``."""
@@ -569,7 +589,7 @@ class _DatasetHelpers:
 _HELPER_NEEDS = {"candidates": ("model.name", "model.kt", "model.long_kt", "model.context", "model.checkpoint"),
                  "select_candidates": ("model.name", "model.kt", "model.long_kt", "model.context",
                                        "model.checkpoint"),
-                 "drift_enabled": ("drift", "kind")}
+                 "drift_enabled": ("drift", "kind"), "gpu_jobs": ("train", "infer", "prefilter")}
 
 
 @dataclass(frozen=True)

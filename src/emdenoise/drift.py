@@ -122,6 +122,17 @@ def _register_pairwise(stack, upsample, max_shift):
     return np.cumsum(steps, axis=0)
 
 
+def _leave_one_out_references(stack, shifts):
+    """Yield (t, mean of all frames but t aligned with ``shifts``) for every frame: a
+    running sum, each frame re-shifted when needed, so a few frames of memory whatever T."""
+    n = len(stack)
+    total = np.zeros(stack.shape[1:], dtype=np.float64)
+    for t in range(n):
+        total += _shift_for_reference(stack[t], shifts[t])
+    for t in range(n):
+        yield t, (total - _shift_for_reference(stack[t], shifts[t])) / (n - 1)
+
+
 def _register_to_mean(stack, upsample, max_shift, max_iter=5):
     """Iterative leave-one-out mean reference, initialised by registration to frame 0.
 
@@ -130,14 +141,10 @@ def _register_to_mean(stack, upsample, max_shift, max_iter=5):
     a running sum and each frame is re-shifted when needed instead of stored, so the
     extra memory is a few frames whatever T is.
     """
-    n = len(stack)
     shifts = _register_to_first(stack, upsample, max_shift)
     for _ in range(max_iter):
-        total = np.zeros(stack.shape[1:], dtype=np.float64)
-        for t in range(n):
-            total += _shift_for_reference(stack[t], shifts[t])
-        new = np.array([_register((total - _shift_for_reference(stack[t], shifts[t])) / (n - 1),
-                                  stack[t], upsample, max_shift) for t in range(n)])
+        new = np.array([_register(ref, stack[t], upsample, max_shift)
+                        for t, ref in _leave_one_out_references(stack, shifts)])
         new -= new[0]  # the mean reference sits near frame 0's grid; make frame 0 exact
         change = np.max(np.abs(new - shifts))
         shifts = new
@@ -175,7 +182,7 @@ def measure_drift(stack, *, upsample: int = 20, reference: str = "auto", max_shi
         an unaligned movie is better than one scrambled by random jumps.  0 = off.
     return_info : bool
         Also return a record: 'peak_z' (T,), 'min_peak_z', 'unreliable_frames',
-        'status' ('measured' | 'interpolated' | 'unmeasurable').
+        'status' ('measured' | 'interpolated' | 'unmeasurable'; 'unchecked' when min_peak_z is 0).
 
     Returns
     -------
@@ -198,6 +205,9 @@ def measure_drift(stack, *, upsample: int = 20, reference: str = "auto", max_shi
                                f"'pairwise', got {reference!r}")
     shifts = np.asarray(shifts, dtype=np.float64)
     shifts = shifts - shifts[0]
+    if min_peak_z <= 0:  # check off: the measurement as it is
+        info = {"peak_z": None, "min_peak_z": 0.0, "unreliable_frames": [], "status": "unchecked"}
+        return (shifts, info) if return_info else shifts
     z = peak_significance(stack, shifts)
     ok = z >= min_peak_z
     ok[0] = True  # frame 0 defines the grid
@@ -225,14 +235,9 @@ def peak_significance(stack, shifts) -> np.ndarray:
     values); a frame that shares structure with the others gives a clear outlier
     (see ``MIN_PEAK_Z``)."""
     stack = _check_stack(stack, "peak_significance", min_frames=2)
-    n = len(stack)
-    total = np.zeros(stack.shape[1:], dtype=np.float64)
-    for t in range(n):
-        total += _shift_for_reference(stack[t], shifts[t])
-    z = np.empty(n)
-    for t in range(n):
-        ref = _prepare((total - _shift_for_reference(stack[t], shifts[t])) / (n - 1))
-        cc = np.fft.ifft2(np.conj(np.fft.fft2(ref)) * np.fft.fft2(_prepare(stack[t]))).real
+    z = np.empty(len(stack))
+    for t, ref in _leave_one_out_references(stack, shifts):
+        cc = np.fft.ifft2(np.conj(np.fft.fft2(_prepare(ref))) * np.fft.fft2(_prepare(stack[t]))).real
         med = np.median(cc)
         mad = 1.4826 * np.median(np.abs(cc - med))
         z[t] = (cc.max() - med) / mad if mad > 0 else np.inf
@@ -346,7 +351,7 @@ def drift_table(shifts, applied, residual, check: dict | None = None) -> pd.Data
         "applied_dy": applied[:, 0], "applied_dx": applied[:, 1],
         "residual_dy": residual[:, 0], "residual_dx": residual[:, 1],
     })
-    if check and "peak_z" in check:
+    if check and check.get("peak_z") is not None:
         df["peak_z"] = check["peak_z"]
         bad = set(check["unreliable_frames"])
         df["trusted"] = [check["status"] != "unmeasurable" and t not in bad for t in range(len(df))]

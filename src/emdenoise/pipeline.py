@@ -16,7 +16,7 @@ import numpy as np
 
 from . import drift, filters, infer, metrics, noise
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .config import CONTEXT_SUFFIX, ModelConfig, auto_reach_cap, TrainParams, candidate_model, context_frames
+from .config import CONTEXT_SUFFIX, ModelConfig, TrainParams, candidate_model, context_frames, max_auto_reach
 from .errors import InputError
 from .models import model_class, resolve_device
 from .tiling import min_frames_for_windows
@@ -176,21 +176,15 @@ def check_fit(ckpt: dict, stack: np.ndarray, pixel_size: float | None = None, *,
 
 
 #: The tuned Gaussian's temporal reach sets the uMSE radius of the whole comparison, so
-#: it is capped: at most ``config.auto_reach_cap(kind)`` frames (the context network's cap
-#: too; 12 for movies, 6 for tilt series),
-#: and at least ``MIN_SCORED_FRAMES`` frames must remain scored (T >= 2 r + 3 +
-#: MIN_SCORED_FRAMES).  A wide radius scores fewer frames and could, on a fast-changing
-#: scene, favour temporal over-smoothing; on synthetic dynamic movies (particles moving,
-#: rotating, dissolving every 4-16 frames, 50 frames) uMSE at radius 12 still picked the
-#: Gaussian with the lowest true MSE, and the cap of 12 (was 6) gained 1.1 dB for the tuned
-#: Gaussian and 0.9-1.3 dB for the context network on 50-frame movies.
-MIN_SCORED_FRAMES = 8
-
-
-def max_classical_reach(n_frames: int, kind: str = "movie") -> int:
-    """Largest temporal reach (frames) the tuned Gaussian may have for an n-frame stack of
-    ``kind`` ('movie' | 'tilt_series')."""
-    return max(0, min(auto_reach_cap(kind), (int(n_frames) - 3 - MIN_SCORED_FRAMES) // 2))
+#: it is capped (``config.max_auto_reach``): at most ``config.auto_reach_cap(kind)`` frames
+#: (12 for movies, 6 for tilt series; the context network's cap too), and at least
+#: ``config.MIN_SCORED_FRAMES`` frames must remain scored.  A wide radius scores fewer
+#: frames and could, on a fast-changing scene, favour temporal over-smoothing; on synthetic
+#: dynamic movies (particles moving, rotating, dissolving every 4-16 frames, 50 frames)
+#: uMSE at radius 12 still picked the Gaussian with the lowest true MSE, and the cap of 12
+#: (was 6) gained 1.1 dB for the tuned Gaussian and 0.9-1.3 dB for the context network on
+#: 50-frame movies.
+max_classical_reach = max_auto_reach
 
 
 def classical_candidate(stack: np.ndarray, blind_radius: int, kind: str = "movie") -> tuple[np.ndarray, dict]:

@@ -36,17 +36,12 @@ wildcard_constraints:
 
 
 def gpu_slots(stage_name):
-    """A rule's `gpu` resource: 1 when its network may run on a GPU (device auto or cuda),
-    0 when the dataset's `train.device` / `infer.device` is cpu.  The workstation profile
-    caps `gpu` at 1 (profiles/default), so `--cores 32` never puts two trainings on one GPU;
-    a SLURM job gets its own GPU (profiles/slurm)."""
+    """A rule's `gpu` resource (`DatasetConfig.gpu_jobs`: 1 unless the dataset's device is
+    cpu). The workstation profile caps `gpu` at 1 (profiles/default), so `--cores 32` never
+    puts two trainings on one GPU; a SLURM job gets its own GPU (profiles/slurm)."""
 
     def slots(wildcards):
-        ds = dataset(wildcards)
-        if stage_name == "prefilter" and ds.prefilter.method != "wcid":
-            return 0
-        device = ds.infer.device if stage_name == "infer" else ds.train.device
-        return 0 if device == "cpu" else 1
+        return dataset(wildcards).gpu_jobs(stage_name)
 
     return slots
 
