@@ -1,13 +1,12 @@
 """Rule `select`: the dataset's denoised stack, chosen among the candidates.
 
 One candidate: it is the result. `model: auto`: the networks and the blind-tuned Gaussian
-3D (`classical`); the one with the lowest uMSE at one temporal radius outside every
-candidate's reach (emdenoise.metrics.select_model), recorded with its evidence in
+3D (`classical`); the one with the lowest self-supervised (Noise2Self) loss of its blind
+output, recorded by the stage that made it (`n2s_loss`: lowpass for the networks,
+classical for the Gaussian; emdenoise.metrics.select_model), with its evidence in
 model_choice.json (with the chosen checkpoint's path, or none for a classical filter).
 """
 import json
-
-import numpy as np
 
 from emdenoise import checkpoint, io, pipeline, stage
 from emdenoise.config import stage_config
@@ -17,15 +16,13 @@ from emdenoise.errors import InputError
 def main(smk):
     ds = stage_config(smk.params.cfg)
     names = smk.params.candidates
-    raw, _ = io.read_zarr(smk.input.raw)
     stacks = {m: io.read_zarr(smk.input[m]) for m in names}
-    # each candidate's temporal reach (frames on each side it looked at) sets the uMSE radius
-    reaches = {m: pipeline.temporal_reach(ds, m, attrs) for m, (_, attrs) in stacks.items()}
-    try:
-        choice = pipeline.choose({m: np.asarray(a[:]) for m, (a, _) in stacks.items()}, np.asarray(raw[:]),
-                                 ds, reaches)
-    except InputError as exc:
-        raise InputError(smk.input.raw, exc.problem) from None
+    missing = [m for m, (_, attrs) in stacks.items() if "n2s_loss" not in attrs]
+    if missing and len(names) > 1:
+        raise InputError(smk.input[missing[0]], "no self-supervised loss (n2s_loss) recorded: "
+                                                "made by an older version, delete it and rerun")
+    choice = pipeline.choose({m: attrs.get("n2s_loss") for m, (_, attrs) in stacks.items()}, ds)
+    choice["reaches"] = {m: pipeline.temporal_reach(ds, m, attrs) for m, (_, attrs) in stacks.items()}
     if "model_shine" in smk.input.keys():  # which SHINE size ran (auto: CPU-sized without a GPU)
         choice["shine_size"] = checkpoint.load_checkpoint(smk.input.model_shine)[1].get("shine_size")
     chosen = choice["chosen"]

@@ -87,9 +87,11 @@ def test_blind_tuning_is_within_0p3_db_of_the_oracle(output):
         assert (b == 0) if mode == "counting" else (b >= 1)
         res = blind_gaussian3d(y, b, output=output)
         assert res.denoised.shape == y.shape and res.denoised.dtype == np.float32
-        assert res.reach == gaussian_reach(res.sigma[0]) and 2 * res.reach + 4 <= y.shape[0]
+        assert res.reach == gaussian_reach(res.sigma[0])
         scored = res.scores.dropna()
-        assert len(scored) >= 30 and res.scores.loc[res.scores.reach > 6, "loss"].isna().all()
+        # any reach is scored (up to the whole movie): the loss needs no unseen frames
+        assert len(scored) >= 60 and scored.reach.max() >= y.shape[0]
+        assert res.loss == pytest.approx(float(scored.loss.min()))
         oracle = max(psnr(normalised_gaussian3d(y, r.sigma_t, r.sigma_yx,
                                                 blind_radius=b if output == "jinv" else None), x)
                      for r in scored.itertuples())
@@ -102,8 +104,8 @@ def test_blind_tuning_is_within_0p3_db_of_the_oracle(output):
 
 def test_blind_gaussian3d_rejects_bad_input():
     y = np.zeros((3, 8, 8), np.float32)
-    with pytest.raises(InputError, match="at least 4 frames"):
-        blind_gaussian3d(y)
+    with pytest.raises(InputError, match="max_reach"):
+        blind_gaussian3d(y, max_reach=-1)
     with pytest.raises(InputError):
         blind_gaussian3d(np.zeros((8, 8)))
     with pytest.raises(InputError):

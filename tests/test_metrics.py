@@ -9,8 +9,8 @@ from emdenoise.errors import InputError
 from scipy import ndimage
 
 from emdenoise.filters import gaussian2d, gaussian3d, temporal_reach
-from emdenoise.metrics import (common_radius, compute_metrics, neighbour_corr, psnr, select_model, snr_neighbour, ssim,
-                               umse, upsnr)
+from emdenoise.metrics import (common_radius, compute_metrics, neighbour_corr, psnr, select_model, self_supervised_loss,
+                               snr_neighbour, ssim, umse, upsnr)
 from emdenoise.synthetic import simulate_movie
 
 
@@ -127,11 +127,14 @@ def test_compute_metrics_table(static_counting_movie):
         compute_metrics({"cropped": m.noisy[:, 1:]}, m.noisy, reaches={"cropped": 0})
     with pytest.raises(InputError, match="no temporal reach"):
         compute_metrics(stacks, m.noisy, reaches={"raw": 0})
-    # the widest reach sets the radius for every method
-    wide = compute_metrics(stacks, m.noisy, reaches={"raw": 0, "gaussian3d": 4})
-    assert (wide.umse_radius == 4).all() and (wide.snr_lag == 9).all()
-    # a short movie: r lowered to (T - 4) // 2, the methods reaching further get NaN, not a biased score
-    short = compute_metrics({k: v[:9] for k, v in stacks.items()}, m.noisy[:9], reaches={"raw": 0, "gaussian3d": 3})
+    # the widest reach that leaves MIN_SCORED_FRAMES (8) frames scored sets the radius for every method
+    long = np.concatenate([m.noisy, m.noisy[::-1]])  # 32 frames: reach 4 leaves 32 - 11 = 21 scored
+    wide = compute_metrics({k: np.concatenate([v, v[::-1]]) for k, v in stacks.items()}, long,
+                           reaches={"raw": 0, "gaussian3d": 4})
+    assert (wide.umse_radius == 4).all() and (wide.snr_lag == 9).all() and wide.umse_valid.all()
+    # a reach the movie is too short for: the others keep their radius, it gets NaN, not a biased
+    # score from one or two frames (16 frames, reach 4: 16 - 11 = 5 frames < 8)
+    short = compute_metrics(stacks, m.noisy, reaches={"raw": 0, "gaussian3d": 4})
     assert (short.umse_radius == 2).all()
     assert short.umse_valid.tolist() == [True, False]
     assert np.isfinite(short.umse[0]) and np.isnan(short.umse[1]) and np.isnan(short.snr_db[1])
@@ -158,31 +161,47 @@ def _static_movie_and_two_candidates():
     return m, noisy, cands, reaches
 
 
-def test_select_model_uses_the_widest_reach():
-    m, noisy, cands, reaches = _static_movie_and_two_candidates()
-    assert reaches["g3d_3frames"] == 1
+def test_select_model_scores_any_reach_without_bias():
+    """Noise2Self choice between J-invariant candidates: the 2 neighbouring frames (reach 1,
+    true MSE ~1.1), a 7-frame window without the centre frame (reach 3, ~0.40) and the
+    leave-one-out mean of all 16 frames (reach 15, ~0.13, the best on a static scene):
+    the loss minus the noise variance estimates each true MSE, whatever the reach --
+    uMSE could not score the last one on 16 frames (it needs T >= 2 * 15 + 4)."""
+    m, noisy, _, _ = _static_movie_and_two_candidates()
     clean = m.clean.astype(np.float64)
-    true = {k: np.mean((v - clean) ** 2) for k, v in cands.items()}
-    assert true["g3d_3frames"] < 0.5 * true["mean7"]
-    # the old fixed radius 2: frame t-3 is inside the 7-frame window -> negative uMSE, wrong winner
-    old = {k: umse(v, noisy, temporal_radius=2) for k, v in cands.items()}
-    assert old["mean7"] < 0 < old["g3d_3frames"]
-    assert min(old, key=old.get) == "mean7"
-    # reach-derived radius 3: unbiased, the lower true MSE wins
-    res = select_model(cands, noisy, reaches=reaches)
-    assert res["temporal_radius"] == 3 and res["reaches"] == reaches
-    assert res["chosen"] == "g3d_3frames"
-    t = np.arange(4, 16 - 5)  # the frames uMSE scores at r = 3
-    assert res["umse"]["mean7"] == pytest.approx(np.mean((cands["mean7"][t] - clean[t]) ** 2), rel=0.1)
-    with pytest.raises(InputError, match="needs at least 10 frames"):
-        select_model({k: v[:9] for k, v in cands.items()}, noisy[:9], reaches=reaches)
-    with pytest.raises(InputError, match="no temporal reach"):
-        select_model(cands, noisy, reaches={"mean7": 3})
+    y = noisy.astype(np.float64)
+
+    def without_centre(weights):  # temporal filter with the centre frame's weight removed
+        w = np.asarray(weights, np.float64)
+        w[len(w) // 2] = 0.0
+        num = ndimage.correlate1d(y, w, axis=0, mode="constant")
+        den = ndimage.correlate1d(np.ones_like(y), w, axis=0, mode="constant")
+        return num / den
+
+    g = np.exp(-0.5 * (np.arange(-1, 2) / 0.5) ** 2)
+    cands = {"mean7": without_centre(np.ones(7)), "g3": without_centre(g), "all": without_centre(np.ones(31))}
+    true = {k: float(np.mean((v - clean) ** 2)) for k, v in cands.items()}
+    assert true["all"] < 0.5 * true["mean7"] and true["mean7"] < 0.5 * true["g3"], true
+    losses = {k: self_supervised_loss(v, noisy) for k, v in cands.items()}
+    res = select_model(losses)
+    assert res["chosen"] == "all" and res["loss"] == losses and res["excess"]["all"] == 0.0
+    noise_var = float(np.mean((y - clean) ** 2))
+    for k in cands:  # unbiased: loss - noise variance = true MSE (within the estimate's scatter)
+        assert losses[k] - noise_var == pytest.approx(true[k], rel=0.05, abs=0.005), (k, losses[k], true[k])
+    assert sorted(losses, key=losses.get) == sorted(true, key=true.get)
+    # a non-J-invariant candidate (the frame itself) would look perfect: never a candidate
+    assert self_supervised_loss(noisy, noisy) == 0.0
+    with pytest.raises(InputError, match="no candidates"):
+        select_model({})
+    with pytest.raises(InputError, match="no valid self-supervised loss"):
+        select_model({"a": 1.0, "b": float("nan")})
+    with pytest.raises(InputError, match="shape"):
+        self_supervised_loss(noisy[:3], noisy)
 
 
 def test_snr_column_does_not_reward_temporal_smoothing_of_noise():
     rng = np.random.default_rng(7)
-    noise = rng.poisson(2.0, (18, 192, 192)).astype(np.float32)  # no signal at all
+    noise = rng.poisson(2.0, (20, 192, 192)).astype(np.float32)  # no signal at all
     methods = {"raw": (noise, 0), "gaussian2d": (gaussian2d(noise, 1.0), 0),
                "gaussian3d": (gaussian3d(noise, 1.0), 2),
                "gaussian3d_wide": (gaussian3d(noise, (2.0, 1.0, 1.0)), 4),

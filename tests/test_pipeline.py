@@ -55,11 +55,11 @@ def test_auto_includes_the_classical_candidate_and_postprocess_follows_the_metho
     res = pipeline.denoise_stack(movie.noisy, ds, device="cpu", align=False)
     assert set(res["outputs"]) == {"wcvd", "wcvd_ctx", "shine", "classical"}
     assert set(res["checkpoints"]) == {"wcvd", "wcvd_ctx", "shine"}
-    # context 'auto' for 12 frames: min(6, (12 - 11) // 2) -> at least 1 frame each side
-    assert res["checkpoints"]["wcvd_ctx"]["model_params"]["context"] == 1
+    # context 'auto' for 12 frames: min(12, (12 - 1) // 2) = 5 frames each side
+    assert res["checkpoints"]["wcvd_ctx"]["model_params"]["context"] == 5
     assert res["checkpoints"]["wcvd"]["model_params"]["context"] == 0
-    assert res["chosen"] == min(res["choice"]["umse"], key=res["choice"]["umse"].get)
-    assert res["choice"]["temporal_radius"] >= max(res["choice"]["reaches"].values())
+    losses = res["choice"]["loss"]
+    assert set(losses) == set(res["outputs"]) and res["chosen"] == min(losses, key=losses.get)
     x = np.random.default_rng(0).normal(size=(3, 32, 32)).astype(np.float32)
     assert pipeline.postprocess(x, _ds(lowpass={"diameter": 0.5}), "wcvd")[1]["applied"] is True
     out, rec = pipeline.postprocess(x, ds, "shine")
@@ -87,9 +87,8 @@ def test_lowpass_auto_keeps_fine_fringes_and_removes_high_frequency_residue(peri
 
 def test_auto_picks_the_lower_true_mse_between_kt3_and_kt7():
     """Candidates of different temporal reach (WCVD kt 3: reach 1; kt 7: reach 3): the
-    uMSE radius is set by the wider one, so neither sees its reference frames, and the
-    candidate with the lower true MSE wins (a static scene: the longer window averages
-    more frames)."""
+    Noise2Self loss of their (blind) outputs ranks them like their true MSE (a static
+    scene: the longer window averages more frames)."""
     import torch
 
     torch.set_num_threads(1)
@@ -106,16 +105,14 @@ def test_auto_picks_the_lower_true_mse_between_kt3_and_kt7():
     true_mse = {m: float(((o - movie.clean) ** 2).mean()) for m, o in outs.items()}
     lo, hi = sorted(true_mse.values())
     assert hi > 1.15 * lo, true_mse  # a clear difference, or the test proves nothing
-    choice = pipeline.choose(outs, movie.noisy, ds, reaches)
-    assert choice["temporal_radius"] >= 3 and choice["chosen"] == min(true_mse, key=true_mse.get), (true_mse, choice)
+    choice = pipeline.choose({m: pipeline.metrics.self_supervised_loss(o, movie.noisy) for m, o in outs.items()}, ds)
+    assert choice["chosen"] == min(true_mse, key=true_mse.get), (true_mse, choice)
 
 
-def test_reach_cap_depends_on_the_kind_of_data():
-    # Movies: up to 12 frames each side where T lets uMSE score it (T >= 2r + 11); tilt
-    # series: 6 -- their neighbouring "frames" are other projections, and uMSE against a
-    # tilt 13 steps away misranked the candidates on the phantom series.
+def test_context_cap_depends_on_the_kind_of_data():
+    # Movies: up to 12 frames each side where the movie has them (T >= 2R + 1); tilt
+    # series: 6 -- their neighbouring "frames" are other projections.
     from emdenoise.config import context_frames
-    assert [pipeline.max_classical_reach(t) for t in (12, 24, 41, 100)] == [0, 6, 12, 12]
-    assert [pipeline.max_classical_reach(t, "tilt_series") for t in (24, 41, 100)] == [6, 6, 6]
-    assert [context_frames("auto", t) for t in (12, 24, 41, 100)] == [1, 6, 12, 12]
+    assert [context_frames("auto", t) for t in (2, 12, 24, 41, 100)] == [1, 5, 11, 12, 12]
+    assert [context_frames("auto", t, kind="tilt_series") for t in (9, 24, 41)] == [4, 6, 6]
     assert context_frames("auto", 41, kind="tilt_series") == 6 and context_frames(3, 100) == 3

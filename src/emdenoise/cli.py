@@ -69,7 +69,7 @@ def _denoise(args: argparse.Namespace) -> None:
     arr, meta = io.read_stack(args.input, pixel_size=args.pixel_size, eer_group=args.eer_group,
                               eer_upsampling=args.eer_upsampling)
     io.validate_stack(arr, args.input, min_frames=3)
-    try:  # enough frames for every candidate (and for auto's uMSE) -- before any training
+    try:  # enough frames for every candidate -- before any training
         pipeline.check_frames(ds, arr.shape[0])
     except InputError as exc:
         raise InputError(args.input, exc.problem) from None
@@ -89,7 +89,8 @@ def _denoise(args: argparse.Namespace) -> None:
         print(f"drift: up to {result['drift']['max_shift_px']:.1f} px; "
               + ("frames aligned by whole pixels for denoising and shifted back" if moved else "nothing to align"))
     if len(result["outputs"]) > 1:
-        print(f"auto: chose {chosen} ({choice['rule']}; uMSE {choice['umse']})")
+        losses = ", ".join(f"{m} {v:.6g}" for m, v in choice["loss"].items())
+        print(f"auto: chose {chosen} (lowest self-supervised loss of the blind outputs: {losses})")
     ckpt = result["checkpoints"].get(chosen)  # None: the tuned classical filter won
     io.write_stack(args.output, result["output"], pixel_size=meta.get("pixel_size"),
                    metadata={"source": meta["source"], "sha256": meta["sha256"], "method": chosen,
@@ -173,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     den.add_argument("--model", choices=["wcvd", "shine", "auto"], default=None,
                      help="denoising model (default: the config's, auto); auto trains WCVD (kt and "
                           "model.long_kt), SHINE and tunes a Gaussian 3D, and keeps the "
-                          "one with the lower uMSE (needs >= 8 frames)")
+                          "one with the lowest self-supervised (Noise2Self) loss")
     den.add_argument("--config", help="YAML with any of the pipeline's per-stage settings "
                      "(model, train, infer, lowpass: the keys of `defaults` in config/config.yaml)")
     den.add_argument("--device", type=_device, default=None, help="auto | cpu | cuda | cuda:N")

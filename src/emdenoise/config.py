@@ -399,12 +399,10 @@ def candidate_model(name: str) -> tuple[str, int | None]:
 
 #: name suffix of the WCVD candidate with temporal context channels ('wcvd_ctx')
 CONTEXT_SUFFIX = "_ctx"
-#: the longest temporal reach ``auto`` gives a candidate, by kind of data: the context
-#: network's R and the tuned Gaussian's ceil(2 sigma_t) (``pipeline.max_classical_reach``),
-#: so both are scored at the same uMSE radius.  Movies 12 (why: ``pipeline``); tilt series
-#: 6: their "frames" are projections 3 degrees apart, and uMSE against a tilt 13 steps away
-#: (39 degrees) no longer compares like with like -- on the 41-tilt phantom a cap of 12 made
-#: auto pick WCVD (24.90 dB) over the tuned Gaussian (27.17 dB).
+#: the longest temporal context ``model.context: auto`` gives the 'wcvd_ctx' candidate, by
+#: kind of data (frames on each side; a cost bound: the input window is 2 R + 1 frames).
+#: Tilt series 6: their "frames" are projections ~3 degrees apart, and tilts 20 degrees
+#: away hold a different projection of the specimen.
 MAX_AUTO_REACH = {"movie": 12, "tilt_series": 6}
 
 
@@ -413,20 +411,17 @@ def auto_reach_cap(kind: str) -> int:
     return MAX_AUTO_REACH.get(kind, min(MAX_AUTO_REACH.values()))
 
 
-#: uMSE must score at least this many frames of the movie (T >= 2 r + 3 + this)
-MIN_SCORED_FRAMES = 8
-
-
 def max_auto_reach(n_frames: int, kind: str = "movie") -> int:
-    """The longest temporal reach ``auto`` may give a candidate for an n-frame stack: the
-    cap of its ``kind`` (:func:`auto_reach_cap`), and at least ``MIN_SCORED_FRAMES``
-    frames left for uMSE to score ((T - 3 - MIN_SCORED_FRAMES) // 2); >= 0."""
-    return max(0, min(auto_reach_cap(kind), (int(n_frames) - 3 - MIN_SCORED_FRAMES) // 2))
+    """The longest context radius ``auto`` gives for an n-frame stack: the cap of its
+    ``kind`` (:func:`auto_reach_cap`) and the movie's own length (a window of 2 R + 1
+    frames mirrored about its centre needs T >= 2 R + 1); >= 0.  The model choice
+    (Noise2Self, ``metrics.select_model``) scores any reach without bias."""
+    return max(0, min(auto_reach_cap(kind), (int(n_frames) - 1) // 2))
 
 
 def context_frames(setting_value, n_frames: int | None, source=None, kind: str = "movie") -> int:
     """The context radius R of a 'wcvd_ctx' candidate: an int as configured, or for 'auto'
-    :func:`max_auto_reach` (the tuned Gaussian's cap too), at least 1."""
+    :func:`max_auto_reach`, at least 1."""
     if setting_value != "auto":
         return int(setting_value)
     if n_frames is None:

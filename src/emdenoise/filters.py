@@ -25,7 +25,7 @@ from .errors import InputError
 #: Spatial Gaussian kernels are truncated at scipy's default 4 sigma.
 SPATIAL_TRUNCATE = 4.0
 #: sigma grids of :func:`blind_gaussian3d` (frames; pixels).
-BLIND_SIGMAS_T = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)  # limited by T: 2 reach + 4 <= T
+BLIND_SIGMAS_T = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)  # frames; 32 ~ the mean of a short movie
 BLIND_SIGMAS_YX = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 
 
@@ -152,12 +152,12 @@ class _Separable:
 
     def frames(self, spatial, masked=None):
         """Yield (t, output frame) from the spatially blurred frames (and their masked
-        parts for f_J): a temporal sum over the frames t - reach .. t + reach in range."""
+        parts for f_J): a temporal sum over the frames t - reach .. t + reach in range
+        (one scipy correlation along T: zero padding = frames outside the movie count 0)."""
+        num_all = ndimage.correlate1d(spatial, self.gt.astype(np.float32), axis=0, mode="constant", cval=0.0,
+                                      output=np.float32)
         for t in range(self.n_t):
-            lo, hi = max(0, t - self.reach), min(self.n_t, t + self.reach + 1)
-            num = np.zeros(spatial.shape[1:], dtype=np.float64)
-            for s in range(lo, hi):
-                num += self.gt[s - t + self.reach] * spatial[s]
+            num = num_all[t].astype(np.float64)
             den = self.norm_t[t] * self.norm_s
             if masked is not None:
                 num -= self.g0 * masked[t]
@@ -224,6 +224,7 @@ class BlindGaussian:
     denoised: (T, Y, X) float32 -- the candidate output (see ``output``).
     sigma: (sigma_t, sigma_yx) chosen (frames, px); reach: ceil(2 sigma_t) frames.
     blind_radius: b used for the J-invariant score; output: 'plain' or 'jinv'.
+    loss: the self-supervised loss of f_J at the chosen sigma (``metrics.self_supervised_loss``).
     scores: DataFrame with columns sigma_t, sigma_yx, reach, masked_fraction, loss
         (self-supervised loss mean (f_J(y) - y)^2 in squared input units; NaN where the
         combination was skipped: reach too long for the movie or a degenerate f_J).
@@ -235,10 +236,12 @@ class BlindGaussian:
     blind_radius: int
     output: str
     scores: pd.DataFrame
+    loss: float
 
 
 def blind_gaussian3d(stack, blind_radius: int = 0, *, sigmas_t=BLIND_SIGMAS_T, sigmas_yx=BLIND_SIGMAS_YX,
-                     output: str = "plain", min_weight: float = 0.02) -> BlindGaussian:
+                     output: str = "plain", min_weight: float = 0.02, max_reach: int | None = None
+                     ) -> BlindGaussian:
     """Gaussian 3D whose sigmas are tuned on the noisy movie itself, without ground truth.
 
     Noise2Self (Batson & Royer 2019): for a J-invariant filter f_J (f_J(y)(p) ignores
@@ -249,8 +252,9 @@ def blind_gaussian3d(stack, blind_radius: int = 0, *, sigmas_t=BLIND_SIGMAS_T, s
     exactly the blindness of the networks, so the same noise-correlation assumption holds.
 
     Each (sigma_t, sigma_yx) of the grid is scored with f_J of :func:`normalised_gaussian3d`.
-    The grid keeps sigma_t only where 2 * reach + 4 <= T (reach = ceil(2 sigma_t)), so
-    the uMSE of the result can be measured on this movie; combinations whose f_J keeps
+    ``max_reach`` (frames, None = any) limits sigma_t to reach = ceil(2 sigma_t) <= it;
+    the loss itself is unbiased for any reach (a kernel longer than the movie averages
+    the whole movie, zero padded and renormalised).  Combinations whose f_J keeps
     less than ``min_weight`` of the kernel somewhere (e.g. sigma_t = 0 with the whole
     spatial kernel inside the blind spot) are skipped: f_J would divide by ~0.
 
@@ -261,9 +265,9 @@ def blind_gaussian3d(stack, blind_radius: int = 0, *, sigmas_t=BLIND_SIGMAS_T, s
         (independent noise, b = 0) 23.82 vs 23.81 dB and 23.60 vs 23.57 dB; linear mode
         with PSF-correlated noise (psf_sigma 1, b = 2-3) 23.64 vs 23.27 dB and 23.54 vs
         23.21 dB.  Plain is never worse: the centre pixels carry the most signal weight,
-        and dropping them costs more (bias, fewer averaged pixels) than their noise adds.  Its uMSE is still
-        unbiased because every candidate is scored against frames outside its reach,
-        and in every case the blind choice was the oracle's (same grid, same output).
+        and dropping them costs more (bias, fewer averaged pixels) than their noise adds.  Its
+        loss is that of f_J (``output`` does not change the choice), a conservative score
+        for the plain output; in every case above the blind choice was the oracle's.
         'jinv': f_J, whose self-supervised loss is an unbiased MSE + noise estimate.
 
     Parameters
@@ -279,18 +283,18 @@ def blind_gaussian3d(stack, blind_radius: int = 0, *, sigmas_t=BLIND_SIGMAS_T, s
     -------
     BlindGaussian
 
-    Memory: the input, its spatial blur and the blur's masked part for one sigma_yx at a
-    time (float32), plus the output: about 4 copies of the movie; frames are summed one
-    output frame at a time.
+    Memory: the input, its spatial blur, the blur's masked part and their temporal sum
+    for one sigma_yx at a time (float32), plus the output: about 5 copies of the movie.
     """
     y = _check_stack(stack, "blind_gaussian3d")
     b = _check_b(blind_radius)
     if output not in ("plain", "jinv"):
         raise InputError(None, f"blind_gaussian3d: output must be 'plain' or 'jinv', got {output!r}")
     n_t = y.shape[0]
-    max_reach = (n_t - 4) // 2
+    if max_reach is None:
+        max_reach = np.inf  # any: a kernel longer than the movie is truncated to it
     if max_reach < 0:
-        raise InputError(None, f"blind_gaussian3d: needs at least 4 frames (uMSE of the result), got {n_t}")
+        raise InputError(None, f"blind_gaussian3d: max_reach must be >= 0, got {max_reach}")
     if not len(sigmas_t) or not len(sigmas_yx) or min(sigmas_t) < 0 or min(sigmas_yx) < 0:
         raise InputError(None, "blind_gaussian3d: sigma grids must be non-empty and >= 0")
     rows = []
@@ -318,7 +322,7 @@ def blind_gaussian3d(stack, blind_radius: int = 0, *, sigmas_t=BLIND_SIGMAS_T, s
     sigma = (float(best.sigma_t), float(best.sigma_yx))
     den = normalised_gaussian3d(y, *sigma, blind_radius=b if output == "jinv" else None)
     return BlindGaussian(denoised=den, sigma=sigma, reach=int(best.reach), blind_radius=b, output=output,
-                         scores=scores)
+                         scores=scores, loss=float(best.loss))
 
 
 def _lowpass_mask(shape: tuple[int, int], cutoff: float, edge_width: float, dct: bool) -> np.ndarray:

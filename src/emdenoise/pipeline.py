@@ -16,7 +16,7 @@ import numpy as np
 
 from . import drift, filters, infer, metrics, noise
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .config import CONTEXT_SUFFIX, ModelConfig, TrainParams, candidate_model, context_frames, max_auto_reach
+from .config import CONTEXT_SUFFIX, ModelConfig, TrainParams, candidate_model, context_frames
 from .errors import InputError
 from .models import model_class, resolve_device
 from .tiling import min_frames_for_windows
@@ -175,32 +175,19 @@ def check_fit(ckpt: dict, stack: np.ndarray, pixel_size: float | None = None, *,
     return problems
 
 
-#: The tuned Gaussian's temporal reach sets the uMSE radius of the whole comparison, so
-#: it is capped (``config.max_auto_reach``): at most ``config.auto_reach_cap(kind)`` frames
-#: (12 for movies, 6 for tilt series; the context network's cap too), and at least
-#: ``config.MIN_SCORED_FRAMES`` frames must remain scored.  A wide radius scores fewer
-#: frames and could, on a fast-changing scene, favour temporal over-smoothing; on synthetic
-#: dynamic movies (particles moving, rotating, dissolving every 4-16 frames, 50 frames)
-#: uMSE at radius 12 still picked the Gaussian with the lowest true MSE, and the cap of 12
-#: (was 6) gained 1.1 dB for the tuned Gaussian and 0.9-1.3 dB for the context network on
-#: 50-frame movies.
-max_classical_reach = max_auto_reach
-
-
-def classical_candidate(stack: np.ndarray, blind_radius: int, kind: str = "movie") -> tuple[np.ndarray, dict]:
+def classical_candidate(stack: np.ndarray, blind_radius: int) -> tuple[np.ndarray, dict]:
     """The Gaussian 3D tuned on the movie itself (``filters.blind_gaussian3d``, Noise2Self
-    with the noise stage's blind spot), its reach capped by :func:`max_classical_reach`:
-    (T, Y, X) float32 and the attributes recording sigma (t, y, x), temporal reach,
-    blind radius and the score table."""
+    with the noise stage's blind spot; any temporal reach, up to the mean of the whole
+    movie): (T, Y, X) float32 and the attributes recording sigma (t, y, x), temporal
+    reach, blind radius, the self-supervised loss of its J-invariant version
+    (``n2s_loss``, what :func:`choose` compares) and the score table."""
     stack = np.asarray(stack, dtype=np.float32)
-    reach = max_classical_reach(stack.shape[0], kind)
-    sigmas = [st for st in filters.BLIND_SIGMAS_T if filters.gaussian_reach(st) <= reach]
-    res = filters.blind_gaussian3d(stack, int(blind_radius), sigmas_t=sigmas)
+    res = filters.blind_gaussian3d(stack, int(blind_radius))
     scores = [{k: None if v != v else float(v) for k, v in row.items()}  # NaN -> null (JSON)
               for row in res.scores.to_dict(orient="records")]
     attrs = {"method": "classical", "filter": "gaussian3d blind-tuned (Noise2Self)",
              "sigma": [res.sigma[0], res.sigma[1], res.sigma[1]], "temporal_reach": res.reach,
-             "blind_radius": int(blind_radius), "output": res.output, "scores": scores}
+             "blind_radius": int(blind_radius), "output": res.output, "n2s_loss": res.loss, "scores": scores}
     return res.denoised, attrs
 
 
@@ -224,43 +211,27 @@ def temporal_reach(ds, method: str, attrs: dict | None = None, n_frames: int | N
 
 
 def check_frames(ds, n_frames: int) -> None:
-    """InputError unless ``n_frames`` suffice for the chain: the input windows of every
-    candidate (mirrored about their centre frame) and, with several candidates
-    (``auto``), the 2r + 4 frames of the uMSE comparison in :func:`choose` for at least
-    the candidates of the smallest reach.  Depends on the config only, so callers check
-    it before any training (a short movie must not cost minutes of training first)."""
+    """InputError unless ``n_frames`` suffice for the input windows of every candidate
+    (mirrored about their centre frame).  Depends on the config only, so callers check
+    it before any training (a short movie must not cost minutes of training first).
+    ``auto`` needs no more frames than its candidates: :func:`choose` compares them on
+    the movie's own frames (Noise2Self), not on frames outside their reach."""
     names = [n for n in ds.candidates if n != "pretrained"]  # a checkpoint is checked by check_fit
     for name in names:
         need = min_frames_for_windows(model_params(ds, name, 1, n_frames=n_frames).halo_t)  # any blind spot
         if n_frames < need:
             raise InputError(None, f"has {n_frames} frames; {name} needs at least {need}")
-    if len(ds.select_candidates) > 1:
-        need = 2 * max(2, ds.metrics.temporal_radius) + 4
-        if n_frames < need:
-            raise InputError(None, f"model: auto compares candidates by uMSE, which needs at least {need} "
-                                   f"frames; this movie has {n_frames}: choose one model")
 
 
-def choose(outputs: dict, noisy: np.ndarray, ds, reaches: dict) -> dict:
+def choose(losses: dict, ds) -> dict:
     """Which candidate denoises the dataset.  One candidate: it.  Several (``auto``): the
-    lowest uMSE against the noisy movie (``metrics.select_model``) at one temporal
-    radius outside every candidate's reach.  A candidate whose reach needs more frames
-    than the movie has (T < 2 reach + 4) cannot be scored without bias: it is left out
-    of the comparison and recorded under 'left_out'.  Returns the choice record."""
-    names = list(outputs)
+    lowest self-supervised loss of its J-invariant output (``metrics.select_model``;
+    ``losses``: name -> ``metrics.self_supervised_loss``, all on the same pixels).
+    Returns the choice record."""
+    names = list(losses)
     if len(names) == 1:
         return {"chosen": names[0], "rule": f"configured (model: {ds.model.name})"}
-    t = noisy.shape[0]
-    fits = [m for m in names if t >= 2 * max(int(reaches[m]), ds.metrics.temporal_radius) + 4]
-    left_out = {m: f"temporal reach {reaches[m]} needs >= {2 * max(int(reaches[m]), ds.metrics.temporal_radius) + 4} "
-                   f"frames for an unbiased uMSE, the movie has {t}" for m in names if m not in fits}
-    if not fits:
-        raise InputError(None, f"model: auto compares candidates by uMSE, which needs at least "
-                               f"{2 * ds.metrics.temporal_radius + 4} frames; this movie has {t}: "
-                               "choose model: wcvd or shine")
-    choice = metrics.select_model({m: outputs[m] for m in fits}, noisy, reaches={m: reaches[m] for m in fits},
-                                  temporal_radius=ds.metrics.temporal_radius)
-    return {**choice, "left_out": left_out} if left_out else choice
+    return metrics.select_model(losses)
 
 
 def align_on_canvas(stack: np.ndarray, ds) -> tuple[np.ndarray, dict]:
@@ -319,7 +290,7 @@ def denoise_stack(stack: np.ndarray, ds, *, train_overrides: dict | None = None,
     'warnings' (list of str)}.
     """
     stack = np.asarray(stack, dtype=np.float32)
-    check_frames(ds, stack.shape[0])  # before training: auto needs more frames than one model
+    check_frames(ds, stack.shape[0])  # before any training
     shape = stack.shape
     record = None
     if (ds.drift_enabled if align is None else align) and shape[0] >= 2:
@@ -330,7 +301,14 @@ def denoise_stack(stack: np.ndarray, ds, *, train_overrides: dict | None = None,
             record = {**record, "offsets": None}  # no whole-pixel drift: nothing to undo
     spot = noise.estimate_blindspot(stack, max_lag=ds.noise.max_lag, threshold=ds.noise.threshold,
                                     estimate=ds.noise.estimate)
-    outputs, ckpts, reaches, warnings = {}, {}, {}, []
+    shifted = record is not None and record["offsets"] is not None
+    # the selection compares losses on the region every frame covers (the canvas fill has no noise)
+    region = (slice(None), slice(*record["common"][:2]), slice(*record["common"][2:])) if shifted else np.s_[:]
+
+    def loss(blind: np.ndarray) -> float:
+        return metrics.self_supervised_loss(blind[region], stack[region])
+
+    outputs, ckpts, losses, warnings = {}, {}, {}, []
     for name in ds.candidates:
         if name == "pretrained":
             model, ckpt = load_checkpoint(ds.model.checkpoint, device=device)
@@ -341,19 +319,19 @@ def denoise_stack(stack: np.ndarray, ds, *, train_overrides: dict | None = None,
                                    progress=cb, data_info={"pixel_size": pixel_size})
             model = model_from_checkpoint(ckpt, device=device)
         out = infer.denoise(model, ckpt, stack, device=device)
+        losses[name] = loss(out)  # the network's own (blind) output, before any low-pass
         outputs[name], _ = postprocess(out, ds, name, stack, model.params.halo_t, model_kind=ckpt.get("model"),
                                        ks_max=max(ckpt["model_params"].get("ks", [7])))
-        ckpts[name], reaches[name] = ckpt, model.params.halo_t
+        ckpts[name] = ckpt
     if "classical" in ds.select_candidates:
-        outputs["classical"], attrs = classical_candidate(stack, spot["blindspot"] // 2, ds.kind)
-        reaches["classical"] = attrs["temporal_reach"]
-    shifted = record is not None and record["offsets"] is not None
-    if shifted:  # choose on the region every frame covers, then back onto the input grid
-        y0, y1, x0, x1 = record["common"]
-        choice = choose({m: o[:, y0:y1, x0:x1] for m, o in outputs.items()}, stack[:, y0:y1, x0:x1], ds, reaches)
+        b = spot["blindspot"] // 2
+        outputs["classical"], attrs = classical_candidate(stack, b)
+        sigma = attrs["sigma"][:2]
+        losses["classical"] = (attrs["n2s_loss"] if not shifted else
+                               loss(filters.normalised_gaussian3d(stack, *sigma, blind_radius=b)))
+    choice = choose(losses, ds)
+    if shifted:  # back onto the input grid
         outputs = {m: from_canvas(o, record, shape) for m, o in outputs.items()}
-    else:
-        choice = choose(outputs, stack, ds, reaches)
     if choice["chosen"] == "classical":
         choice["sigma"] = attrs["sigma"]
     return {"chosen": choice["chosen"], "output": outputs[choice["chosen"]], "outputs": outputs,

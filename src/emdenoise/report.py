@@ -214,7 +214,8 @@ def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.Da
     table : DataFrame
         The dataset's metrics (``emdenoise.metrics.compute_metrics``): the uMSE radius
         r and which methods are valid come from it, so the per-frame uPSNR averages to
-        the table's and the residual checks use lag r + 1 (> every valid reach).
+        the table's; the residual check of each method uses lag max(r, its reach) + 1
+        (its template frames lie outside what the method saw).
     truth : (T, Y, X) or None
     peak : float or None
         uPSNR's M (None: max of raw), as for the table.
@@ -258,13 +259,15 @@ def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.Da
         _write_gray_png(out / f"residual_{m}.png", res_t[m][y0:y0 + h, x0:x0 + w], -spread, spread)
         _write_gray_png(out / f"residual_mean_{m}.png", res_mean[m], -spread_mean, spread_mean, THUMB_PX)
         files["residual"][m], files["residual_mean"][m] = f"residual_{m}.png", f"residual_mean_{m}.png"
-    # residual structure, at lag r + 1 (beyond every valid method's reach)
+    # residual structure, at lag max(r, reach) + 1 (beyond the method's reach: also for a
+    # method whose reach is too long for uMSE, e.g. the tuned Gaussian on a short movie)
     length = _metrics.noise_length(raw)
+    reach_by = dict(zip(table.method, table.reach))
     residual = {}
     for m in methods:
-        if not valid.get(m, False) or n < 2:
+        if m not in reach_by or n < 2:
             continue
-        rs = _metrics.residual_structure(stacks[m], raw, lag=r + 1, length=length)
+        rs = _metrics.residual_structure(stacks[m], raw, lag=max(r, int(reach_by[m])) + 1, length=length)
         rs["spatial_frames"] = {str(k): v for k, v in rs["spatial_frames"].items()}
         residual[m] = rs
     # per-frame uPSNR with the table's radius and peak
@@ -427,10 +430,13 @@ def dataset_summary(name: str, table: pd.DataFrame, *, choice: dict | None, inde
                     min_umse_frames: int = 5) -> dict:
     """One overview row: status, chosen model, gain over the best classical method, warnings.
 
-    gain_db = uPSNR(chosen) - max uPSNR over CLASSICAL methods (those with a uPSNR);
-    warnings: residual structure in the chosen output; too few frames for the uMSE radius
-    (a method without a uMSE, or fewer than ``min_umse_frames`` scored frames); drift
-    larger than ``drift_warn_px``; a blind spot larger than ``blindspot_warn``.
+    gain_db = uPSNR(chosen) - max uPSNR over CLASSICAL methods (those with a uPSNR); NaN
+    when the tuned Gaussian (``classical``) has none (its reach exceeds what uMSE can
+    score on this movie: a gain over the weaker baselines would flatter the model);
+    warnings: residual structure in the chosen output; the chosen method has no uMSE
+    (only its self-supervised loss vouches for it), or uMSE from fewer than
+    ``min_umse_frames`` frames; drift larger than ``drift_warn_px``; a blind spot larger
+    than ``blindspot_warn``.
     """
     rows = table[table.dataset == name]
     ups = dict(zip(rows.method, rows.upsnr_db))
@@ -438,7 +444,9 @@ def dataset_summary(name: str, table: pd.DataFrame, *, choice: dict | None, inde
     classical = {m: _num(ups.get(m)) for m in CLASSICAL if m in ups and _num(ups.get(m)) == _num(ups.get(m))}
     best = max(classical, key=classical.get) if classical else None
     up_chosen = _num(ups.get(chosen)) if chosen else float("nan")
-    gain = up_chosen - classical[best] if best and up_chosen == up_chosen else float("nan")
+    tuned_unscored = "classical" in ups and "classical" not in classical
+    gain = (up_chosen - classical[best] if best and up_chosen == up_chosen and not tuned_unscored
+            else float("nan"))
     warnings = []
     n = int(index["n_frames"]) if index else None
     residual = (index or {}).get("residual", {}).get(chosen) if chosen else None
@@ -446,9 +454,14 @@ def dataset_summary(name: str, table: pd.DataFrame, *, choice: dict | None, inde
         warnings.append(f"residual structure in {chosen} (low-pass excess {_f(residual['spatial'])}, "
                         f"signal share {_f(residual['signal_share'], '.3f')})")
     r = int(rows.umse_radius.iloc[0]) if len(rows) and rows.umse_radius.notna().any() else None
-    if "umse_valid" in rows and not rows.umse_valid.astype(bool).all():
-        bad = ", ".join(rows.method[~rows.umse_valid.astype(bool)])
-        warnings.append(f"too few frames ({n}) for uMSE radius of {bad}: no uMSE")
+    if chosen and chosen in ups and up_chosen != up_chosen:
+        reach = rows.loc[rows.method == chosen, "reach"]
+        warnings.append(f"{chosen} reaches {int(reach.iloc[0]) if len(reach) else '?'} frames each side: too few "
+                        f"frames ({n}) for uMSE to check it (chosen by its self-supervised loss)")
+    if "umse_valid" in rows:  # the tuned Gaussian's long reach is expected: its gain is NaN, said above
+        bad = [m for m in rows.method[~rows.umse_valid.astype(bool)] if m not in (chosen, "classical")]
+        if bad:
+            warnings.append(f"too few frames ({n}) for uMSE radius of {', '.join(bad)}: no uMSE")
     if r is not None and n is not None and n - 2 * r - 3 < min_umse_frames:
         warnings.append(f"uMSE from {max(0, n - 2 * r - 3)} frame(s) only (T = {n}, radius {r})")
     max_drift = float("nan")
@@ -548,21 +561,23 @@ def _dataset_html(name: str, diag_dir: Path, index: dict, summary: dict, table: 
     # model choice with its evidence
     rows = table[table.dataset == name].set_index("method")
     if choice:
-        umse = choice.get("umse", {})
+        loss = choice.get("loss", {})
+        excess = choice.get("excess", {})
         reaches = choice.get("reaches", {})
         trs = []
-        for m in choice.get("candidates", list(umse)):
+        for m in choice.get("candidates", list(loss)):
             r = rows.loc[m] if m in rows.index else None
             trs.append(f"<tr{' class=chosen' if m == chosen else ''}><td>{html.escape(m)}</td>"
-                       f"<td>{reaches.get(m, '–')}</td><td>{_f(umse.get(m), '.5g')}</td>"
+                       f"<td>{reaches.get(m, '–')}</td><td>{_f(loss.get(m), '.6g')}</td>"
+                       f"<td>{_f(100 * _num(excess.get(m)), '+.2f')}</td>"
                        f"<td>{_f(r.upsnr_db if r is not None else None)}</td>"
                        f"<td>{_f(r.psnr_db if r is not None else None)}</td>"
                        f"<td>{'★' if m == chosen else ''}</td></tr>")
         extra = ", ".join(f"{k2} {html.escape(str(choice[k2]))}" for k2 in ("kind", "sigma", "shine_size", "checkpoint")
                           if choice.get(k2) is not None)
-        out.append(f"<h3>Model choice</h3><p>{html.escape(choice.get('rule', ''))}; uMSE radius "
-                   f"{choice.get('temporal_radius', '–')}. {extra}</p>"
-                   "<table class=small><thead><tr><th>candidate</th><th>reach</th><th>uMSE (select)</th>"
+        out.append(f"<h3>Model choice</h3><p>{html.escape(choice.get('rule', ''))}. {extra}</p>"
+                   "<table class=small><thead><tr><th>candidate</th><th>reach</th><th>N2S loss (select)</th>"
+                   "<th>excess (%)</th>"
                    "<th>uPSNR (dB)</th><th>PSNR vs truth</th><th>chosen</th></tr></thead><tbody>"
                    + "".join(trs) + "</tbody></table>")
     # images at one contrast
@@ -741,8 +756,9 @@ def write_report(datasets: Sequence[str], inputs, outputs, choices: Mapping[str,
         choice = None
         if choices and name in choices:
             choice = json.loads(Path(choices[name]).read_text())
-            evidence = ", ".join(f"{m} {v:.4g}" for m, v in choice.get("umse", {}).items())
-            line += (f" Model: {choice['chosen']} ({choice['rule']}" + (f"; uMSE {evidence}" if evidence else "") + ").")
+            evidence = ", ".join(f"{m} {v:.6g}" for m, v in choice.get("loss", {}).items())
+            line += (f" Model: {choice['chosen']} ({choice['rule']}"
+                     + (f"; self-supervised loss {evidence}" if evidence else "") + ").")
         index = json.loads((Path(diags[i]) / "index.json").read_text()) if diags else None
         drift = pd.read_csv(drift_csvs[i]) if drift_csvs else None
         summary = dataset_summary(name, table, choice=choice, index=index, drift=drift, blindspot=spot)

@@ -9,7 +9,7 @@ rule classical:
         denoised=directory(f"{RESULTS}/{{ds}}/classical/denoised.zarr"),
         tuning=f"{RESULTS}/{{ds}}/classical/tuning.csv",
     params:
-        cfg=stage("name", "kind"),
+        cfg=stage("name"),
     log:
         f"{RESULTS}/logs/{{ds}}/classical.log",
     resources:

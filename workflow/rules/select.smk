@@ -1,17 +1,16 @@
 # The dataset's denoised stack: the configured model's, or for `model: auto` the candidate
-# (WCVD, SHINE, the blind-tuned Gaussian 3D `classical`) with the lowest uMSE at one radius
-# outside every candidate's temporal reach (no ground truth; emdenoise.metrics.select_model).
+# (WCVD, SHINE, the blind-tuned Gaussian 3D `classical`) with the lowest self-supervised
+# (Noise2Self) loss of its blind output (no ground truth; emdenoise.metrics.select_model).
 
 
 rule select:
     input:
         unpack(candidate_stacks),
-        raw=f"{RESULTS}/{{ds}}/aligned.zarr",
     output:
         denoised=directory(f"{RESULTS}/{{ds}}/denoised.zarr"),
         choice=f"{RESULTS}/{{ds}}/model_choice.json",
     params:
-        cfg=stage("name", "model.name", "metrics.temporal_radius"),
+        cfg=stage("name", "model.name"),
         candidates=lambda wildcards: select_candidates(wildcards.ds),
     log:
         f"{RESULTS}/logs/{{ds}}/select.log",
