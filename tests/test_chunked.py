@@ -45,7 +45,7 @@ def test_infer_zarr_equals_whole_array_denoise(tmp_path, params, tile, chunks):
     out, attrs = io.read_zarr(tmp_path / "dst.zarr")
     _close(out[:], ref)
     assert stats["blocks"] > 4 and stats["tile"] == list(tile) and stats["oom_retries"] == 0
-    assert out.chunks == (1,) + tile[1:]
+    assert out.chunks == (1,) + tile[1:] and out.shards == tile  # one shard per task: no shared file
     assert attrs["pixel_size"] == 1.7 and attrs["dataset"] == "demo"
     assert attrs["infer"]["halo_t"] == params.halo_t and attrs["infer"]["halo_s"] == params.halo_s
 
@@ -160,13 +160,42 @@ def test_checkpoint_path_is_loaded_once_per_process(tmp_path, monkeypatch):
     _close(io.read_zarr(tmp_path / "dst.zarr")[0][:], infer.denoise(m, CKPT, stack, device="cpu"))
 
 
-def test_scheduler_address_without_distributed_is_a_clear_error(tmp_path):
+def test_scheduler_address_runs_on_a_real_distributed_cluster(tmp_path):
+    """A dask.distributed LocalCluster with two worker *processes*: the model scattered to
+    them, or a checkpoint path each loads itself; the output equals the threaded run
+    bit for bit (the same tiles, the same CPU code) and whole-array inference."""
+    distributed = pytest.importorskip("distributed")
+    from emdenoise.checkpoint import save_checkpoint
+    from emdenoise.train import TrainParams, train_model
+
+    src, stack = _src(tmp_path)
+    m = _model()
+    tile = (3, 16, 20)
+    threaded = chunked.infer_zarr(m, CKPT, src, tmp_path / "threads.zarr", device="cpu", tile=tile, workers=2,
+                                  progress=False)
+    ckpt = train_model(stack, WCVDParams(), TrainParams(epochs=1, crop=24, val_crop=24, device="cpu"))
+    save_checkpoint(ckpt, tmp_path / "model.pt")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=logging.ERROR) as cluster:
+        addr = cluster.scheduler_address
+        stats = chunked.infer_zarr(m, CKPT, src, tmp_path / "dist.zarr", device="cpu", tile=tile,
+                                   scheduler_address=addr, progress=False)
+        stats_ckpt = chunked.infer_zarr(str(tmp_path / "model.pt"), None, src, tmp_path / "dist_ckpt.zarr",
+                                        device="cpu", tile=tile, scheduler_address=addr, progress=False)
+    assert stats["scheduler"] == addr and stats["blocks"] == threaded["blocks"] > 4
+    out = io.read_zarr(tmp_path / "dist.zarr")[0][:]
+    np.testing.assert_array_equal(out, io.read_zarr(tmp_path / "threads.zarr")[0][:])
+    _close(out, infer.denoise(m, CKPT, stack, device="cpu"))
+    from emdenoise.checkpoint import model_from_checkpoint
+    trained = model_from_checkpoint(ckpt, device="cpu")
+    _close(io.read_zarr(tmp_path / "dist_ckpt.zarr")[0][:], infer.denoise(trained, ckpt, stack, device="cpu"))
+    assert stats_ckpt["blocks"] == stats["blocks"]
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_scheduler_address_without_distributed_is_a_clear_error(tmp_path, monkeypatch):
     pytest.importorskip("dask")
-    try:
-        import distributed  # noqa: F401
-        pytest.skip("distributed is installed")
-    except ImportError:
-        pass
+    monkeypatch.setitem(__import__("sys").modules, "distributed", None)  # as if not installed
     src, _ = _src(tmp_path)
     with pytest.raises(InputError, match="distributed"):
         chunked.infer_zarr(_model(), CKPT, src, tmp_path / "dst.zarr", device="cpu",

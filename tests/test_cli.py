@@ -80,6 +80,39 @@ def test_denoise_trains_on_the_input_and_writes_the_same_shape(tmp_path):
     assert model.exists()
 
 
+def test_denoise_shows_training_and_inference_progress_bars(tmp_path, capsys, monkeypatch):
+    """On a terminal (forced here: capsys is not one) each candidate gets a training bar
+    over its epochs and an inference bar over the frames, both run to 100 %; -v adds one
+    readable line per epoch on stdout."""
+    import functools
+
+    src, out = tmp_path / "in.npy", tmp_path / "out.npy"
+    np.save(src, np.random.default_rng(0).poisson(2.0, (6, 40, 40)).astype(np.float32))
+    monkeypatch.setattr(cli, "Progress", functools.partial(cli.Progress, disable=False))
+    capsys.readouterr()
+    assert cli.main(["denoise", str(src), str(out), "--model", "wcvd", "--epochs", "3", "--device", "cpu",
+                     "-v"]) == 0
+    cap = capsys.readouterr()
+    bars = cap.err.replace("\r", "\n").splitlines()
+    assert any(line.startswith("wcvd training: 100%") and "3/3" in line for line in bars), cap.err[-600:]
+    assert any(line.startswith("wcvd denoising: 100%") and "6/6" in line for line in bars), cap.err[-600:]
+    assert "epoch 3: train" in cap.out and "Traceback" not in cap.err
+    assert np.load(out).shape == (6, 40, 40)
+
+
+def test_progress_bars_hide_off_a_terminal():
+    import io as _io
+
+    buf = _io.StringIO()  # not a terminal: tqdm shows nothing (logs stay clean)
+    prog = cli.Progress(file=buf)
+    for e in range(1, 4):
+        prog("wcvd", {"stage": "train", "epoch": e, "of": 3, "train_loss": 1.0, "val_loss": 0.5, "lr": 1e-3,
+                      "seconds": 0.1})
+    prog("wcvd", {"stage": "infer", "done": 5, "of": 5})
+    prog.close()
+    assert buf.getvalue() == ""
+
+
 def test_denoise_config_typo_is_named(tmp_path):
     src = tmp_path / "in.npy"
     np.save(src, np.ones((4, 32, 32), np.float32))

@@ -1,6 +1,7 @@
 """Tests for emdenoise.io: every reader on real files, writers, atomicity, bad input."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pickle
@@ -520,6 +521,27 @@ def test_every_written_ome_zarr_validates(tmp_path):
     assert ms.axes[0].unit == "second" and ms.axes[1].unit == "angstrom"
     assert ms.datasets[0].coordinateTransformations[0].scale == [0.04, 0.5, 0.5]
     assert validate_ome(tmp_path / "plain.zarr").attributes.ome.multiscales[0].axes[0].unit is None
+
+
+def test_zarr_arrays_are_sharded_few_files_per_movie(tmp_path):
+    """Chunks stay one frame (what readers slice), but a shard file holds up to 64 frames:
+    a 150-frame movie is 3 files, not 150 (inode quotas on archives); the data round-trip
+    exactly and the group still validates as OME-Zarr 0.5."""
+    data = np.random.default_rng(1).random((150, 40, 56)).astype(np.float32)
+    p = tmp_path / "movie.zarr"
+    io.write_zarr(p, data, pixel_size=1.0)
+    arr = zarr.open_group(str(p), mode="r")["0"]
+    assert arr.chunks == (1, 40, 56) and arr.shards == (64, 40, 56)
+    chunk_files = [f for f in (p / "0").rglob("*") if f.is_file() and f.name != "zarr.json"]
+    assert len(chunk_files) == 3, chunk_files
+    np.testing.assert_array_equal(io.read_zarr(p)[0][:], data)
+    np.testing.assert_array_equal(io.read_zarr(p)[0][70], data[70])
+    # frames of 256 MiB or more: one frame per shard; explicit chunks keep whole chunks per shard
+    assert io.shard_shape((10, 8192, 8192), (1, 8192, 8192)) == (1, 8192, 8192)
+    assert io.shard_shape((100, 512, 512), (2, 16, 16)) == (64, 16, 16)
+    assert io.shard_shape((5, 512, 512), (1, 512, 512)) == (5, 512, 512)
+    if importlib.util.find_spec("ome_zarr_models"):
+        validate_ome(p)
 
 
 def test_ome_zarr_pyramid_and_level0(tmp_path):

@@ -93,9 +93,12 @@ def built(tmp_path_factory):
                                 ("metrics", "previews", "drift", "noise", "blindspot", "diagnostics", "drift_csv")})
     outputs = SimpleNamespace(table=str(root / "report" / "metrics.csv"), markdown=str(root / "report" / "report.md"),
                               html=str(root / "report" / "report.html"))
+    np.save(root / "dyn_good_input.npy", noisy)  # stands for the dataset's raw input
     summaries = report.write_report(names, inputs, outputs,
                                     choices={n: str(s["choice"]) for n, s in sets.items() if s["choice"]},
-                                    train_logs={n: s["logs"] for n, s in sets.items() if s["logs"]})
+                                    train_logs={n: s["logs"] for n, s in sets.items() if s["logs"]},
+                                    footprints={"dyn_good": report.footprint(root / "dyn_good",
+                                                                             root / "dyn_good_input.npy")})
     return Path(outputs.html), {s["dataset"]: s for s in summaries}
 
 
@@ -107,6 +110,8 @@ def test_overview_rows_and_warnings(built):
     assert any("drift 14.0 px" in w for w in bad["warnings"])
     assert good["chosen"] == "wcvd" and not any("residual" in w for w in good["warnings"]), good
     assert any("blind spot 9×9" in w for w in good["warnings"])
+    assert good["disk_x_input"] > 0.1 and good["disk_files"] > 10 and bad["disk_x_input"] != bad["disk_x_input"]
+    assert "Disk (× input)" in page.read_text()
     # uPSNR against frames 13 away (the classical candidate's reach sets the radius) is biased
     # on a moving scene: the gain may be negative even for the near-perfect model, which is
     # why the residual check exists

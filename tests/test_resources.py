@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import tifffile
 
 from emdenoise import io
@@ -28,3 +29,20 @@ def test_job_memory_grows_with_the_data_and_doubles_on_retry():
     assert job_memory_mb(1000, 3, 1000) == 4000          # three float32 copies of a 1 GB stack
     assert job_memory_mb(1000, 3, 1000, attempt=2) == 8000
     assert job_memory_mb(1000, 3, 1000, attempt=3) == 16000
+
+
+def test_disk_footprint_of_a_results_folder(tmp_path):
+    from emdenoise import io, report
+    from emdenoise.stage import disk_usage
+
+    src = tmp_path / "in.npy"
+    np.save(src, np.zeros((4, 64, 64), np.float32))
+    res = tmp_path / "results" / "ds"
+    io.write_zarr(res / "a.zarr", np.ones((4, 64, 64), np.float32))
+    (res / "note.txt").write_text("x" * 5000)
+    used, files = disk_usage(res)
+    zarr_files = sum(1 for p in (res / "a.zarr").rglob("*") if p.is_file())
+    assert files == zarr_files + 1 and used >= 5000
+    assert disk_usage(tmp_path / "missing") == (0, 0) and disk_usage(src)[1] == 1
+    fp = report.footprint(res, src)
+    assert fp["bytes"] == used and fp["files"] == files and fp["x_input"] == pytest.approx(used / disk_usage(src)[0])

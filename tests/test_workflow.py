@@ -62,7 +62,7 @@ def tiny_config(tmp_path: Path) -> dict:
         },
         # tiny training so the whole run takes seconds on a CPU
         "defaults": {"train": {"epochs": 3, "crop": 32, "val_crop": 32}, "prefilter": {"epochs": 3},
-                     "model": {"name": "wcvd"},  # too few frames (6) for auto's uMSE comparison
+                     "model": {"name": "wcvd"},  # one network: a run of seconds
                      "infer": {"tilt_tile": 32, "tilt_overlap": 16}},
     }
 
@@ -220,7 +220,7 @@ def test_gpu_jobs_run_one_at_a_time_under_the_workstation_profile(tmp_path):
                                          seed=i)
         tifffile.imwrite(tmp_path / f"m{i}.tif", movie.noisy.astype(np.float32))
         data[f"m{i}"] = {"path": str(tmp_path / f"m{i}.tif")}
-    config = {"datasets": data, "demo": {},
+    config = {"datasets": data, "demo": {}, "keep_intermediates": False,
               "defaults": {"train": {"epochs": 6, "crop": 24, "val_crop": 24}, "model": {"name": "wcvd"},
                            "prefilter": {"method": "gaussian2d"}}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
@@ -234,6 +234,11 @@ def test_gpu_jobs_run_one_at_a_time_under_the_workstation_profile(tmp_path):
     from emdenoise.stage import job_memory_mb, stack_megabytes
     aligned = stack_megabytes(tmp_path / "results" / "m0" / "aligned.zarr")
     assert aligned > 0 and f"mem_mb={job_memory_mb(aligned, 3, 4000)}," in proc.stderr
+    # keep_intermediates: false -- what nobody reads after the next stage was deleted (temp())
+    for i in range(3):
+        res = tmp_path / "results" / f"m{i}"
+        assert not (res / "prefiltered.zarr").exists() and not (res / "wcvd" / "denoised_raw.zarr").exists()
+        assert (res / "aligned.zarr").exists() and (res / "wcvd" / "denoised.zarr").exists()
     jobs = _intervals(tmp_path / "results" / "logs", "train_*.log") + _intervals(tmp_path / "results" / "logs",
                                                                                    "infer_*.log")
     assert len(jobs) == 6, jobs

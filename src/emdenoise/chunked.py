@@ -380,8 +380,9 @@ def infer_zarr(model, ckpt, src_zarr_path, dst_zarr_path, *, device: str = "auto
     t0 = _time.perf_counter()
     own_keys = []
     try:
+        # one shard per tile: parallel tasks never write the same shard file
         with _io.ZarrStackWriter(dst_zarr_path, shape, pixel_size=src_attrs.get("pixel_size"),
-                                 attrs=out_attrs, chunks=(1,) + tile[1:]) as w:
+                                 attrs=out_attrs, chunks=(1,) + tile[1:], shards=tile) as w:
             job = _TileJob(src=_zarr_array_path(src_zarr_path, src), dst=str(_Path(w.array.store.root) / w.array.path),
                            shape=shape, halo_t=p.halo_t, halo_s=p.halo_s, device=str(dev),
                            batch_frames=batch_frames, threads=threads_per_worker)
@@ -435,11 +436,17 @@ def _run_distributed(address: str, job: _TileJob, model, norm, cores, run_id: st
             for fut in as_completed(futures):
                 shared.block_done(fut.result())
         finally:
-            client.run(_shared_state.pop, run_id, None)
+            client.run(_forget_run, run_id)
 
 
+# module-level functions, sent to the workers by name (a bound ``_shared_state.pop`` would
+# pickle the dict with its locks)
 def _register_run(run_id: str, max_px: int, n: int) -> None:
     _shared_state.setdefault(run_id, _Shared(max_px, n, 1, None))
+
+
+def _forget_run(run_id: str) -> None:
+    _shared_state.pop(run_id, None)
 
 
 def _run_tile_remote(job, model_ref, norm, core, run_id) -> int:

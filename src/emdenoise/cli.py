@@ -18,6 +18,43 @@ from . import config as emcfg
 from .errors import InputError
 
 
+class Progress:
+    """Progress of ``emdenoise denoise`` (``pipeline.denoise_stack``'s ``progress``): one
+    tqdm bar per candidate for training (epochs, with the validation loss) and one for
+    inference (frames), with the time left; ``verbose`` adds one readable line per epoch
+    (``train.epoch_line``) on stdout.  ``disable=None`` shows the bars only when ``file``
+    is a terminal (not in logs or pipes)."""
+
+    def __init__(self, verbose: bool = False, file=None, disable: bool | None = None):
+        self.verbose, self.file, self.disable = verbose, file if file is not None else sys.stderr, disable
+        self.bars = {}
+
+    def __call__(self, name: str, row: dict) -> None:
+        from tqdm import tqdm
+
+        stage = row.get("stage", "train")
+        bar = self.bars.get((name, stage))
+        if bar is None:
+            bar = self.bars[(name, stage)] = tqdm(
+                total=int(row["of"]), desc=f"{name} {'training' if stage == 'train' else 'denoising'}",
+                unit="epoch" if stage == "train" else "frame", file=self.file, disable=self.disable,
+                dynamic_ncols=True, leave=True)
+        done = int(row["epoch"] if stage == "train" else row["done"])
+        bar.update(max(0, done - bar.n))
+        if stage == "train":
+            val = row.get("val_loss")
+            if val is not None and val == val:
+                bar.set_postfix(val=f"{val:.4g}", refresh=False)
+            if self.verbose:
+                tqdm.write(f"{name} {train.epoch_line(row)}", file=sys.stdout)
+        if done >= bar.total:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
 def _info(args: argparse.Namespace) -> None:
 
     print(json.dumps(io.describe(args.file, pixel_size=args.pixel_size, eer_group=args.eer_group,
@@ -74,13 +111,15 @@ def _denoise(args: argparse.Namespace) -> None:
     except InputError as exc:
         raise InputError(args.input, exc.problem) from None
     stack = np.asarray(arr[:], dtype=np.float32)
-    progress = (lambda name, row: print(f"{name} {train.epoch_line(row)}", flush=True)) if args.verbose else None
+    progress = Progress(verbose=args.verbose)
     try:
         result = pipeline.denoise_stack(stack, ds, device=device, progress=progress,
                                         train_overrides={"device": device, "epochs": args.epochs},
                                         align=False if args.no_drift else None, pixel_size=meta.get("pixel_size"))
     except InputError as exc:
         raise InputError(args.input, exc.problem) from None
+    finally:
+        progress.close()
     chosen, choice = result["chosen"], result["choice"]
     for problem in result["warnings"]:
         print(f"emdenoise: warning: {args.load_model} may not fit {args.input}: {problem}", file=sys.stderr)
@@ -187,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     den.add_argument("--no-drift", action="store_true",
                      help="do not align frames before denoising (default: measure drift, align by whole "
                           "pixels, denoise, shift back; tilt series are never aligned)")
-    den.add_argument("-v", "--verbose", action="store_true", help="print the validation loss every epoch")
+    den.add_argument("-v", "--verbose", action="store_true", help="print the validation loss every epoch (progress bars "
+                     "with the time left are shown on a terminal anyway)")
     den.set_defaults(func=_denoise)
 
     wat = sub.add_parser("watch", help="denoise single-frame files as they appear in a folder (live, in situ)")

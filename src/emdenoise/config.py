@@ -617,6 +617,11 @@ class PipelineConfig:
     results: str
     datasets: dict[str, DatasetConfig]
     demo: dict[str, DemoConfig]
+    #: keep the intermediates nobody reads after the next stage (prefiltered.zarr, each
+    #: model's denoised_raw.zarr); false: Snakemake temp() deletes them once read, which
+    #: saves disk on archives but makes a later edit of a downstream setting re-run the
+    #: stage that made them too
+    keep_intermediates: bool = True
 
 
 def _typed(cls, values: dict[str, Any], where: str):
@@ -918,7 +923,8 @@ def build(config: dict[str, Any], check_paths: bool = True) -> PipelineConfig:
     results = config.get("results", "results")
     if config.get("run"):  # a run tag keeps reprocessings side by side
         results = f"{results.rstrip('/')}/{config['run']}"
-    return PipelineConfig(results=results, datasets=datasets, demo=demo)
+    return PipelineConfig(results=results, datasets=datasets, demo=demo,
+                          keep_intermediates=bool(config.get("keep_intermediates", True)))
 
 
 def validate(config: dict[str, Any]) -> None:
@@ -1047,6 +1053,10 @@ def json_schema() -> dict:
             "run": {"type": ["string", "null"], "pattern": _NAME,
                     "description": "run tag: outputs go to {results}/{run}/{dataset}/... so that reprocessing an "
                                    "archive with a new version or config never overwrites earlier results"},
+            "keep_intermediates": {"type": "boolean", "default": True,
+                                   "description": "keep prefiltered.zarr and each model's denoised_raw.zarr "
+                                                  "(false: temp(), deleted once read; a later downstream edit "
+                                                  "then re-runs their stage too)"},
             "demo": {"type": "object", "additionalProperties": {"$ref": "#/definitions/demo_entry"},
                      "description": "synthetic demo datasets written under resources/demo/ by the `demo` rule"},
             "datasets": {"type": "object", "propertyNames": {"pattern": _NAME},

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -285,7 +286,8 @@ def predict_block(model, block: np.ndarray, *, normalisation=None, device: str =
 
 
 def denoise(model, ckpt: dict | None, stack: np.ndarray, *, device: str = "auto",
-            batch_frames: int = 8, num_workers: int | None = None) -> np.ndarray:
+            batch_frames: int = 8, num_workers: int | None = None,
+            progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Denoise a whole movie: (T, Y, X) in data units -> (T, Y, X) float32, same units.
 
     model: any registered blind-spot model (``emdenoise.models``).
@@ -295,6 +297,7 @@ def denoise(model, ckpt: dict | None, stack: np.ndarray, *, device: str = "auto"
     frames come out for T in.  Frames must be wider than the receptive field.
     batch_frames: output frames processed at once, bounds memory.
     num_workers: CPU threads (None = torch.get_num_threads()).
+    progress: called with (frames done, T) after every batch (a progress bar).
     """
     stack = np.asarray(stack)
     if stack.ndim != 3:
@@ -311,6 +314,8 @@ def denoise(model, ckpt: dict | None, stack: np.ndarray, *, device: str = "auto"
         lo, hi = int(windows[s:e].min()), int(windows[s:e].max()) + 1
         out[s:e] = predict_windows(model, stack[lo:hi], windows[s:e] - lo, normalisation=ckpt, device=device,
                                    spatial_padding="circular", batch_frames=step, num_workers=num_workers)
+        if progress is not None:
+            progress(e, t)
     return out
 
 

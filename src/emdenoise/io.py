@@ -992,6 +992,18 @@ def _ome_attrs(name, pixel_size, attrs, n_levels=1):
             "emdenoise": _jsonable({**(attrs or {}), "pixel_size": pixel_size})}
 
 
+def shard_shape(shape, chunks, itemsize: int = 4) -> tuple[int, ...]:
+    """Zarr v3 shard of a (T, Y, X) array: whole chunks in y and x, as many chunk rows of
+    frames as fit in ``_MAX_BLOCK_BYTES`` (and at most 64 frames, the block
+    :func:`_iter_blocks` writes at once, so a streamed write fills whole shards).  One
+    file per shard instead of one per chunk: a 200-frame movie is a few files, not 200
+    (inode quotas on archives of hundreds of movies)."""
+    ct = int(chunks[0])
+    chunk_bytes = max(1, math.prod(int(c) for c in chunks) * int(itemsize))
+    per = max(1, min(_MAX_BLOCK_BYTES // chunk_bytes, 64 // ct if ct <= 64 else 1, -(-int(shape[0]) // ct)))
+    return (ct * per,) + tuple(int(c) for c in chunks[1:])
+
+
 class ZarrStackWriter:
     """Stream frames into an OME-Zarr 0.5 group (zarr v3), renamed into place on success.
 
@@ -1004,18 +1016,23 @@ class ZarrStackWriter:
     ``'angstrom'`` and scale ``pixel_size`` when it is known, else no unit and scale 1.0;
     the time axis carries unit ``'second'`` and scale ``attrs['frame_time']`` when known.
 
+    Arrays are sharded (:func:`shard_shape`, or ``shards``): chunks stay what readers
+    slice by, but one file holds many frames.  A writer that fills parts of the array in
+    parallel must give each task whole shards (``chunked.infer_zarr``: one tile each).
+
     Use as a context manager: ``w[i] = frame`` or ``w[a:b] = block``; ``w.array`` is
     the writable Zarr array (level 0). On an exception the temporary group is removed;
     a full disk raises :class:`DiskFullError` naming ``path``.
     """
 
     def __init__(self, path, shape, *, pixel_size=None, attrs=None, chunks=None, dtype="float32",
-                 pyramid: bool = True):
+                 pyramid: bool = True, shards=None):
         self.path, self.shape = Path(path), tuple(int(n) for n in shape)
         if len(self.shape) != 3:
             raise ValueError(f"shape must be (T, Y, X), got {self.shape}")
         self.pixel_size, self.attrs, self.dtype = pixel_size, attrs, np.dtype(dtype)
         self.chunks = tuple(chunks) if chunks else (1,) + self.shape[1:]
+        self.shards = tuple(shards) if shards else shard_shape(self.shape, self.chunks, self.dtype.itemsize)
         self.n_levels = 1 + (pyramid_levels(self.shape[1:]) if pyramid else 0)
         self.array, self._tmp, self._group = None, None, None
 
@@ -1026,7 +1043,7 @@ class ZarrStackWriter:
             with _disk_full_as_error(self.path):
                 self._group = zarr.open_group(str(self._tmp), mode="w", zarr_format=3)
                 self._group.attrs.update(_ome_attrs(self.path.stem, self.pixel_size, self.attrs, self.n_levels))
-                self.array = self._group.create_array("0", shape=self.shape, chunks=self.chunks,
+                self.array = self._group.create_array("0", shape=self.shape, chunks=self.chunks, shards=self.shards,
                                                       dtype=self.dtype, fill_value=0, dimension_names=AXES)
         except BaseException:
             _discard(self._tmp)
@@ -1042,7 +1059,8 @@ class ZarrStackWriter:
         src = self.array
         for k in range(1, self.n_levels):
             ny, nx = y // 2**k, x // 2**k
-            dst = self._group.create_array(str(k), shape=(t, ny, nx), chunks=(1, ny, nx), dtype="float32",
+            dst = self._group.create_array(str(k), shape=(t, ny, nx), chunks=(1, ny, nx),
+                                           shards=shard_shape((t, ny, nx), (1, ny, nx), 4), dtype="float32",
                                            fill_value=0, dimension_names=AXES)
             for a, block in _iter_blocks(src):
                 block = block[:, :2 * ny, :2 * nx].astype(np.float32, copy=False)

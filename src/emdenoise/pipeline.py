@@ -284,6 +284,9 @@ def denoise_stack(stack: np.ndarray, ds, *, train_overrides: dict | None = None,
         series no).
     ``ds.model.checkpoint`` set: that trained model is applied (candidate 'pretrained',
     no training), after :func:`check_fit` (its sentences in 'warnings').
+    progress: called with (candidate, row): after every training epoch (the training log
+        row, ``stage`` 'train', ``of`` the epochs) and every inference batch (``stage``
+        'infer', ``done`` frames of ``of``).
     Returns {'chosen', 'output' (T, Y, X) float32 in data units, 'outputs' per candidate
     ('classical' too for ``auto``; on the input grid), 'checkpoints' per trained model,
     'choice' (record), 'blindspot' (noise stage result), 'drift' (record or None),
@@ -314,11 +317,12 @@ def denoise_stack(stack: np.ndarray, ds, *, train_overrides: dict | None = None,
             model, ckpt = load_checkpoint(ds.model.checkpoint, device=device)
             warnings += check_fit(ckpt, stack, pixel_size, blindspot=spot["blindspot"])
         else:
-            cb = (lambda row, n=name: progress(n, row)) if progress else None
+            cb = (lambda row, n=name: progress(n, {**row, "stage": "train"})) if progress else None
             ckpt = train_candidate(stack, ds, name, spot["blindspot"], train_overrides=train_overrides,
                                    progress=cb, data_info={"pixel_size": pixel_size})
             model = model_from_checkpoint(ckpt, device=device)
-        out = infer.denoise(model, ckpt, stack, device=device)
+        done = ((lambda d, t, n=name: progress(n, {"stage": "infer", "done": d, "of": t})) if progress else None)
+        out = infer.denoise(model, ckpt, stack, device=device, progress=done)
         losses[name] = loss(out)  # the network's own (blind) output, before any low-pass
         outputs[name], _ = postprocess(out, ds, name, stack, model.params.halo_t, model_kind=ckpt.get("model"),
                                        ks_max=max(ckpt["model_params"].get("ks", [7])))

@@ -27,6 +27,7 @@ from scipy import ndimage  # noqa: E402
 
 from . import metrics as _metrics  # noqa: E402
 from .io import atomic_path  # noqa: E402
+from .stage import disk_usage  # noqa: E402
 
 METRIC_COLUMNS = ["dataset", "method", "umse", "upsnr_db", "snr_db", "psnr_db", "ssim", "umse_radius"]
 
@@ -267,7 +268,8 @@ def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.Da
     for m in methods:
         if m not in reach_by or n < 2:
             continue
-        rs = _metrics.residual_structure(stacks[m], raw, lag=max(r, int(reach_by[m])) + 1, length=length)
+        rs = _metrics.residual_structure(stacks[m], raw, lag=max(r, int(reach_by[m])) + 1, length=length,
+                                         reach=int(reach_by[m]))
         rs["spatial_frames"] = {str(k): v for k, v in rs["spatial_frames"].items()}
         residual[m] = rs
     # per-frame uPSNR with the table's radius and peak
@@ -424,8 +426,16 @@ def _f(x, fmt: str = ".2f", na: str = "–") -> str:
     return na if v != v else format(v, fmt)
 
 
+def footprint(results_dir, input_path) -> dict:
+    """Disk use of one dataset's results folder against its input: {'bytes', 'files',
+    'input_bytes', 'x_input'} (``stage.disk_usage``; x_input NaN for an empty input)."""
+    used, files = disk_usage(results_dir)
+    inp, _ = disk_usage(input_path)
+    return {"bytes": used, "files": files, "input_bytes": inp, "x_input": used / inp if inp else float("nan")}
+
+
 def dataset_summary(name: str, table: pd.DataFrame, *, choice: dict | None, index: dict | None,
-                    drift: pd.DataFrame | None, blindspot: dict | None,
+                    drift: pd.DataFrame | None, blindspot: dict | None, footprint: dict | None = None,
                     drift_warn_px: float = DRIFT_WARN_PX, blindspot_warn: int = BLINDSPOT_WARN,
                     min_umse_frames: int = 5) -> dict:
     """One overview row: status, chosen model, gain over the best classical method, warnings.
@@ -436,7 +446,8 @@ def dataset_summary(name: str, table: pd.DataFrame, *, choice: dict | None, inde
     warnings: residual structure in the chosen output; the chosen method has no uMSE
     (only its self-supervised loss vouches for it), or uMSE from fewer than
     ``min_umse_frames`` frames; drift larger than ``drift_warn_px``; a blind spot larger
-    than ``blindspot_warn``.
+    than ``blindspot_warn``.  footprint: {'bytes', 'files', 'input_bytes'} of the dataset's
+    results folder (``disk_x_input``: its size as a multiple of the input's).
     """
     rows = table[table.dataset == name]
     ups = dict(zip(rows.method, rows.upsnr_db))
@@ -481,7 +492,8 @@ def dataset_summary(name: str, table: pd.DataFrame, *, choice: dict | None, inde
     return {"dataset": name, "status": status, "frames": n, "chosen": chosen, "upsnr_db": up_chosen,
             "best_classical": best, "gain_db": gain, "residual_spatial": _num((residual or {}).get("spatial")),
             "residual_share": _num((residual or {}).get("signal_share")), "max_drift_px": max_drift,
-            "blindspot": spot, "warnings": warnings}
+            "blindspot": spot, "disk_x_input": _num((footprint or {}).get("x_input")),
+            "disk_files": (footprint or {}).get("files"), "warnings": warnings}
 
 
 _OVERVIEW_COLUMNS = [  # (key, header, type)
@@ -489,7 +501,8 @@ _OVERVIEW_COLUMNS = [  # (key, header, type)
     ("chosen", "Chosen", "text"), ("upsnr_db", "uPSNR (dB)", "num"), ("best_classical", "Best classical", "text"),
     ("gain_db", "Gain (dB)", "num"), ("residual_spatial", "Residual low-pass", "num"),
     ("residual_share", "Residual share", "num"),
-    ("max_drift_px", "Max drift (px)", "num"), ("blindspot", "Blind spot", "num"), ("warnings", "Warnings", "num"),
+    ("max_drift_px", "Max drift (px)", "num"), ("blindspot", "Blind spot", "num"),
+    ("disk_x_input", "Disk (× input)", "num"), ("warnings", "Warnings", "num"),
 ]
 
 
@@ -614,20 +627,24 @@ def _dataset_html(name: str, diag_dir: Path, index: dict, summary: dict, table: 
     for m, rs in res.items():
         trs.append(f"<tr{' class=chosen' if m == chosen else ''}><td>{html.escape(m)}</td>"
                    f"<td>{_f(rs['spatial'])}</td><td>{_f(rs['signal_share'], '.3f')} ± "
-                   f"{_f(rs['signal_share_se'], '.3f')}</td><td>{_f(rs['temporal'], '.3f')}</td>"
+                   f"{_f(rs['signal_share_se'], '.3f')}</td><td>{_f(rs.get('signal_share_ref'), '.3f')}</td>"
+                   f"<td>{_f(rs['temporal'], '.3f')}</td>"
                    f"<td class={'warn' if rs['structure'] else 'ok'}>{'structure' if rs['structure'] else 'noise-like'}"
                    "</td></tr>")
     if trs:
         any_rs = next(iter(res.values()))
         out.append("<table class=small><thead><tr><th>method</th><th>low-pass excess</th><th>signal share</th>"
-                   "<th>temporal corr.</th><th>verdict</th></tr></thead><tbody>" + "".join(trs) + "</tbody></table>"
+                   "<th>Wiener share</th><th>temporal corr.</th><th>verdict</th></tr></thead><tbody>"
+                   + "".join(trs) + "</tbody></table>"
                    f"<p class=note>Noise correlation length {any_rs['length']} px. Low-pass excess: the "
                    f"residual's power after a Gaussian low-pass of σ = {any_rs['sigma']:g} px (its spatial "
                    "autocorrelation beyond the noise's) over the noise's (adjacent-frame differences), − 1: "
                    f"≈ 0 or below for noise, warning above {_metrics.RESIDUAL_SPATIAL_WARN}. Signal share: "
-                   f"covariance of the residual of frame t with raw frame t + {any_rs['lag']} (noise "
+                   "covariance of the residual of frame t with raw frames beyond the method's reach (noise "
                    "independent) over that of the raw frames: the share of the persistent signal in the "
-                   f"residual, warning above {_metrics.RESIDUAL_SHARE_WARN} (and 3 standard errors). "
+                   "residual. Wiener share: what an ideal linear filter over the frames the method sees "
+                   "would leave (every denoiser shrinks detail that is weak against the noise); warning "
+                   f"when the signal share exceeds it by {_metrics.RESIDUAL_SHARE_WARN} (and 3 standard errors). "
                    f"Temporal corr.: residual frames t, t + {any_rs['lag']}.</p>")
     # curves
     spec = pd.read_csv(diag_dir / index["tables"]["spectra"])
@@ -721,7 +738,8 @@ _CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-sr
 
 
 def write_report(datasets: Sequence[str], inputs, outputs, choices: Mapping[str, str] | None = None,
-                 train_logs: Mapping[str, Mapping[str, str]] | None = None) -> list[dict]:
+                 train_logs: Mapping[str, Mapping[str, str]] | None = None,
+                 footprints: Mapping[str, dict] | None = None) -> list[dict]:
     """Write the combined CSV, report.md and report.html; returns the overview rows
     (:func:`dataset_summary`).
 
@@ -729,7 +747,8 @@ def write_report(datasets: Sequence[str], inputs, outputs, choices: Mapping[str,
     ``blindspot`` and (optionally) ``diagnostics`` (the metrics rule's folders) and
     ``drift_csv``, ordered like ``datasets``; outputs: ``table``, ``markdown``, ``html``;
     choices: dataset -> model_choice.json (which model denoised it, and why);
-    train_logs: dataset -> {model: train_log.csv}.
+    train_logs: dataset -> {model: train_log.csv}; footprints: dataset -> {'bytes',
+    'files', 'input_bytes'} (:func:`footprint`), shown as the disk use per dataset.
 
     The HTML page is one self-contained file (images as base64 PNG, inline CSS and a few
     lines of JavaScript, a Content-Security-Policy that forbids any network access): an
@@ -761,7 +780,13 @@ def write_report(datasets: Sequence[str], inputs, outputs, choices: Mapping[str,
                      + (f"; self-supervised loss {evidence}" if evidence else "") + ").")
         index = json.loads((Path(diags[i]) / "index.json").read_text()) if diags else None
         drift = pd.read_csv(drift_csvs[i]) if drift_csvs else None
-        summary = dataset_summary(name, table, choice=choice, index=index, drift=drift, blindspot=spot)
+        fp = (footprints or {}).get(name)
+        if fp:
+            line += (f" Disk: {fp['bytes'] / 2**20:.1f} MiB in {fp['files']} files"
+                     + (f" = {fp['x_input']:.2f} × the input ({fp['input_bytes'] / 2**20:.1f} MiB)."
+                        if fp.get("x_input") == fp.get("x_input") and fp.get("x_input") is not None else "."))
+        summary = dataset_summary(name, table, choice=choice, index=index, drift=drift, blindspot=spot,
+                                  footprint=fp)
         summaries.append(summary)
         md_sections += [f"## {name}", "", line, ""]
         md_sections += [f"- warning: {w}" for w in summary["warnings"]] + ([""] if summary["warnings"] else [])

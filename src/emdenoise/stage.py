@@ -78,3 +78,30 @@ def job_memory_mb(stacks_mb: float, copies: float, base_mb: int = 1000, attempt:
     ``copies`` float32 copies of its input stacks (``stacks_mb``, :func:`stack_megabytes`),
     doubled on every retry (``attempt`` 1, 2, ...) so a job killed for memory gets more."""
     return int(math.ceil((base_mb + copies * stacks_mb) * 2 ** (max(1, int(attempt)) - 1)))
+
+
+def disk_usage(path) -> tuple[int, int]:
+    """(bytes on disk, files) of a file or a folder tree: allocated blocks (st_blocks x
+    512, what quotas count) where the filesystem reports them, else the file sizes;
+    0, 0 for a missing path."""
+    import os
+    from pathlib import Path
+
+    def one(st) -> int:
+        blocks = getattr(st, "st_blocks", None)
+        return int(blocks) * 512 if blocks is not None else int(st.st_size)
+
+    p = Path(path)
+    if not p.exists():
+        return 0, 0
+    if p.is_file():
+        return one(p.stat()), 1
+    total = files = 0
+    for root, _, names in os.walk(p):
+        for name in names:
+            try:
+                total += one(os.stat(os.path.join(root, name)))
+                files += 1
+            except FileNotFoundError:  # removed meanwhile (a temp() output)
+                pass
+    return total, files

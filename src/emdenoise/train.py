@@ -375,7 +375,8 @@ def train_model(stack: np.ndarray, model_params=WCVDParams(),
         ``SHINEParams``, ...): the registry finds the class.
     log_csv: optional path of the CSV log (epoch, train_loss, val_loss, lr, seconds);
         losses are MSE in normalised units, seconds = elapsed wall time since start.
-    progress: optional callback called with each log row (a dict) after every epoch.
+    progress: optional callback called with each log row (a dict; plus ``of``, the number
+        of epochs) after every epoch.
     resume: path of a resume state: written atomically at the end of an epoch at most
         every ``checkpoint_every`` seconds (wall time; 0 = every epoch) and removed when
         training completes.  A run that finds a state of the same model, settings and
@@ -476,7 +477,7 @@ def train_model(stack: np.ndarray, model_params=WCVDParams(),
                         "log_rows": log_rows, "elapsed": time.perf_counter() - t_start})
                     last_save = time.perf_counter()
                 if progress is not None:
-                    progress(row)
+                    progress({**row, "of": tp.epochs})  # the total, for a progress bar
             ok = True
         finally:
             log.close(ok)

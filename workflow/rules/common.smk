@@ -27,6 +27,12 @@ except InputError as exc:  # one clear line instead of a traceback
     raise WorkflowError(f"emdenoise config: {exc}")
 
 RESULTS = CFG.results
+
+
+def intermediate(path):
+    """An output nobody reads after the next stage: Snakemake temp() unless the config
+    keeps intermediates (``keep_intermediates``, default true: exact re-runs)."""
+    return path if CFG.keep_intermediates else temp(path)
 DATASETS = sorted(CFG.datasets)
 BASELINES = ["gaussian2d", "gaussian3d"]
 

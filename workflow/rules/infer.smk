@@ -7,7 +7,7 @@ rule infer:
         model=lambda wildcards: model_path(wildcards.ds, wildcards.model),
         blindspot=f"{RESULTS}/{{ds}}/blindspot.json",
     output:
-        directory(f"{RESULTS}/{{ds}}/{{model}}/denoised_raw.zarr"),
+        intermediate(directory(f"{RESULTS}/{{ds}}/{{model}}/denoised_raw.zarr")),
     wildcard_constraints:
         model="wcvd(_kt[0-9]+)?(_ctx)?|shine|pretrained",
     params:

@@ -5,7 +5,7 @@ rule prefilter:
     input:
         f"{RESULTS}/{{ds}}/raw.zarr",
     output:
-        directory(f"{RESULTS}/{{ds}}/prefiltered.zarr"),
+        intermediate(directory(f"{RESULTS}/{{ds}}/prefiltered.zarr")),
     params:
         cfg=stage(prefilter_settings),
     log:

@@ -12,6 +12,9 @@ rule report:
         diagnostics=expand(f"{RESULTS}/{{ds}}/diagnostics", ds=DATASETS),
         drift_csv=expand(f"{RESULTS}/{{ds}}/drift.csv", ds=DATASETS),
         train_logs=[p for logs in train_logs().values() for p in logs.values()],
+        # the exported stacks: the disk use is complete (but provenance.json, a few kB, which
+        # any setting edit rewrites: depending on it would re-run the report for every edit)
+        exports=[export_path(ds) for ds in DATASETS if candidates(ds)],
     output:
         table=report(
             f"{RESULTS}/report/metrics.csv",
@@ -25,6 +28,7 @@ rule report:
         datasets=DATASETS,
         choices=model_choices(),
         train_logs=train_logs(),
+        inputs={ds: CFG.datasets[ds].path for ds in DATASETS},
     log:
         f"{RESULTS}/logs/report.log",
     resources:
