@@ -44,10 +44,13 @@ def test_known_correlation_of_two_tap_kernel():
 
 def test_choose_blindspot_rule():
     assert choose_blindspot(_heat({})) == 1
-    # The Au heatmap reported by SHINE: 0.28 at (1, 0), 0.12 diagonal, 0.05 at lag 2.
+    # The Au heatmap reported by SHINE: 0.28 at (1, 0), 0.12 diagonal, 0.05 at lag 2
+    # (difference estimate here: 0.03 at lag 2).
     assert choose_blindspot(_heat({(1, 0): 0.28, (0, 1): 0.28, (1, 1): 0.12, (2, 0): 0.05})) == 3
     assert choose_blindspot(_heat({(2, 1): -0.2})) == 5  # negative correlation counts too
-    assert choose_blindspot(_heat({(1, 0): 0.1})) == 1  # |r| == threshold is negligible
+    assert choose_blindspot(_heat({(1, 0): 0.05})) == 1  # |r| == threshold (0.05) is negligible
+    assert choose_blindspot(_heat({(3, 0): 0.09})) == 7  # the demo's linear-mode lag 3: not negligible
+    assert choose_blindspot(_heat({(3, 0): 0.09}), threshold=0.1) == 1
     assert choose_blindspot(_heat({(3, 0): 0.3}), sizes=(1, 3, 5, 9)) == 9  # rounded up
     with pytest.warns(UserWarning, match="capped"):
         assert choose_blindspot(_heat({(3, 0): 0.3}), sizes=(1, 3, 5)) == 5
@@ -80,8 +83,8 @@ def test_psf_correlated_linear_noise_needs_a_blind_spot(linear_movie):
     assert h[4, 5] == pytest.approx(0.76, abs=0.05)
     assert result["max_abs_offcentre_r"]["2"] == pytest.approx(0.36, abs=0.05)  # exp(-1)
     assert result["blindspot"] >= 3
-    # At d = 3, exp(-9/4) = 0.105 sits on the threshold, so 5 or 7 are both by the rule.
-    assert result["blindspot"] in (5, 7)
+    # At d = 3, exp(-9/4) = 0.105 > 0.05 (the threshold), at d = 4 exp(-4) = 0.018: 7 x 7.
+    assert result["blindspot"] == 7
     assert not result["capped"] and not result["at_edge"]
 
 
@@ -91,7 +94,7 @@ def test_result_contents_and_options(linear_movie):
     assert r["pairs"] == [[2, 3]] and r["frames"] == [2, 3]
     assert np.asarray(r["heatmap_frame"]).shape == (7, 7)
     assert set(r["max_abs_offcentre_r"]) == {"1", "2", "3"}
-    assert r["threshold"] == 0.1 and "Chebyshev" in r["rule"]
+    assert r["threshold"] == 0.05 and "Chebyshev" in r["rule"]
     spread = estimate_blindspot(stack)
     assert spread["pairs"][0] == [0, 1] and spread["pairs"][-1] == [4, 5]
     single = estimate_blindspot(stack[:1])

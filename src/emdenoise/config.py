@@ -327,7 +327,7 @@ class DriftConfig:
 @dataclass(frozen=True)
 class NoiseConfig:
     max_lag: int = setting(4, minimum=4, maximum=16)  # heatmap covers lags -max_lag..max_lag in y and x
-    threshold: float = setting(0.1, exclusiveMinimum=0, exclusiveMaximum=1)  # |r| above this at a lag must be inside the blind spot
+    threshold: float = setting(0.05, exclusiveMinimum=0, exclusiveMaximum=1)  # |r| above this at a lag must be inside the blind spot
     estimate: str = setting("auto", enum=["auto", "frame", "difference"])  # auto | frame | difference
 
 
@@ -347,15 +347,14 @@ class MetricsConfig:
 class ModelConfig:
     """Which model denoises the dataset, and its architecture (see WCVDParams)."""
 
-    name: str = setting("auto", enum=["wcvd", "shine", "auto", "none"])  # auto (every candidate, the lower uMSE wins) | wcvd | shine | none (baselines only)
+    name: str = setting("auto", enum=["wcvd", "shine", "auto", "none"])  # auto (every candidate, the lowest self-supervised loss wins) | wcvd | shine | none (baselines only)
     kt: int = setting(3, minimum=3)
     # auto also trains a WCVD with this longer temporal window (candidate 'wcvd_kt<N>').
     # null = no such candidate (the default: the context candidate below reaches further).
     long_kt: int | None = setting(None, minimum=3)
     # temporal context of the candidate 'wcvd_ctx' (WCVDParams.context: frames on each
-    # side whose means, without the centre frame, are extra inputs): 'auto' = the longest
-    # reach the movie lets uMSE score, as for the tuned Gaussian (at most 12); 0 = no such
-    # candidate in auto
+    # side whose means, without the centre frame, are extra inputs): 'auto' = (T - 1) // 2,
+    # at most 12 (tilt series 6); 0 = no such candidate in auto
     context: int | str = setting("auto", minimum=0, also=["auto"])
     # WCVD's centre-frame blind spot (px, odd): null = the size the noise stage measured
     # (1 for uncorrelated counting noise; the detector PSF of linear mode needs more)

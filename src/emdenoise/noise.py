@@ -109,7 +109,7 @@ def _by_distance(heatmap: np.ndarray) -> dict[int, float]:
     return {k: float(np.max(np.abs(heat[cheb == k]))) for k in range(1, lag + 1)}
 
 
-def choose_blindspot(heatmap, threshold: float = 0.1, sizes=(1, 3, 5, 7, 9)) -> int:
+def choose_blindspot(heatmap, threshold: float = 0.05, sizes=(1, 3, 5, 7, 9)) -> int:
     """Blind-spot size from a noise-correlation heatmap (rule: :data:`BLINDSPOT_RULE`).
 
     Parameters
@@ -156,7 +156,7 @@ def _pair_starts(n_frames: int, frame_index: int | None) -> list[int]:
     return sorted({int(i) for i in np.rint(np.linspace(0, n_frames - 2, n))})
 
 
-def estimate_blindspot(stack, *, max_lag: int = 4, threshold: float = 0.1, estimate: str = "auto",
+def estimate_blindspot(stack, *, max_lag: int = 4, threshold: float = 0.05, estimate: str = "auto",
                        frame_index: int | None = None, sizes=(1, 3, 5, 7, 9)) -> dict:
     """Measure the noise correlation of a movie and choose the blind-spot size.
 
