@@ -35,7 +35,7 @@ def main(smk):
     stage.log.info("model choice: %s", choice)
     arr, attrs = stacks[chosen]
     attrs = {k: v for k, v in attrs.items() if k != "scores"}
-    io.write_zarr(smk.output.denoised, arr[:], pixel_size=attrs.get("pixel_size"),
+    io.write_zarr(smk.output.denoised, arr, pixel_size=attrs.get("pixel_size"),  # streamed block by block
                   attrs={**attrs, "method": chosen, "model_choice": choice})
     with io.atomic_path(smk.output.choice) as tmp, open(tmp, "w") as fh:
         json.dump({"dataset": ds.name, "candidates": list(names), **choice}, fh, indent=2)

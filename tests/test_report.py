@@ -213,3 +213,23 @@ def test_overview_warns_when_drift_could_not_be_measured():
     assert not any("drift" in w for w in rows["measured"])
     assert any("interpolated in 1 frame" in w for w in rows["interpolated"])
     assert any("not measurable" in w for w in rows["unmeasurable"])
+
+
+def test_overview_of_a_short_movie_whose_choice_uMSE_cannot_check():
+    """20 frames: the tuned Gaussian (reach 64) and the context network (reach 9) have no
+    uMSE. The tuned Gaussian chosen: gain 0 over the best classical (itself), no warning (a
+    linear filter invents nothing); the network chosen: gain unknown (not a gain over the
+    weaker baselines) and a warning that only its self-supervised loss vouches for it."""
+    import pandas as pd
+    from emdenoise.report import dataset_summary
+    table = pd.DataFrame({"dataset": ["d"] * 4, "method": ["raw", "gaussian3d", "wcvd_ctx", "classical"],
+                          "reach": [0, 2, 9, 64], "upsnr_db": [20.0, 30.0, float("nan"), float("nan")],
+                          "umse_radius": [2] * 4, "umse_valid": [True, True, False, False]})
+    loss = {"wcvd_ctx": 1.01, "classical": 1.0}
+    gauss = dataset_summary("d", table, choice={"chosen": "classical", "loss": loss}, index={"n_frames": 20},
+                            drift=None, blindspot=None)
+    assert gauss["best_classical"] == "classical" and gauss["gain_db"] == 0.0 and gauss["warnings"] == []
+    net = dataset_summary("d", table, choice={"chosen": "wcvd_ctx", "loss": loss}, index={"n_frames": 20},
+                          drift=None, blindspot=None)
+    assert np.isnan(net["gain_db"]) and net["status"] == "check"
+    assert any("wcvd_ctx reaches 9 frames" in w and "self-supervised" in w for w in net["warnings"]), net

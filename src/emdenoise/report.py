@@ -442,10 +442,10 @@ def dataset_summary(name: str, table: pd.DataFrame, *, choice: dict | None, inde
 
     gain_db = uPSNR(chosen) - max uPSNR over CLASSICAL methods (those with a uPSNR); NaN
     when the tuned Gaussian (``classical``) has none (its reach exceeds what uMSE can
-    score on this movie: a gain over the weaker baselines would flatter the model);
-    warnings: residual structure in the chosen output; the chosen method has no uMSE
-    (only its self-supervised loss vouches for it), or uMSE from fewer than
-    ``min_umse_frames`` frames; drift larger than ``drift_warn_px``; a blind spot larger
+    score on this movie: a gain over the weaker baselines would flatter the model); 0
+    when the tuned Gaussian is the choice.  warnings: residual structure in the chosen
+    output; a chosen network without uMSE (only its self-supervised loss vouches for
+    it), a baseline without uMSE, or uMSE from fewer than ``min_umse_frames`` frames; drift larger than ``drift_warn_px``; a blind spot larger
     than ``blindspot_warn``.  footprint: {'bytes', 'files', 'input_bytes'} of the dataset's
     results folder (``disk_x_input``: its size as a multiple of the input's).
     """
@@ -458,6 +458,8 @@ def dataset_summary(name: str, table: pd.DataFrame, *, choice: dict | None, inde
     tuned_unscored = "classical" in ups and "classical" not in classical
     gain = (up_chosen - classical[best] if best and up_chosen == up_chosen and not tuned_unscored
             else float("nan"))
+    if chosen == "classical":  # no network beat the tuned Gaussian: it is the best classical method
+        best, gain = "classical", 0.0
     warnings = []
     n = int(index["n_frames"]) if index else None
     residual = (index or {}).get("residual", {}).get(chosen) if chosen else None
@@ -465,12 +467,14 @@ def dataset_summary(name: str, table: pd.DataFrame, *, choice: dict | None, inde
         warnings.append(f"residual structure in {chosen} (low-pass excess {_f(residual['spatial'])}, "
                         f"signal share {_f(residual['signal_share'], '.3f')})")
     r = int(rows.umse_radius.iloc[0]) if len(rows) and rows.umse_radius.notna().any() else None
-    if chosen and chosen in ups and up_chosen != up_chosen:
+    if chosen and chosen != "classical" and chosen in ups and up_chosen != up_chosen:
+        # a network no independent check vouches for (a linear filter cannot invent structure)
         reach = rows.loc[rows.method == chosen, "reach"]
         warnings.append(f"{chosen} reaches {int(reach.iloc[0]) if len(reach) else '?'} frames each side: too few "
                         f"frames ({n}) for uMSE to check it (chosen by its self-supervised loss)")
-    if "umse_valid" in rows:  # the tuned Gaussian's long reach is expected: its gain is NaN, said above
-        bad = [m for m in rows.method[~rows.umse_valid.astype(bool)] if m not in (chosen, "classical")]
+    if "umse_valid" in rows:  # auto's candidates are compared by their loss; the baselines need uMSE
+        candidates = set((choice or {}).get("loss", {})) | {"classical"}
+        bad = [m for m in rows.method[~rows.umse_valid.astype(bool)] if m != chosen and m not in candidates]
         if bad:
             warnings.append(f"too few frames ({n}) for uMSE radius of {', '.join(bad)}: no uMSE")
     if r is not None and n is not None and n - 2 * r - 3 < min_umse_frames:
