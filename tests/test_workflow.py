@@ -117,6 +117,11 @@ def test_tiny_run_end_to_end(tmp_path):
                 blind = io.read_zarr(res / ds / m / "denoised_raw.zarr")[0][:]
                 assert choice["loss"][m] == pytest.approx(float(np.mean((blind.astype(np.float64) - aligned) ** 2)),
                                                           rel=1e-6)
+            # the report's per-frame loss averages to the loss the choice compared, for every candidate
+            per = pd.read_csv(res / ds / "diagnostics" / "per_frame_loss.csv").groupby("method").loss.mean()
+            assert set(per.index) == set(choice["loss"])
+            for m, v in choice["loss"].items():
+                assert per[m] == pytest.approx(v, rel=1e-4), m
         else:
             assert choice["chosen"] == "wcvd"
         prov = json.loads((res / ds / "provenance.json").read_text())

@@ -203,7 +203,8 @@ def line_profile(image: np.ndarray, centre, direction, length: float, width: int
 
 
 def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.DataFrame,
-                      truth: np.ndarray | None = None, peak: float | None = None, frame: int | None = None) -> dict:
+                      truth: np.ndarray | None = None, peak: float | None = None, frame: int | None = None,
+                      blind: Mapping[str, np.ndarray] | None = None) -> dict:
     """Everything the report shows about one dataset that needs the stacks.
 
     Parameters
@@ -222,6 +223,10 @@ def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.Da
         uPSNR's M (None: max of raw), as for the table.
     frame : int or None
         Frame shown (None: the middle one).
+    blind : mapping name -> (T, Y, X) or None
+        ``auto``'s candidates' J-invariant outputs (what the model choice scored): their
+        self-supervised loss per frame goes to ``per_frame_loss.csv``, for every candidate
+        whatever its temporal reach (uPSNR per frame needs frames outside it).
 
     Writes ``index.json`` and small PNG / CSV files (see the keys of index.json); returns
     the index.
@@ -283,6 +288,13 @@ def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.Da
         rows += [{"frame": i, "method": name, "umse": e, "upsnr_db": u} for i, (e, u) in enumerate(zip(err, ups))
                  if e == e]
     pd.DataFrame(rows, columns=["frame", "method", "umse", "upsnr_db"]).to_csv(out / "per_frame.csv", index=False)
+    # per-frame self-supervised loss of the candidates' blind outputs (any reach)
+    loss_rows = []
+    for name, b in (blind or {}).items():
+        for i in range(n):
+            d = np.asarray(b[i], np.float64) - raw[i].astype(np.float64)
+            loss_rows.append({"frame": i, "method": name, "loss": float(np.mean(d * d))})
+    pd.DataFrame(loss_rows, columns=["frame", "method", "loss"]).to_csv(out / "per_frame_loss.csv", index=False)
     # spectra (up to 8 frames spread over the movie)
     idx = np.unique(np.linspace(0, n - 1, min(n, 8)).round().astype(int))
     spec = []
@@ -307,7 +319,8 @@ def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.Da
         "methods": methods, "truth": truth is not None, "files": files, "umse_radius": r,
         "residual_lag": r + 1, "noise_length": length, "residual": residual, "lattice": peak_info,
         "profile": {"centre": list(centre), "length_px": length_px, "width_px": 5},
-        "tables": {"per_frame": "per_frame.csv", "spectra": "spectra.csv", "profile": "profile.csv"},
+        "tables": {"per_frame": "per_frame.csv", "per_frame_loss": "per_frame_loss.csv", "spectra": "spectra.csv",
+                   "profile": "profile.csv"},
     }
     (out / "index.json").write_text(json.dumps(index, indent=1, default=float))
     return index
@@ -393,6 +406,22 @@ def _plot_per_frame(per: pd.DataFrame, chosen, radius: int) -> bytes:
     for name, d in per.groupby("method", sort=False):
         ax.plot(d.frame, d.upsnr_db, marker="o", ms=2.5, **_style(name, chosen))
     ax.set(xlabel="frame", ylabel="uPSNR (dB)", title=f"uPSNR per frame (radius {radius})")
+    ax.legend(fontsize=6)
+    ax.title.set_fontsize(8)
+    fig.tight_layout()
+    return _fig_png(fig)
+
+
+def _plot_per_frame_loss(per: pd.DataFrame, chosen) -> bytes:
+    """Each candidate's per-frame self-supervised loss relative to the lowest candidate's in
+    that frame (%): the noise variance, the same for all, cancels in the ranking; a frame
+    where a model fails (a sudden event) stands out."""
+    fig, ax = plt.subplots(figsize=(3.6, 2.6))
+    wide = per.pivot(index="frame", columns="method", values="loss")
+    best = wide.min(axis=1)
+    for name in wide.columns:
+        ax.plot(wide.index, 100 * (wide[name] / best - 1), marker="o", ms=2.5, **_style(name, chosen))
+    ax.set(xlabel="frame", ylabel="loss above the lowest (%)", title="self-supervised loss per frame")
     ax.legend(fontsize=6)
     ax.title.set_fontsize(8)
     fig.tight_layout()
@@ -658,6 +687,10 @@ def _dataset_html(name: str, diag_dir: Path, index: dict, summary: dict, table: 
              ("line profile", _plot_profile(prof, shown, chosen, index["lattice"]))]
     if len(per):
         plots.append(("uPSNR per frame", _plot_per_frame(per, chosen, index["umse_radius"])))
+    loss_csv = diag_dir / index["tables"].get("per_frame_loss", "per_frame_loss.csv")
+    per_loss = pd.read_csv(loss_csv) if loss_csv.exists() else pd.DataFrame()
+    if per_loss["method"].nunique() > 1 if len(per_loss) else False:
+        plots.append(("self-supervised loss per frame", _plot_per_frame_loss(per_loss, chosen)))
     if logs:
         plots.append(("training curves", _plot_training(logs, chosen)))
     lat = index["lattice"]
@@ -668,7 +701,8 @@ def _dataset_html(name: str, diag_dir: Path, index: dict, summary: dict, table: 
                f"the profile crosses it over {index['profile']['length_px']} px, averaged over "
                f"{index['profile']['width_px']} px along the fringes. uPSNR per frame: the metrics table's "
                f"reference frames (radius {index['umse_radius']}), frames with reference frames on both "
-               "sides only.</p>")
+               "sides only. Self-supervised loss per frame: what the model choice compares, for every "
+               "candidate whatever its reach, relative to the lowest candidate in each frame.</p>")
     for label, path in extra_images:
         out.append(f"<details><summary>{html.escape(label)}</summary>"
                    f"{_img_tag(_small_png(path, max_width=720), f'{name} {label}')}</details>")
