@@ -188,3 +188,22 @@ def test_drift_table_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     df.to_csv(tmp_path / "drift.csv", index=False)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "drift.csv"), df, check_dtype=False)
+
+
+def test_whole_pixel_shifts_keep_a_static_movie_still():
+    """Shifts measured against frame 0 carry frame 0's own error: a static movie read as a
+    common 0.4 px offset +- 0.15 px. Rounding each frame (rint) splits it into 0 and 1 px
+    offsets; rounding about the median keeps every frame where it is. A real drift is
+    rounded as before (within the common offset)."""
+    from emdenoise.drift import whole_pixel_shifts
+
+    rng = np.random.default_rng(0)
+    static = np.column_stack([np.zeros(30), 0.4 + rng.normal(0, 0.15, 30)])
+    static[0] = 0.0  # frame 0 is the reference
+    assert len(np.unique(np.rint(static[:, 1]))) == 2  # the naive rounding misaligns
+    whole = whole_pixel_shifts(static)
+    assert (whole == 0).all(), whole[:, 1]
+    ramp = np.column_stack([np.linspace(0, 8, 30), np.linspace(0, -5, 30)]) + rng.normal(0, 0.1, (30, 2))
+    assert np.abs(whole_pixel_shifts(ramp) - ramp).max() <= 0.5 + 0.3
+    aligned, info = apply_shifts(np.zeros((30, 40, 40), np.float32), static, mode="integer")
+    assert (info["applied"] == 0).all() and aligned.shape == (30, 40, 40)

@@ -46,3 +46,18 @@ def test_disk_footprint_of_a_results_folder(tmp_path):
     assert disk_usage(tmp_path / "missing") == (0, 0) and disk_usage(src)[1] == 1
     fp = report.footprint(res, src)
     assert fp["bytes"] == used and fp["files"] == files and fp["x_input"] == pytest.approx(used / disk_usage(src)[0])
+
+
+def test_gpus_visible_follows_the_override_and_cuda_visible_devices(monkeypatch):
+    from emdenoise.stage import gpus_visible
+
+    monkeypatch.setenv("EMDENOISE_GPU", "1")
+    assert gpus_visible()
+    monkeypatch.setenv("EMDENOISE_GPU", "0")
+    assert not gpus_visible()
+    monkeypatch.delenv("EMDENOISE_GPU")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not gpus_visible()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    import glob
+    assert gpus_visible() == bool(glob.glob("/dev/nvidia[0-9]*"))

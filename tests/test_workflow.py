@@ -231,10 +231,17 @@ def test_gpu_jobs_run_one_at_a_time_under_the_workstation_profile(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     cmd = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--cores", "12",
            "--configfile", str(tmp_path / "config.yaml")]
+    # EMDENOISE_GPU=1: as on a one-GPU workstation (this machine has none: there the jobs
+    # declare gpu=0 and run side by side, checked below)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "EMDENOISE_GPU": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "profiles/default" in proc.stderr  # the workstation profile was in force
+    assert "gpu=1" in proc.stderr
+    dry = subprocess.run(cmd + ["--forceall", "-n"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "EMDENOISE_GPU": "0"})
+    assert dry.returncode == 0 and "rule train" in dry.stdout + dry.stderr
+    assert "gpu=1" not in dry.stdout + dry.stderr and "gpu=0" in dry.stdout + dry.stderr
     # memory from the size of the job's input, evaluated once the input exists
     from emdenoise.stage import job_memory_mb, stack_megabytes
     aligned = stack_megabytes(tmp_path / "results" / "m0" / "aligned.zarr")

@@ -254,7 +254,7 @@ def align_on_canvas(stack: np.ndarray, ds) -> tuple[np.ndarray, dict]:
                     train_params=dataclasses.replace(ds.train, epochs=pf.epochs))
     measured, check = drift.measure_drift(pre, upsample=ds.drift.upsample, min_peak_z=ds.drift.min_peak_z,
                                           return_info=True)
-    d = np.rint(measured).astype(int)
+    d = drift.whole_pixel_shifts(measured)
     t, y, x = stack.shape
     off = d.max(0)[None, :] - d                       # (T, 2) offsets of each frame on the canvas
     span = d.max(0) - d.min(0)

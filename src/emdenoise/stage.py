@@ -105,3 +105,19 @@ def disk_usage(path) -> tuple[int, int]:
             except FileNotFoundError:  # removed meanwhile (a temp() output)
                 pass
     return total, files
+
+
+def gpus_visible() -> bool:
+    """Whether jobs on this machine may use a CUDA GPU, decided without importing torch
+    (for the workflow's `gpu` resource): ``EMDENOISE_GPU`` = 0 / 1 decides when set; else
+    ``CUDA_VISIBLE_DEVICES`` set to '' or '-1' means none; else an NVIDIA device node
+    (/dev/nvidia0, /dev/nvidia1, ...) means yes."""
+    import glob
+    import os
+
+    forced = os.environ.get("EMDENOISE_GPU")
+    if forced is not None and forced.strip() != "":
+        return forced.strip() not in ("0", "false", "no")
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return bool(glob.glob("/dev/nvidia[0-9]*"))

@@ -41,13 +41,18 @@ wildcard_constraints:
     ds="|".join(re.escape(d) for d in DATASETS),
 
 
+GPUS_VISIBLE = emstage.gpus_visible()
+
+
 def gpu_slots(stage_name):
     """A rule's `gpu` resource (`DatasetConfig.gpu_jobs`: 1 unless the dataset's device is
-    cpu). The workstation profile caps `gpu` at 1 (profiles/default), so `--cores 32` never
-    puts two trainings on one GPU; a SLURM job gets its own GPU (profiles/slurm)."""
+    cpu; 0 on a machine without a GPU, `stage.gpus_visible`, so CPU-only workstations run
+    trainings side by side). The workstation profile caps `gpu` at 1 (profiles/default), so
+    `--cores 32` never puts two trainings on one GPU; a SLURM job gets its own GPU
+    (profiles/slurm sets it per rule: the submit host's own GPUs do not matter)."""
 
     def slots(wildcards):
-        return dataset(wildcards).gpu_jobs(stage_name)
+        return dataset(wildcards).gpu_jobs(stage_name) if GPUS_VISIBLE else 0
 
     return slots
 
