@@ -21,7 +21,12 @@ def main(smk):
     if missing and len(names) > 1:
         raise InputError(smk.input[missing[0]], "no self-supervised loss (n2s_loss) recorded: "
                                                 "made by an older version, delete it and rerun")
-    choice = pipeline.choose({m: attrs.get("n2s_loss") for m, (_, attrs) in stacks.items()}, ds)
+    # a network blind to less than the noise's correlated window scores too low: left out
+    radii = {m: int(checkpoint.load_checkpoint(smk.input[f"model_{m}"])[1].get("blind_radius", 0))
+             for m in names if f"model_{m}" in smk.input.keys()} if len(names) > 1 else {}
+    noise_radius = int(json.loads(open(smk.input.blindspot).read())["blindspot"]) // 2
+    choice = pipeline.choose({m: attrs.get("n2s_loss") for m, (_, attrs) in stacks.items()}, ds, radii,
+                             noise_radius)
     choice["reaches"] = {m: pipeline.temporal_reach(ds, m, attrs) for m, (_, attrs) in stacks.items()}
     if "model_shine" in smk.input.keys():  # which SHINE size ran (auto: CPU-sized without a GPU)
         choice["shine_size"] = checkpoint.load_checkpoint(smk.input.model_shine)[1].get("shine_size")

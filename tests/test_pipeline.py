@@ -116,3 +116,18 @@ def test_context_cap_depends_on_the_kind_of_data():
     assert [context_frames("auto", t) for t in (2, 12, 24, 41, 100)] == [1, 5, 11, 12, 12]
     assert [context_frames("auto", t, kind="tilt_series") for t in (9, 24, 41)] == [4, 6, 6]
     assert context_frames("auto", 41, kind="tilt_series") == 6 and context_frames(3, 100) == 3
+
+
+def test_auto_leaves_out_a_candidate_blind_to_less_than_the_noise():
+    """A network with a smaller blind spot than the noise's correlated window (configured,
+    or a pretrained model) copies part of the noise: its self-supervised loss is biased
+    low, so it does not take part in the comparison (unless nothing else is left)."""
+    ds = _ds()
+    losses = {"wcvd": 0.90, "shine": 1.00, "classical": 1.05}
+    choice = pipeline.choose(losses, ds, {"wcvd": 0, "shine": 1}, noise_radius=1)
+    assert choice["chosen"] == "shine" and set(choice["left_out"]) == {"wcvd"}
+    assert "biased low" in choice["left_out"]["wcvd"] and "wcvd" not in choice["loss"]
+    fair = pipeline.choose(losses, ds, {"wcvd": 1, "shine": 1}, noise_radius=1)
+    assert fair["chosen"] == "wcvd" and "left_out" not in fair
+    alone = pipeline.choose({"wcvd": 0.9, "shine": 1.0}, ds, {"wcvd": 0, "shine": 0}, noise_radius=2)
+    assert alone["chosen"] == "wcvd"  # nothing fair is left: compare them all

@@ -223,15 +223,28 @@ def check_frames(ds, n_frames: int) -> None:
             raise InputError(None, f"has {n_frames} frames; {name} needs at least {need}")
 
 
-def choose(losses: dict, ds) -> dict:
+def choose(losses: dict, ds, blind_radii: dict | None = None, noise_radius: int | None = None) -> dict:
     """Which candidate denoises the dataset.  One candidate: it.  Several (``auto``): the
     lowest self-supervised loss of its J-invariant output (``metrics.select_model``;
     ``losses``: name -> ``metrics.self_supervised_loss``, all on the same pixels).
-    Returns the choice record."""
+
+    The loss is unbiased only for a candidate blind to the whole noise-correlated window:
+    one whose blind radius (``blind_radii``: name -> radius in px, e.g. a configured
+    ``model.blindspot`` or ``shine.blindspot`` smaller than measured, or a pretrained
+    model) is below ``noise_radius`` (the noise stage's blindspot // 2) copies part of the
+    noise and scores too low, so it is left out of the comparison (recorded under
+    'left_out') unless no candidate is left.  Returns the choice record."""
     names = list(losses)
     if len(names) == 1:
         return {"chosen": names[0], "rule": f"configured (model: {ds.model.name})"}
-    return metrics.select_model(losses)
+    left_out = {}
+    if blind_radii and noise_radius is not None:
+        left_out = {m: f"blind radius {blind_radii[m]} px < the noise's {noise_radius} px: its loss is biased low"
+                    for m in names if m in blind_radii and int(blind_radii[m]) < int(noise_radius)}
+    if len(left_out) == len(names):
+        left_out = {}
+    choice = metrics.select_model({m: v for m, v in losses.items() if m not in left_out})
+    return {**choice, "left_out": left_out} if left_out else choice
 
 
 def align_on_canvas(stack: np.ndarray, ds) -> tuple[np.ndarray, dict]:
@@ -333,7 +346,8 @@ def denoise_stack(stack: np.ndarray, ds, *, train_overrides: dict | None = None,
         sigma = attrs["sigma"][:2]
         losses["classical"] = (attrs["n2s_loss"] if not shifted else
                                loss(filters.normalised_gaussian3d(stack, *sigma, blind_radius=b)))
-    choice = choose(losses, ds)
+    radii = {m: int(c.get("blind_radius", 0)) for m, c in ckpts.items()}
+    choice = choose(losses, ds, radii, spot["blindspot"] // 2)
     if shifted:  # back onto the input grid
         outputs = {m: from_canvas(o, record, shape) for m, o in outputs.items()}
     if choice["chosen"] == "classical":

@@ -6,6 +6,7 @@
 rule select:
     input:
         unpack(candidate_stacks),
+        blindspot=f"{RESULTS}/{{ds}}/blindspot.json",
     output:
         denoised=directory(f"{RESULTS}/{{ds}}/denoised.zarr"),
         choice=f"{RESULTS}/{{ds}}/model_choice.json",
