@@ -18,7 +18,7 @@ def main(smk):
     src, src_attrs = io.read_zarr(smk.input.stack)
     attrs = {"method": smk.wildcards.model, "model_checkpoint": str(smk.input.model),
              "model_kind": ckpt.get("model", "wcvd"), "temporal_reach": model.params.halo_t,
-             "ks_max": max(ckpt["model_params"].get("ks", [7]))}
+             "ks_max": max(ckpt["model_params"].get("ks", [7])), "blind_radius": int(ckpt.get("blind_radius", 0))}
     if smk.wildcards.model == "pretrained":
         spot = json.loads(open(smk.input.blindspot).read())["blindspot"]
         for problem in pipeline.check_fit(ckpt, src, src_attrs.get("pixel_size"), blindspot=spot):

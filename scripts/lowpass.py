@@ -6,8 +6,8 @@ passes through unchanged.
 
 Before that, the model's own output (blind to each pixel and its noise-correlated
 neighbours) is scored against the aligned movie: its self-supervised loss
-(`n2s_loss` in the attributes, emdenoise.metrics.self_supervised_loss) is what
-`select` compares between the candidates.
+(`n2s_loss` in the attributes, emdenoise.metrics.self_supervised_loss; `n2s_loss_frames`
+per frame, for the report) is what `select` compares between the candidates.
 """
 
 from emdenoise import io, metrics, pipeline, stage
@@ -18,12 +18,13 @@ def main(smk):
     ds = stage_config(smk.params.cfg)  # nothing for SHINE (common.smk: lowpass_settings)
     stack, attrs = io.read_zarr(smk.input.denoised)
     raw, _ = io.read_zarr(smk.input.raw)  # lazy: read only when a low-pass diameter is scored
-    loss = metrics.self_supervised_loss(stack, raw)
+    per_frame = metrics.self_supervised_loss_per_frame(stack, raw)
+    loss = float(per_frame.mean())
     out, record = pipeline.postprocess(stack[:], ds, smk.wildcards.model, raw, attrs.get("temporal_reach"),
                                        model_kind=attrs.get("model_kind"), ks_max=attrs.get("ks_max"))
     stage.log.info("self-supervised loss of the model's output %.6g; post-processing: %s", loss, record)
     io.write_zarr(smk.output[0], out, pixel_size=attrs.get("pixel_size"),
-                  attrs={**attrs, "lowpass": record, "n2s_loss": loss})
+                  attrs={**attrs, "lowpass": record, "n2s_loss": loss, "n2s_loss_frames": per_frame.tolist()})
 
 
 stage.run(snakemake, main)  # noqa: F821

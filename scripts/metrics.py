@@ -7,7 +7,7 @@ One uMSE radius for all methods: max(metrics.temporal_radius, widest temporal re
 """
 import numpy as np
 
-from emdenoise import filters, io, metrics, pipeline, report, stage
+from emdenoise import io, metrics, pipeline, report, stage
 from emdenoise.config import stage_config
 
 
@@ -16,20 +16,13 @@ def main(smk):
     raw, _ = io.read_zarr(smk.input.raw)
     raw = np.asarray(raw[:], dtype=np.float32)
     stacks, reaches = {"raw": raw}, {"raw": 0}
+    frame_losses = {}  # auto's candidates: the per-frame loss their stage recorded (what select compared)
     for method in smk.params.methods:
         arr, attrs = io.read_zarr(smk.input[method])
         stacks[method] = np.asarray(arr[:], dtype=np.float32)
         reaches[method] = pipeline.temporal_reach(ds, method, attrs)
-    # auto's candidates as the model choice scored them (J-invariant): the networks' own
-    # output, the tuned Gaussian with its centre-frame window masked
-    blind = {}
-    for key in smk.input.keys():
-        if key.startswith("blind_"):
-            blind[key[len("blind_"):]] = np.asarray(io.read_zarr(smk.input[key])[0][:], dtype=np.float32)
-    if blind and "classical" in stacks:
-        attrs = io.read_zarr(smk.input["classical"])[1]
-        sigma_t, sigma_yx = attrs["sigma"][:2]
-        blind["classical"] = filters.normalised_gaussian3d(raw, sigma_t, sigma_yx, blind_radius=attrs["blind_radius"])
+        if "n2s_loss_frames" in attrs:
+            frame_losses[method] = attrs["n2s_loss_frames"]
     truth = None
     if "truth" in smk.input.keys():
         truth = np.asarray(io.read_zarr(smk.input.truth)[0][:], dtype=np.float32)
@@ -48,7 +41,7 @@ def main(smk):
         report.plot_preview(stacks, tmp, truth=truth, title=ds.name)
     with io.atomic_path(smk.output.diagnostics) as tmp:
         index = report.write_diagnostics(tmp, stacks, table=table, truth=truth, peak=ds.metrics.peak,
-                                         blind=blind or None)
+                                         frame_losses=frame_losses if len(frame_losses) > 1 else None)
     for m, rs in index["residual"].items():
         if rs["structure"]:
             stage.log.warning("residual of %s holds structure: low-pass excess %.2f, signal share %.3f +- %.3f",

@@ -22,8 +22,8 @@ def main(smk):
         raise InputError(smk.input[missing[0]], "no self-supervised loss (n2s_loss) recorded: "
                                                 "made by an older version, delete it and rerun")
     # a network blind to less than the noise's correlated window scores too low: left out
-    radii = {m: int(checkpoint.load_checkpoint(smk.input[f"model_{m}"])[1].get("blind_radius", 0))
-             for m in names if f"model_{m}" in smk.input.keys()} if len(names) > 1 else {}
+    # (its blind radius recorded by infer; the classical filter's is the noise's own)
+    radii = {m: int(attrs["blind_radius"]) for m, (_, attrs) in stacks.items() if "blind_radius" in attrs}
     noise_radius = int(json.loads(open(smk.input.blindspot).read())["blindspot"]) // 2
     choice = pipeline.choose({m: attrs.get("n2s_loss") for m, (_, attrs) in stacks.items()}, ds, radii,
                              noise_radius)

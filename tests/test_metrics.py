@@ -9,7 +9,7 @@ from emdenoise.errors import InputError
 from scipy import ndimage
 
 from emdenoise.filters import gaussian2d, gaussian3d, temporal_reach
-from emdenoise.metrics import (common_radius, compute_metrics, neighbour_corr, psnr, select_model, self_supervised_loss,
+from emdenoise.metrics import (compute_metrics, neighbour_corr, psnr, select_model, self_supervised_loss,
                                snr_neighbour, ssim, umse, upsnr)
 from emdenoise.synthetic import simulate_movie
 
@@ -138,16 +138,6 @@ def test_compute_metrics_table(static_counting_movie):
     assert (short.umse_radius == 2).all()
     assert short.umse_valid.tolist() == [True, False]
     assert np.isfinite(short.umse[0]) and np.isnan(short.umse[1]) and np.isnan(short.snr_db[1])
-
-
-def test_common_radius():
-    assert common_radius({"raw": 0, "shine": 2}, 8) == 2
-    assert common_radius({"raw": 0, "wcvd": 3}, 10) == 3
-    assert common_radius([0, 1], 100, wanted=5) == 5
-    with pytest.raises(InputError, match=r"radius 3 \(temporal reach of wcvd\) needs at least 10 frames"):
-        common_radius({"raw": 0, "wcvd": 3}, 9)
-    with pytest.raises(InputError):
-        common_radius({"raw": -1}, 10)
 
 
 def _static_movie_and_two_candidates():

@@ -19,7 +19,8 @@ import pytest  # noqa: E402
 
 from emdenoise import report  # noqa: E402
 from emdenoise.filters import gaussian3d  # noqa: E402
-from emdenoise.metrics import compute_metrics, select_model, self_supervised_loss  # noqa: E402
+from emdenoise.metrics import (compute_metrics, select_model, self_supervised_loss,  # noqa: E402
+                               self_supervised_loss_per_frame)
 from test_metrics import moving_particles  # noqa: E402
 
 NO_CHROMIUM = "headless Chromium not found: install the Debian package (apt-get install -y chromium; .ci/run does)"
@@ -45,7 +46,8 @@ def make_dataset(root: Path, name: str, noisy, clean, methods: dict, *, chosen: 
     table = compute_metrics(stacks, noisy, truth=clean, reaches=reaches, temporal_radius=2)
     cands = [m for m in methods if m not in ("gaussian2d", "gaussian3d")]
     report.write_diagnostics(d / "diagnostics", stacks, table=table, truth=clean,
-                             blind={m: stacks[m] for m in cands} if len(cands) > 1 else None)
+                             frame_losses={m: self_supervised_loss_per_frame(stacks[m], noisy) for m in cands}
+                             if len(cands) > 1 else None)
     table.insert(0, "dataset", name)
     table.to_csv(d / "metrics.csv", index=False)
     report.plot_preview(stacks, d / "preview.png", truth=clean, title=name)

@@ -224,7 +224,8 @@ class BlindGaussian:
     denoised: (T, Y, X) float32 -- the candidate output (see ``output``).
     sigma: (sigma_t, sigma_yx) chosen (frames, px); reach: ceil(2 sigma_t) frames.
     blind_radius: b used for the J-invariant score; output: 'plain' or 'jinv'.
-    loss: the self-supervised loss of f_J at the chosen sigma (``metrics.self_supervised_loss``).
+    loss: the self-supervised loss of f_J at the chosen sigma (``metrics.self_supervised_loss``);
+    loss_frames: (T,) its value per frame (``metrics.self_supervised_loss_per_frame``).
     scores: DataFrame with columns sigma_t, sigma_yx, reach, masked_fraction, loss
         (self-supervised loss mean (f_J(y) - y)^2 in squared input units; NaN where the
         combination was skipped: reach too long for the movie or a degenerate f_J).
@@ -237,6 +238,7 @@ class BlindGaussian:
     output: str
     scores: pd.DataFrame
     loss: float
+    loss_frames: np.ndarray
 
 
 def blind_gaussian3d(stack, blind_radius: int = 0, *, sigmas_t=BLIND_SIGMAS_T, sigmas_yx=BLIND_SIGMAS_YX,
@@ -297,7 +299,7 @@ def blind_gaussian3d(stack, blind_radius: int = 0, *, sigmas_t=BLIND_SIGMAS_T, s
         raise InputError(None, f"blind_gaussian3d: max_reach must be >= 0, got {max_reach}")
     if not len(sigmas_t) or not len(sigmas_yx) or min(sigmas_t) < 0 or min(sigmas_yx) < 0:
         raise InputError(None, "blind_gaussian3d: sigma grids must be non-empty and >= 0")
-    rows = []
+    rows, frame_losses = [], {}  # row index -> (T,) per-frame loss
     for s_yx in sigmas_yx:
         spatial = masked = None
         for s_t in sigmas_t:
@@ -309,10 +311,9 @@ def blind_gaussian3d(stack, blind_radius: int = 0, *, sigmas_t=BLIND_SIGMAS_T, s
                 continue
             if spatial is None:
                 spatial, masked = _spatial_parts(y, s_yx, b, True)
-            total = 0.0
-            for t, frame in filt.frames(spatial, masked):
-                total += float(np.sum((frame - y[t]) ** 2))
-            row["loss"] = total / y.size
+            per = np.array([np.mean((frame - y[t]) ** 2) for t, frame in filt.frames(spatial, masked)])
+            row["loss"] = float(per.mean())
+            frame_losses[len(rows) - 1] = per
         del spatial, masked
     scores = pd.DataFrame(rows, columns=["sigma_t", "sigma_yx", "reach", "masked_fraction", "loss"])
     if scores["loss"].isna().all():
@@ -322,7 +323,7 @@ def blind_gaussian3d(stack, blind_radius: int = 0, *, sigmas_t=BLIND_SIGMAS_T, s
     sigma = (float(best.sigma_t), float(best.sigma_yx))
     den = normalised_gaussian3d(y, *sigma, blind_radius=b if output == "jinv" else None)
     return BlindGaussian(denoised=den, sigma=sigma, reach=int(best.reach), blind_radius=b, output=output,
-                         scores=scores, loss=float(best.loss))
+                         scores=scores, loss=float(best.loss), loss_frames=frame_losses[int(best.name)])
 
 
 def _lowpass_mask(shape: tuple[int, int], cutoff: float, edge_width: float, dct: bool) -> np.ndarray:

@@ -21,7 +21,7 @@ denoised value: if the denoiser used frame ``a`` (its temporal *reach*, the fram
 each side of t its output depends on, is >= r + 1) the shared noise makes (f - a)^2 too
 small and uMSE too optimistic, even negative - for gaussian3d(sigma=1) with r = 0 the
 bias is about half the noise variance. So one radius serves all compared methods,
-r = max(wanted, largest reach) (:func:`common_radius`; reaches from
+r = max(wanted, largest reach) (:func:`compute_metrics`; reaches from
 ``emdenoise.filters.temporal_reach``: raw / gaussian2d 0, gaussian3d ceil(2 sigma_t),
 WCVD kt // 2, SHINE frames // 2); every method is then scored on the same frames. ``b``
 and ``c`` only measure the noise power, so they may be seen by the denoiser.
@@ -53,8 +53,9 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from .errors import InputError
 
-__all__ = ["umse", "upsnr", "neighbour_corr", "snr_neighbour", "psnr", "ssim", "common_radius",
-           "compute_metrics", "self_supervised_loss", "select_model", "MIN_SCORED_FRAMES"]
+__all__ = ["umse", "upsnr", "neighbour_corr", "snr_neighbour", "psnr", "ssim",
+           "compute_metrics", "self_supervised_loss", "self_supervised_loss_per_frame", "select_model",
+           "MIN_SCORED_FRAMES"]
 
 #: uMSE in the metrics table must score at least this many frames (T >= 2 r + 3 + this):
 #: a method of longer reach gets no uMSE rather than a figure from one or two frames.
@@ -198,42 +199,6 @@ def _reach_values(reaches) -> list[int]:
     return out
 
 
-def common_radius(reaches, n_frames: int, wanted: int = 2) -> int:
-    """The one uMSE radius for a set of compared methods: r = max(wanted, largest reach).
-
-    Parameters
-    ----------
-    reaches : mapping name -> int, or iterable of int
-        Temporal reach of each method in frames (``emdenoise.filters.temporal_reach``).
-    n_frames : int
-        T of the movie.
-    wanted : int
-        Smallest radius to use anyway (config ``metrics.temporal_radius``), >= 0.
-
-    Returns
-    -------
-    int
-        r; the uMSE reference frames t - r - 1, t + r + 1, t + r + 2 then lie outside
-        every method's input window.
-
-    Raises
-    ------
-    InputError
-        If T < 2r + 4 (the message names r, the widest method and the frames needed).
-    """
-    vals = _reach_values(reaches)
-    if int(wanted) < 0:
-        raise InputError(None, f"uMSE temporal radius must be >= 0, got {wanted}")
-    r = max([int(wanted)] + vals)
-    if int(n_frames) < 2 * r + 4:
-        widest = ""
-        if isinstance(reaches, Mapping) and vals and max(vals) == r:
-            widest = f" (temporal reach of {', '.join(k for k, v in reaches.items() if int(v) == r)})"
-        raise InputError(None, f"uMSE at temporal radius {r}{widest} needs at least {2 * r + 4} frames, the movie "
-                               f"has {n_frames}: use fewer frames in the temporal filters/models or a longer movie")
-    return r
-
-
 #: Columns of :func:`compute_metrics`.
 METRIC_COLUMNS = ["method", "reach", "umse", "upsnr_db", "snr_db", "snr_corr", "psnr_db", "ssim",
                   "umse_radius", "snr_lag", "umse_valid"]
@@ -315,9 +280,9 @@ SELECT_RULE = ("lowest self-supervised (Noise2Self) loss mean (f_J(y) - y)^2 of 
                "against the aligned noisy movie y: MSE + the same noise variance for every candidate")
 
 
-def self_supervised_loss(blind, noisy) -> float:
-    """Noise2Self loss mean (f_J(y) - y)^2 over every pixel of two (T, Y, X) stacks, in
-    squared input units (float64 sums, frame by frame: lazy Zarr arrays are fine).
+def self_supervised_loss_per_frame(blind, noisy) -> np.ndarray:
+    """Noise2Self loss of each frame, mean (f_J(y)[t] - y[t])^2 over its pixels: (T,)
+    float64 in squared input units (frame by frame: lazy Zarr arrays are fine).
 
     ``blind`` must be J-invariant: its value at (t, p) must not depend on y(t, q) for
     the q whose noise correlates with that of p (a blind-spot network's output, the
@@ -326,11 +291,17 @@ def self_supervised_loss(blind, noisy) -> float:
     """
     f, y = _stack(blind, "self_supervised_loss"), _stack(noisy, "self_supervised_loss")
     _same_shape(f, y, "self_supervised_loss")
-    total = 0.0
+    out = np.empty(y.shape[0])
     for t in range(y.shape[0]):
         d = np.asarray(f[t], np.float64) - np.asarray(y[t], np.float64)
-        total += float(np.sum(d * d))
-    return total / float(np.prod(y.shape))
+        out[t] = np.mean(d * d)
+    return out
+
+
+def self_supervised_loss(blind, noisy) -> float:
+    """The Noise2Self loss over the whole movie: the mean of
+    :func:`self_supervised_loss_per_frame` (every frame has the same pixels)."""
+    return float(np.mean(self_supervised_loss_per_frame(blind, noisy)))
 
 
 def select_model(losses: Mapping[str, float]) -> dict:

@@ -180,14 +180,16 @@ def classical_candidate(stack: np.ndarray, blind_radius: int) -> tuple[np.ndarra
     with the noise stage's blind spot; any temporal reach, up to the mean of the whole
     movie): (T, Y, X) float32 and the attributes recording sigma (t, y, x), temporal
     reach, blind radius, the self-supervised loss of its J-invariant version
-    (``n2s_loss``, what :func:`choose` compares) and the score table."""
+    (``n2s_loss``, what :func:`choose` compares; ``n2s_loss_frames`` per frame) and the
+    score table."""
     stack = np.asarray(stack, dtype=np.float32)
     res = filters.blind_gaussian3d(stack, int(blind_radius))
     scores = [{k: None if v != v else float(v) for k, v in row.items()}  # NaN -> null (JSON)
               for row in res.scores.to_dict(orient="records")]
     attrs = {"method": "classical", "filter": "gaussian3d blind-tuned (Noise2Self)",
              "sigma": [res.sigma[0], res.sigma[1], res.sigma[1]], "temporal_reach": res.reach,
-             "blind_radius": int(blind_radius), "output": res.output, "n2s_loss": res.loss, "scores": scores}
+             "blind_radius": int(blind_radius), "output": res.output, "n2s_loss": res.loss,
+             "n2s_loss_frames": res.loss_frames.tolist(), "scores": scores}
     return res.denoised, attrs
 
 

@@ -204,7 +204,7 @@ def line_profile(image: np.ndarray, centre, direction, length: float, width: int
 
 def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.DataFrame,
                       truth: np.ndarray | None = None, peak: float | None = None, frame: int | None = None,
-                      blind: Mapping[str, np.ndarray] | None = None) -> dict:
+                      frame_losses: Mapping[str, Sequence[float]] | None = None) -> dict:
     """Everything the report shows about one dataset that needs the stacks.
 
     Parameters
@@ -223,10 +223,11 @@ def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.Da
         uPSNR's M (None: max of raw), as for the table.
     frame : int or None
         Frame shown (None: the middle one).
-    blind : mapping name -> (T, Y, X) or None
-        ``auto``'s candidates' J-invariant outputs (what the model choice scored): their
-        self-supervised loss per frame goes to ``per_frame_loss.csv``, for every candidate
-        whatever its temporal reach (uPSNR per frame needs frames outside it).
+    frame_losses : mapping name -> T floats, or None
+        ``auto``'s candidates' self-supervised loss per frame (what the model choice
+        compared, recorded by the stage that made each: ``n2s_loss_frames``), written to
+        ``per_frame_loss.csv`` for every candidate whatever its temporal reach (uPSNR per
+        frame needs frames outside it).
 
     Writes ``index.json`` and small PNG / CSV files (see the keys of index.json); returns
     the index.
@@ -288,12 +289,9 @@ def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.Da
         rows += [{"frame": i, "method": name, "umse": e, "upsnr_db": u} for i, (e, u) in enumerate(zip(err, ups))
                  if e == e]
     pd.DataFrame(rows, columns=["frame", "method", "umse", "upsnr_db"]).to_csv(out / "per_frame.csv", index=False)
-    # per-frame self-supervised loss of the candidates' blind outputs (any reach)
-    loss_rows = []
-    for name, b in (blind or {}).items():
-        for i in range(n):
-            d = np.asarray(b[i], np.float64) - raw[i].astype(np.float64)
-            loss_rows.append({"frame": i, "method": name, "loss": float(np.mean(d * d))})
+    # per-frame self-supervised loss of the candidates (any reach)
+    loss_rows = [{"frame": i, "method": name, "loss": float(v)}
+                 for name, per in (frame_losses or {}).items() for i, v in enumerate(per)]
     pd.DataFrame(loss_rows, columns=["frame", "method", "loss"]).to_csv(out / "per_frame_loss.csv", index=False)
     # spectra (up to 8 frames spread over the movie)
     idx = np.unique(np.linspace(0, n - 1, min(n, 8)).round().astype(int))

@@ -144,16 +144,6 @@ def method_stacks(wildcards):
             for m in methods(ds)}
 
 
-def blind_stacks(wildcards):
-    """For `auto`: each network candidate's own (blind) output, key blind_<name>, whose
-    per-frame self-supervised loss the report plots (the classical one is recomputed)."""
-    ds = wildcards.ds
-    cands = select_candidates(ds)
-    if len(cands) < 2:
-        return {}
-    return {f"blind_{m}": f"{RESULTS}/{ds}/{m}/denoised_raw.zarr" for m in cands if m != "classical"}
-
-
 def checkpoints(ds):
     """Each trained model's checkpoint, key model_<name>."""
     return {f"model_{m}": model_path(ds, m) for m in candidates(ds)}

@@ -5,7 +5,6 @@
 rule metrics:
     input:
         unpack(method_stacks),
-        unpack(blind_stacks),
         unpack(truth_stack),
         raw=f"{RESULTS}/{{ds}}/aligned.zarr",
     output:
