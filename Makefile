@@ -31,7 +31,7 @@ dryrun: venv
 
 bench: venv
 	for b in bench/bench_*.py; do \
-	  case $$b in *bench_quality.py) $(BIN)/python $$b --quick || exit 1;; *) $(BIN)/python $$b || exit 1;; esac; \
+	  case $$b in *bench_quality.py|*bench_memory.py|*bench_shared.py) $(BIN)/python $$b --quick || exit 1;; *) $(BIN)/python $$b || exit 1;; esac; \
 	done   # bench_quality.py without --quick: the full ground-truth suite (hours on 2 cores)
 
 # Screenshots of the demo report (overview, one dataset) in docs/: headless Chromium.

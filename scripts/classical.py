@@ -1,20 +1,31 @@
 """Rule `classical`: Gaussian 3D tuned on the movie itself (no ground truth), a `model: auto`
-candidate (emdenoise.pipeline.classical_candidate -> emdenoise.filters.blind_gaussian3d)."""
+candidate (emdenoise.pipeline.classical_candidate -> emdenoise.filters.blind_gaussian3d).
+
+Streamed: the aligned movie is read by spatial tiles of all frames (with a halo of the
+widest spatial kernel) and the output written tile by tile into an OME-Zarr whose shards
+are those tiles (all frames x tile x tile px).  Peak memory ~ filters.TILE_BUDGET plus
+the OME pyramid's 256 MB read blocks, whatever the frame size and (down to
+filters.MIN_TILE px tiles) the number of frames.
+"""
 import json
 
-import numpy as np
 import pandas as pd
 
-from emdenoise import io, pipeline, stage
+from emdenoise import filters, io, pipeline, stage
 
 
 def main(smk):
-    aligned, attrs = io.read_zarr(smk.input.stack)
+    aligned, attrs = io.read_zarr(smk.input.stack)  # lazy: read tile by tile
     b = int(json.loads(open(smk.input.blindspot).read())["blindspot"]) // 2
-    out, record = pipeline.classical_candidate(np.asarray(aligned[:], dtype=np.float32), b)
-    stage.log.info("classical: sigma (t, y, x) = %s, reach %d frames, blind radius %d, self-supervised loss %.6g",
-                   record["sigma"], record["temporal_reach"], b, record["n2s_loss"])
-    io.write_zarr(smk.output.denoised, out, pixel_size=attrs.get("pixel_size"), attrs={**attrs, **record})
+    n_t, ny, nx = aligned.shape
+    tile = filters.blind_tile(n_t)  # the output's shards are the tuning's tiles
+    tile_y, tile_x = min(tile, ny), min(tile, nx)
+    with io.ZarrStackWriter(smk.output.denoised, aligned.shape, pixel_size=attrs.get("pixel_size"), attrs=attrs,
+                            chunks=(1, tile_y, tile_x), shards=(n_t, tile_y, tile_x)) as w:
+        _, record = pipeline.classical_candidate(aligned, b, tile=tile, out=w.array)
+        w.update_attrs({**attrs, **record})
+    stage.log.info("classical: sigma (t, y, x) = %s, reach %d frames, blind radius %d, self-supervised loss %.6g "
+                   "(tiles of %d px)", record["sigma"], record["temporal_reach"], b, record["n2s_loss"], tile)
     with io.atomic_path(smk.output.tuning) as tmp:
         pd.DataFrame(record["scores"]).to_csv(tmp, index=False)
 

@@ -2,7 +2,8 @@
 
 Movies stream through chunked inference (emdenoise.chunked.infer_zarr); tilt series are
 cut into overlapping tiles stitched with a blending window (emdenoise.infer.denoise_tiled).
-A pretrained model (`model.checkpoint`) is checked against the data first
+A model trained on several datasets (`model.train_on`) is applied with this dataset's
+own normalisation (emdenoise.checkpoint.for_stack). A pretrained model (`model.checkpoint`) is checked against the data first
 (emdenoise.pipeline.check_fit): a misfit is logged as a warning, a non-blind model refused.
 """
 import json
@@ -19,6 +20,10 @@ def main(smk):
     attrs = {"method": smk.wildcards.model, "model_checkpoint": str(smk.input.model),
              "model_kind": ckpt.get("model", "wcvd"), "temporal_reach": model.params.halo_t,
              "ks_max": max(ckpt["model_params"].get("ks", [7])), "blind_radius": int(ckpt.get("blind_radius", 0))}
+    if ckpt.get("normalise") == "per_dataset":  # one model for several datasets: this one's own statistics
+        ckpt = checkpoint.for_stack(ckpt, src)
+        stage.log.info("model trained on %s; normalised with this dataset's statistics %s",
+                       ", ".join(ckpt.get("train_on") or []), ckpt["normalisation"])
     if smk.wildcards.model == "pretrained":
         spot = json.loads(open(smk.input.blindspot).read())["blindspot"]
         for problem in pipeline.check_fit(ckpt, src, src_attrs.get("pixel_size"), blindspot=spot):

@@ -4,9 +4,10 @@ uPSNR: emdenoise.report.write_diagnostics), which need the stacks.
 
 One uMSE radius for all methods: max(metrics.temporal_radius, widest temporal reach)
 (emdenoise.metrics.compute_metrics); the table records it (umse_radius, snr_lag).
-"""
-import numpy as np
 
+The stacks stay lazy (Zarr): every metric reads them frame by frame, so memory is a few
+frames per method, whatever the number of frames (see emdenoise.report.write_diagnostics).
+"""
 from emdenoise import io, metrics, pipeline, report, stage
 from emdenoise.config import stage_config
 
@@ -14,18 +15,17 @@ from emdenoise.config import stage_config
 def main(smk):
     ds = stage_config(smk.params.cfg)
     raw, _ = io.read_zarr(smk.input.raw)
-    raw = np.asarray(raw[:], dtype=np.float32)
     stacks, reaches = {"raw": raw}, {"raw": 0}
     frame_losses = {}  # auto's candidates: the per-frame loss their stage recorded (what select compared)
     for method in smk.params.methods:
         arr, attrs = io.read_zarr(smk.input[method])
-        stacks[method] = np.asarray(arr[:], dtype=np.float32)
+        stacks[method] = arr
         reaches[method] = pipeline.temporal_reach(ds, method, attrs)
         if "n2s_loss_frames" in attrs:
             frame_losses[method] = attrs["n2s_loss_frames"]
     truth = None
     if "truth" in smk.input.keys():
-        truth = np.asarray(io.read_zarr(smk.input.truth)[0][:], dtype=np.float32)
+        truth = io.read_zarr(smk.input.truth)[0]
     table = metrics.compute_metrics(stacks, raw, truth=truth, peak=ds.metrics.peak, reaches=reaches,
                                     temporal_radius=ds.metrics.temporal_radius)
     r = int(table.umse_radius.iloc[0])

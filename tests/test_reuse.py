@@ -92,3 +92,50 @@ def test_workflow_applies_a_configured_checkpoint_without_a_train_job(trained, t
     rows = pd.read_csv(tmp_path / "results" / "b" / "metrics.csv").set_index("method")
     assert rows.loc["pretrained", "psnr_db"] > rows.loc["raw", "psnr_db"] + 8
     assert not (tmp_path / "results" / "b" / "pretrained" / "model.pt").exists()
+
+
+def test_workflow_trains_one_model_for_several_datasets(trained, tmp_path):
+    """`model.train_on`: one WCVD trained once on two movies (one `train_shared` job, no
+    per-dataset `train`), applied to both, each with its own normalisation; a third movie
+    that is only applied to (train on some, denoise the rest) gets the same model."""
+    import json
+
+    import pandas as pd
+    import torch
+    from test_workflow import snakemake
+
+    tmp, b, truth, _, _ = trained
+    a = tmp / "a.tif"
+    c, c_truth = tmp_path / "c.tif", tmp_path / "c_truth.tif"
+    assert cli.main(["simulate", str(c), "--frames", "8", "--size", "64", "--dose", "2", "--seed", "3",
+                     "--truth", str(c_truth)]) == 0
+    shared = {"name": "wcvd", "train_on": ["a", "b*"]}
+    config = {"results": "results",
+              "defaults": {"prefilter": {"method": "gaussian2d"}, "model": shared,
+                           "train": {"epochs": 20, "crop": 32, "val_crop": 32, "device": "cpu"}},
+              "datasets": {"a": {"path": str(a)}, "b": {"path": str(b), "ground_truth": str(truth)},
+                           "c": {"path": str(c), "ground_truth": str(c_truth)}}}
+    dry = snakemake(tmp_path, "-n", "--quiet", "rules", config=config)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    jobs = dry.stdout.split()
+    assert "train_shared" in jobs and "train" not in jobs
+    run = snakemake(tmp_path, config=config)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = tmp_path / "results"
+    model = res / "_shared" / "a+b" / "wcvd" / "model.pt"
+    ckpt = torch.load(model, weights_only=True)
+    assert ckpt["train_on"] == ["a", "b"] and ckpt["normalise"] == "per_dataset"
+    assert (res / "_shared" / "a+b" / "wcvd" / "train_log.csv").exists()
+    assert not any((res / d / "wcvd" / "model.pt").exists() for d in "abc")
+    for d in "bc":
+        choice = json.loads((res / d / "model_choice.json").read_text())
+        assert (tmp_path / choice["checkpoint"]).resolve() == model.resolve()  # relative to the workdir
+        rows = pd.read_csv(res / d / "metrics.csv").set_index("method")
+        assert rows.loc["wcvd", "psnr_db"] > rows.loc["raw", "psnr_db"] + 8
+        assert "normalised with this dataset's statistics" in (res / "logs" / d / "infer_wcvd.log").read_text()
+    # the datasets of one shared model must agree on what trains it
+    config["datasets"]["c"]["train"] = {"epochs": 5}
+    bad = snakemake(tmp_path, "-n", config=config)
+    said = bad.stdout + bad.stderr
+    assert bad.returncode != 0 and "share one wcvd model (model.train_on) but differ in train.epochs" in said, said[-2000:]
+    assert "Traceback" not in said

@@ -11,8 +11,8 @@ from emdenoise.errors import InputError
 from emdenoise.infer import denoise, predict_block
 from emdenoise.metrics import select_model, self_supervised_loss
 from emdenoise.models import SHINE, build_shine, check_shine_state
-from emdenoise.train import (_Sampler, _split, load_checkpoint, lr_factor, model_from_checkpoint,
-                             save_checkpoint, train_model)
+from emdenoise.train import (Normalisation, _Frames, _Sampler, _split, load_checkpoint, lr_factor,
+                             model_from_checkpoint, save_checkpoint, train_model)
 
 SIZES = (1, 3, 5, 7, 9)
 TINY = dict(channels=8, centre_channels=8, neighbour_channels=4, blocks=2, head_layers=1)
@@ -163,7 +163,7 @@ def test_sampler_crops_with_a_real_halo_rot90_and_flips():
     mp = tiny(1)
     h = mp.halo_s
     tp = TrainParams(crop=8, batch_size=64, augment=True, seed=0, val_frames=0)
-    sampler = _Sampler(z, _split(z.shape, mp, tp), mp, tp)
+    sampler = _Sampler([_Frames(z, Normalisation(0.0, 1.0))], [_split(z.shape, mp, tp)], mp, tp)
     x, tgt = sampler.batch(64)
     assert sampler.padding == "valid" and x.shape == (64, 5, 8 + 2 * h, 8 + 2 * h)
     assert np.array_equal(tgt, x[:, 2, h:-h, h:-h])

@@ -369,11 +369,11 @@ def test_least_squares_start_is_blind_and_beats_the_neighbour_average():
     params = WCVDParams(context=3, blindspot=3)
     plain = build_model(params, seed=0)
     fitted = build_model(params, seed=0)
-    rec = fitted.initialise(z, list(range(3, 9)), torch.Generator().manual_seed(0))
+    rec = fitted.initialise([(z, list(range(3, 9)))], torch.Generator().manual_seed(0))
     assert rec["linear_start"]["ks7"]["unknowns"] < rec["linear_start"]["ks7"]["taps"]
     WCVD.check_state(fitted.state_dict(), "fitted", params)     # blind taps still exactly 0
     again = build_model(params, seed=0)
-    again.initialise(z, list(range(3, 9)), torch.Generator().manual_seed(0))
+    again.initialise([(z, list(range(3, 9)))], torch.Generator().manual_seed(0))
     assert all(torch.equal(a, b) for a, b in zip(fitted.state_dict().values(), again.state_dict().values()))
     ckpt = {"normalisation": norm.to_dict()}
     err = {name: float(np.mean((denoise(m, ckpt, noisy, device="cpu") - clean) ** 2))
@@ -385,3 +385,68 @@ def test_epoch_log_line_is_readable():
     row = {"epoch": 12, "train_loss": 0.0279312, "val_loss": 0.0279889, "lr": 1e-3, "seconds": 41.23}
     assert epoch_line(row) == "epoch 12: train 0.027931, val 0.027989, lr 1.0e-03, 41.2 s"
     assert "val n/a" in epoch_line({**row, "val_loss": float("nan")})
+
+
+# --------------------------------------------------------------------------------------
+# training from Zarr (bounded memory) and one model for several datasets
+# --------------------------------------------------------------------------------------
+def _states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_from_a_zarr_store_equals_training_in_memory(counting_movie, tmp_path):
+    """A stack too large for memory trains from crops read out of its Zarr store: the same
+    model bit for bit (normalisation, resume fingerprint and crops are read frame by frame)."""
+    import zarr
+
+    from emdenoise.checkpoint import strided_sample
+
+    arr = zarr.create_array(str(tmp_path / "s.zarr"), shape=counting_movie.shape, chunks=(1, 48, 48),
+                            dtype="float32")
+    arr[:] = counting_movie
+    lazy = zarr.open_array(str(tmp_path / "s.zarr"), mode="r")
+    for step in (1, 7, 1000, 5000):  # offsets that cross frame boundaries
+        np.testing.assert_array_equal(strided_sample(lazy, step), counting_movie.ravel()[::step])
+    assert Normalisation.fit(lazy, max_samples=999) == Normalisation.fit(counting_movie, max_samples=999)
+    tp = TrainParams(**{**FAST.__dict__, "epochs": 2})
+    for params in (WCVDParams(), WCVDParams(context=2, blindspot=3)):
+        mem = train_model(counting_movie, params, tp)
+        disk = train_model(lazy, params, tp)
+        assert _states_equal(mem["state_dict"], disk["state_dict"]) and mem["normalisation"] == disk["normalisation"]
+
+
+def test_one_model_for_two_datasets_keeps_each_datasets_normalisation():
+    """`train_on`: one WCVD trained on crops of a counting-mode movie and of a linear-mode
+    movie of another size, whose intensities differ by two orders of magnitude.  Applied to
+    each with its own normalisation (checkpoint.for_stack) it denoises both."""
+    from emdenoise.checkpoint import for_stack
+    from emdenoise.train import _Frames, _Sampler, _split
+
+    a, a_clean = regime("counting", t=10, seed=1)
+    b, b_clean = regime("linear", t=8, seed=2)
+    b, b_clean = b[:, :40], b_clean[:, :40]  # another frame size
+    tp = TrainParams(**{**FAST.__dict__, "epochs": 15})
+    ckpt = train_model([a, b], WCVDParams(), tp, names=["count", "lin"])
+    assert ckpt["normalise"] == "per_dataset" and ckpt["train_on"] == ["count", "lin"]
+    na, nb = (Normalisation.from_dict(d) for d in ckpt["normalisations"])
+    assert na == Normalisation.fit(a) and nb == Normalisation.fit(b) and nb.scale > 50 * na.scale
+    assert [v["mode"] for v in ckpt["validation"]] == ["temporal", "temporal"]
+    model = model_from_checkpoint(ckpt)
+    for noisy, clean in ((a, a_clean), (b, b_clean)):
+        own = denoise(model, for_stack(ckpt, noisy), noisy, device="cpu")
+        assert psnr(own, clean) > psnr(noisy, clean) + 4
+    assert for_stack(ckpt, b)["normalisation"] == nb.to_dict() and for_stack(ckpt, a)["normalisation"] == na.to_dict()
+    # every training pixel is equally likely: windows come from both stacks, in proportion
+    src = [_Frames(x, Normalisation.fit(x)) for x in (a, b)]
+    sampler = _Sampler(src, [_split(s.shape, WCVDParams(), tp) for s in src], WCVDParams(), tp)
+    assert sampler.padding == "valid" and sampler.cy == sampler.cx == 24
+    ratio = (6 * 48 * 48) / (4 * 40 * 48)  # training windows x area: 8 - 2 validation targets (a), 6 - 2 (b)
+    assert sampler.p[0] / sampler.p[1] == pytest.approx(ratio)
+
+
+def test_one_model_for_several_datasets_refuses_a_bad_stack():
+    a = regime("counting", t=8)[0]
+    bad = a.copy()
+    bad[3, 5, 5] = np.nan
+    with pytest.raises(InputError, match="lin.*NaN"):
+        train_model([a, bad], WCVDParams(), FAST, names=["count", "lin"])

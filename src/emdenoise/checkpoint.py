@@ -20,7 +20,23 @@ import torch
 from .errors import InputError
 from .models import BlindSpotModel, model_class, resolve_device
 
-__all__ = ["Normalisation", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "normalisation_of"]
+__all__ = ["Normalisation", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "normalisation_of",
+           "for_stack", "strided_sample"]
+
+
+def strided_sample(stack, step: int) -> np.ndarray:
+    """Every ``step``-th element of a (T, Y, X) stack in C order, as float32: equal to
+    ``np.asarray(stack, float32).ravel()[::step]``, but an array-like that is not in
+    memory (a Zarr array) is read one frame at a time, so memory stays ~one frame."""
+    if isinstance(stack, np.ndarray):
+        return np.asarray(stack, dtype=np.float32).ravel()[::step]
+    per = int(np.prod(stack.shape[1:]))
+    parts = []
+    for t in range(stack.shape[0]):
+        first = (-t * per) % step  # offset of frame t's first sampled element
+        if first < per:
+            parts.append(np.asarray(stack[t], dtype=np.float32).ravel()[first::step])
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
 @dataclass(frozen=True)
@@ -45,9 +61,11 @@ class Normalisation:
     @classmethod
     def fit(cls, stack: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5,
             max_samples: int = 4_000_000) -> "Normalisation":
-        flat = np.asarray(stack, dtype=np.float32).ravel()
-        if flat.size > max_samples:  # deterministic subsample: percentiles need no more
-            flat = flat[:: int(math.ceil(flat.size / max_samples))]
+        if not hasattr(stack, "shape"):
+            stack = np.asarray(stack, dtype=np.float32)
+        size = int(np.prod(stack.shape))
+        # deterministic subsample: percentiles need no more (frame by frame for a Zarr array)
+        flat = strided_sample(stack, int(math.ceil(size / max_samples)) if size > max_samples else 1)
         lo, hi = np.percentile(flat, [low_pct, high_pct])
         scale = float(hi - lo)
         if not scale > 0:
@@ -136,6 +154,16 @@ def model_from_checkpoint(ckpt: dict, source=None, device: str = "cpu") -> Blind
         raise InputError(source, f"weights do not match the model parameters (a checkpoint of an older "
                                  f"emdenoise version?): {exc}") from None
     return model.to(resolve_device(device)).eval()
+
+
+def for_stack(ckpt: dict, stack) -> dict:
+    """The checkpoint to apply to ``stack`` (T, Y, X; numpy or Zarr): itself, or for a
+    model trained on several datasets at once (``normalise: per_dataset``, workflow
+    ``model.train_on``) a copy whose 'normalisation' is the stack's own
+    (:meth:`Normalisation.fit`, as each dataset was normalised for training)."""
+    if ckpt.get("normalise") != "per_dataset":
+        return ckpt
+    return {**ckpt, "normalisation": Normalisation.fit(stack).to_dict()}
 
 
 def normalisation_of(ckpt) -> Normalisation | None:

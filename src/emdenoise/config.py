@@ -10,7 +10,9 @@ file, and what that does not set comes from the dataclasses below.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import glob
+import hashlib
 import inspect
 import os
 import re
@@ -362,6 +364,11 @@ class ModelConfig:
     # a trained model (model.pt of an earlier run or `emdenoise denoise --save-model`) to
     # apply instead of training: candidate 'pretrained', no `train` job
     checkpoint: str | None = setting(None)
+    # one model for several datasets ("one model per session"): every candidate is trained
+    # once, on crops from the datasets named here (names or globs such as 'au_*'; this
+    # dataset need not be one of them: train on some, apply to the rest), and applied to
+    # each dataset whose train_on names the same datasets; each keeps its own normalisation
+    train_on: tuple[str, ...] | None = setting(None)
     ks: tuple[int, ...] = setting((3, 5, 7), minimum=3)
     channels: int = setting(3, minimum=1)
     n_layers: int = setting(4, minimum=0)
@@ -621,6 +628,70 @@ class PipelineConfig:
     #: saves disk on archives but makes a later edit of a downstream setting re-run the
     #: stage that made them too
     keep_intermediates: bool = True
+    #: datasets whose models are trained on several datasets (``model.train_on``) -> the
+    #: sorted names of the datasets they train on (:func:`train_groups`)
+    train_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def group_key(members) -> str:
+    """The folder name of a model shared by ``members`` (results/_shared/<key>/): their
+    names joined by '+', or for long lists the first name, the count and a short hash."""
+    members = sorted(members)
+    key = "+".join(members)
+    if len(key) <= 64:
+        return key
+    digest = hashlib.sha1("\n".join(members).encode()).hexdigest()[:8]
+    return f"{members[0]}+{len(members) - 1}more-{digest}"
+
+
+def train_groups(datasets: dict) -> dict[str, tuple[str, ...]]:
+    """``model.train_on`` resolved: dataset -> sorted names of the datasets its models train
+    on (patterns matched with fnmatch against the dataset names).  InputError for a
+    pattern that names no dataset, ``train_on`` together with ``checkpoint``, or two
+    datasets that share a model but differ in a setting its training reads."""
+    groups = {}
+    for name, ds in datasets.items():
+        patterns = ds.model.train_on
+        if not patterns:
+            continue
+        if ds.model.checkpoint:
+            raise InputError(None, f"config key datasets.{name}.model: train_on and checkpoint exclude each "
+                                   f"other (a given checkpoint is not trained)")
+        members = set()
+        for pattern in patterns:
+            hits = fnmatch.filter(list(datasets), pattern)
+            if not hits:
+                raise InputError(None, f"config key datasets.{name}.model.train_on: '{pattern}' names no dataset")
+            members.update(hits)
+        groups[name] = tuple(sorted(members))
+    by_key: dict[str, list[str]] = {}
+    for name, members in groups.items():
+        by_key.setdefault(group_key(members), []).append(name)
+    for users in by_key.values():
+        first = datasets[users[0]]
+        for other in users[1:]:
+            ds = datasets[other]
+            for cand in set(first.candidates) & set(ds.candidates):
+                keys = ["train", *model_settings(first, cand)]
+                a, b = stage_params(first, *keys), stage_params(ds, *keys)
+                if a != b:
+                    raise InputError(None, f"datasets {first.name} and {other} share one {cand} model "
+                                           f"(model.train_on) but differ in {_first_difference(a, b)}")
+    return groups
+
+
+def _first_difference(a: dict, b: dict) -> str:
+    """The first setting ('train.epochs', 'kind') whose value differs between two
+    ``stage_params`` dicts of the same sections."""
+    for section, value in a.items():
+        other = b.get(section)
+        if isinstance(value, dict):
+            for key in value:
+                if value[key] != (other or {}).get(key):
+                    return f"{section}.{key}"
+        elif value != other:
+            return section
+    return "?"
 
 
 def _typed(cls, values: dict[str, Any], where: str):
@@ -923,7 +994,8 @@ def build(config: dict[str, Any], check_paths: bool = True) -> PipelineConfig:
     if config.get("run"):  # a run tag keeps reprocessings side by side
         results = f"{results.rstrip('/')}/{config['run']}"
     return PipelineConfig(results=results, datasets=datasets, demo=demo,
-                          keep_intermediates=bool(config.get("keep_intermediates", True)))
+                          keep_intermediates=bool(config.get("keep_intermediates", True)),
+                          train_groups=train_groups(datasets))
 
 
 def validate(config: dict[str, Any]) -> None:

@@ -27,6 +27,13 @@ SPATIAL_TRUNCATE = 4.0
 #: sigma grids of :func:`blind_gaussian3d` (frames; pixels).
 BLIND_SIGMAS_T = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)  # frames; 32 ~ the mean of a short movie
 BLIND_SIGMAS_YX = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+#: Streaming (bounded memory).  Frame blocks of the baselines hold about this many bytes
+#: of float32 input (at least 1 frame + the temporal halo); tiles of the tuned Gaussian
+#: are sized so that its float32 working copies of (T, tile + 2 halo, tile + 2 halo)
+#: stay within ``TILE_BUDGET`` (edge at least ``MIN_TILE`` px).
+BLOCK_BYTES = 64 * 2**20
+TILE_BUDGET = 384 * 2**20
+MIN_TILE = 32
 
 
 def gaussian_reach(sigma_t: float) -> int:
@@ -71,6 +78,50 @@ def temporal_reach(method: str, *, sigma=None, params=None) -> int:
     if params is None or not hasattr(params, "halo_t"):
         raise InputError(None, f"temporal_reach({method!r}): a model needs params with halo_t")
     return int(params.halo_t)
+
+
+def block_frames(frame_shape, budget: int | None = None) -> int:
+    """Frames per streamed block: ``budget`` bytes (None: ``BLOCK_BYTES``) of float32
+    frames of ``frame_shape`` (Y, X), at least 1."""
+    budget = BLOCK_BYTES if budget is None else budget
+    return max(1, int(budget) // (4 * math.prod(int(n) for n in frame_shape)))
+
+
+def filter_blocks(stack, fn, halo_t: int, frames: int | None = None):
+    """Apply a filter ``fn`` ((t, Y, X) float32 -> same shape) to a (T, Y, X) stack in
+    blocks of ``frames`` whole frames (None: :func:`block_frames`), each read with
+    ``halo_t`` frames on either side (clipped at the movie's ends, where ``fn``'s own
+    boundary handling then sees what it sees on the whole stack).
+
+    stack: any (T, Y, X) array-like (NumPy, Zarr, ``io.LazyStack``); read block by block.
+    Yields (first frame a, float32 block (b - a, Y, X)).  Equal to ``fn(stack)`` when
+    ``fn``'s temporal footprint is at most ``halo_t`` frames (per-line filters such as
+    scipy.ndimage's give bit-identical values).  Peak memory: (frames + 2 halo_t) input
+    frames plus ``fn``'s working copies of them.
+    """
+    n = int(stack.shape[0])
+    k = int(frames) if frames else block_frames(stack.shape[1:])
+    if k < 1 or halo_t < 0:
+        raise InputError(None, f"filter_blocks: need frames >= 1 and halo_t >= 0, got {frames}, {halo_t}")
+    for a in range(0, n, k):
+        b = min(n, a + k)
+        lo, hi = max(0, a - halo_t), min(n, b + halo_t)
+        out = fn(np.asarray(stack[lo:hi], dtype=np.float32))
+        yield a, np.asarray(out[a - lo:b - lo], dtype=np.float32)
+
+
+def gaussian2d_blocks(stack, sigma: float = 1.0, frames: int | None = None):
+    """:func:`gaussian2d` streamed by frame blocks (:func:`filter_blocks`, no temporal
+    halo): yields (a, float32 block); bit-identical to the whole-stack filter."""
+    return filter_blocks(stack, lambda s: gaussian2d(s, sigma), 0, frames)
+
+
+def gaussian3d_blocks(stack, sigma=1.0, frames: int | None = None):
+    """:func:`gaussian3d` streamed by frame blocks with a temporal halo of its reach
+    ceil(2 sigma_t) (:func:`filter_blocks`): yields (a, float32 block); bit-identical to
+    the whole-stack filter (reflected borders at the movie's first and last frames)."""
+    sig = _sigma3(sigma)
+    return filter_blocks(stack, lambda s: gaussian3d(s, sig), gaussian_reach(sig[0]), frames)
 
 
 def gaussian2d(stack: np.ndarray, sigma: float = 1.0) -> np.ndarray:
@@ -125,6 +176,8 @@ class _Separable:
     K = gt x gy x gx; the J-invariant version drops (from both sums) the centre-frame
     pixels with |dy|, |dx| <= b.  Zero padding (instead of mirroring) never counts a pixel
     or frame twice, so f_J(t, p) is exactly independent of y(t, q) for q in the window.
+    The spatial normalisations are kept as per-axis sums (Y,) and (X,), so a tile's
+    (y, x) region costs its own area only.
     """
 
     def __init__(self, shape, sigma_t: float, sigma_yx: float, b: int):
@@ -138,48 +191,97 @@ class _Separable:
         self.gb = self.gs[c - bb:c + bb + 1]  # the masked part of the spatial kernel
         self.g0 = float(self.gt[self.reach])  # centre-frame weight
         self.norm_t = _axis_sum(n_t, self.gt)  # (T,)
-        self.norm_s = np.outer(_axis_sum(n_y, self.gs), _axis_sum(n_x, self.gs))  # (Y, X)
-        self.norm_b = self.g0 * np.outer(_axis_sum(n_y, self.gb), _axis_sum(n_x, self.gb))
+        self.sy, self.sx = _axis_sum(n_y, self.gs), _axis_sum(n_x, self.gs)  # (Y,), (X,)
+        self.by, self.bx = _axis_sum(n_y, self.gb), _axis_sum(n_x, self.gb)
         self.n_t = n_t
+
+    def norms(self, region=(slice(None), slice(None))):
+        """(spatial normalisation, its masked part) over a (y, x) region, float64."""
+        ys, xs = region
+        return np.outer(self.sy[ys], self.sx[xs]), self.g0 * np.outer(self.by[ys], self.bx[xs])
 
     def masked_fraction(self) -> float:
         """Share of the interior kernel weight that the blind spot removes (sum w_J)."""
         return self.g0 * float(self.gb.sum()) ** 2
 
-    def min_denominator(self) -> float:
-        """Smallest kernel weight left after masking, over the movie (at t = 0, corners)."""
-        return float(np.min(self.norm_t.min() * self.norm_s - self.norm_b))
+    def min_denominator(self, rows: int = 256) -> float:
+        """Smallest kernel weight left after masking, over the movie (at t = 0, corners);
+        computed ``rows`` frame rows at a time (memory: rows x X float64)."""
+        t_min = self.norm_t.min()
+        return float(min(np.min(t_min * s - m) for s, m in
+                         (self.norms((slice(i, i + rows), slice(None))) for i in range(0, len(self.sy), rows))))
 
-    def frames(self, spatial, masked=None):
+    def frames(self, spatial, masked=None, region=(slice(None), slice(None))):
         """Yield (t, output frame) from the spatially blurred frames (and their masked
-        parts for f_J): a temporal sum over the frames t - reach .. t + reach in range
-        (one scipy correlation along T: zero padding = frames outside the movie count 0)."""
+        parts for f_J) of a (y, x) ``region`` of the movie: a temporal sum over the frames
+        t - reach .. t + reach in range (one scipy correlation along T: zero padding =
+        frames outside the movie count 0)."""
         num_all = ndimage.correlate1d(spatial, self.gt.astype(np.float32), axis=0, mode="constant", cval=0.0,
                                       output=np.float32)
+        norm_s, norm_b = self.norms(region)
         for t in range(self.n_t):
             num = num_all[t].astype(np.float64)
-            den = self.norm_t[t] * self.norm_s
+            den = self.norm_t[t] * norm_s
             if masked is not None:
                 num -= self.g0 * masked[t]
-                den = den - self.norm_b
+                den = den - norm_b
             yield t, num / den
 
 
-def _spatial_parts(y: np.ndarray, sigma_yx: float, b: int, need_masked: bool):
-    """Per-frame spatial blur (T, Y, X) float32 and its masked part (or None)."""
+def _spatial_parts(y: np.ndarray, sigma_yx: float, b: int, need_masked: bool, core=(slice(None), slice(None))):
+    """Per-frame spatial blur of a (T, Y', X') box, cropped to its ``core`` (y, x) slices,
+    float32, and its masked part (or None).  The box must extend the core by the kernel
+    radius wherever the core is not at the frame's edge (zero padding beyond it)."""
     probe = _Separable((1, 1, 1), 0.0, sigma_yx, b)
-    spatial = np.empty(y.shape, dtype=np.float32)
-    masked = np.empty(y.shape, dtype=np.float32) if need_masked else None
+    shape = (y.shape[0],) + np.empty(y.shape[1:], dtype=np.bool_)[core].shape
+    spatial = np.empty(shape, dtype=np.float32)
+    masked = np.empty(shape, dtype=np.float32) if need_masked else None
     for t in range(y.shape[0]):
-        spatial[t] = _blur2d(y[t], probe.gs, probe.gs)
+        spatial[t] = _blur2d(y[t], probe.gs, probe.gs)[core]
         if need_masked:
-            masked[t] = _blur2d(y[t], probe.gb, probe.gb)
+            masked[t] = _blur2d(y[t], probe.gb, probe.gb)[core]
     return spatial, masked
 
 
-def _check_stack(stack, what: str) -> np.ndarray:
-    y = np.asarray(stack)
-    if y.ndim != 3 or min(y.shape) < 1:
+def auto_tile(n_frames: int, halo: int, copies: int = 5, budget: int | None = None) -> int:
+    """Tile edge (px) such that ``copies`` float32 boxes of (T, tile + 2 halo, tile + 2 halo)
+    fit in ``budget`` bytes (None: ``TILE_BUDGET``); at least ``MIN_TILE``."""
+    budget = TILE_BUDGET if budget is None else budget
+    edge = int(math.sqrt(budget / (4.0 * copies * max(1, int(n_frames))))) - 2 * int(halo)
+    return max(MIN_TILE, edge)
+
+
+def blind_tile(n_frames: int, sigmas_yx=BLIND_SIGMAS_YX) -> int:
+    """The tile edge (px) :func:`blind_gaussian3d` uses by default for a movie of
+    ``n_frames``: :func:`auto_tile` with the widest spatial kernel's halo, 4 copies."""
+    return auto_tile(n_frames, max(_spatial_radius(s) for s in sigmas_yx), copies=4)
+
+
+def _tiles(frame_shape, tile: int):
+    """Non-overlapping (slice_y, slice_x) tiles of ``tile`` px covering a (Y, X) frame,
+    row-major, aligned to multiples of ``tile`` (the last ones clipped)."""
+    ny, nx = (int(n) for n in frame_shape)
+    for y0 in range(0, ny, tile):
+        for x0 in range(0, nx, tile):
+            yield slice(y0, min(ny, y0 + tile)), slice(x0, min(nx, x0 + tile))
+
+
+def _read_tile(stack, region, halo: int):
+    """All frames of a (y, x) ``region`` plus ``halo`` px around it (clipped to the frame):
+    the (T, Y', X') box (dtype kept) and the region's slices inside the box."""
+    ny, nx = stack.shape[1:]
+    ys, xs = region
+    y0, y1 = max(0, ys.start - halo), min(ny, ys.stop + halo)
+    x0, x1 = max(0, xs.start - halo), min(nx, xs.stop + halo)
+    box = np.asarray(stack[:, y0:y1, x0:x1])
+    return box, (slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0))
+
+
+def _check_stack(stack, what: str):
+    """The (T, Y, X) stack itself when it is an array-like with ``shape`` and ``dtype``
+    (NumPy, Zarr, ``io.LazyStack``: read later, tile by tile), else ``np.asarray``."""
+    y = stack if hasattr(stack, "shape") and hasattr(stack, "dtype") else np.asarray(stack)
+    if len(y.shape) != 3 or min(y.shape) < 1:
         raise InputError(None, f"{what}: expected a (T, Y, X) stack, got shape {y.shape}")
     if not np.issubdtype(y.dtype, np.number):
         raise InputError(None, f"{what}: expected numbers, got dtype {y.dtype}")
@@ -193,27 +295,40 @@ def _check_b(blind_radius) -> int:
     return b
 
 
-def normalised_gaussian3d(stack, sigma_t: float, sigma_yx: float, *, blind_radius: int | None = None
-                          ) -> np.ndarray:
+def normalised_gaussian3d(stack, sigma_t: float, sigma_yx: float, *, blind_radius: int | None = None,
+                          tile: int | None = None, out=None):
     """Gaussian 3D with zero padding and renormalised weights (the family that
     :func:`blind_gaussian3d` tunes); ``blind_radius`` b not None gives the J-invariant
     version f_J: the centre-frame weights with |dy|, |dx| <= b set to zero and the kernel
     renormalised, so f_J(t, p) never depends on y(t, q) for max(|q - p|) <= b.
 
-    stack: (T, Y, X) array (any real dtype, streamed frame by frame); sigma_t in frames
-    (truncated at ceil(2 sigma_t), the reach), sigma_yx in px (truncated at 4 sigma).
-    Returns float32 (T, Y, X). Computed as (G * y - w_J * y_t) / (sum G - sum w_J), both
+    stack: (T, Y, X) array-like (any real dtype; NumPy or Zarr, read by spatial tiles);
+    sigma_t in frames (truncated at ceil(2 sigma_t), the reach), sigma_yx in px
+    (truncated at 4 sigma).  Computed as (G * y - w_J * y_t) / (sum G - sum w_J), both
     sums restricted to the movie: a small 2D correlation of the centre frame only.
+
+    Tiles: all T frames of ``tile`` x ``tile`` px (None: :func:`auto_tile`) read with a
+    halo of the spatial kernel radius, so every tile's values equal the whole-frame
+    computation's bit for bit.  out: None (a new float32 (T, Y, X) array) or any writable
+    (T, Y, X) array (e.g. a Zarr array whose shards are tiles of this size), filled tile
+    by tile; returned.  Peak memory besides ``out``: about 5 float32 copies of one
+    (T, tile + 2 radius, tile + 2 radius) box.
     """
     y = _check_stack(stack, "normalised_gaussian3d")
     b = None if blind_radius is None else _check_b(blind_radius)
     if not (sigma_t >= 0 and sigma_yx >= 0):
         raise InputError(None, f"normalised_gaussian3d: sigmas must be >= 0, got {sigma_t}, {sigma_yx}")
     filt = _Separable(y.shape, sigma_t, sigma_yx, b or 0)
-    spatial, masked = _spatial_parts(y, sigma_yx, b or 0, b is not None)
-    out = np.empty(y.shape, dtype=np.float32)
-    for t, frame in filt.frames(spatial, masked):
-        out[t] = frame
+    halo = _spatial_radius(sigma_yx)
+    out = np.empty(y.shape, dtype=np.float32) if out is None else out
+    for region in _tiles(y.shape[1:], int(tile or auto_tile(y.shape[0], halo))):
+        box, core = _read_tile(y, region, halo)
+        spatial, masked = _spatial_parts(box, sigma_yx, b or 0, b is not None, core)
+        del box
+        block = np.empty(spatial.shape, dtype=np.float32)
+        for t, frame in filt.frames(spatial, masked, region):
+            block[t] = frame
+        out[(slice(None),) + region] = block
     return out
 
 
@@ -242,8 +357,8 @@ class BlindGaussian:
 
 
 def blind_gaussian3d(stack, blind_radius: int = 0, *, sigmas_t=BLIND_SIGMAS_T, sigmas_yx=BLIND_SIGMAS_YX,
-                     output: str = "plain", min_weight: float = 0.02, max_reach: int | None = None
-                     ) -> BlindGaussian:
+                     output: str = "plain", min_weight: float = 0.02, max_reach: int | None = None,
+                     tile: int | None = None, out=None) -> BlindGaussian:
     """Gaussian 3D whose sigmas are tuned on the noisy movie itself, without ground truth.
 
     Noise2Self (Batson & Royer 2019): for a J-invariant filter f_J (f_J(y)(p) ignores
@@ -285,8 +400,20 @@ def blind_gaussian3d(stack, blind_radius: int = 0, *, sigmas_t=BLIND_SIGMAS_T, s
     -------
     BlindGaussian
 
-    Memory: the input, its spatial blur, the blur's masked part and their temporal sum
-    for one sigma_yx at a time (float32), plus the output: about 5 copies of the movie.
+    tile : int or None
+        Spatial tile edge (px; None: :func:`auto_tile` from the movie's length): the
+        scores are sums over pixels, accumulated over tiles of all T frames read with a
+        halo of the widest spatial kernel (results equal the whole-frame computation up
+        to the summation order of the losses).
+    out : writable (T, Y, X) array or None
+        Where the output at the chosen sigma goes (:func:`normalised_gaussian3d`); None:
+        a new float32 array (``denoised``).
+
+    Memory: the stack is read tile by tile (NumPy or Zarr): per tile about 4 float32
+    copies of (T, tile + 2 halo, tile + 2 halo) -- the box, its spatial blur, the blur's
+    masked part and their temporal sum -- plus ``out`` when it is in memory (None).
+    ``TILE_BUDGET`` bounds the tiles, so the peak does not grow with the frame size or
+    (down to ``MIN_TILE`` px tiles) the movie's length.
     """
     y = _check_stack(stack, "blind_gaussian3d")
     b = _check_b(blind_radius)
@@ -299,31 +426,54 @@ def blind_gaussian3d(stack, blind_radius: int = 0, *, sigmas_t=BLIND_SIGMAS_T, s
         raise InputError(None, f"blind_gaussian3d: max_reach must be >= 0, got {max_reach}")
     if not len(sigmas_t) or not len(sigmas_yx) or min(sigmas_t) < 0 or min(sigmas_yx) < 0:
         raise InputError(None, "blind_gaussian3d: sigma grids must be non-empty and >= 0")
-    rows, frame_losses = [], {}  # row index -> (T,) per-frame loss
+    rows, todo = [], {}  # todo: row index -> filter to score
     for s_yx in sigmas_yx:
-        spatial = masked = None
         for s_t in sigmas_t:
             filt = _Separable(y.shape, s_t, s_yx, b)
-            row = {"sigma_t": float(s_t), "sigma_yx": float(s_yx), "reach": filt.reach,
-                   "masked_fraction": filt.masked_fraction(), "loss": float("nan")}
-            rows.append(row)
-            if filt.reach > max_reach or filt.min_denominator() < min_weight:
-                continue
-            if spatial is None:
-                spatial, masked = _spatial_parts(y, s_yx, b, True)
-            per = np.array([np.mean((frame - y[t]) ** 2) for t, frame in filt.frames(spatial, masked)])
-            row["loss"] = float(per.mean())
-            frame_losses[len(rows) - 1] = per
-        del spatial, masked
+            rows.append({"sigma_t": float(s_t), "sigma_yx": float(s_yx), "reach": filt.reach,
+                         "masked_fraction": filt.masked_fraction(), "loss": float("nan")})
+            if filt.reach <= max_reach and filt.min_denominator() >= min_weight:
+                todo[len(rows) - 1] = (float(s_yx), filt)
+    sse = _tiled_losses(y, todo, b, tile)
+    frame_losses = {i: v / (y.shape[1] * y.shape[2]) for i, v in sse.items()}  # (T,) mean per frame
+    for i, per in frame_losses.items():
+        rows[i]["loss"] = float(per.mean())
     scores = pd.DataFrame(rows, columns=["sigma_t", "sigma_yx", "reach", "masked_fraction", "loss"])
     if scores["loss"].isna().all():
         raise InputError(None, f"blind_gaussian3d: no sigma of the grid fits a {n_t}-frame movie with blind "
                                f"radius {b}")
     best = scores.loc[scores["loss"].idxmin()]
     sigma = (float(best.sigma_t), float(best.sigma_yx))
-    den = normalised_gaussian3d(y, *sigma, blind_radius=b if output == "jinv" else None)
+    den = normalised_gaussian3d(y, *sigma, blind_radius=b if output == "jinv" else None,
+                                tile=tile or blind_tile(n_t, sigmas_yx), out=out)
     return BlindGaussian(denoised=den, sigma=sigma, reach=int(best.reach), blind_radius=b, output=output,
                          scores=scores, loss=float(best.loss), loss_frames=frame_losses[int(best.name)])
+
+
+def _tiled_losses(y, todo: dict, b: int, tile: int | None) -> dict:
+    """Sum over pixels of (f_J(y) - y)^2 per frame for every filter in ``todo`` (row ->
+    (sigma_yx, _Separable)): {row: (T,) float64}, accumulated over spatial tiles of all
+    frames (halo: the widest spatial kernel's radius).  The spatial parts are computed
+    once per tile and sigma_yx, shared by every sigma_t."""
+    if not todo:
+        return {}
+    n_t = y.shape[0]
+    by_syx: dict[float, dict] = {}
+    for i, (s_yx, filt) in todo.items():
+        by_syx.setdefault(s_yx, {})[i] = filt
+    halo = max(_spatial_radius(s) for s in by_syx)
+    sse = {i: np.zeros(n_t) for i in todo}
+    for region in _tiles(y.shape[1:], int(tile or blind_tile(n_t, list(by_syx)))):
+        box, core = _read_tile(y, region, halo)
+        obs = box[(slice(None),) + core]
+        for s_yx, mine in by_syx.items():
+            spatial, masked = _spatial_parts(box, s_yx, b, True, core)
+            for i, filt in mine.items():
+                for t, frame in filt.frames(spatial, masked, region):
+                    d = frame - obs[t]
+                    sse[i][t] += np.sum(d * d)
+            del spatial, masked
+    return sse
 
 
 def _lowpass_mask(shape: tuple[int, int], cutoff: float, edge_width: float, dct: bool) -> np.ndarray:
@@ -346,6 +496,44 @@ def _lowpass_mask(shape: tuple[int, int], cutoff: float, edge_width: float, dct:
     lo, hi = cutoff * (1 - edge_width / 2), cutoff * (1 + edge_width / 2)
     ramp = np.clip((r - lo) / (hi - lo), 0.0, 1.0)
     return (0.5 * (1.0 + np.cos(np.pi * ramp))).astype(np.float32)
+
+
+class FrameMap:
+    """A lazy (T, Y, X) float32 stack ``fn(stack[a:b])`` for a per-frame function ``fn``
+    ((t, Y, X) -> (t, Y, X)), computed only for the frames read: ``m[t]``, ``m[a:b]``
+    (step 1), trailing Y / X indices, ``np.asarray(m)``.  With ``io.write_zarr`` or the
+    ``emdenoise.metrics`` functions, which read block by block or frame by frame, a
+    filtered stack is never whole in memory.
+    """
+
+    ndim = 3
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, stack, fn):
+        self.stack, self.fn = stack, fn
+        self.shape = tuple(int(n) for n in stack.shape)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        first, rest = key[0], key[1:]
+        n = self.shape[0]
+        if isinstance(first, (int, np.integer)):
+            i = int(first) + (n if first < 0 else 0)
+            if not 0 <= i < n:
+                raise IndexError(f"frame {first} out of range for {n} frames")
+            return self[i:i + 1][0][rest]
+        if not isinstance(first, slice) or first.step not in (None, 1):
+            raise TypeError(f"FrameMap supports frame indices and slices of step 1, got {first!r}")
+        a, b, _ = first.indices(n)
+        block = np.asarray(self.fn(np.asarray(self.stack[a:max(a, b)])), dtype=np.float32)
+        return block[(slice(None),) + rest]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
 
 
 # Default mask diameter as a fraction of N: the released code's N/3, not the paper text's

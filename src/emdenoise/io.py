@@ -210,11 +210,16 @@ def _to_tyx(arr, path):
                            "expected 2 (Y, X) or 3 (T, Y, X)")
 
 
+def _block_step(arr, max_frames=64) -> int:
+    """Frames per block of :func:`_iter_blocks`: at most ``_MAX_BLOCK_BYTES``, >= 1."""
+    frame_bytes = max(1, math.prod(arr.shape[1:]) * np.dtype(arr.dtype).itemsize)
+    return max(1, min(max_frames, _MAX_BLOCK_BYTES // frame_bytes))
+
+
 def _iter_blocks(arr, max_frames=64):
     """Yield ``(start, block)`` over frames, each block at most ``_MAX_BLOCK_BYTES``."""
     t = arr.shape[0]
-    frame_bytes = max(1, math.prod(arr.shape[1:]) * np.dtype(arr.dtype).itemsize)
-    step = max(1, min(max_frames, _MAX_BLOCK_BYTES // frame_bytes))
+    step = _block_step(arr, max_frames)
     for a in range(0, t, step):
         yield a, np.asarray(arr[a:a + step])
 
@@ -929,8 +934,12 @@ def write_mrc(path, stack, pixel_size: float | None = None, tilt_angles=None) ->
     ``pixel_size`` (Å) goes to the voxel size (0 = unknown). Header statistics are
     computed while streaming frames. ``tilt_angles`` (degrees, one per frame) are
     written to an IMOD ``.tlt`` beside the file, also atomically. The file's blocks are
-    allocated before the memory-mapped write, so a full disk raises
-    :class:`DiskFullError` (temporary removed) instead of killing the process by SIGBUS.
+    allocated before any data is written, so a full disk raises :class:`DiskFullError`
+    (temporary removed) instead of killing the process by SIGBUS.
+
+    ``stack`` may be lazy (Zarr): frames are streamed in blocks of at most 256 MB and
+    written with plain file writes after the header (not through the memory map, whose
+    touched pages would count in the process's resident memory): peak memory ~ one block.
     """
     stack = _stack_for_writing(stack)
     shape = tuple(int(n) for n in stack.shape)
@@ -939,13 +948,16 @@ def write_mrc(path, stack, pixel_size: float | None = None, tilt_angles=None) ->
     lo, hi, s1, s2 = math.inf, -math.inf, 0.0, 0.0
     with _disk_full_as_error(path), atomic_path(path) as tmp:
         with mrcfile.new_mmap(tmp, shape, mrc_mode=2, overwrite=True) as mrc:
-            with open(tmp, "r+b") as fh:  # the mapped file is sparse until written
-                _reserve(fh, 1024 + math.prod(shape) * 4, path)
-            for a, block in _iter_blocks(stack):
-                block = block.astype(np.float32, copy=False)
-                mrc.data[a:a + len(block)] = block
-                lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
-                s1, s2 = s1 + float(block.sum(dtype=np.float64)), s2 + float(np.square(block, dtype=np.float64).sum())
+            start, dtype = int(mrc.header.nbytes + mrc.extended_header.nbytes), mrc.data.dtype
+            with open(tmp, "r+b") as fh:  # the file is sparse until written
+                _reserve(fh, start + math.prod(shape) * 4, path)
+                fh.seek(start)
+                for a, block in _iter_blocks(stack):
+                    block = np.ascontiguousarray(block, dtype=dtype)
+                    fh.write(block.data)
+                    lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+                    s1 = s1 + float(block.sum(dtype=np.float64))
+                    s2 = s2 + float(np.square(block, dtype=np.float64).sum())
             mrc.set_image_stack()
             if pixel_size:
                 mrc.voxel_size = float(pixel_size)
@@ -1054,13 +1066,22 @@ class ZarrStackWriter:
         with _disk_full_as_error(self.path):
             self.array[key] = np.asarray(value, dtype=self.dtype)
 
+    def update_attrs(self, attrs: dict) -> None:
+        """Replace the 'emdenoise' attributes (e.g. with what the stage learnt while
+        streaming: a tuned sigma, scores); the OME metadata is rewritten with them."""
+        self.attrs = attrs
+        with _disk_full_as_error(self.path):
+            self._group.attrs.update(_ome_attrs(self.path.stem, self.pixel_size, self.attrs, self.n_levels))
+
     def _write_pyramid(self):
         t, y, x = self.shape
         src = self.array
         for k in range(1, self.n_levels):
             ny, nx = y // 2**k, x // 2**k
+            # shards of the blocks read from the level above: each write fills whole shards (a
+            # partial one would be read back and rewritten whole: memory and time)
             dst = self._group.create_array(str(k), shape=(t, ny, nx), chunks=(1, ny, nx),
-                                           shards=shard_shape((t, ny, nx), (1, ny, nx), 4), dtype="float32",
+                                           shards=(min(t, _block_step(src)), ny, nx), dtype="float32",
                                            fill_value=0, dimension_names=AXES)
             for a, block in _iter_blocks(src):
                 block = block[:, :2 * ny, :2 * nx].astype(np.float32, copy=False)

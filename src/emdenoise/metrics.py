@@ -62,12 +62,60 @@ __all__ = ["umse", "upsnr", "neighbour_corr", "snr_neighbour", "psnr", "ssim",
 MIN_SCORED_FRAMES = 8
 
 
-def _stack(x, what: str) -> np.ndarray:
-    """Checked (T, Y, X) array, dtype kept: frames are cast to float64 one at a time."""
-    x = np.asarray(x)
-    if x.ndim != 3:
-        raise InputError(None, f"{what}: expected a (T, Y, X) stack, got shape {x.shape}")
+#: Frames read at once by the streamed whole-stack reductions (max, PSNR): about this
+#: many bytes of float64 per block, at least one frame.
+BLOCK_BYTES = 32 * 2**20
+
+
+def _stack(x, what: str):
+    """Checked (T, Y, X) array, dtype kept, not loaded: an array-like with ``shape`` and
+    ``__getitem__`` (NumPy, Zarr, ``io.LazyStack``, ``filters.FrameMap``) is read frame
+    by frame (or in blocks of ``BLOCK_BYTES``) by the functions here; frames are cast to
+    float64 one at a time.  Memory is then a few frames, whatever T."""
+    if not (hasattr(x, "shape") and hasattr(x, "__getitem__")):
+        x = np.asarray(x)
+    if len(x.shape) != 3:
+        raise InputError(None, f"{what}: expected a (T, Y, X) stack, got shape {tuple(x.shape)}")
     return x
+
+
+def _blocks(x):
+    """Yield blocks x[a:b] of whole frames, as arrays (~``BLOCK_BYTES`` of float64)."""
+    n, frame = int(x.shape[0]), int(np.prod(x.shape[1:]))
+    k = max(1, BLOCK_BYTES // (8 * max(1, frame)))
+    for a in range(0, n, k):
+        yield np.asarray(x[a:a + k])
+
+
+def stack_max(x) -> float:
+    """Maximum of a (T, Y, X) array-like (NumPy or lazy, read block by block)."""
+    if isinstance(x, np.ndarray):
+        return float(np.max(x))
+    return max(float(np.max(b)) for b in _blocks(x))
+
+
+def stack_min(x) -> float:
+    """Minimum of a (T, Y, X) array-like (NumPy or lazy, read block by block)."""
+    if isinstance(x, np.ndarray):
+        return float(np.min(x))
+    return min(float(np.min(b)) for b in _blocks(x))
+
+
+class _Frames:
+    """Frame t of a (T, Y, X) array-like as float64, the last ``keep`` frames kept: a
+    pass that reads frames t and t + lag (or t - r - 1, ...) in increasing t through one
+    cache per stream reads a lazy stack about once."""
+
+    def __init__(self, x, keep: int = 2):
+        self.x, self.keep, self.cache = x, int(keep), {}
+
+    def __call__(self, t: int) -> np.ndarray:
+        f = self.cache.get(t)
+        if f is None:
+            f = self.cache[t] = np.asarray(self.x[t], dtype=np.float64)
+            if len(self.cache) > self.keep:
+                self.cache.pop(next(iter(self.cache)))
+        return f
 
 
 def _same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
@@ -110,7 +158,7 @@ def upsnr(denoised, noisy, peak: float | None = None, *, temporal_radius: int = 
     is then meaningless - the noise-power term dominated).
     """
     y = _stack(noisy, "upsnr")
-    m = float(np.max(y)) if peak is None else float(peak)
+    m = stack_max(y) if peak is None else float(peak)
     err = umse(denoised, y, temporal_radius=temporal_radius)
     return float(10.0 * np.log10(m * m / err)) if err > 0 else float("nan")
 
@@ -128,9 +176,9 @@ def neighbour_corr(stack, lag: int = 1) -> float:
     if y.shape[0] < lag + 1:
         raise InputError(None, f"neighbour_corr: needs at least {lag + 1} frames for lag {lag}, got {y.shape[0]}")
     corrs = []
+    first, second = _Frames(y, 1), _Frames(y, 1)  # two streams: each frame read about twice, not per pair
     for t in range(y.shape[0] - lag):
-        a = np.asarray(y[t], dtype=np.float64)
-        b = np.asarray(y[t + lag], dtype=np.float64)
+        a, b = first(t), second(t + lag)
         a, b = a - a.mean(), b - b.mean()
         denom = np.sqrt(np.sum(a * a) * np.sum(b * b))
         corrs.append(np.sum(a * b) / denom if denom > 0 else 0.0)
@@ -160,18 +208,25 @@ def snr_neighbour(stack, lag: int = 1) -> float:
     return snr_from_corr(neighbour_corr(_stack(stack, "snr_neighbour"), lag))
 
 
-def _data_range(truth: np.ndarray) -> float:
-    rng = float(np.max(truth)) - float(np.min(truth))
+def _data_range(truth) -> float:
+    rng = stack_max(truth) - stack_min(truth)
     return rng if rng > 0 else 1.0  # a flat truth: any positive range gives finite scores
 
 
 def psnr(denoised, truth) -> float:
     """PSNR in dB against ground truth over the whole (T, Y, X) stack,
-    data range = max - min of ``truth``."""
-    f = _stack(denoised, "psnr").astype(np.float64)
-    x = _stack(truth, "psnr").astype(np.float64)
+    data range = max - min of ``truth``; 10 log10(range^2 / MSE) as
+    ``skimage.metrics.peak_signal_noise_ratio``, the squared error summed frame by frame
+    (lazy arrays are read one frame at a time; inf when the MSE is 0)."""
+    f, x = _stack(denoised, "psnr"), _stack(truth, "psnr")
     _same_shape(f, x, "psnr")
-    return float(peak_signal_noise_ratio(x, f, data_range=_data_range(x)))
+    sse = 0.0
+    for t in range(x.shape[0]):
+        d = np.asarray(x[t], np.float64) - np.asarray(f[t], np.float64)
+        sse += float(np.sum(d * d))
+    mse = sse / float(np.prod(x.shape))
+    rng = _data_range(x)
+    return float(10.0 * np.log10(rng * rng / mse)) if mse > 0 else float("inf")
 
 
 def ssim(denoised, truth) -> float:
@@ -251,7 +306,7 @@ def compute_metrics(method_stacks: dict, noisy, truth=None, peak: float | None =
     scorable = [int(v) for v in own.values() if n >= 2 * int(v) + 3 + MIN_SCORED_FRAMES]
     r = min(max([int(temporal_radius)] + scorable), (n - 4) // 2)
     lag = 2 * r + 1
-    m = float(np.max(y)) if peak is None else float(peak)
+    m = stack_max(y) if peak is None else float(peak)
     rows = []
     for name, stack in method_stacks.items():
         f = _stack(stack, f"compute_metrics[{name}]")
@@ -380,8 +435,9 @@ def umse_per_frame(denoised, noisy, *, temporal_radius: int = 0, what: str = "um
     if n < 2 * r + 4:
         raise InputError(None, f"{what}: needs at least {2 * r + 4} frames for temporal_radius={r}, got {n}")
     out = np.full(n, np.nan)
+    before, after = _Frames(y, 1), _Frames(y, 2)  # t - r - 1; t + r + 1 and t + r + 2
     for t in range(r + 1, n - r - 2):
-        a, b, c = (np.asarray(y[i], dtype=np.float64) for i in (t - r - 1, t + r + 1, t + r + 2))
+        a, b, c = before(t - r - 1), after(t + r + 1), after(t + r + 2)
         out[t] = np.mean((np.asarray(f[t], dtype=np.float64) - a) ** 2) - 0.5 * np.mean((b - c) ** 2)
     return out
 
@@ -390,7 +446,7 @@ def upsnr_per_frame(denoised, noisy, peak: float | None = None, *, temporal_radi
     """uPSNR in dB of each output frame, ``10 log10(M^2 / uMSE_t)`` (:func:`umse_per_frame`);
     M as in :func:`upsnr`. NaN where uMSE_t <= 0 or the frame has no reference frames."""
     y = _stack(noisy, "upsnr_per_frame")
-    m = float(np.max(y)) if peak is None else float(peak)
+    m = stack_max(y) if peak is None else float(peak)
     err = umse_per_frame(denoised, y, temporal_radius=temporal_radius)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(err > 0, 10.0 * np.log10(m * m / np.where(err > 0, err, 1.0)), np.nan)
@@ -424,12 +480,12 @@ def spatial_autocov(frames, max_lag: int = 12) -> np.ndarray:
     ones = np.fft.rfft2(np.ones((ny, nx)), shape)
     overlap = np.fft.irfft2(ones * np.conj(ones), shape)
     acc = np.zeros((2 * L + 1, 2 * L + 1))
-    for frame in x:
-        a = np.asarray(frame, dtype=np.float64)
+    for t in range(x.shape[0]):
+        a = np.asarray(x[t], dtype=np.float64)
         fa = np.fft.rfft2(a - a.mean(), shape)
         c = np.fft.irfft2(fa * np.conj(fa), shape) / np.maximum(overlap, 1.0)
         acc += np.roll(c, (L, L), axis=(0, 1))[: 2 * L + 1, : 2 * L + 1]
-    return acc / len(x)
+    return acc / x.shape[0]
 
 
 def _chebyshev(L: int) -> np.ndarray:
@@ -437,11 +493,29 @@ def _chebyshev(L: int) -> np.ndarray:
     return np.maximum(np.abs(d)[:, None], np.abs(d)[None, :])
 
 
-def _differences(y: np.ndarray, most: int) -> np.ndarray:
-    """Differences of adjacent frames / sqrt(2): noise only (static aligned scene), same
-    variance and spatial correlation as one frame's noise."""
-    return np.stack([(np.asarray(y[t + 1], np.float64) - np.asarray(y[t], np.float64)) / np.sqrt(2)
-                     for t in _frame_indices(y.shape[0] - 1, most)])
+class _Differences:
+    """Differences of adjacent frames / sqrt(2) at up to ``most`` frames spread over the
+    movie: noise only (static aligned scene), same variance and spatial correlation as
+    one frame's noise.  A lazy (n, Y, X) stack: each difference is made when read
+    (float64), so a few frames are in memory, not ``most``."""
+
+    def __init__(self, y, most: int):
+        self.y, self.idx = y, _frame_indices(y.shape[0] - 1, most)
+        self.shape = (len(self.idx),) + tuple(y.shape[1:])
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        t = self.idx[i]
+        return (np.asarray(self.y[t + 1], np.float64) - np.asarray(self.y[t], np.float64)) / np.sqrt(2)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def _differences(y, most: int) -> _Differences:
+    return _Differences(y, most)
 
 
 def noise_length(noisy, *, threshold: float = 0.05, max_lag: int = 8, frames: int = 8) -> int:
@@ -567,7 +641,10 @@ def residual_structure(denoised, noisy, *, lag: int, length: int | None = None, 
                 continue
             ya = np.asarray(y[t], np.float64)
             ra = ya - np.asarray(f[t], np.float64)
-            tmpl = np.mean([np.asarray(y[s], np.float64) for s in near], axis=0)
+            tmpl = np.zeros(ya.shape)  # the mean of the frames ``near``, summed in order (one frame at a time)
+            for s in near:
+                tmpl += np.asarray(y[s], np.float64)
+            tmpl /= len(near)
             ra, ya, tmpl = ra - ra.mean(), ya - ya.mean(), tmpl - tmpl.mean()
             prod = ra * tmpl
             fy, ft = np.fft.rfft2(ya), np.fft.rfft2(tmpl)
@@ -598,4 +675,5 @@ def residual_structure(denoised, noisy, *, lag: int, length: int | None = None, 
             "structure": structure}
 
 
-__all__ += ["umse_per_frame", "upsnr_per_frame", "spatial_autocov", "noise_length", "residual_structure"]
+__all__ += ["stack_max", "stack_min", "umse_per_frame", "upsnr_per_frame", "spatial_autocov", "noise_length",
+            "residual_structure"]

@@ -180,9 +180,11 @@ class BlindSpotModel(nn.Module):
     def name(cls, params) -> str:
         return next(n for n, c in MODELS.items() if c is cls)
 
-    def initialise(self, z: torch.Tensor, centres: list[int], generator: torch.Generator) -> dict:
-        """Data-driven start before training (default: none).  z (T, Y, X) normalised
-        frames, centres: the training target frames.  Returns a record for the log."""
+    def initialise(self, sources: list, generator: torch.Generator) -> dict:
+        """Data-driven start before training (default: none).  sources: (z, centres) per
+        training stack, z (T, Y, X) normalised frames (a tensor or anything indexable by
+        frames that gives arrays), centres: its training target frames.  Returns a record
+        for the log."""
         return {}
 
     @classmethod
@@ -420,8 +422,7 @@ class WCVD(BlindSpotModel):
 
     # -- least-squares start ------------------------------------------------------------
     @torch.no_grad()
-    def initialise(self, z: torch.Tensor, centres: list[int], generator: torch.Generator,
-                   max_pixels: int = 100_000) -> dict:
+    def initialise(self, sources: list, generator: torch.Generator, max_pixels: int = 100_000) -> dict:
         """Start every branch from the best *linear* blind-spot predictor on its support.
 
         The self-supervised loss is a least-squares problem for a linear model: the taps
@@ -436,26 +437,32 @@ class WCVD(BlindSpotModel):
         the intercept goes into the output bias, and SGD then learns the nonlinear part.
         On the synthetic counting movie this start is what makes a few hundred CPU steps
         enough (the neighbour-average start left the network below a tuned Gaussian).
-        z (T, Y, X) normalised float32; centres: the frames targets may come from.
+        sources: (z, centres) per training stack: z (T, Y, X) normalised float32 frames (a
+        tensor, or indexable by frames giving arrays: read one window at a time), centres:
+        the frames targets may come from.  Pixels are drawn evenly over all centres.
         """
         p = self.params
-        if not centres:
+        sources = [(z, list(c)) for z, c in sources if len(c)]
+        n_centres = sum(len(c) for _, c in sources)
+        if not n_centres:
             return {}
         kmax, h = max(p.ks), p.halo_t
         n_in = (p.kt if p.dims == 3 else 1) + len(p.context_radii)
-        per = max(1, max_pixels // len(centres))
+        per = max(1, max_pixels // n_centres)
         cols, ys = [], []
-        for c in centres:
-            f = self.features(z[None, c - h:c + h + 1])                       # (1, n_in, Y, X)
-            f = F.pad(f, (kmax // 2,) * 4, mode="circular")
-            yy, xx = z.shape[-2:]
-            idx = torch.randint(0, yy * xx, (min(per, yy * xx),), generator=generator)
-            py, px = idx // xx, idx % xx
-            dy = torch.arange(kmax)
-            # (n_in, K, K, n): every tap of every sampled pixel
-            patch = f[0][:, (py[None, None, :] + dy[:, None, None]), (px[None, None, :] + dy[None, :, None])]
-            cols.append(patch.reshape(n_in * kmax * kmax, -1))
-            ys.append(z[c][py, px])
+        for z, centres in sources:
+            for c in centres:
+                win = torch.as_tensor(z[c - h:c + h + 1])                          # (kt_eff, Y, X)
+                f = self.features(win[None])                                       # (1, n_in, Y, X)
+                f = F.pad(f, (kmax // 2,) * 4, mode="circular")
+                yy, xx = win.shape[-2:]
+                idx = torch.randint(0, yy * xx, (min(per, yy * xx),), generator=generator)
+                py, px = idx // xx, idx % xx
+                dy = torch.arange(kmax)
+                # (n_in, K, K, n): every tap of every sampled pixel
+                patch = f[0][:, (py[None, None, :] + dy[:, None, None]), (px[None, None, :] + dy[None, :, None])]
+                cols.append(patch.reshape(n_in * kmax * kmax, -1))
+                ys.append(win[h][py, px])
         a_all, y = torch.cat(cols, 1), torch.cat(ys).double()
         record = {}
         for b in self.branches:

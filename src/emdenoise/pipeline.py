@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from . import drift, filters, infer, metrics, noise
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import for_stack, load_checkpoint, model_from_checkpoint
 from .config import CONTEXT_SUFFIX, ModelConfig, TrainParams, candidate_model, context_frames
 from .errors import InputError
 from .models import model_class, resolve_device
@@ -70,23 +70,30 @@ def model_params(ds, name: str, blindspot: int | None = None, device: str | None
     raise InputError(None, f"unknown candidate model {name!r}")
 
 
-def train_candidate(stack: np.ndarray, ds, name: str, blindspot: int | None = None, *,
+def train_candidate(stack, ds, name: str, blindspot: int | None = None, *,
                     train_overrides: dict | None = None, log_csv=None,
                     progress: Callable[[dict], None] | None = None, resume=None,
-                    data_info: dict | None = None) -> dict:
-    """Train candidate ``name`` on a (T, Y, X) stack (data units); returns its checkpoint.
+                    data_info: dict | None = None, n_frames: int | None = None,
+                    names: list[str] | None = None) -> dict:
+    """Train candidate ``name`` on a (T, Y, X) stack (data units; numpy or a Zarr array,
+    read crop by crop) -- or one model on a list of stacks (``names``: their datasets,
+    ``model.train_on``); returns its checkpoint.
     ``train_overrides``: TrainParams fields replacing the config's (e.g. device, epochs);
     ``resume``: path of a resume state saved every ``train.checkpoint_minutes``;
     ``data_info``: what the model was trained on (pixel_size in Å, blindspot), stored
-    under 'data' so that applying it elsewhere can be checked (:func:`check_fit`)."""
+    under 'data' so that applying it elsewhere can be checked (:func:`check_fit`);
+    ``n_frames``: the shortest movie the model will denoise (sizes ``model.context:
+    auto``), default the shortest stack trained on."""
     device = (train_overrides or {}).get("device")
     gpu = on_gpu(ds, name, device)
     tp = ds.train_params(name, gpu=gpu)
     if train_overrides:
         tp = dataclasses.replace(tp, **{k: v for k, v in train_overrides.items() if v is not None})
-    ckpt = train_model(stack, model_params(ds, name, blindspot, device, n_frames=len(stack)), tp, log_csv=log_csv, progress=progress,
-                       resume=resume, checkpoint_every=60.0 * tp.checkpoint_minutes)
-    ckpt["dataset"] = ds.name
+    if n_frames is None:
+        n_frames = min(s.shape[0] for s in stack) if isinstance(stack, (list, tuple)) else stack.shape[0]
+    ckpt = train_model(stack, model_params(ds, name, blindspot, device, n_frames=n_frames), tp, log_csv=log_csv,
+                       progress=progress, resume=resume, checkpoint_every=60.0 * tp.checkpoint_minutes, names=names)
+    ckpt["dataset"] = ds.name if names is None else None
     ckpt["data"] = {"blindspot": blindspot, **(data_info or {})}
     if name == "shine":  # which size ran, and why (recorded in provenance and the report)
         ckpt["shine_size"] = {"setting": ds.shine.size, "used": ds.shine.resolved_size(gpu), "gpu": gpu}
@@ -97,7 +104,7 @@ def train_candidate(stack: np.ndarray, ds, name: str, blindspot: int | None = No
 LOWPASS_AUTO = (None, 1 / 2, 1 / 3)
 
 
-def postprocess(denoised: np.ndarray, ds, name: str, noisy=None,
+def postprocess(denoised, ds, name: str, noisy=None,
                 reach: int | None = None, model_kind: str | None = None,
                 ks_max: int | None = None) -> tuple[np.ndarray, dict]:
     """The post-processing of a model's method: the FFT low-pass for models whose method
@@ -110,28 +117,40 @@ def postprocess(denoised: np.ndarray, ds, name: str, noisy=None,
     gets no low-pass (it can only remove detail that no score vouches for).
     ``model_kind`` / ``ks_max``: for a pretrained model, its class name and largest
     kernel (from its checkpoint) instead of the candidate name's and ``model.ks``.
+
+    ``denoised`` (T, Y, X): a NumPy array gives a float32 array; a lazy array-like (Zarr)
+    gives a lazy stack (``filters.FrameMap``: the low-pass is per frame, computed frame
+    by frame while uMSE scores it and block by block while ``io.write_zarr`` writes it),
+    or ``denoised`` itself when nothing is applied; ``noisy`` may be lazy either way.
+    Memory on the lazy path: a few frames (scoring) or one write block of frames.
     """
     kind = model_kind or candidate_model(name)[0]
+    lazy = hasattr(denoised, "shape") and not isinstance(denoised, np.ndarray)
+
+    def unchanged():
+        return denoised if lazy else np.asarray(denoised, dtype=np.float32)
+
     if not (model_class(kind).lowpass and ds.lowpass.enabled):  # SHINE: reads no lowpass setting
-        return np.asarray(denoised, dtype=np.float32), {"applied": False}
+        return unchanged(), {"applied": False}
     lp = ds.lowpass
 
     def lowpass(diameter):
         # ks_max matters only for diameter None (the paper's N / Ks_max)
         ks = ks_max or (max(ds.model.ks) if diameter is None else 7)
-        return filters.fft_lowpass(denoised, diameter=diameter, ks_max=ks, pad=lp.pad, edge_width=lp.edge_width)
+
+        def fn(frames):
+            return filters.fft_lowpass(frames, diameter=diameter, ks_max=ks, pad=lp.pad, edge_width=lp.edge_width)
+        return filters.FrameMap(denoised, fn) if lazy else fn(denoised)
 
     if lp.diameter != "auto":
         return lowpass(lp.diameter), {"applied": True, "diameter": lp.diameter, "pad": lp.pad}
     r = max(int(ds.metrics.temporal_radius), int(reach or 0))
-    if noisy is not None:  # may be a lazy (Zarr) array: read once, only now that it is needed
-        noisy = np.asarray(noisy[:], dtype=np.float32)
     if noisy is None or noisy.shape[0] < 2 * r + 4:
-        return (np.asarray(denoised, dtype=np.float32),
-                {"applied": False, "diameter": "auto", "reason": f"fewer than {2 * r + 4} frames to score it"})
+        return unchanged(), {"applied": False, "diameter": "auto",
+                             "reason": f"fewer than {2 * r + 4} frames to score it"}
     scores, best = {}, (np.inf, None, None)
-    for d in LOWPASS_AUTO:
-        out = np.asarray(denoised, dtype=np.float32) if d is None else lowpass(d)
+    for d in LOWPASS_AUTO:  # noisy may be lazy (Zarr): metrics.umse reads it frame by frame
+        out = unchanged() if d is None else lowpass(d)
         scores["none" if d is None else f"{d:.4g}"] = u = metrics.umse(out, noisy, temporal_radius=r)
         if u < best[0]:
             best = (u, d, out)
@@ -175,15 +194,22 @@ def check_fit(ckpt: dict, stack: np.ndarray, pixel_size: float | None = None, *,
     return problems
 
 
-def classical_candidate(stack: np.ndarray, blind_radius: int) -> tuple[np.ndarray, dict]:
+def classical_candidate(stack, blind_radius: int, *, tile: int | None = None, out=None) -> tuple[np.ndarray, dict]:
     """The Gaussian 3D tuned on the movie itself (``filters.blind_gaussian3d``, Noise2Self
     with the noise stage's blind spot; any temporal reach, up to the mean of the whole
     movie): (T, Y, X) float32 and the attributes recording sigma (t, y, x), temporal
     reach, blind radius, the self-supervised loss of its J-invariant version
     (``n2s_loss``, what :func:`choose` compares; ``n2s_loss_frames`` per frame) and the
-    score table."""
-    stack = np.asarray(stack, dtype=np.float32)
-    res = filters.blind_gaussian3d(stack, int(blind_radius))
+    score table.
+
+    stack: a (T, Y, X) NumPy array (made float32) or a lazy array-like (Zarr), read by
+    spatial tiles of all frames (``tile`` px, None: ``filters.auto_tile``).  out: None
+    (the output is a new float32 array) or a writable (T, Y, X) array such as a Zarr
+    array sharded by those tiles, filled tile by tile and returned.  Memory: bounded by
+    ``filters.TILE_BUDGET`` plus the output when it is in memory."""
+    if isinstance(stack, np.ndarray) or not hasattr(stack, "shape"):
+        stack = np.asarray(stack, dtype=np.float32)
+    res = filters.blind_gaussian3d(stack, int(blind_radius), tile=tile, out=out)
     scores = [{k: None if v != v else float(v) for k, v in row.items()}  # NaN -> null (JSON)
               for row in res.scores.to_dict(orient="records")]
     attrs = {"method": "classical", "filter": "gaussian3d blind-tuned (Noise2Self)",
@@ -330,6 +356,7 @@ def denoise_stack(stack: np.ndarray, ds, *, train_overrides: dict | None = None,
     for name in ds.candidates:
         if name == "pretrained":
             model, ckpt = load_checkpoint(ds.model.checkpoint, device=device)
+            ckpt = for_stack(ckpt, stack)  # a model of several datasets: this stack's own normalisation
             warnings += check_fit(ckpt, stack, pixel_size, blindspot=spot["blindspot"])
         else:
             cb = (lambda row, n=name: progress(n, {**row, "stage": "train"})) if progress else None

@@ -202,6 +202,23 @@ def line_profile(image: np.ndarray, centre, direction, length: float, width: int
     return s, vals.reshape(len(offsets), len(s)).mean(axis=0)
 
 
+def temporal_mean(stack) -> np.ndarray:
+    """Mean over frames of a (T, Y, X) array-like: (Y, X) float64, accumulated frame by
+    frame in order (the same sums as ``stack.mean(axis=0, dtype=float64)``), so a lazy
+    (Zarr) stack is read one frame at a time."""
+    if isinstance(stack, np.ndarray):
+        return stack.mean(axis=0, dtype=np.float64)
+    acc = np.zeros(tuple(stack.shape[1:]), dtype=np.float64)
+    for t in range(stack.shape[0]):
+        acc += np.asarray(stack[t], dtype=np.float64)
+    return acc / stack.shape[0]
+
+
+def _frames(stack, idx) -> np.ndarray:
+    """Frames ``idx`` of a (T, Y, X) array-like, as one (len(idx), Y, X) array."""
+    return np.stack([np.asarray(stack[int(i)]) for i in idx])
+
+
 def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.DataFrame,
                       truth: np.ndarray | None = None, peak: float | None = None, frame: int | None = None,
                       frame_losses: Mapping[str, Sequence[float]] | None = None) -> dict:
@@ -231,10 +248,15 @@ def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.Da
 
     Writes ``index.json`` and small PNG / CSV files (see the keys of index.json); returns
     the index.
+
+    The stacks (and ``truth``) may be lazy array-likes (Zarr): they are read frame by
+    frame.  Memory: per method a (Y, X) float64 temporal mean and the shown frame's
+    residual, 8 frames per method for the spectra and up to ~12 raw frames for the
+    noise and residual checks (float64), whatever the number of frames.
     """
     out = Path(out_dir)
     out.mkdir(parents=True)
-    raw = np.asarray(stacks["raw"])
+    raw = stacks["raw"]
     n = raw.shape[0]
     t = n // 2 if frame is None else int(frame)
     r = int(table.umse_radius.iloc[0])
@@ -256,9 +278,10 @@ def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.Da
         _write_gray_png(out / f"crop_{name}.png", f[y0:y0 + h, x0:x0 + w], lo, hi)
         files["full"][name], files["crop"][name] = f"full_{name}.png", f"crop_{name}.png"
     # residuals raw - denoised: one symmetric range (from the frame's raw noise) for all
-    res_t = {m: raw[t].astype(np.float64) - np.asarray(stacks[m][t], np.float64) for m in methods}
-    res_mean = {m: raw.mean(axis=0, dtype=np.float64) - np.asarray(stacks[m], np.float64).mean(axis=0)
-                for m in methods}
+    raw_t = np.asarray(raw[t], np.float64)
+    res_t = {m: raw_t - np.asarray(stacks[m][t], np.float64) for m in methods}
+    raw_mean = temporal_mean(raw)
+    res_mean = {m: raw_mean - temporal_mean(stacks[m]) for m in methods}
     spread = float(np.percentile(np.abs(np.concatenate([v.ravel() for v in res_t.values()])), 99)) if res_t else 1.0
     spread_mean = float(np.percentile(np.abs(np.concatenate([v.ravel() for v in res_mean.values()])), 99.5)) \
         if res_mean else 1.0
@@ -279,7 +302,7 @@ def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.Da
         rs["spatial_frames"] = {str(k): v for k, v in rs["spatial_frames"].items()}
         residual[m] = rs
     # per-frame uPSNR with the table's radius and peak
-    pk = float(np.max(raw)) if peak is None else float(peak)
+    pk = _metrics.stack_max(raw) if peak is None else float(peak)
     rows = []
     for name, s in stacks.items():
         if not valid.get(name, False):
@@ -297,11 +320,11 @@ def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.Da
     idx = np.unique(np.linspace(0, n - 1, min(n, 8)).round().astype(int))
     spec = []
     for name, s in panels.items():
-        freq, power = radial_spectrum(np.asarray(s)[idx])
+        freq, power = radial_spectrum(_frames(s, idx))
         spec += [{"method": name, "freq": fq, "power": p} for fq, p in zip(freq, power)]
     pd.DataFrame(spec).to_csv(out / "spectra.csv", index=False)
     # line profile across the strongest lattice direction, through the crop centre
-    peak_info = lattice_peak(raw.mean(axis=0, dtype=np.float64))
+    peak_info = lattice_peak(raw_mean)
     centre = (y0 + h / 2 - 0.5, x0 + w / 2 - 0.5)
     period = peak_info["period_px"]
     length_px = int(min(max(h, w), max(16, 6 * period))) if period == period else min(h, w)

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .checkpoint import Normalisation, load_checkpoint, model_from_checkpoint, save_checkpoint
+from .checkpoint import Normalisation, load_checkpoint, model_from_checkpoint, save_checkpoint, strided_sample
 from .config import TrainParams, WCVDParams
 from .errors import InputError
 from .models import BlindSpotModel, class_for_params, resolve_device
@@ -78,13 +78,40 @@ _KEEP_STATES = 20
 # --------------------------------------------------------------------------------------
 # data: train / validation split and crop sampling
 # --------------------------------------------------------------------------------------
-def _check_stack(stack, cls, params) -> np.ndarray:
-    arr = np.asarray(stack)
-    cls.check_input(params, arr.shape)
-    arr = arr.astype(np.float32, copy=False)
-    if not np.isfinite(arr).all():
-        raise InputError(None, "stack contains NaN or Inf values")
-    return arr
+def _check_stack(stack, cls, params, source=None):
+    """The stack as float32 numpy (in memory) or, for an array-like that is not in memory
+    (a Zarr array), the array-like itself, checked frame by frame (shape, finite values)."""
+    if not hasattr(stack, "shape") or isinstance(stack, np.ndarray):
+        arr = np.asarray(stack)
+        cls.check_input(params, arr.shape, source)
+        arr = arr.astype(np.float32, copy=False)
+        if not np.isfinite(arr).all():
+            raise InputError(source, "stack contains NaN or Inf values")
+        return arr
+    cls.check_input(params, tuple(stack.shape), source)
+    for t0 in range(0, stack.shape[0], 8):
+        if not np.isfinite(np.asarray(stack[t0:t0 + 8], dtype=np.float32)).all():
+            raise InputError(source, f"stack contains NaN or Inf values (frames {t0}-{t0 + 7})")
+    return stack
+
+
+class _Frames:
+    """Normalised float32 frames of one training stack (T, Y, X), read on demand.
+
+    A numpy stack is normalised once and kept (fast); any other array-like (a Zarr array
+    too large for memory: ``train_model(..., in_memory=False)``) is read and normalised
+    per crop, so training memory is ~ a batch of crops.  The values are identical either
+    way (the normalisation is elementwise), and so is the trained model.
+    """
+
+    def __init__(self, arr, norm: Normalisation):
+        self.arr, self.norm, self.shape = arr, norm, tuple(arr.shape)
+        self._z = norm.apply(arr) if isinstance(arr, np.ndarray) else None
+
+    def __getitem__(self, index) -> np.ndarray:
+        if self._z is not None:
+            return self._z[index]
+        return self.norm.apply(np.asarray(self.arr[index], dtype=np.float32))
 
 
 @dataclass
@@ -132,36 +159,43 @@ class _Sampler:
     train with periodic padding, as inference pads them.  Augmentation: the dihedral
     group (flips in y and x, transposes of square crops), drawn from
     ``np.random.default_rng(seed)``.
+
+    Several stacks (one model for several datasets): each window comes from stack i with
+    probability proportional to its training windows x frame area (every training pixel
+    equally likely); one crop size for all (whole frames only when all are the same size).
     """
 
-    def __init__(self, z: np.ndarray, split: _Split, mp: WCVDParams, tp: TrainParams):
-        self.z, self.mp, self.tp = z, mp, tp
+    def __init__(self, sources: list[_Frames], splits: list[_Split], mp: WCVDParams, tp: TrainParams):
+        self.sources, self.splits, self.mp, self.tp = sources, splits, mp, tp
         self.rng = np.random.default_rng(tp.seed)
-        self.centres = split.train_centres
-        self.rows = split.train_rows
         h = mp.halo_s
-        ny = self.rows[1] - self.rows[0]
-        nx = z.shape[2]
-        whole = split.mode != "spatial" and (tp.crop is None or tp.crop + 2 * h > min(ny, nx))
+        dims = [(sp.train_rows[1] - sp.train_rows[0], src.shape[2]) for src, sp in zip(sources, splits)]
+        ny, nx = min(d[0] for d in dims), min(d[1] for d in dims)
+        whole = (len(set(dims)) == 1 and all(sp.mode != "spatial" for sp in splits)
+                 and (tp.crop is None or tp.crop + 2 * h > min(ny, nx)))
         if whole:  # full frames, periodic padding (paper setting)
             self.padding, self.cy, self.cx = "circular", ny, nx
         else:      # crops with a real-pixel halo, valid padding
             c = tp.crop if tp.crop is not None else max(ny, nx)
             self.padding = "valid"
             self.cy, self.cx = min(c, ny - 2 * h), min(c, nx - 2 * h)
+        weight = np.array([len(sp.train_centres) * d[0] * d[1] for sp, d in zip(splits, dims)], dtype=np.float64)
+        self.p = weight / weight.sum()
 
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """x: (n, kt, Yin, Xin) float32 windows; target: (n, Yout, Xout) centre frames."""
         ht, hs = self.mp.halo_t, self.mp.halo_s
         halo = hs if self.padding == "valid" else 0
         iy, ix = self.cy + 2 * halo, self.cx + 2 * halo
-        r0, r1 = self.rows
         xs = []
         for _ in range(n):
-            t = self.centres[self.rng.integers(len(self.centres))]
+            # one stack: no draw, so single-dataset training keeps its random sequence
+            i = 0 if len(self.sources) == 1 else int(self.rng.choice(len(self.sources), p=self.p))
+            src, (r0, r1), centres = self.sources[i], self.splits[i].train_rows, self.splits[i].train_centres
+            t = centres[self.rng.integers(len(centres))]
             y0 = r0 + self.rng.integers(r1 - r0 - iy + 1)
-            x0 = self.rng.integers(self.z.shape[2] - ix + 1)
-            w = self.z[t - ht:t + ht + 1, y0:y0 + iy, x0:x0 + ix]
+            x0 = self.rng.integers(src.shape[2] - ix + 1)
+            w = src[t - ht:t + ht + 1, y0:y0 + iy, x0:x0 + ix]
             if self.tp.augment:
                 if self.rng.random() < 0.5:
                     w = w[:, ::-1]
@@ -175,7 +209,7 @@ class _Sampler:
         return x, np.ascontiguousarray(tgt)
 
 
-def _validation_set(z: np.ndarray, split: _Split, mp: WCVDParams, tp: TrainParams):
+def _validation_set(z: _Frames, split: _Split, mp: WCVDParams, tp: TrainParams):
     """Fixed validation windows (N, kt, Y, X), targets and the spatial padding to use."""
     if split.mode == "none":
         return None
@@ -234,22 +268,23 @@ def _loss(model: BlindSpotModel, x: torch.Tensor, tgt: torch.Tensor, padding: st
 
 @torch.no_grad()
 def _evaluate(model: BlindSpotModel, val, device, batch: int, amp_ctx) -> tuple[float, float]:
-    """Validation MSE and its standard error (from the spread of per-pixel squared errors)."""
-    if val is None:
+    """Validation MSE and its standard error (from the spread of per-pixel squared errors),
+    over every pixel of the validation sets (one per training stack)."""
+    if not val:
         return float("nan"), float("nan")
-    x, tgt, padding = val
     model.eval()
     s1 = s2 = 0.0
     count = 0
-    for s in range(0, len(x), batch):
-        xb = torch.from_numpy(x[s:s + batch]).to(device)
-        tb = torch.from_numpy(tgt[s:s + batch]).to(device)
-        with amp_ctx:
-            out = model(xb, padding)[:, 0]
-        err = (out.float() - tb).double().pow(2)
-        s1 += err.sum().item()
-        s2 += err.pow(2).sum().item()
-        count += err.numel()
+    for x, tgt, padding in val:
+        for s in range(0, len(x), batch):
+            xb = torch.from_numpy(x[s:s + batch]).to(device)
+            tb = torch.from_numpy(tgt[s:s + batch]).to(device)
+            with amp_ctx:
+                out = model(xb, padding)[:, 0]
+            err = (out.float() - tb).double().pow(2)
+            s1 += err.sum().item()
+            s2 += err.pow(2).sum().item()
+            count += err.numel()
     model.train()
     mean = s1 / count
     var = max(s2 / count - mean * mean, 0.0)
@@ -337,14 +372,20 @@ def lr_factor(total_steps: int, schedule: str, warmup_fraction: float = 0.0):
     return factor
 
 
-def _fingerprint(cls, mp, tp: TrainParams, norm, arr: np.ndarray) -> dict:
+def _fingerprint(cls, mp, tp: TrainParams, norms: list, arrs: list) -> dict:
     """What a resume state must match: model, settings, normalisation and the data
-    (shape and a hash of a strided subsample, cheap for any size)."""
-    step = max(1, arr.size // 1_000_000)
-    digest = hashlib.sha1(np.ascontiguousarray(arr.ravel()[::step]).tobytes()).hexdigest()
+    (shape and a hash of a strided subsample, cheap for any size), of every stack."""
+    digests = []
+    for arr in arrs:
+        size = int(np.prod(arr.shape))
+        digests.append(hashlib.sha1(strided_sample(arr, max(1, size // 1_000_000)).tobytes()).hexdigest())
     settings = {k: v for k, v in asdict(tp).items() if k != "checkpoint_minutes"}  # timing only
+    if len(arrs) == 1:
+        return {"model": cls.name(mp), "model_params": mp.to_dict(), "train_params": settings,
+                "normalisation": norms[0].to_dict(), "shape": list(arrs[0].shape), "data": digests[0]}
     return {"model": cls.name(mp), "model_params": mp.to_dict(), "train_params": settings,
-            "normalisation": norm.to_dict(), "shape": list(arr.shape), "data": digest}
+            "normalisation": [n.to_dict() for n in norms], "shape": [list(a.shape) for a in arrs],
+            "data": digests}
 
 
 def _save_resume(path, state: dict) -> None:
@@ -363,14 +404,20 @@ def _load_resume(path, fingerprint: dict):
     return state if state.get("fingerprint") == fingerprint else None
 
 
-def train_model(stack: np.ndarray, model_params=WCVDParams(),
+def train_model(stack, model_params=WCVDParams(),
                 train_params: TrainParams = TrainParams(), *, log_csv=None,
                 progress: Callable[[dict], None] | None = None, resume=None,
-                checkpoint_every: float = 600.0) -> dict:
-    """Train a registered blind-spot model (WCVD, WCID, SHINE, ...) on one (T, Y, X) movie.
+                checkpoint_every: float = 600.0, names: list[str] | None = None) -> dict:
+    """Train a registered blind-spot model (WCVD, WCID, SHINE, ...) on one (T, Y, X) movie,
+    or one model on several.
 
     stack: (T, Y, X) array in data units (any real dtype; used as float32); at least one
-        input window of frames, frames wider than the receptive field (InputError).
+        input window of frames, frames wider than the receptive field (InputError).  An
+        array-like that is not a numpy array (a Zarr array) is read crop by crop, never
+        whole (same result).  A list of such stacks trains one model on crops from all
+        of them (``names``: their dataset names, for the checkpoint and error messages);
+        each keeps its own normalisation and its own held-out validation frames, and the
+        checkpoint says ``normalise: per_dataset`` (``checkpoint.normalisation_for``).
     model_params: the parameters of the model class to train (``WCVDParams``,
         ``SHINEParams``, ...): the registry finds the class.
     log_csv: optional path of the CSV log (epoch, train_loss, val_loss, lr, seconds);
@@ -394,27 +441,32 @@ def train_model(stack: np.ndarray, model_params=WCVDParams(),
     """
     mp, tp = model_params, train_params
     cls = class_for_params(mp)
-    arr = _check_stack(stack, cls, mp)
+    several = isinstance(stack, (list, tuple))
+    stacks = list(stack) if several else [stack]
+    names = list(names) if names else [None] * len(stacks)
+    if len(names) != len(stacks):
+        raise ValueError(f"{len(names)} names for {len(stacks)} stacks")
+    arrs = [_check_stack(s, cls, mp, name) for s, name in zip(stacks, names)]
     device = resolve_device(tp.device)
-    norm = Normalisation.fit(arr)
-    z = norm.apply(arr)
-    split = _split(z.shape, mp, tp)
-    if not split.train_centres:
+    norms = [Normalisation.fit(a) for a in arrs]
+    sources = [_Frames(a, n) for a, n in zip(arrs, norms)]
+    splits = [_split(src.shape, mp, tp) for src in sources]
+    n_train = sum(len(sp.train_centres) for sp in splits)
+    if not n_train:
         raise InputError(None, "no frames left to train on")
-    sampler = _Sampler(z, split, mp, tp)
-    val = _validation_set(z, split, mp, tp)
-    steps = tp.steps_per_epoch or max(1, min(math.ceil(len(split.train_centres) / tp.batch_size),
-                                             tp.max_steps_per_epoch))
+    sampler = _Sampler(sources, splits, mp, tp)
+    val = [v for v in (_validation_set(src, sp, mp, tp) for src, sp in zip(sources, splits)) if v is not None]
+    steps = tp.steps_per_epoch or max(1, min(math.ceil(n_train / tp.batch_size), tp.max_steps_per_epoch))
 
     t_start = time.perf_counter()
-    fingerprint = _fingerprint(cls, mp, tp, norm, arr) if resume is not None else None
+    fingerprint = _fingerprint(cls, mp, tp, norms, arrs) if resume is not None else None
     saved = _load_resume(resume, fingerprint)
     log = _CsvLog(log_csv, rows=saved["log_rows"] if saved else ())
     ok = False
     with _deterministic(device.type == "cpu"):
         model = cls.build(mp, seed=tp.seed)
         if not saved and tp.linear_start:  # data-driven start (WCVD: least squares) before any step
-            model.initialise(torch.from_numpy(z), split.train_centres,
+            model.initialise([(src, sp.train_centres) for src, sp in zip(sources, splits) if sp.train_centres],
                              torch.Generator().manual_seed(int(tp.seed)))
         model = model.to(device)
         model.train()
@@ -436,7 +488,7 @@ def train_model(stack: np.ndarray, model_params=WCVDParams(),
             states = {int(k): v for k, v in saved["states"].items()}
             train_loss, first, log_rows = saved["train_loss"], saved["epoch"] + 1, list(saved["log_rows"])
             t_start -= saved["elapsed"]
-        if not saved and val is not None and tp.linear_start:
+        if not saved and val and tp.linear_start:
             # the data-driven start is a candidate too (epoch 0): on sparse, very noisy
             # targets a few hundred SGD steps can end worse than the least-squares start
             # (count 0.25 e-/px: 19.9 dB start, 19.05 dB after 100 epochs), and validation
@@ -459,7 +511,7 @@ def train_model(stack: np.ndarray, model_params=WCVDParams(),
                     losses.append(loss.detach().item())
                 train_loss = float(np.mean(losses))
                 val_loss, val_se = _evaluate(model, val, device, tp.batch_size, amp_ctx)
-                if val is not None:
+                if val:
                     history.append((epoch, val_loss, val_se))
                     states[epoch] = _cpu_state(model)
                     _prune_states(states, history, tp.val_tolerance)
@@ -483,12 +535,18 @@ def train_model(stack: np.ndarray, model_params=WCVDParams(),
             log.close(ok)
     if resume is not None and os.path.isfile(resume):
         os.remove(resume)  # complete: the checkpoint below supersedes it
-    return _checkpoint(cls, model, states, history, mp, tp, norm, split, arr, device, train_loss, t_start,
-                       steps)
+    ckpt = _checkpoint(cls, model, states, history, mp, tp, norms[0], splits[0], arrs[0], device, train_loss,
+                       t_start, steps)
+    if several:  # one model for several datasets: each is normalised with its own statistics
+        ckpt.update(normalise="per_dataset", train_on=names, normalisations=[n.to_dict() for n in norms],
+                    input_shape=[list(a.shape) for a in arrs],
+                    validation=[{"mode": sp.mode, "frames": list(sp.val_centres), "rows": list(sp.val_rows)}
+                                for sp in splits])
+    return ckpt
 
 
 def _checkpoint(cls, model, states: dict, history: list, mp, tp: TrainParams, norm,
-                split, arr: np.ndarray, device, train_loss, t_start: float, steps: int) -> dict:
+                split, arr, device, train_loss, t_start: float, steps: int) -> dict:
     """The checkpoint dict of a finished training run (every model): weights of the
     selected validation epoch (``_select_epoch``; the minimum if that epoch's weights
     were pruned), or of the last epoch when there was no validation."""

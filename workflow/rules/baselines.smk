@@ -12,7 +12,7 @@ rule baselines:
     log:
         f"{RESULTS}/logs/{{ds}}/baselines.log",
     resources:
-        mem_mb=mem_mb(4),
+        mem_mb=mem_mb(0, 2000),  # streamed by frame blocks (filters.filter_blocks)
     conda:
         "../../envs/emdenoise.yaml"
     script:

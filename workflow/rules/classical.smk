@@ -13,7 +13,7 @@ rule classical:
     log:
         f"{RESULTS}/logs/{{ds}}/classical.log",
     resources:
-        mem_mb=mem_mb(5),
+        mem_mb=mem_mb(0, 2500),  # streamed by tiles (filters.TILE_BUDGET)
     conda:
         "../../envs/emdenoise.yaml"
     script:

@@ -57,17 +57,19 @@ def gpu_slots(stage_name):
     return slots
 
 
-def mem_mb(copies, base=1000):
+def mem_mb(copies, base=1000, most=None):
     """A rule's `mem_mb`: `base` MB plus `copies` float32 copies of its input stacks
-    (sizes read when the job is scheduled), doubled on each retry
-    (`emdenoise.stage.job_memory_mb`; retries: profiles/slurm)."""
+    (sizes read when the job is scheduled; at most `most` MB where the stage streams
+    larger stacks), doubled on each retry (`emdenoise.stage.job_memory_mb`; retries:
+    profiles/slurm). Stages that stream their stacks whatever the size take copies=0."""
 
     def resource(wildcards, input, attempt):
         stacks = [p for p in input if not p.endswith((".json", ".csv", ".pt", ".png"))]
         for p in stacks:
             if not os.path.exists(p):  # made by an earlier job: Snakemake asks again once it exists
                 raise FileNotFoundError(errno.ENOENT, "not made yet", p)
-        return emstage.job_memory_mb(sum(emstage.stack_megabytes(p) for p in stacks), copies, base, attempt)
+        held = copies * sum(emstage.stack_megabytes(p) for p in stacks)
+        return emstage.job_memory_mb(held if most is None else min(held, most), 1, base, attempt)
 
     return resource
 
@@ -150,8 +152,30 @@ def checkpoints(ds):
 
 
 def model_path(ds, model):
-    """A candidate's checkpoint: trained here, or the configured one (`model.checkpoint`)."""
-    return CFG.datasets[ds].model.checkpoint if model == "pretrained" else f"{RESULTS}/{ds}/{model}/model.pt"
+    """A candidate's checkpoint: trained for the dataset, trained once for several
+    (`model.train_on`: results/_shared/<group>/), or the configured one (`model.checkpoint`)."""
+    if model == "pretrained":
+        return CFG.datasets[ds].model.checkpoint
+    if ds in CFG.train_groups:
+        return f"{RESULTS}/_shared/{emcfg.group_key(CFG.train_groups[ds])}/{model}/model.pt"
+    return f"{RESULTS}/{ds}/{model}/model.pt"
+
+
+# models shared by several datasets (`model.train_on`): group key -> the datasets they
+# train on, and -> every dataset involved (trained on or applied to)
+TRAIN_GROUPS = {emcfg.group_key(m): m for m in CFG.train_groups.values()}
+GROUP_DATASETS = {
+    key: sorted(set(members) | {d for d, m in CFG.train_groups.items() if m == members})
+    for key, members in TRAIN_GROUPS.items()
+}
+
+
+def group_stage(wildcards):
+    """`params:` of a shared training: the settings of the first dataset applying it
+    (emdenoise.config.train_groups checked that all of them agree)."""
+    users = sorted(d for d, m in CFG.train_groups.items() if emcfg.group_key(m) == wildcards.group)
+    ds = CFG.datasets[users[0]]
+    return emcfg.stage_params(ds, "train", *emcfg.model_settings(ds, wildcards.model))
 
 
 def candidate_stacks(wildcards):
@@ -207,7 +231,7 @@ def model_choices(wildcards=None):
 
 def train_logs(wildcards=None):
     """Each trained candidate's training log, by dataset and model (the report's curves)."""
-    return {ds: {m: f"{RESULTS}/{ds}/{m}/train_log.csv" for m in candidates(ds) if m != "pretrained"}
+    return {ds: {m: os.path.join(os.path.dirname(model_path(ds, m)), "train_log.csv") for m in candidates(ds) if m != "pretrained"}
             for ds in DATASETS if candidates(ds)}  # a pretrained model was trained elsewhere
 
 

@@ -14,7 +14,7 @@ rule lowpass:
     log:
         f"{RESULTS}/logs/{{ds}}/lowpass_{{model}}.log",
     resources:
-        mem_mb=mem_mb(4),
+        mem_mb=mem_mb(0, 2500),  # streamed by blocks of frames
     conda:
         "../../envs/emdenoise.yaml"
     script:
@@ -32,7 +32,7 @@ rule export:
     log:
         f"{RESULTS}/logs/{{ds}}/export_{{stem}}_{{ext}}.log",
     resources:
-        mem_mb=mem_mb(2),
+        mem_mb=mem_mb(0, 2000),  # written block by block
     conda:
         "../../envs/emdenoise.yaml"
     script:

@@ -22,7 +22,7 @@ rule metrics:
     log:
         f"{RESULTS}/logs/{{ds}}/metrics.log",
     resources:
-        mem_mb=mem_mb(1.5),
+        mem_mb=mem_mb(0, 3000),  # frame by frame; diagnostics hold a few frames per method
     conda:
         "../../envs/emdenoise.yaml"
     script:

@@ -18,7 +18,40 @@ rule train:
     threads: 2
     resources:
         gpu=gpu_slots("train"),
-        mem_mb=mem_mb(3, 4000),
+        mem_mb=mem_mb(3, 4000, most=3000),  # > 1 GB of frames: crops read from Zarr (scripts/train.py)
+        runtime=runtime(240),
+    conda:
+        "../../envs/emdenoise.yaml"
+    script:
+        "../../scripts/train.py"
+
+
+# One model for several datasets (`model.train_on`): trained once on crops from all of
+# them, each normalised with its own statistics; applied to each by `infer`.
+
+
+rule train_shared:
+    input:
+        stacks=lambda wildcards: [f"{RESULTS}/{m}/aligned.zarr" for m in TRAIN_GROUPS[wildcards.group]],
+        # every dataset the model is applied to: its blind spot must cover all of their
+        # noise, its temporal window fit the shortest of them
+        applied=lambda wildcards: [f"{RESULTS}/{d}/aligned.zarr" for d in GROUP_DATASETS[wildcards.group]],
+        blindspots=lambda wildcards: [f"{RESULTS}/{d}/blindspot.json" for d in GROUP_DATASETS[wildcards.group]],
+    output:
+        model=f"{RESULTS}/_shared/{{group}}/{{model}}/model.pt",
+        log_csv=f"{RESULTS}/_shared/{{group}}/{{model}}/train_log.csv",
+    wildcard_constraints:
+        model="wcvd(_kt[0-9]+)?(_ctx)?|shine",
+        group="|".join(re.escape(k) for k in TRAIN_GROUPS) or "no-shared-model",
+    params:
+        cfg=group_stage,
+        members=lambda wildcards: list(TRAIN_GROUPS[wildcards.group]),
+    log:
+        f"{RESULTS}/logs/_shared/{{group}}/train_{{model}}.log",
+    threads: 2
+    resources:
+        gpu=lambda wildcards: CFG.datasets[GROUP_DATASETS[wildcards.group][0]].gpu_jobs("train") if GPUS_VISIBLE else 0,
+        mem_mb=mem_mb(3, 4000, most=3000),
         runtime=runtime(240),
     conda:
         "../../envs/emdenoise.yaml"
