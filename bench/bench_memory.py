@@ -6,19 +6,31 @@ then each stage runs its real workflow script (``scripts/<stage>.py``, under a s
 for the ``snakemake`` object) in a fresh child process, whose peak RSS
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) is its own:
 
+    prefilter   WCID trained on the movie (crops from Zarr above 1 GB; 2 epochs here), applied
+                by chunked inference, Zarr -> Zarr by tiles
+    drift       drift measured on the pre-filtered stack frame by frame (leave-one-out running
+                sum), the aligned movie written by frame blocks
+    noise       noise-correlation heatmaps of up to 5 adjacent pairs, read frame by frame
     baselines   Gaussian 2D / 3D, Zarr -> Zarr by frame blocks
     classical   Gaussian 3D tuned without ground truth (78 sigma pairs), by spatial tiles
     lowpass     WCVD's FFT low-pass with the diameter chosen by uMSE ('auto'), by frames
     export_mrc  Zarr -> MRC, export_tif  Zarr -> ImageJ TIFF, by frame blocks
     metrics     uMSE / uPSNR / SNR table, preview and report diagnostics, frame by frame
 
-The movie itself stands in for the network's output (denoised_raw.zarr) of ``lowpass``
-and for the method stacks of ``metrics`` (raw, gaussian2d, gaussian3d, classical as the
-stages above wrote them).  Printed per stage: seconds, peak RSS of both sizes, their
-ratio (target: ~1.2 or less; a stage whose memory grew with T would show ~4), and the
-disk footprint of its outputs.
+The movie itself stands in for the raw movie of ``prefilter`` and ``drift``, for the
+pre-filtered stack of ``drift`` (as with ``prefilter: none``: on pure noise the measurement
+finds no significant peak, runs its 5 rounds and applies no shift, so whole frames are
+written; the 2-epoch WCID's near-flat output would fool its check into large shifts and a
+tiny crop), for the aligned movie of ``noise``, for the network's output
+(denoised_raw.zarr) of ``lowpass`` and for the method stacks of ``metrics`` (raw,
+gaussian2d, gaussian3d, classical as the stages above wrote them).  Printed per stage:
+seconds, peak RSS of both sizes, their ratio (target: ~1.2 or less; a stage whose memory
+grew with T would show ~4), and the disk footprint of its outputs.  ``prefilter`` trains
+in memory up to ``pipeline.PREFILTER_IN_MEMORY_BYTES`` (1 GB, scaled with the budgets:
+both ``--small`` movies are under it); its lazy path with ``--sizes 48x512x512 96x512x512
+--budget-scale 0.015625``.
 
-    .venv/bin/python bench/bench_memory.py --small     # 12 x 512² and 48 x 512², ~1-2 min on 2 cores
+    .venv/bin/python bench/bench_memory.py --small     # 12 x 512² and 48 x 512², ~3 min on 2 cores
     .venv/bin/python bench/bench_memory.py             # 50 x 2048² and 200 x 2048² (long: the tuned
                                                        # Gaussian scores 78 sigma pairs)
     .venv/bin/python bench/bench_memory.py --sizes 20x1024x1024 80x1024x1024 --stages baselines metrics
@@ -42,7 +54,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 TAME_MALLOC = False  # --tame-malloc
-STAGES = ("baselines", "classical", "lowpass", "export_mrc", "export_tif", "metrics")
+STAGES = ("prefilter", "drift", "noise", "baselines", "classical", "lowpass", "export_mrc", "export_tif", "metrics")
+#: The bench's WCID pre-filter: few epochs (its memory does not depend on them), on the CPU.
+PREFILTER = {"method": "wcid", "epochs": 2}
+PREFILTER_TRAIN = {"device": "cpu", "crop": 64, "val_crop": 64}
 
 
 def make_input(path: Path, shape, seed: int = 0) -> None:
@@ -86,9 +101,22 @@ def stage_args(stage: str, d: Path):
     """(script, snakemake stand-in, outputs) of one stage in work folder ``d``."""
     from emdenoise import config as emcfg
 
-    ds = emcfg.build({"datasets": {"bench": {"path": "x"}}}, check_paths=False).datasets["bench"]
+    defaults = {"prefilter": PREFILTER, "train": PREFILTER_TRAIN}
+    ds = emcfg.build({"datasets": {"bench": {"path": "x"}}, "defaults": defaults}, check_paths=False).datasets["bench"]
     raw = str(d / "aligned.zarr")
     log = d / f"{stage}.log"
+    if stage == "prefilter":
+        out = _Files([str(d / "prefiltered.zarr")])
+        cfg = emcfg.stage_params(ds, *emcfg.prefilter_settings(ds))
+        return "prefilter", _smk(stage, cfg, _Files([raw]), out, log), out
+    if stage == "drift":
+        inp = _Files(raw=raw, prefiltered=raw)
+        out = _Files(aligned=str(d / "drift_aligned.zarr"), table=str(d / "drift.csv"), plot=str(d / "drift.png"))
+        return "drift", _smk(stage, emcfg.stage_params(ds, "drift", "kind"), inp, out, log), out
+    if stage == "noise":
+        out = _Files(table=str(d / "noise_correlation.csv"), plot=str(d / "noise_correlation.png"),
+                     blindspot=str(d / "noise_blindspot.json"))
+        return "noise", _smk(stage, emcfg.stage_params(ds, "name", "noise"), _Files([raw]), out, log), out
     if stage == "baselines":
         out = _Files(gaussian2d=str(d / "gaussian2d.zarr"), gaussian3d=str(d / "gaussian3d.zarr"))
         return "baselines", _smk(stage, emcfg.stage_params(ds, "baselines"), _Files([raw]), out, log), out
@@ -118,10 +146,10 @@ def scale_budgets(factor: float) -> None:
     """Scale the streaming budgets (bytes per block / tile) by ``factor``: with --small,
     by the frame area's ratio to 2048², so that small movies are streamed like big ones
     (the budgets exceed a whole small movie otherwise, and nothing would be bounded)."""
-    from emdenoise import filters, io, metrics
+    from emdenoise import chunked, filters, io, metrics, pipeline
 
     for mod, name in ((filters, "BLOCK_BYTES"), (filters, "TILE_BUDGET"), (metrics, "BLOCK_BYTES"),
-                      (io, "_MAX_BLOCK_BYTES")):
+                      (io, "_MAX_BLOCK_BYTES"), (chunked, "MAX_TILE_BYTES"), (pipeline, "PREFILTER_IN_MEMORY_BYTES")):
         setattr(mod, name, int(getattr(mod, name) * factor))
 
 

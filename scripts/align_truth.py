@@ -1,8 +1,8 @@
-"""Rule `align_truth`: give the ground truth exactly the shifts and crop of the raw stack."""
-import numpy as np
+"""Rule `align_truth`: give the ground truth exactly the shifts and crop of the raw stack
+(streamed by blocks of frames, as the `drift` rule writes the aligned movie)."""
 import pandas as pd
 
-from emdenoise import drift, io, stage
+from emdenoise import drift, filters, io, stage
 from emdenoise.config import stage_config
 from emdenoise.errors import InputError
 
@@ -15,10 +15,13 @@ def main(smk):
     applied = table[["applied_dy", "applied_dx"]].to_numpy()
     if truth.shape[0] != applied.shape[0]:
         raise InputError(ds.ground_truth, f"ground truth has {truth.shape[0]} frames, the movie {applied.shape[0]}")
-    out, _ = drift.apply_shifts(np.asarray(truth[:], dtype=np.float32), applied, mode=ds.drift.apply, crop=ds.drift.crop)
-    if out.shape != aligned.shape:
+    info = drift.plan_shifts(applied, truth.shape, mode=ds.drift.apply)
+    shape = drift.aligned_shape(info, truth.shape, ds.drift.crop)
+    if shape != tuple(aligned.shape):
         raise InputError(ds.ground_truth, f"ground truth frames {truth.shape[1:]} do not match the movie's")
-    io.write_zarr(smk.output[0], out, pixel_size=attrs.get("pixel_size"), attrs=attrs)
+    k = filters.block_frames(shape[1:])  # streamed: a block of frames in memory, not the movie
+    io.write_zarr_blocks(smk.output[0], shape, drift.aligned_blocks(truth, info, crop=ds.drift.crop, frames=k), k,
+                         pixel_size=attrs.get("pixel_size"), attrs=attrs)
 
 
 stage.run(snakemake, main)  # noqa: F821

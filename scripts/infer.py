@@ -19,7 +19,8 @@ def main(smk):
     src, src_attrs = io.read_zarr(smk.input.stack)
     attrs = {"method": smk.wildcards.model, "model_checkpoint": str(smk.input.model),
              "model_kind": ckpt.get("model", "wcvd"), "temporal_reach": model.params.halo_t,
-             "ks_max": max(ckpt["model_params"].get("ks", [7])), "blind_radius": int(ckpt.get("blind_radius", 0))}
+             "ks_max": max(ckpt["model_params"].get("ks", [7])), "blind_radius": int(ckpt.get("blind_radius", 0)),
+             "precision": str(infer.inference_dtype(model, cfg.device, cfg.precision)).removeprefix("torch.")}
     if ckpt.get("normalise") == "per_dataset":  # one model for several datasets: this one's own statistics
         ckpt = checkpoint.for_stack(ckpt, src)
         stage.log.info("model trained on %s; normalised with this dataset's statistics %s",
@@ -30,14 +31,14 @@ def main(smk):
             stage.log.warning("model %s may not fit this data: %s", smk.input.model, problem)
     if ds.kind == "tilt_series":
         out = infer.denoise_tiled(model, ckpt, src, tile=cfg.tilt_tile, overlap=cfg.tilt_overlap,
-                                  device=cfg.device, batch_frames=cfg.batch_frames)
+                                  device=cfg.device, batch_frames=cfg.batch_frames, precision=cfg.precision)
         io.write_zarr(smk.output[0], out, pixel_size=src_attrs.get("pixel_size"),
                       attrs={**src_attrs, **attrs, "tiling": {"tile": cfg.tilt_tile, "overlap": cfg.tilt_overlap}})
         return
     tile = None if cfg.tile is None else (cfg.batch_frames, cfg.tile, cfg.tile)
     stats = chunked.infer_zarr(model, ckpt, smk.input.stack, smk.output[0], device=cfg.device, tile=tile,
                                workers=cfg.workers or smk.threads, scheduler_address=cfg.scheduler_address,
-                               batch_frames=cfg.batch_frames, attrs=attrs)
+                               batch_frames=cfg.batch_frames, attrs=attrs, precision=cfg.precision)
     stage.log.info("inference: %s", stats)
 
 

@@ -1,4 +1,8 @@
-"""Rule `noise`: noise-correlation heatmaps and the blind-spot size (SHINE)."""
+"""Rule `noise`: noise-correlation heatmaps and the blind-spot size (SHINE).
+
+Bounded memory: the aligned Zarr stays lazy; emdenoise.noise.estimate_blindspot reads
+only the frames of up to noise.MAX_PAIRS adjacent pairs spread over the movie.
+"""
 import json
 
 import pandas as pd
@@ -14,7 +18,7 @@ def main(smk):
     if attrs.get("drift", {}).get("mode", "integer") != "integer":
         raise InputError(smk.input[0], "noise must be measured on frames that were never interpolated; "
                             "set drift.apply: integer for this dataset")
-    result = noise.estimate_blindspot(aligned[:], max_lag=ds.noise.max_lag, threshold=ds.noise.threshold,
+    result = noise.estimate_blindspot(aligned, max_lag=ds.noise.max_lag, threshold=ds.noise.threshold,
                                       estimate=ds.noise.estimate)
     with io.atomic_path(smk.output.table) as tmp:
         tables = [noise.heatmap_table(result[f"heatmap_{kind}"]).assign(estimate=kind)

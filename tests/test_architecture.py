@@ -31,7 +31,8 @@ LAYERS = {
     2: {"models", "report", "provenance"},
     3: {"checkpoint"},
     4: {"train", "infer"},
-    5: {"chunked", "pipeline", "watch"},
+    5: {"chunked", "watch"},
+    5.5: {"pipeline"},  # the chain: streams the WCID pre-filter through chunked inference
     6: {"cli"},
 }
 RANK = {m: r for r, mods in LAYERS.items() for m in mods}

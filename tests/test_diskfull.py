@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -156,3 +157,121 @@ def test_any_atomic_write_reports_a_full_disk(tmp_path):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     _assert_one_line(e, out)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- inside the workflow ----------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+
+#: Test-only ENOSPC for the stage scripts that Snakemake starts (a sitecustomize on
+#: PYTHONPATH, nothing in the package): every Zarr write under a store whose path holds
+#: $EMDENOISE_TEST_ENOSPC fails as on a full disk.
+_SITECUSTOMIZE = '''
+import os
+import shutil
+if os.environ.get("EMDENOISE_TEST_ENOSPC"):
+    import errno
+    import zarr.storage
+    _set = zarr.storage.LocalStore.set
+    async def _full(self, key, value, *args, **kwargs):
+        if os.environ["EMDENOISE_TEST_ENOSPC"] in str(self.root):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return await _set(self, key, value, *args, **kwargs)
+    zarr.storage.LocalStore.set = _full
+'''
+
+
+def _workflow(workdir: Path, *targets: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2",
+           *targets, "--configfile", str(workdir / "config.yaml")]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def _tiny_workflow(workdir: Path) -> None:
+    """One 8-frame movie; Gaussian pre-filter and no network: the whole run takes seconds."""
+    from emdenoise import synthetic
+    import yaml
+
+    m = synthetic.simulate_movie(n_frames=8, shape=(96, 96), mode="counting", dose=2.0, max_drift=2.0, seed=5)
+    np.save(workdir / "movie.npy", m.noisy.astype(np.float32))
+    (workdir / "config.yaml").write_text(yaml.safe_dump({
+        "results": "results", "datasets": {"tiny": {"path": str(workdir / "movie.npy")}},
+        "defaults": {"prefilter": {"method": "gaussian2d"}, "model": {"name": "none"}}}))
+
+
+def _assert_failed_cleanly(proc, workdir: Path, rule: str, output: str) -> None:
+    """The job failed with one line naming its output and the full disk; nothing partial."""
+    res = workdir / "results"
+    out = res / "tiny" / output
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    log = (res / "logs" / "tiny" / f"{rule}.log").read_text()
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "Traceback" not in log, log
+    said = f"results/tiny/{output}: no space left on device"  # the job's own (relative) output path
+    assert said in errors[0], errors
+    assert said in proc.stderr
+    assert not out.exists()
+    assert not [p for p in res.rglob("*") if ".tmp" in p.name or ".old-" in p.name]
+
+
+@pytest.fixture
+def mount_tmpfs():
+    """mount(path, size) a tmpfs (root, as in CI; skip otherwise); all unmounted afterwards."""
+    mounted = []
+
+    def mount(path: Path, size: str):
+        path.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode})")
+        mounted.append(path)
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_workflow_on_a_full_disk_fails_cleanly_and_a_rerun_completes(tmp_path, mount_tmpfs):
+    """The dataset's results folder on a small tmpfs that fills up in the stage after
+    ingest: that job fails with one line naming its output, nothing partial stays, and
+    the same command completes once space is freed (the ingested stack is kept)."""
+    _tiny_workflow(tmp_path)
+    data = tmp_path / "results" / "tiny"  # the logs stay outside, on the normal disk
+    mount_tmpfs(data, "16m")
+    first = _workflow(tmp_path, "results/tiny/raw.zarr")
+    assert first.returncode == 0, first.stderr[-3000:]
+    # leave half of what the ingested stack takes: the pre-filtered stack cannot fit
+    raw_bytes = sum(p.stat().st_size for p in (data / "raw.zarr").rglob("*") if p.is_file())
+    ballast = data / "ballast.bin"
+    with open(ballast, "wb") as fh:
+        fh.write(b"\1" * (shutil.disk_usage(data).free - raw_bytes // 2))
+    full = _workflow(tmp_path)
+    _assert_failed_cleanly(full, tmp_path, "prefilter", "prefiltered.zarr")
+    assert (data / "raw.zarr").is_dir()
+    ballast.unlink()  # space freed: the same command completes
+    again = _workflow(tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "rule ingest" not in again.stdout + again.stderr  # the ingested stack was kept
+    assert (tmp_path / "results" / "report" / "report.html").exists()
+    assert (data / "blindspot.json").exists() and (data / "metrics.csv").exists()
+    assert not [p for p in (tmp_path / "results").rglob("*") if ".tmp" in p.name]
+
+
+def test_workflow_injected_enospc_in_one_stage(tmp_path):
+    """Always runs (no root needed): ENOSPC injected into the Zarr writes of the `drift`
+    job's aligned.zarr; the jobs before it finish, it fails cleanly, a rerun without the
+    injection completes from there."""
+    _tiny_workflow(tmp_path)
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    pythonpath = os.pathsep.join(p for p in (str(tmp_path / "hook"), os.environ.get("PYTHONPATH")) if p)
+    target = "results/tiny/blindspot.json"
+    failed = _workflow(tmp_path, target, env={"PYTHONPATH": pythonpath, "EMDENOISE_TEST_ENOSPC": "aligned"})
+    _assert_failed_cleanly(failed, tmp_path, "drift", "aligned.zarr")
+    assert (tmp_path / "results" / "tiny" / "raw.zarr").is_dir()
+    again = _workflow(tmp_path, target)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "results" / "tiny" / "blindspot.json").exists()
+    assert not [p for p in (tmp_path / "results").rglob("*") if ".tmp" in p.name]

@@ -152,3 +152,52 @@ def test_parallel_callers_restore_the_thread_count():
     assert torch.get_num_threads() == before
     for b, o in zip(blocks, outs):
         np.testing.assert_allclose(o, _reference(m, b), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# SHINE in bfloat16 on CPUs that compute it natively (infer.precision: auto)
+# --------------------------------------------------------------------------------------
+def _trained_shine():
+    from emdenoise.config import SHINE_SIZES, SHINEParams, TrainParams
+    from emdenoise.synthetic import simulate_scene
+    from emdenoise.train import model_from_checkpoint, train_model
+
+    mv = simulate_scene(12, (96, 96), mode="linear", dose=2.0, seed=4)
+    ckpt = train_model(mv.noisy, SHINEParams(blindspot=3, **SHINE_SIZES["cpu"]["arch"]),
+                       TrainParams(epochs=40, crop=48, batch_size=8, lr=2e-3, max_steps_per_epoch=1, val_crop=64,
+                                   device="cpu"))
+    return model_from_checkpoint(ckpt), ckpt, mv.noisy
+
+
+def test_only_shine_on_a_native_bf16_cpu_runs_in_bfloat16(monkeypatch):
+    from emdenoise.config import SHINEParams
+    from emdenoise.models import build_shine
+
+    shine, wcvd = build_shine(SHINEParams(blindspot=3)), build_model(WCVDParams())
+    monkeypatch.setattr(infer, "cpu_bf16_native", lambda: True)
+    assert infer.inference_dtype(shine, "cpu", "auto") == torch.bfloat16
+    assert infer.inference_dtype(shine, "cpu", "float32") == torch.float32
+    assert infer.inference_dtype(wcvd, "cpu", "auto") == torch.float32  # WCVD's fast path stays float32
+    monkeypatch.setattr(infer, "cpu_bf16_native", lambda: False)
+    assert infer.inference_dtype(shine, "cpu", "auto") == torch.float32  # emulated bf16 would be slower
+    with pytest.raises(ValueError, match="precision"):
+        infer.inference_dtype(shine, "cpu", "half")
+
+
+@pytest.mark.skipif(not infer.cpu_bf16_native(), reason="this CPU has no native bfloat16 (AMX / AVX512-BF16)")
+def test_shine_bfloat16_output_is_within_1e3_of_float32_and_blind():
+    """The issue's bound for reduced precision: a trained SHINE's output in bfloat16 stays
+    within 1e-3 of the float32 output (relative to its maximum); and the blind spot is
+    structural, so it holds in bfloat16 too: changing a centre-frame pixel leaves that
+    pixel's output bit for bit unchanged."""
+    model, ckpt, noisy = _trained_shine()
+    ref = denoise(model, ckpt, noisy, device="cpu", precision="float32")
+    fast = denoise(model, ckpt, noisy, device="cpu", precision="auto")
+    assert not np.array_equal(fast, ref)  # it did run in bfloat16
+    assert np.abs(fast - ref).max() / np.abs(ref).max() < 1e-3
+    for t in (0, 5, 11):  # edge frames too
+        hit = noisy.copy()
+        hit[t, 40, 50] += 500.0
+        out = denoise(model, ckpt, hit, device="cpu", precision="auto")
+        assert out[t, 40, 50] == fast[t, 40, 50]
+        assert out[t, 40, 54] != fast[t, 40, 54]  # outside the 3 x 3 blind spot it sees the change

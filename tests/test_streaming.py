@@ -11,7 +11,7 @@ import pytest
 import tifffile
 
 from emdenoise import config as emcfg
-from emdenoise import filters, io, metrics, pipeline, report
+from emdenoise import chunked, drift, filters, io, metrics, noise, pipeline, report
 from emdenoise.synthetic import simulate_movie
 
 SHAPE = (14, 41, 46)  # odd sizes: the last tiles and blocks are partial
@@ -192,3 +192,108 @@ def test_lazy_inputs_are_not_loaded_whole(movie, monkeypatch):
     metrics.compute_metrics({"raw": lazy}, lazy, reaches={"raw": 0})
     metrics.self_supervised_loss_per_frame(lazy, lazy)
     assert max(widest) <= 4
+
+
+# ---- drift, noise, prefilter, ingest (the rest of issue 12) ---------------------------
+def _recording(stack, widest):
+    """A lazy (T, Y, X) view of ``stack`` that records how many frames each read asked for."""
+    def read(a, b):
+        widest.append(b - a)
+        return stack[a:b]
+    return io.LazyStack(read, stack.shape, stack.dtype)
+
+
+@pytest.fixture(scope="module")
+def drifting():
+    m = simulate_movie(9, (72, 64), mode="counting", dose=1.0, max_drift=4.0, seed=3)
+    raw = np.asarray(m.noisy, np.float32)
+    return raw, filters.gaussian2d(raw, 1.5)
+
+
+@pytest.mark.parametrize("reference,max_shift", [("auto", None), ("first", None), ("pairwise", 5)])
+def test_drift_measured_on_a_zarr_stack_equals_the_in_memory_one(tmp_path, drifting, reference, max_shift):
+    _, pre = drifting
+    ref = drift.measure_drift(pre, reference=reference, max_shift=max_shift, return_info=True)
+    lazy = _zarr(tmp_path, "pre", pre)
+    got = drift.measure_drift(lazy, reference=reference, max_shift=max_shift, return_info=True)
+    np.testing.assert_array_equal(got[0], ref[0])
+    assert got[1] == ref[1] and np.abs(ref[0]).max() > 1  # a real drift was measured
+    widest = []
+    drift.measure_drift(_recording(pre, widest), reference=reference, max_shift=max_shift)
+    assert max(widest) == 1  # frame by frame, never the whole stack
+
+
+@pytest.mark.parametrize("mode", ["integer", "fourier", "spline"])
+@pytest.mark.parametrize("crop", [True, False])
+def test_aligned_blocks_equal_apply_shifts(tmp_path, drifting, mode, crop):
+    raw, pre = drifting
+    shifts = drift.measure_drift(pre)
+    ref, ref_info = drift.apply_shifts(raw, shifts, mode=mode, crop=crop)
+    info = drift.plan_shifts(shifts, raw.shape, mode=mode)
+    def as_lists(d):
+        return {k: np.asarray(v).tolist() for k, v in d.items()}
+    assert as_lists(info) == as_lists(ref_info)
+    shape = drift.aligned_shape(info, raw.shape, crop)
+    assert shape == ref.shape
+    lazy = _zarr(tmp_path, "raw", raw)
+    for frames in (1, 4, 100):
+        blocks = list(drift.aligned_blocks(lazy, info, crop=crop, frames=frames))
+        assert [a for a, _ in blocks] == list(range(0, raw.shape[0], frames))
+        np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), ref)
+    widest = []
+    list(drift.aligned_blocks(_recording(raw, widest), info, crop=crop, frames=4))
+    assert max(widest) == 1
+
+
+def test_noise_estimated_on_a_zarr_stack_equals_the_in_memory_one(tmp_path, movie):
+    raw = movie[0]
+    lazy = _zarr(tmp_path, "raw", raw)
+    for estimate in ("auto", "frame"):
+        ref = noise.estimate_blindspot(raw, estimate=estimate)
+        assert noise.estimate_blindspot(lazy, estimate=estimate) == ref
+    widest = []
+    result = noise.estimate_blindspot(_recording(raw, widest))
+    assert max(widest) == 1 and len(widest) <= 3 * noise.MAX_PAIRS  # only the frames of the pairs
+    assert len(result["frames"]) <= 2 * noise.MAX_PAIRS
+
+
+@pytest.mark.parametrize("method", ["gaussian2d", "none"])
+def test_prefilter_zarr_filters_equal_the_whole_array(tmp_path, movie, method):
+    src = tmp_path / "raw.zarr"
+    io.write_zarr(src, movie[0], pixel_size=1.5, attrs={"dataset": "x"})
+    pipeline.prefilter_zarr(src, tmp_path / "pre.zarr", method=method, sigma=1.2, frames=3,
+                            attrs={"prefilter": {"method": method}})
+    arr, attrs = io.read_zarr(tmp_path / "pre.zarr")
+    np.testing.assert_array_equal(arr[:], pipeline.prefilter(movie[0], method=method, sigma=1.2))
+    assert arr.shards[0] == 3 and attrs["pixel_size"] == 1.5 and attrs["dataset"] == "x"
+    assert attrs["prefilter"] == {"method": method}
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_prefilter_zarr_wcid_equals_the_whole_array(tmp_path, movie, monkeypatch, in_memory):
+    """WCID trained on the stack (in memory or by crops from the store), then chunked
+    inference by tiles: the same model and the same frames as pipeline.prefilter."""
+    tp = emcfg.TrainParams(epochs=2, crop=16, val_crop=16, batch_size=4, device="cpu")
+    params = emcfg.ModelConfig().wcvd_params(dims=2)
+    src = tmp_path / "raw.zarr"
+    io.write_zarr(src, movie[0], pixel_size=1.0)
+    if not in_memory:
+        monkeypatch.setattr(pipeline, "PREFILTER_IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(chunked, "MAX_TILE_BYTES", 4 * SHAPE[1] * SHAPE[2] * chunked.CPU_BYTES_PER_PX)
+    ckpt = pipeline.prefilter_zarr(src, tmp_path / "pre.zarr", method="wcid", wcid_params=params, train_params=tp)
+    arr, attrs = io.read_zarr(tmp_path / "pre.zarr")
+    assert ckpt["model"] == "wcid" and attrs["infer"]["tile"][0] < SHAPE[0]  # really by tiles
+    np.testing.assert_array_equal(arr[:], pipeline.prefilter(movie[0], method="wcid", wcid_params=params,
+                                                             train_params=tp))
+
+
+def test_ingest_streams_frame_blocks(tmp_path, movie, monkeypatch):
+    """io.ingest copies a lazy source block by block (io._MAX_BLOCK_BYTES), never whole."""
+    monkeypatch.setattr(io, "_MAX_BLOCK_BYTES", 3 * SHAPE[1] * SHAPE[2] * 4)
+    widest = []
+    lazy = _recording(movie[0], widest)
+    monkeypatch.setattr(io, "read_stack", lambda *a, **k: (lazy, {"pixel_size": 1.0, "notes": []}))
+    io.ingest("movie.tif", tmp_path / "raw.zarr")
+    np.testing.assert_array_equal(io.read_zarr(tmp_path / "raw.zarr")[0][:], movie[0])
+    assert max(widest) == 3

@@ -191,6 +191,7 @@ class _TileJob:
     device: str
     batch_frames: int
     threads: int          # torch / tile threads inside one task
+    precision: str = "auto"  # infer.inference_dtype
 
 
 class _Shared:
@@ -269,7 +270,8 @@ def _predict_box(job: _TileJob, model, ckpt, device: str, src, dst, core) -> Non
                            wrap_index(y0 - job.halo_s, y1 + job.halo_s, y),
                            wrap_index(x0 - job.halo_s, x1 + job.halo_s, x))
     out = infer.predict_windows(model, block, windows - lo, normalisation=ckpt, device=device,
-                                spatial_padding="valid", batch_frames=job.batch_frames, num_workers=job.threads)
+                                spatial_padding="valid", batch_frames=job.batch_frames, num_workers=job.threads,
+                                precision=job.precision)
     dst[t0:t1, y0:y1, x0:x1] = out
 
 
@@ -321,7 +323,7 @@ def _core_tiles(shape, tile) -> list[tuple[int, int, int, int, int, int]]:
 def infer_zarr(model, ckpt, src_zarr_path, dst_zarr_path, *, device: str = "auto", tile=None,
                workers: int | None = None, threads_per_worker: int = 1, scheduler_address: str | None = None,
                progress: bool | float = True, batch_frames: int = 8, memory: int | None = None,
-               attrs: dict | None = None) -> dict:
+               attrs: dict | None = None, precision: str = "auto") -> dict:
     """Denoise a (T, Y, X) Zarr stack tile by tile into a new OME-Zarr, in parallel.
 
     model: a model object (``WCVD``, SHINE, anything with ``.params.halo_t/halo_s/kt_eff``
@@ -385,7 +387,7 @@ def infer_zarr(model, ckpt, src_zarr_path, dst_zarr_path, *, device: str = "auto
                                  attrs=out_attrs, chunks=(1,) + tile[1:], shards=tile) as w:
             job = _TileJob(src=_zarr_array_path(src_zarr_path, src), dst=str(_Path(w.array.store.root) / w.array.path),
                            shape=shape, halo_t=p.halo_t, halo_s=p.halo_s, device=str(dev),
-                           batch_frames=batch_frames, threads=threads_per_worker)
+                           batch_frames=batch_frames, threads=threads_per_worker, precision=precision)
             with _cache_lock:  # threaded tasks share these array objects (no reopening)
                 own_keys[:] = [(job.src, "r"), (job.dst, "r+")]
                 _store_cache[own_keys[0]], _store_cache[own_keys[1]] = src, w.array

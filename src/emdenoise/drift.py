@@ -38,8 +38,8 @@ from skimage.registration import phase_cross_correlation
 
 from .errors import InputError
 
-__all__ = ["measure_drift", "peak_significance", "apply_shifts", "whole_pixel_shifts", "drift_table", "plot_drift",
-           "valid_crop"]
+__all__ = ["measure_drift", "peak_significance", "apply_shifts", "plan_shifts", "aligned_shape", "aligned_blocks",
+           "whole_pixel_shifts", "drift_table", "plot_drift", "valid_crop"]
 
 #: A frame's shift is trusted when its cross-correlation peak against the mean of the
 #: other aligned frames stands this many robust standard deviations (1.4826 MAD) above
@@ -52,12 +52,16 @@ MIN_PEAK_Z = 6.0
 _MODES = ("integer", "fourier", "spline")
 
 
-def _check_stack(stack, what: str, min_frames: int = 1) -> np.ndarray:
-    stack = np.asarray(stack)
-    if stack.ndim != 3:
-        raise InputError(None, f"{what}: expected a (T, Y, X) stack, got shape {stack.shape}")
-    if stack.shape[0] < min_frames:
-        raise InputError(None, f"{what}: needs at least {min_frames} frames, got {stack.shape[0]}")
+def _check_stack(stack, what: str, min_frames: int = 1):
+    """The (T, Y, X) stack itself when it is array-like (NumPy, a Zarr array,
+    ``io.LazyStack``: then read frame by frame, never whole), else ``np.asarray`` of it."""
+    if not (hasattr(stack, "shape") and hasattr(stack, "__getitem__")):
+        stack = np.asarray(stack)
+    shape = tuple(int(n) for n in stack.shape)
+    if len(shape) != 3:
+        raise InputError(None, f"{what}: expected a (T, Y, X) stack, got shape {shape}")
+    if shape[0] < min_frames:
+        raise InputError(None, f"{what}: needs at least {min_frames} frames, got {shape[0]}")
     return stack
 
 
@@ -115,23 +119,30 @@ def _shift_for_reference(frame: np.ndarray, shift: np.ndarray) -> np.ndarray:
 
 
 def _register_to_first(stack, upsample, max_shift):
-    return np.array([_register(stack[0], stack[t], upsample, max_shift) for t in range(len(stack))])
+    ref = np.asarray(stack[0])  # read once (a lazy stack would decode it T times)
+    return np.array([_register(ref, np.asarray(stack[t]), upsample, max_shift) for t in range(stack.shape[0])])
 
 
 def _register_pairwise(stack, upsample, max_shift):
-    steps = [np.zeros(2)] + [_register(stack[t - 1], stack[t], upsample, max_shift) for t in range(1, len(stack))]
+    steps, prev = [np.zeros(2)], np.asarray(stack[0])
+    for t in range(1, stack.shape[0]):  # each frame read once, two in memory
+        cur = np.asarray(stack[t])
+        steps.append(_register(prev, cur, upsample, max_shift))
+        prev = cur
     return np.cumsum(steps, axis=0)
 
 
 def _leave_one_out_references(stack, shifts):
-    """Yield (t, mean of all frames but t aligned with ``shifts``) for every frame: a
-    running sum, each frame re-shifted when needed, so a few frames of memory whatever T."""
-    n = len(stack)
+    """Yield (t, frame t, mean of all frames but t aligned with ``shifts``) for every
+    frame: a running sum (float64), each frame re-shifted when needed, so a few frames
+    of memory whatever T; every frame is read twice per call (once for the sum)."""
+    n = stack.shape[0]
     total = np.zeros(stack.shape[1:], dtype=np.float64)
     for t in range(n):
         total += _shift_for_reference(stack[t], shifts[t])
     for t in range(n):
-        yield t, (total - _shift_for_reference(stack[t], shifts[t])) / (n - 1)
+        frame = np.asarray(stack[t])
+        yield t, frame, (total - _shift_for_reference(frame, shifts[t])) / (n - 1)
 
 
 def _register_to_mean(stack, upsample, max_shift, max_iter=5):
@@ -144,8 +155,8 @@ def _register_to_mean(stack, upsample, max_shift, max_iter=5):
     """
     shifts = _register_to_first(stack, upsample, max_shift)
     for _ in range(max_iter):
-        new = np.array([_register(ref, stack[t], upsample, max_shift)
-                        for t, ref in _leave_one_out_references(stack, shifts)])
+        new = np.array([_register(ref, frame, upsample, max_shift)
+                        for t, frame, ref in _leave_one_out_references(stack, shifts)])
         new -= new[0]  # the mean reference sits near frame 0's grid; make frame 0 exact
         change = np.max(np.abs(new - shifts))
         shifts = new
@@ -164,7 +175,8 @@ def measure_drift(stack, *, upsample: int = 20, reference: str = "auto", max_shi
     Parameters
     ----------
     stack : (T, Y, X) array
-        Pre-filtered frames, T >= 2.
+        Pre-filtered frames, T >= 2: NumPy, or a Zarr / lazy array read frame by frame
+        (never whole; each frame about 2 + 2 x rounds times).
     upsample : int
         Sub-pixel precision 1/upsample px (Guizar-Sicairos upsampled DFT).
     reference : {'auto', 'mean', 'first', 'pairwise'}
@@ -191,9 +203,13 @@ def measure_drift(stack, *, upsample: int = 20, reference: str = "auto", max_shi
         ``(dy, dx)`` in px of frame ``t``'s content relative to frame 0
         (``shifts[0] == 0``); sign convention in the module docstring.
         With ``return_info``: ``(shifts, info)``.
+
+    Memory: independent of T -- the leave-one-out mean is a running float64 sum, and
+    each registration holds about a dozen float64 / complex128 copies of one frame
+    (about 0.4 GB for 2048 x 2048 frames), plus 2 x T shifts.
     """
     stack = _check_stack(stack, "measure_drift", min_frames=2)  # frames go to float64 one at a time
-    if not all(np.all(np.isfinite(frame)) for frame in stack):
+    if not all(np.all(np.isfinite(stack[t])) for t in range(stack.shape[0])):
         raise InputError(None, "measure_drift: stack contains NaN or inf")
     if reference in ("auto", "mean"):
         shifts = _register_to_mean(stack, upsample, max_shift)
@@ -214,14 +230,14 @@ def measure_drift(stack, *, upsample: int = 20, reference: str = "auto", max_shi
     ok[0] = True  # frame 0 defines the grid
     info = {"peak_z": [round(float(v), 2) for v in z], "min_peak_z": float(min_peak_z),
             "unreliable_frames": [int(t) for t in np.flatnonzero(~ok)]}
-    if ok[1:].sum() < max(1, (len(stack) - 1) / 2):
+    if ok[1:].sum() < max(1, (stack.shape[0] - 1) / 2):
         # no usable correlation peak in most frames: the "shifts" would be noise maxima
         # (random jumps across the frame); leave the movie as it is and say so
         shifts = np.zeros_like(shifts)
         info["status"] = "unmeasurable"
     elif not ok.all():
         # drift is smooth in time: interpolate the frames without a significant peak
-        t = np.arange(len(stack))
+        t = np.arange(stack.shape[0])
         shifts = np.stack([np.interp(t, t[ok], shifts[ok, k]) for k in range(2)], axis=1)
         info["status"] = "interpolated"
     else:
@@ -234,11 +250,12 @@ def peak_significance(stack, shifts) -> np.ndarray:
     *other* frames aligned with ``shifts`` ((T, 2) px): (max - median) / (1.4826 MAD) of
     the integer correlation surface.  Noise alone gives ~3-5 (the largest of ~10^4
     values); a frame that shares structure with the others gives a clear outlier
-    (see ``MIN_PEAK_Z``)."""
+    (see ``MIN_PEAK_Z``).  ``stack`` may be a Zarr / lazy array: read frame by frame,
+    memory a few float64 / complex128 frames whatever T."""
     stack = _check_stack(stack, "peak_significance", min_frames=2)
-    z = np.empty(len(stack))
-    for t, ref in _leave_one_out_references(stack, shifts):
-        cc = np.fft.ifft2(np.conj(np.fft.fft2(_prepare(ref))) * np.fft.fft2(_prepare(stack[t]))).real
+    z = np.empty(stack.shape[0])
+    for t, frame, ref in _leave_one_out_references(stack, shifts):
+        cc = np.fft.ifft2(np.conj(np.fft.fft2(_prepare(ref))) * np.fft.fft2(_prepare(frame))).real
         med = np.median(cc)
         mad = 1.4826 * np.median(np.abs(cc - med))
         z[t] = (cc.max() - med) / mad if mad > 0 else np.inf
@@ -295,33 +312,80 @@ def apply_shifts(stack, shifts, *, mode: str = "integer", crop: bool = True) -> 
         'applied' (T, 2) shifts actually undone, 'residual' (T, 2) ``shifts - applied``
         (non-zero only in integer mode), 'crop' ``[y0, y1, x0, x1]`` valid region in the
         un-cropped frame-0 grid (half-open), 'mode'.
+
+    Memory: the whole output (T, Y', X') float32 plus one float64 frame; for bounded
+    memory use :func:`plan_shifts` + :func:`aligned_blocks` (same values, by blocks).
     """
     stack = _check_stack(stack, "apply_shifts")
+    info = plan_shifts(shifts, stack.shape, mode=mode)
+    out = np.empty(aligned_shape(info, stack.shape, crop), dtype=np.float32)
+    for t in range(stack.shape[0]):
+        out[t] = _align_frame(stack, t, info, crop)
+    return out, info
+
+
+def plan_shifts(shifts, shape, *, mode: str = "integer") -> dict:
+    """What :func:`apply_shifts` will undo, without touching any pixel.
+
+    shifts: (T, 2) content displacements (px, :func:`measure_drift`); shape: the stack's
+    (T, Y, X); mode as in :func:`apply_shifts`.  Returns its ``info`` dict ('applied',
+    'residual', 'crop', 'mode'); InputError for bad shifts or a mode it does not know.
+    """
     shifts = np.asarray(shifts, dtype=np.float64)
-    if shifts.shape != (stack.shape[0], 2):
-        raise InputError(None, f"apply_shifts: shifts must have shape ({stack.shape[0]}, 2), got {shifts.shape}")
+    n = int(shape[0])
+    if shifts.shape != (n, 2):
+        raise InputError(None, f"apply_shifts: shifts must have shape ({n}, 2), got {shifts.shape}")
     if not np.all(np.isfinite(shifts)):
         raise InputError(None, "apply_shifts: shifts contain NaN or inf")
     if mode not in _MODES:
         raise InputError(None, f"apply_shifts: mode must be one of {_MODES}, got {mode!r}")
-
     applied = whole_pixel_shifts(shifts) + 0.0 if mode == "integer" else shifts.copy()  # + 0.0: no "-0.0"
-    box = valid_crop(applied, stack.shape[1:])
-    if mode == "integer":
-        aligned = _integer_shift(stack, applied.astype(int), box, crop)
-    else:
-        aligned = np.empty(stack.shape, dtype=np.float32)
-        for t in range(stack.shape[0]):
-            frame = np.asarray(stack[t], dtype=np.float64)  # one frame at a time: bounded memory
-            if mode == "fourier":
-                spectrum = ndimage.fourier_shift(np.fft.fft2(frame), -applied[t])
-                aligned[t] = np.fft.ifft2(spectrum).real
-            else:
-                aligned[t] = ndimage.shift(frame, -applied[t], order=3, mode="nearest")
+    box = valid_crop(applied, tuple(int(v) for v in shape[1:]))
+    return {"applied": applied, "residual": shifts - applied, "crop": box, "mode": mode}
+
+
+def aligned_shape(info: dict, shape, crop: bool = True) -> tuple[int, int, int]:
+    """(T, Y', X') of the aligned stack for a :func:`plan_shifts` record and the input's
+    (T, Y, X) shape."""
+    y0, y1, x0, x1 = info["crop"]
+    return (int(shape[0]), y1 - y0, x1 - x0) if crop else tuple(int(v) for v in shape)
+
+
+def aligned_blocks(stack, info: dict, *, crop: bool = True, frames: int = 1):
+    """:func:`apply_shifts` streamed: yield ``(a, block)``, block = aligned frames
+    ``[a, a + frames)`` as float32 (frames, Y', X'), for a :func:`plan_shifts` record.
+
+    stack: (T, Y, X) NumPy, Zarr or any lazy array, read one frame at a time ('integer'
+    with crop reads only the cropped window).  Values identical to :func:`apply_shifts`.
+    Memory: one output block (``frames`` float32 frames) plus, for 'fourier' / 'spline',
+    a few float64 / complex128 copies of one frame; independent of T.
+    """
+    stack = _check_stack(stack, "aligned_blocks")
+    n, k = stack.shape[0], max(1, int(frames))
+    for a in range(0, n, k):
+        yield a, np.stack([_align_frame(stack, t, info, crop) for t in range(a, min(n, a + k))])
+
+
+def _align_frame(stack, t: int, info: dict, crop: bool) -> np.ndarray:
+    """Aligned frame t, float32 (Y', X'): pure slicing in integer mode (aligned[y, x] =
+    stack[t, y + dy, x + dx], no arithmetic on values); one frame read."""
+    y0, y1, x0, x1 = info["crop"]
+    if info["mode"] == "integer":
+        dy, dx = (int(v) for v in info["applied"][t])
         if crop:
-            aligned = aligned[:, box[0]:box[1], box[2]:box[3]]
-    info = {"applied": applied, "residual": shifts - applied, "crop": box, "mode": mode}
-    return np.ascontiguousarray(aligned, dtype=np.float32), info
+            return np.asarray(stack[t, y0 + dy:y1 + dy, x0 + dx:x1 + dx], dtype=np.float32)
+        ny, nx = stack.shape[1:]
+        out = np.full((ny, nx), np.nan, dtype=np.float32)
+        ys, xs = slice(max(0, -dy), min(ny, ny - dy)), slice(max(0, -dx), min(nx, nx - dx))
+        out[ys, xs] = stack[t, ys.start + dy:ys.stop + dy, xs.start + dx:xs.stop + dx]
+        return out
+    frame = np.asarray(stack[t], dtype=np.float64)
+    if info["mode"] == "fourier":
+        spectrum = ndimage.fourier_shift(np.fft.fft2(frame), -info["applied"][t])
+        out = np.fft.ifft2(spectrum).real.astype(np.float32)
+    else:
+        out = ndimage.shift(frame, -info["applied"][t], order=3, mode="nearest").astype(np.float32)
+    return out[y0:y1, x0:x1] if crop else out
 
 
 def whole_pixel_shifts(shifts) -> np.ndarray:
@@ -342,19 +406,6 @@ def whole_pixel_shifts(shifts) -> np.ndarray:
     c, sn = np.cos(ang).mean(axis=0), np.sin(ang).mean(axis=0)
     f = np.where(np.hypot(c, sn) > 0.5, np.arctan2(sn, c) / (2 * np.pi), 0.0)
     return np.rint(s - f).astype(int)
-
-
-def _integer_shift(stack, whole, box, crop):
-    """Pure slicing: aligned[t, y, x] = stack[t, y + dy_t, x + dx_t]; no arithmetic on values."""
-    y0, y1, x0, x1 = box
-    if crop:
-        return np.stack([stack[t, y0 + dy:y1 + dy, x0 + dx:x1 + dx] for t, (dy, dx) in enumerate(whole)])
-    n, ny, nx = stack.shape
-    out = np.full((n, ny, nx), np.nan, dtype=np.float32)
-    for t, (dy, dx) in enumerate(whole):
-        ys, xs = slice(max(0, -dy), min(ny, ny - dy)), slice(max(0, -dx), min(nx, nx - dx))
-        out[t, ys, xs] = stack[t, ys.start + dy:ys.stop + dy, xs.start + dx:xs.stop + dx]
-    return out
 
 
 def drift_table(shifts, applied, residual, check: dict | None = None) -> pd.DataFrame:

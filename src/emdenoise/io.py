@@ -1114,6 +1114,19 @@ def write_zarr(path, stack, *, pixel_size=None, attrs: dict | None = None, chunk
             w[a:a + len(block)] = block
 
 
+def write_zarr_blocks(path, shape, blocks, frames: int, *, pixel_size=None, attrs: dict | None = None) -> None:
+    """Write the ``(a, block)`` pairs of a streamed computation (blocks of ``frames``
+    whole frames, the last one shorter, in any order) as an OME-Zarr of ``shape``
+    (T, Y, X); see :class:`ZarrStackWriter` (temporary name, renamed when complete).
+    Shards of ``frames`` frames, so each block fills whole shards (no read-modify-write).
+    Memory: one block plus the pyramid's read blocks (at most ``_MAX_BLOCK_BYTES``)."""
+    shape = tuple(int(n) for n in shape)
+    k = max(1, min(int(frames), shape[0]))
+    with ZarrStackWriter(path, shape, pixel_size=pixel_size, attrs=attrs, shards=(k,) + shape[1:]) as w:
+        for a, block in blocks:
+            w[a:a + len(block)] = block
+
+
 def _write_npy(path, stack):
     """float32 ``.npy``, atomically; blocks allocated before the memory-mapped write (no
     SIGBUS on a full disk: :class:`DiskFullError`, temporary removed)."""

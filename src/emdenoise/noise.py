@@ -164,6 +164,8 @@ def estimate_blindspot(stack, *, max_lag: int = 4, threshold: float = 0.05, esti
     ----------
     stack : (T, Y, X) array
         Aligned frames, shifted by whole pixels only (never interpolated), cropped.
+        NumPy, or a Zarr / lazy array: only the frames used are read (at most
+        2 x ``MAX_PAIRS``), one or two at a time.
     max_lag : int
         Heatmap half-width in pixels.
     threshold : float
@@ -188,11 +190,18 @@ def estimate_blindspot(stack, *, max_lag: int = 4, threshold: float = 0.05, esti
         'capped' True if the noise needs a larger blind spot than allowed;
         'at_edge' True if |r| > threshold even at distance max_lag (the heatmap may be
         too small to see the full extent).
+
+    Memory: independent of T -- the heatmaps come from a fixed, deterministic subset of
+    frames (up to ``MAX_PAIRS`` adjacent pairs spread evenly over the movie), each read
+    when needed; the working set is about six float64 copies of one frame (about 0.2 GB
+    for 2048 x 2048 frames).
     """
-    stack = np.asarray(stack)
-    if stack.ndim != 3 or stack.shape[0] < 1:
-        raise InputError(None, f"estimate_blindspot: expected a (T, Y, X) stack, got shape {stack.shape}")
-    n = stack.shape[0]
+    if not (hasattr(stack, "shape") and hasattr(stack, "__getitem__")):
+        stack = np.asarray(stack)
+    shape = tuple(int(v) for v in stack.shape)  # a Zarr / lazy stack stays lazy: frames read one by one
+    if len(shape) != 3 or shape[0] < 1:
+        raise InputError(None, f"estimate_blindspot: expected a (T, Y, X) stack, got shape {shape}")
+    n = shape[0]
     if estimate not in ("auto", "difference", "frame"):
         raise InputError(None, "estimate_blindspot: estimate must be 'auto', 'difference' or "
                                f"'frame', got {estimate!r}")

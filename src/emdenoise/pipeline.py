@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import drift, filters, infer, metrics, noise
+from . import chunked, drift, filters, infer, io, metrics, noise
 from .checkpoint import for_stack, load_checkpoint, model_from_checkpoint
 from .config import CONTEXT_SUFFIX, ModelConfig, TrainParams, candidate_model, context_frames
 from .errors import InputError
@@ -22,7 +22,7 @@ from .models import model_class, resolve_device
 from .tiling import min_frames_for_windows
 from .train import train_model
 
-__all__ = ["prefilter", "model_params", "train_candidate", "postprocess", "classical_candidate",
+__all__ = ["prefilter", "prefilter_zarr", "model_params", "train_candidate", "postprocess", "classical_candidate",
            "temporal_reach", "check_frames", "check_fit", "choose", "denoise_stack"]
 
 
@@ -34,6 +34,9 @@ def prefilter(stack: np.ndarray, method: str = "wcid", sigma: float = 1.5, *,
     with ``wcid_params`` / ``train_params``), 'gaussian2d' (per frame, sigma px) or
     'none'.  Per-frame filters on purpose: a temporal filter would smear the very motion
     that drift correction measures.  Returns float32 (T, Y, X).
+
+    Memory: the whole stack, float32, and the result (plus, for 'wcid', the training's
+    normalised copy); the workflow uses :func:`prefilter_zarr` (same values, bounded).
     """
     if method == "gaussian2d":
         return filters.gaussian2d(stack, sigma)
@@ -45,6 +48,51 @@ def prefilter(stack: np.ndarray, method: str = "wcid", sigma: float = 1.5, *,
         model = model_from_checkpoint(ckpt, device=ckpt["device"])
         return infer.denoise(model, ckpt, stack, device=ckpt["device"])
     raise ValueError(f"unknown prefilter method {method!r}")
+
+
+#: :func:`prefilter_zarr` trains WCID on the stack in memory up to this many bytes of
+#: float32 frames (fast), on crops read from the Zarr store above (same model:
+#: ``train.train_model`` reads lazily with identical values); as ``scripts/train.py``.
+PREFILTER_IN_MEMORY_BYTES = 2**30
+
+
+def prefilter_zarr(src, dst, method: str = "wcid", sigma: float = 1.5, *, wcid_params=None,
+                   train_params: TrainParams | None = None, attrs: dict | None = None,
+                   frames: int | None = None) -> dict | None:
+    """:func:`prefilter` from the (T, Y, X) Zarr stack ``src`` (``io.read_zarr``) into an
+    OME-Zarr at ``dst`` (written under a temporary name, renamed when complete), at
+    memory that does not grow with T; the values are those of :func:`prefilter` on the
+    whole array (CPU; on CUDA up to float rounding, as ``chunked.infer_zarr``).
+
+    'gaussian2d' / 'none': blocks of ``frames`` whole frames (None:
+    ``filters.block_frames``, 64 MB), one shard each; memory ~ 3 float32 copies of a block.
+    'wcid': training reads the stack whole only up to ``PREFILTER_IN_MEMORY_BYTES``,
+    crops from the store above (``train.train_model``); inference is
+    ``chunked.infer_zarr`` by tiles sized from the free memory (at most
+    ``chunked.MAX_TILE_BYTES`` per worker).  ``attrs``: stored with the source's
+    attributes (and, for 'wcid', infer_zarr's tiling record).  Returns the WCID
+    checkpoint (None for the filters).
+    """
+    raw, src_attrs = io.read_zarr(src)
+    shape = tuple(int(n) for n in raw.shape)
+    if len(shape) != 3:
+        raise InputError(src, f"expected a (T, Y, X) array, got shape {shape}")
+    out_attrs = {**src_attrs, **(attrs or {})}
+    if method in ("gaussian2d", "none"):
+        k = int(frames) if frames else filters.block_frames(shape[1:])
+        blocks = (filters.gaussian2d_blocks(raw, sigma, k) if method == "gaussian2d"
+                  else filters.filter_blocks(raw, lambda s: s, 0, k))
+        io.write_zarr_blocks(dst, shape, blocks, k, pixel_size=src_attrs.get("pixel_size"), attrs=out_attrs)
+        return None
+    if method != "wcid":
+        raise ValueError(f"unknown prefilter method {method!r}")
+    params = wcid_params or ModelConfig().wcvd_params(dims=2)
+    in_memory = 4 * np.prod(shape, dtype=np.int64) <= PREFILTER_IN_MEMORY_BYTES
+    ckpt = train_model(np.asarray(raw[:], dtype=np.float32) if in_memory else raw, params,
+                       train_params or TrainParams())
+    model = model_from_checkpoint(ckpt, device=ckpt["device"])
+    chunked.infer_zarr(model, ckpt, src, dst, device=ckpt["device"], attrs=attrs)
+    return ckpt
 
 
 def on_gpu(ds, name: str, device: str | None = None) -> bool:
@@ -364,7 +412,7 @@ def denoise_stack(stack: np.ndarray, ds, *, train_overrides: dict | None = None,
                                    progress=cb, data_info={"pixel_size": pixel_size})
             model = model_from_checkpoint(ckpt, device=device)
         done = ((lambda d, t, n=name: progress(n, {"stage": "infer", "done": d, "of": t})) if progress else None)
-        out = infer.denoise(model, ckpt, stack, device=device, progress=done)
+        out = infer.denoise(model, ckpt, stack, device=device, progress=done, precision=ds.infer.precision)
         losses[name] = loss(out)  # the network's own (blind) output, before any low-pass
         outputs[name], _ = postprocess(out, ds, name, stack, model.params.halo_t, model_kind=ckpt.get("model"),
                                        ks_max=max(ckpt["model_params"].get("ks", [7])))
