@@ -33,8 +33,6 @@ import os
 import numpy as np
 import pandas as pd
 from scipy import ndimage
-from scipy.signal.windows import tukey
-from skimage.registration import phase_cross_correlation
 
 from .errors import InputError
 
@@ -65,11 +63,29 @@ def _check_stack(stack, what: str, min_frames: int = 1):
     return stack
 
 
+def _tukey(n: int, alpha: float = 0.25) -> np.ndarray:
+    """The Tukey (tapered cosine) window of ``n`` points, as ``scipy.signal.windows.tukey``
+    (importing scipy.signal costs ~0.4 s at start-up of every command, for this alone)."""
+    return _scipy_tukey()(n, alpha)
+
+
+def _scipy_tukey():
+    from scipy.signal.windows import tukey  # deferred: see _tukey
+    return tukey
+
+
+def phase_cross_correlation(*args, **kwargs):
+    """skimage.registration.phase_cross_correlation, imported on first use (start-up time
+    of commands that never register frames, e.g. ``emdenoise denoise --no-drift``)."""
+    from skimage.registration import phase_cross_correlation as pcc
+    return pcc(*args, **kwargs)
+
+
 def _prepare(frame: np.ndarray) -> np.ndarray:
     """Zero-mean, Tukey-windowed copy: the frame edges would otherwise wrap around in
     the FFT and add a correlation peak at zero shift that biases towards no drift."""
     frame = np.asarray(frame, dtype=np.float64)
-    window = np.outer(tukey(frame.shape[0], 0.25), tukey(frame.shape[1], 0.25))
+    window = np.outer(_tukey(frame.shape[0]), _tukey(frame.shape[1]))
     return (frame - frame.mean()) * window
 
 

@@ -49,7 +49,6 @@ from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from .errors import InputError
 
@@ -232,6 +231,8 @@ def psnr(denoised, truth) -> float:
 def ssim(denoised, truth) -> float:
     """Mean over frames of the 2D SSIM against ground truth, data range = max - min
     of the whole ``truth`` stack (one range for all frames, as for :func:`psnr`)."""
+    from skimage.metrics import structural_similarity  # deferred: scipy.stats costs ~0.3 s at start-up
+
     f, x = _stack(denoised, "ssim"), _stack(truth, "ssim")
     _same_shape(f, x, "ssim")
     rng = _data_range(x)
