@@ -127,3 +127,34 @@ def test_gpu_jobs_follow_the_device_and_the_prefilter_method(tmp_path):
     assert [auto.gpu_jobs(s) for s in ("train", "infer", "prefilter")] == [1, 1, 1]  # WCID prefilter trains
     cpu = ds(train={"device": "cpu"}, infer={"device": "cuda:1"}, prefilter={"method": "gaussian2d"})
     assert [cpu.gpu_jobs(s) for s in ("train", "infer", "prefilter")] == [0, 1, 0]
+
+
+def test_train_on_groups_datasets_and_refuses_what_cannot_be_shared():
+    """`model.train_on`: patterns resolve to the sorted datasets one model trains on; a
+    pattern that names nothing, train_on with a given checkpoint, and datasets that share a
+    model but differ in a setting its training reads are one clear error each."""
+    from emdenoise.config import build, group_key
+
+    def cfg(**extra):
+        base = {"datasets": {n: {"path": n} for n in ("run_1", "run_2", "other")},
+                "defaults": {"model": {"train_on": ["run_*"]}}}
+        for k, v in extra.items():
+            base["datasets"][k].update(v)
+        return base
+
+    groups = build(cfg(), check_paths=False).train_groups
+    assert groups == {d: ("run_1", "run_2") for d in ("run_1", "run_2", "other")}  # 'other' is only applied to
+    assert group_key(("run_2", "run_1")) == "run_1+run_2"
+    long = group_key([f"dataset_number_{i:03d}" for i in range(20)])
+    assert long.startswith("dataset_number_000+19more-") and len(long) < 64
+    with pytest.raises(InputError, match="'nothing_\\*' names no dataset"):
+        build(cfg(other={"model": {"train_on": ["nothing_*"]}}), check_paths=False)
+    with pytest.raises(InputError, match="train_on and checkpoint exclude each other"):
+        build(cfg(other={"model": {"train_on": ["run_*"], "checkpoint": "m.pt"}}), check_paths=False)
+    with pytest.raises(InputError, match="share one wcvd model .* differ in train.lr"):
+        build(cfg(run_2={"train": {"lr": 0.01}}), check_paths=False)
+    # a setting only one candidate reads: SHINE's size does not concern the shared WCVD ...
+    cfg_shine = cfg(run_2={"shine": {"channels": 8}})
+    for ds in cfg_shine["datasets"].values():
+        ds.setdefault("model", {})["name"] = "wcvd"
+    assert build(cfg_shine, check_paths=False).train_groups["run_2"] == ("run_1", "run_2")

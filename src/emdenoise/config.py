@@ -675,7 +675,7 @@ def train_groups(datasets: dict) -> dict[str, tuple[str, ...]]:
         first = datasets[users[0]]
         for other in users[1:]:
             ds = datasets[other]
-            for cand in set(first.candidates) & set(ds.candidates):
+            for cand in [c for c in first.candidates if c in ds.candidates]:  # in order: one message
                 keys = ["train", *model_settings(first, cand)]
                 a, b = stage_params(first, *keys), stage_params(ds, *keys)
                 if a != b:
