@@ -18,7 +18,7 @@ IN_MEMORY_MB = 1024
 
 def training_stacks(paths):
     """The aligned stacks as float32 numpy when they fit in IN_MEMORY_MB together, else
-    as lazy Zarr arrays; and the pixel size of the first."""
+    as lazy Zarr arrays; and the pixel size of the first (all opened once)."""
     arrays = [io.read_zarr(p) for p in paths]
     total = sum(4 * int(np.prod(a.shape)) for a, _ in arrays) / 2**20
     stacks = [np.asarray(a[:], dtype=np.float32) if total <= IN_MEMORY_MB else a for a, _ in arrays]
@@ -37,7 +37,8 @@ def main(smk):
     # a shared model must be blind to the widest noise correlation of every dataset it is
     # applied to, and its window must fit the shortest of them
     blindspot = max(spots)
-    n_frames = min(io.read_zarr(p)[0].shape[0] for p in (smk.input.applied if shared else paths))
+    applied = [p for p in smk.input.applied if p not in paths] if shared else []  # datasets only applied to
+    n_frames = min([s.shape[0] for s in stacks] + [io.read_zarr(p)[0].shape[0] for p in applied])
     stage.log.info("training %s%s: %s", name, f" on {', '.join(smk.params.members)}" if shared else "",
                    pipeline.model_params(ds, name, blindspot, n_frames=n_frames))
     # a resume state beside the outputs (not one of them: Snakemake would delete it with a

@@ -66,12 +66,9 @@ def _check_stack(stack, what: str, min_frames: int = 1):
 def _tukey(n: int, alpha: float = 0.25) -> np.ndarray:
     """The Tukey (tapered cosine) window of ``n`` points, as ``scipy.signal.windows.tukey``
     (importing scipy.signal costs ~0.4 s at start-up of every command, for this alone)."""
-    return _scipy_tukey()(n, alpha)
+    from scipy.signal.windows import tukey  # deferred: imported on first use only
 
-
-def _scipy_tukey():
-    from scipy.signal.windows import tukey  # deferred: see _tukey
-    return tukey
+    return tukey(n, alpha)
 
 
 def phase_cross_correlation(*args, **kwargs):
