@@ -6,16 +6,28 @@ then each stage runs its real workflow script (``scripts/<stage>.py``, under a s
 for the ``snakemake`` object) in a fresh child process, whose peak RSS
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) is its own:
 
-    prefilter   WCID trained on the movie (crops from Zarr above 1 GB; 2 epochs here), applied
+    ingest      the movie read as a raw Zarr movie, copied to raw.zarr by frame blocks
+    prefilter   WCID trained on the movie (crops from Zarr above 512 MiB; 2 epochs here), applied
                 by chunked inference, Zarr -> Zarr by tiles
     drift       drift measured on the pre-filtered stack frame by frame (leave-one-out running
                 sum), the aligned movie written by frame blocks
     noise       noise-correlation heatmaps of up to 5 adjacent pairs, read frame by frame
     baselines   Gaussian 2D / 3D, Zarr -> Zarr by frame blocks
     classical   Gaussian 3D tuned without ground truth (78 sigma pairs), by spatial tiles
+    train       WCVD, 2 epochs (crops from the Zarr store above 512 MiB; memory does not depend
+                on the epochs)
+    infer       that model applied by chunked inference (tiles sized from the free memory)
+    infer_tilt  the same as a tilt series: overlapping tiles stitched, blocks of frames written
+    select      one candidate: its output copied to denoised.zarr by blocks
     lowpass     WCVD's FFT low-pass with the diameter chosen by uMSE ('auto'), by frames
     export_mrc  Zarr -> MRC, export_tif  Zarr -> ImageJ TIFF, by frame blocks
     metrics     uMSE / uPSNR / SNR table, preview and report diagnostics, frame by frame
+    cli         ``emdenoise denoise MOVIE out.tif --model wcvd --epochs 2 --no-drift``: above
+                ``pipeline.IN_MEMORY_BYTES`` through Zarr stores in a work folder (drift is
+                left out here: it is its own stage above and slow at this size)
+
+The report stage is not measured: it opens no stack (tables, JSON and the metrics stage's
+PNGs only).
 
 The movie itself stands in for the raw movie of ``prefilter`` and ``drift``, for the
 pre-filtered stack of ``drift`` (as with ``prefilter: none``: on pure noise the measurement
@@ -26,7 +38,7 @@ tiny crop), for the aligned movie of ``noise``, for the network's output
 gaussian2d, gaussian3d, classical as the stages above wrote them).  Printed per stage:
 seconds, peak RSS of both sizes, their ratio (target: ~1.2 or less; a stage whose memory
 grew with T would show ~4), and the disk footprint of its outputs.  ``prefilter`` trains
-in memory up to ``pipeline.PREFILTER_IN_MEMORY_BYTES`` (1 GB, scaled with the budgets:
+in memory up to ``train.IN_MEMORY_BYTES`` (512 MiB, scaled with the budgets:
 both ``--small`` movies are under it); its lazy path with ``--sizes 48x512x512 96x512x512
 --budget-scale 0.015625``.
 
@@ -54,10 +66,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 TAME_MALLOC = False  # --tame-malloc
-STAGES = ("prefilter", "drift", "noise", "baselines", "classical", "lowpass", "export_mrc", "export_tif", "metrics")
+STAGES = ("ingest", "prefilter", "drift", "noise", "baselines", "classical", "train", "infer", "infer_tilt", "lowpass",
+          "select", "export_mrc", "export_tif", "metrics", "cli")
 #: The bench's WCID pre-filter: few epochs (its memory does not depend on them), on the CPU.
 PREFILTER = {"method": "wcid", "epochs": 2}
-PREFILTER_TRAIN = {"device": "cpu", "crop": 64, "val_crop": 64}
+PREFILTER_TRAIN = {"device": "cpu", "crop": 64, "val_crop": 64, "epochs": 2}
 
 
 def make_input(path: Path, shape, seed: int = 0) -> None:
@@ -92,8 +105,8 @@ class _Files(list):
 
 def _smk(rule, cfg, inputs, outputs, log, methods=(), model=None):
     """What a script reads of ``snakemake``."""
-    return SimpleNamespace(rule=rule, input=inputs, output=outputs, log=[str(log)],
-                           params=SimpleNamespace(cfg=cfg, methods=list(methods)),
+    return SimpleNamespace(rule=rule, input=inputs, output=outputs, log=[str(log)], threads=os.cpu_count(),
+                           params=_Files(cfg=cfg, methods=list(methods)),
                            wildcards=SimpleNamespace(model=model))
 
 
@@ -101,10 +114,35 @@ def stage_args(stage: str, d: Path):
     """(script, snakemake stand-in, outputs) of one stage in work folder ``d``."""
     from emdenoise import config as emcfg
 
-    defaults = {"prefilter": PREFILTER, "train": PREFILTER_TRAIN}
-    ds = emcfg.build({"datasets": {"bench": {"path": "x"}}, "defaults": defaults}, check_paths=False).datasets["bench"]
+    defaults = {"prefilter": PREFILTER, "train": PREFILTER_TRAIN, "model": {"name": "wcvd"}}
+    kind = {"kind": "tilt_series"} if stage == "infer_tilt" else {}
+    ds = emcfg.build({"datasets": {"bench": {"path": "x", **kind}}, "defaults": defaults},
+                     check_paths=False).datasets["bench"]
     raw = str(d / "aligned.zarr")
     log = d / f"{stage}.log"
+    if stage == "ingest":  # the Zarr input read as a raw movie (Zarr is one of the raw formats)
+        out = _Files([str(d / "raw.zarr")])
+        return "ingest", _smk(stage, emcfg.stage_params(ds, "name", "kind", "pixel_size", "frames"), _Files([raw]), out, log), out
+    if stage == "train":
+        (d / "blindspot.json").write_text(json.dumps({"blindspot": 1}))
+        out = _Files(model=str(d / "wcvd" / "model.pt"), log_csv=str(d / "wcvd" / "train_log.csv"))
+        inp = _Files(stack=raw, blindspot=str(d / "blindspot.json"))
+        return "train", _smk(stage, emcfg.stage_params(ds, "name", "train", *emcfg.model_settings(ds, "wcvd")), inp, out, log,
+                             model="wcvd"), out
+    if stage in ("infer", "infer_tilt"):
+        out = _Files([str(d / f"{stage}_raw.zarr")])
+        inp = _Files(stack=raw, model=str(d / "wcvd" / "model.pt"), blindspot=str(d / "blindspot.json"))
+        return "infer", _smk(stage, emcfg.stage_params(ds, "kind", "infer"), inp, out, log, model="wcvd"), out
+    if stage == "select":  # one candidate: the network's output becomes the result (streamed copy)
+        out = _Files(denoised=str(d / "denoised.zarr"), choice=str(d / "model_choice.json"))
+        inp = _Files(wcvd=str(d / "infer_raw.zarr"), blindspot=str(d / "blindspot.json"))
+        smk = _smk(stage, emcfg.stage_params(ds, "name", "model.name"), inp, out, log)
+        smk.params = _Files(cfg=smk.params.cfg, candidates=["wcvd"])
+        return "select", smk, out
+    if stage == "cli":  # emdenoise denoise: read, train, infer, low-pass, write (no drift: its own stage)
+        out = _Files([str(d / "cli_out.tif")])
+        return "cli", ["denoise", raw, out[0], "--model", "wcvd", "--epochs", "2", "--device", "cpu", "--no-drift",
+                       "--config", str(_write_cli_config(d))], out
     if stage == "prefilter":
         out = _Files([str(d / "prefiltered.zarr")])
         cfg = emcfg.stage_params(ds, *emcfg.prefilter_settings(ds))
@@ -142,14 +180,20 @@ def stage_args(stage: str, d: Path):
     raise ValueError(stage)
 
 
+def _write_cli_config(d: Path) -> Path:
+    path = d / "cli.yaml"
+    path.write_text(json.dumps({"train": {k: v for k, v in PREFILTER_TRAIN.items() if k != "epochs"}}))
+    return path
+
+
 def scale_budgets(factor: float) -> None:
     """Scale the streaming budgets (bytes per block / tile) by ``factor``: with --small,
     by the frame area's ratio to 2048², so that small movies are streamed like big ones
     (the budgets exceed a whole small movie otherwise, and nothing would be bounded)."""
-    from emdenoise import chunked, filters, io, metrics, pipeline
+    from emdenoise import chunked, filters, io, metrics, train
 
     for mod, name in ((filters, "BLOCK_BYTES"), (filters, "TILE_BUDGET"), (metrics, "BLOCK_BYTES"),
-                      (io, "_MAX_BLOCK_BYTES"), (chunked, "MAX_TILE_BYTES"), (pipeline, "PREFILTER_IN_MEMORY_BYTES")):
+                      (io, "_MAX_BLOCK_BYTES"), (chunked, "MAX_TILE_BYTES"), (train, "IN_MEMORY_BYTES")):
         setattr(mod, name, int(getattr(mod, name) * factor))
 
 
@@ -162,12 +206,21 @@ def child(stage: str, d: Path, budget_scale: float = 1.0) -> None:
         scale_budgets(budget_scale)
     script, smk, outputs = stage_args(stage, d)
     path = ROOT / "scripts" / f"{script}.py"
-    tree = ast.parse(path.read_text())  # the script's imports first: their memory is not the stage's
-    exec(compile(ast.Module([n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], []),
-                 str(path), "exec"), {})
+    if script == "cli":  # the command's imports first: their memory is not the stage's
+        from emdenoise import cli, pipeline
+        if budget_scale != 1.0:
+            pipeline.IN_MEMORY_BYTES = int(pipeline.IN_MEMORY_BYTES * budget_scale)
+    else:  # the script's imports first
+        tree = ast.parse(path.read_text())
+        exec(compile(ast.Module([n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], []),
+                     str(path), "exec"), {})
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    runpy.run_path(str(path), init_globals={"snakemake": smk})
+    if script == "cli":
+        if cli.main(smk) != 0:
+            raise SystemExit(f"emdenoise denoise {' '.join(smk)} failed")
+    else:
+        runpy.run_path(str(path), init_globals={"snakemake": smk})
     ru = resource.getrusage(resource.RUSAGE_SELF)
     from emdenoise.stage import disk_usage
 
@@ -196,7 +249,8 @@ def run_stage(stage: str, d: Path, budget_scale: float = 1.0) -> dict | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", "--quick", action="store_true", help="12 x 512² and 48 x 512²")
-    ap.add_argument("--sizes", nargs=2, default=None, metavar="TxYxX", help="the two sizes (e.g. 50x2048x2048)")
+    ap.add_argument("--sizes", nargs="+", default=None, metavar="TxYxX",
+                    help="one or two sizes (e.g. 50x2048x2048 200x2048x2048; one: no ratio)")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     ap.add_argument("--dir", default="/tmp/emdenoise_bench_memory", help="scratch folder (deleted after)")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -235,6 +289,11 @@ def main() -> None:
                       f"(after imports {r['rss_before_gb']:.3f} GB)  outputs on disk {r['disk_gb'] * 1e3:.1f} MB",
                       flush=True)
             shutil.rmtree(d, ignore_errors=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({str(k): {str(s): v for s, v in by.items()}
+                                                   for k, by in results.items()}, indent=1))
+        if len(sizes) != 2:
+            return
         a, b = sizes
         print(f"\npeak RSS (GB): {a} vs {b} ({np.prod(b) / np.prod(a):.1f}x the pixels)")
         print(f"{'stage':<11} {'first':>8} {'second':>8} {'ratio':>6} {'imports':>8} {'growth':>7} "
@@ -246,9 +305,6 @@ def main() -> None:
             print(f"{stage:<11} {ra['peak_rss_gb']:8.3f} {rb['peak_rss_gb']:8.3f} "
                   f"{rb['peak_rss_gb'] / ra['peak_rss_gb']:6.2f} {ra['rss_before_gb']:8.3f} {grow:7.2f} "
                   f"{ra['disk_gb'] * 1e3:9.1f} {rb['disk_gb'] * 1e3:9.1f}")
-        if args.json:
-            Path(args.json).write_text(json.dumps({str(k): {str(s): v for s, v in by.items()}
-                                                   for k, by in results.items()}, indent=1))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -17,13 +17,8 @@ from emdenoise import filters, io, pipeline, stage
 def main(smk):
     aligned, attrs = io.read_zarr(smk.input.stack)  # lazy: read tile by tile
     b = int(json.loads(open(smk.input.blindspot).read())["blindspot"]) // 2
-    n_t, ny, nx = aligned.shape
-    tile = filters.blind_tile(n_t)  # the output's shards are the tuning's tiles
-    tile_y, tile_x = min(tile, ny), min(tile, nx)
-    with io.ZarrStackWriter(smk.output.denoised, aligned.shape, pixel_size=attrs.get("pixel_size"), attrs=attrs,
-                            chunks=(1, tile_y, tile_x), shards=(n_t, tile_y, tile_x)) as w:
-        _, record = pipeline.classical_candidate(aligned, b, tile=tile, out=w.array)
-        w.update_attrs({**attrs, **record})
+    tile = filters.blind_tile(aligned.shape[0])  # the output's shards are the tuning's tiles
+    record = pipeline.classical_zarr(aligned, b, smk.output.denoised, attrs=attrs, pixel_size=attrs.get("pixel_size"))
     stage.log.info("classical: sigma (t, y, x) = %s, reach %d frames, blind radius %d, self-supervised loss %.6g "
                    "(tiles of %d px)", record["sigma"], record["temporal_reach"], b, record["n2s_loss"], tile)
     with io.atomic_path(smk.output.tuning) as tmp:

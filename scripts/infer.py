@@ -30,10 +30,12 @@ def main(smk):
         for problem in pipeline.check_fit(ckpt, src, src_attrs.get("pixel_size"), blindspot=spot):
             stage.log.warning("model %s may not fit this data: %s", smk.input.model, problem)
     if ds.kind == "tilt_series":
-        out = infer.denoise_tiled(model, ckpt, src, tile=cfg.tilt_tile, overlap=cfg.tilt_overlap,
-                                  device=cfg.device, batch_frames=cfg.batch_frames, precision=cfg.precision)
-        io.write_zarr(smk.output[0], out, pixel_size=src_attrs.get("pixel_size"),
-                      attrs={**src_attrs, **attrs, "tiling": {"tile": cfg.tilt_tile, "overlap": cfg.tilt_overlap}})
+        # stitched blocks of frames go straight to the store: memory does not grow with T
+        with io.ZarrStackWriter(smk.output[0], src.shape, pixel_size=src_attrs.get("pixel_size"),
+                                attrs={**src_attrs, **attrs,
+                                       "tiling": {"tile": cfg.tilt_tile, "overlap": cfg.tilt_overlap}}) as out:
+            infer.denoise_tiled(model, ckpt, src, tile=cfg.tilt_tile, overlap=cfg.tilt_overlap, device=cfg.device,
+                                batch_frames=cfg.batch_frames, precision=cfg.precision, out=out)
         return
     tile = None if cfg.tile is None else (cfg.batch_frames, cfg.tile, cfg.tile)
     stats = chunked.infer_zarr(model, ckpt, smk.input.stack, smk.output[0], device=cfg.device, tile=tile,

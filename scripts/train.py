@@ -1,8 +1,9 @@
 """Rules `train` and `train_shared`: self-supervised training of one blind-spot model
 (WCVD or SHINE) on one dataset, or on several at once (`model.train_on`).
 
-Stacks up to IN_MEMORY_MB (float32) are read into memory; larger ones are read crop by
-crop from their Zarr stores (emdenoise.train.train_model; same result, bounded memory).
+Stacks up to emdenoise.train.IN_MEMORY_BYTES (float32, all together) are read into memory;
+larger ones are read crop by crop from their Zarr stores (emdenoise.train.train_model; same
+result, bounded memory).
 """
 import json
 from pathlib import Path
@@ -13,17 +14,16 @@ import torch
 from emdenoise import checkpoint, io, pipeline, stage, train
 from emdenoise.config import stage_config
 
-IN_MEMORY_MB = 1024
-
 
 def training_stacks(paths):
-    """The aligned stacks as float32 numpy when they fit in IN_MEMORY_MB together, else
-    as lazy Zarr arrays; and the pixel size of the first (all opened once)."""
+    """The aligned stacks as float32 numpy when they fit in train.IN_MEMORY_BYTES together,
+    else as lazy Zarr arrays; and the pixel size of the first (all opened once)."""
     arrays = [io.read_zarr(p) for p in paths]
-    total = sum(4 * int(np.prod(a.shape)) for a, _ in arrays) / 2**20
-    stacks = [np.asarray(a[:], dtype=np.float32) if total <= IN_MEMORY_MB else a for a, _ in arrays]
-    if total > IN_MEMORY_MB:
-        stage.log.info("%.0f MB of frames: training reads crops from the Zarr stores", total)
+    total = sum(4 * int(np.prod(a.shape)) for a, _ in arrays)
+    in_memory = total <= train.IN_MEMORY_BYTES
+    stacks = [np.asarray(a[:], dtype=np.float32) if in_memory else a for a, _ in arrays]
+    if not in_memory:
+        stage.log.info("%.0f MB of frames: training reads crops from the Zarr stores", total / 2**20)
     return stacks, arrays[0][1].get("pixel_size")
 
 

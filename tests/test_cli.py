@@ -274,3 +274,55 @@ def test_auto_keeps_the_candidate_with_the_lower_true_mse(tmp_path, one_thread, 
     # and auto's own choice among all three is never far from the best of them
     assert every[result["chosen"]] <= 1.3 * min(every.values()), (every, result["choice"])
     assert result["output"] is result["outputs"][result["chosen"]]
+
+
+# ---- movies larger than memory: intermediates in Zarr stores, same result
+@pytest.mark.parametrize("drift_px,prefilter", [(0.0, "{epochs: 1}"), (8.0, "{method: gaussian2d}")])
+def test_denoise_through_a_work_folder_equals_the_in_memory_run(tmp_path, capsys, monkeypatch, drift_px, prefilter):
+    """--work-dir (what a movie above pipeline.IN_MEMORY_BYTES takes): the pre-filter, the drift
+    canvas, each candidate's blind output and the tuned Gaussian go through Zarr stores and the
+    output is written from lazy arrays -- values equal to the in-memory chain, the same choice,
+    and the work folder is gone afterwards.  Training reads crops from the store too."""
+    torch.set_num_threads(1)
+    src = tmp_path / "in.tif"
+    mv = simulate_movie(10, (96, 88), mode="counting", dose=2.0, max_drift=drift_px, seed=4)
+    tifffile.imwrite(src, mv.noisy)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"train: {{crop: 32, val_crop: 32}}\nprefilter: {prefilter}\n"
+                   "shine: {centre_channels: 4, neighbour_channels: 4, channels: 4, blocks: 1}\n"
+                   "shine_train: {batch_size: 2, crop: 32}\n")
+    common = ["--model", "auto", "--epochs", "1", "--device", "cpu", "--config", str(cfg)]
+    capsys.readouterr()
+    assert cli.main(["denoise", str(src), str(tmp_path / "mem.tif"), *common]) == 0
+    said_mem = capsys.readouterr().out
+    monkeypatch.setattr(emdenoise.train, "IN_MEMORY_BYTES", 0)  # training reads crops from the store
+    work = tmp_path / "work"
+    assert cli.main(["denoise", str(src), str(tmp_path / "zarr.tif"), *common, "--work-dir", str(work)]) == 0
+    cap = capsys.readouterr()
+    assert "intermediates go to" in cap.err
+    assert said_mem.replace(str(tmp_path / "mem.tif"), "OUT") == cap.out.replace(str(tmp_path / "zarr.tif"), "OUT")
+    if drift_px:
+        assert "shifted back" in said_mem
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "zarr.tif"), tifffile.imread(tmp_path / "mem.tif"))
+    assert work.is_dir() and not any(work.iterdir())  # our folder inside it removed, the user's kept
+
+
+def test_a_movie_above_the_memory_bound_goes_through_a_work_folder_beside_the_output(tmp_path, capsys, monkeypatch):
+    src, out = tmp_path / "in.npy", tmp_path / "out" / "o.zarr"
+    out.parent.mkdir()
+    np.save(src, simulate_movie(6, (40, 40), mode="counting", max_drift=0.0, seed=1).noisy)
+    monkeypatch.setattr(pipeline, "IN_MEMORY_BYTES", 1000)
+    seen = []
+    real = pipeline.denoise_stack
+
+    def spy(stack, ds, **kw):
+        seen.append((type(stack).__name__, kw["workdir"], sorted(p.name for p in Path(kw["workdir"]).iterdir())))
+        return real(stack, ds, **kw)
+    monkeypatch.setattr(pipeline, "denoise_stack", spy)
+    assert cli.main(["denoise", str(src), str(out), "--model", "wcvd", "--epochs", "1", "--device", "cpu",
+                     "--no-drift"]) == 0
+    (kind, work, files), = seen
+    assert kind == "Array" and Path(work).parent == out.parent and files == ["input.zarr"]
+    assert not Path(work).exists() and sorted(p.name for p in out.parent.iterdir()) == ["o.zarr"]
+    arr, _ = io.read_zarr(out)
+    assert arr.shape == (6, 40, 40) and np.isfinite(arr[:]).all()

@@ -11,7 +11,7 @@ import pytest
 import tifffile
 
 from emdenoise import config as emcfg
-from emdenoise import chunked, drift, filters, io, metrics, noise, pipeline, report
+from emdenoise import chunked, drift, filters, io, metrics, noise, pipeline, report, train
 from emdenoise.synthetic import simulate_movie
 
 SHAPE = (14, 41, 46)  # odd sizes: the last tiles and blocks are partial
@@ -279,7 +279,7 @@ def test_prefilter_zarr_wcid_equals_the_whole_array(tmp_path, movie, monkeypatch
     src = tmp_path / "raw.zarr"
     io.write_zarr(src, movie[0], pixel_size=1.0)
     if not in_memory:
-        monkeypatch.setattr(pipeline, "PREFILTER_IN_MEMORY_BYTES", 0)
+        monkeypatch.setattr(train, "IN_MEMORY_BYTES", 0)
     monkeypatch.setattr(chunked, "MAX_TILE_BYTES", 4 * SHAPE[1] * SHAPE[2] * chunked.CPU_BYTES_PER_PX)
     ckpt = pipeline.prefilter_zarr(src, tmp_path / "pre.zarr", method="wcid", wcid_params=params, train_params=tp)
     arr, attrs = io.read_zarr(tmp_path / "pre.zarr")

@@ -83,6 +83,30 @@ def test_tiled_reads_a_zarr_lazily(tmp_path):
     np.testing.assert_allclose(out, infer.denoise(m, CKPT, stack, device="cpu"), rtol=1e-5, atol=1e-4)
 
 
+def test_tiled_writes_blocks_of_frames_into_a_store_with_the_same_values(tmp_path, monkeypatch):
+    """out= a Zarr writer and a block budget of one frame: the stitched frames leave one
+    block at a time (memory does not grow with T) and equal the in-memory result bit for bit."""
+    m, stack = _random_model(), _stack(t=7)
+    ref = infer.denoise_tiled(m, CKPT, stack, tile=30, overlap=10, device="cpu", batch_frames=4)
+    written = []
+
+    class Spy(io.ZarrStackWriter):
+        def __setitem__(self, key, value):
+            written.append(len(value))
+            super().__setitem__(key, value)
+
+    with Spy(tmp_path / "o.zarr", stack.shape) as out:
+        assert infer.denoise_tiled(m, CKPT, stack, tile=30, overlap=10, device="cpu", batch_frames=4, out=out) is out
+    assert written == [4, 3]
+    np.testing.assert_array_equal(io.read_zarr(tmp_path / "o.zarr")[0][:], ref)
+    monkeypatch.setattr(tiling, "BLOCK_BYTES", 4 * stack.shape[1] * stack.shape[2])  # one frame per block
+    written.clear()
+    with Spy(tmp_path / "p.zarr", stack.shape) as out:
+        infer.denoise_tiled(m, CKPT, stack, tile=30, overlap=10, device="cpu", batch_frames=4, out=out)
+    assert written == [1] * 7
+    np.testing.assert_array_equal(io.read_zarr(tmp_path / "p.zarr")[0][:], ref)
+
+
 def test_circular_padding_needs_an_overlap_wider_than_the_receptive_field():
     with pytest.raises(ValueError, match="overlap"):
         infer.denoise_tiled(_random_model(), CKPT, _stack(), tile=30, overlap=6, device="cpu",

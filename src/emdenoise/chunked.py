@@ -385,7 +385,7 @@ def infer_zarr(model, ckpt, src_zarr_path, dst_zarr_path, *, device: str = "auto
         # one shard per tile: parallel tasks never write the same shard file
         with _io.ZarrStackWriter(dst_zarr_path, shape, pixel_size=src_attrs.get("pixel_size"),
                                  attrs=out_attrs, chunks=(1,) + tile[1:], shards=tile) as w:
-            job = _TileJob(src=_zarr_array_path(src_zarr_path, src), dst=str(_Path(w.array.store.root) / w.array.path),
+            job = _TileJob(src=_io.zarr_array_path(src, src_zarr_path), dst=_io.zarr_array_path(w.array),
                            shape=shape, halo_t=p.halo_t, halo_s=p.halo_s, device=str(dev),
                            batch_frames=batch_frames, threads=threads_per_worker, precision=precision)
             with _cache_lock:  # threaded tasks share these array objects (no reopening)
@@ -408,14 +408,6 @@ def infer_zarr(model, ckpt, src_zarr_path, dst_zarr_path, *, device: str = "auto
     _log.info("infer: done, %d blocks in %.1f s (%.3g Mpix/s), %d OOM retries",
               len(cores), dt, stats["mpix_per_s"], shared.oom)
     return stats
-
-
-def _zarr_array_path(path, arr) -> str:
-    """Path of the source *array* (not its group), for workers that reopen it."""
-    try:
-        return str(_Path(arr.store.root) / arr.path)
-    except AttributeError:  # not a local store: reopen through read_zarr(path)
-        return str(path)
 
 
 def _run_distributed(address: str, job: _TileJob, model, norm, cores, run_id: str) -> None:

@@ -8,7 +8,10 @@ import argparse
 import dataclasses
 import json
 import re
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import yaml
@@ -110,12 +113,42 @@ def _denoise(args: argparse.Namespace) -> None:
         pipeline.check_frames(ds, arr.shape[0])
     except InputError as exc:
         raise InputError(args.input, exc.problem) from None
-    stack = np.asarray(arr[:], dtype=np.float32)
+    big = 4 * int(np.prod(arr.shape)) > pipeline.IN_MEMORY_BYTES
+    work = _work_folder(args.work_dir, args.output) if big or args.work_dir else None
+    try:
+        _denoise_into(args, arr, meta, ds, device, work)
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _work_folder(work_dir: str | None, output: str) -> Path:
+    """A new folder for the bounded-memory path's Zarr stores: inside ``work_dir``
+    (created if missing) or beside the output (its disk must hold the result anyway)."""
+    parent = Path(work_dir) if work_dir else Path(output).resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".emdenoise-work-", dir=parent))
+    except OSError as exc:
+        raise InputError(str(parent), f"cannot create a work folder: {exc.strerror or exc}") from None
+
+
+def _denoise_into(args, arr, meta, ds, device, work) -> None:
+    """The chain and the write of ``emdenoise denoise``: in memory (``work`` None) or
+    through Zarr stores in ``work`` (the input copied there first, by blocks)."""
+    if work is None:
+        stack = np.asarray(arr[:], dtype=np.float32)
+    else:
+        io.write_zarr(work / "input.zarr", arr, pixel_size=meta.get("pixel_size"), pyramid=False)
+        stack, _ = io.read_zarr(work / "input.zarr")
+        print(f"{args.input}: {4 * np.prod(arr.shape) / 2**30:.2f} GiB as float32: intermediates go to {work} "
+              "(bounded memory)", file=sys.stderr)
     progress = Progress(verbose=args.verbose)
     try:
         result = pipeline.denoise_stack(stack, ds, device=device, progress=progress,
                                         train_overrides={"device": device, "epochs": args.epochs},
-                                        align=False if args.no_drift else None, pixel_size=meta.get("pixel_size"))
+                                        align=False if args.no_drift else None, pixel_size=meta.get("pixel_size"),
+                                        workdir=work)
     except InputError as exc:
         raise InputError(args.input, exc.problem) from None
     finally:
@@ -226,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     den.add_argument("--no-drift", action="store_true",
                      help="do not align frames before denoising (default: measure drift, align by whole "
                           "pixels, denoise, shift back; tilt series are never aligned)")
+    den.add_argument("--work-dir", default=None,
+                     help="folder for the intermediates of movies larger than 128 MiB (float32), which go through "
+                          "Zarr stores instead of memory (default: a temporary folder beside the output; removed "
+                          "when done). Given, every movie takes that path")
     den.add_argument("-v", "--verbose", action="store_true", help="print the validation loss every epoch (progress bars "
                      "with the time left are shown on a terminal anyway)")
     den.set_defaults(func=_denoise)

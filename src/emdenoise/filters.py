@@ -528,8 +528,12 @@ class FrameMap:
         if not isinstance(first, slice) or first.step not in (None, 1):
             raise TypeError(f"FrameMap supports frame indices and slices of step 1, got {first!r}")
         a, b, _ = first.indices(n)
-        block = np.asarray(self.fn(np.asarray(self.stack[a:max(a, b)])), dtype=np.float32)
+        block = np.asarray(self._frames(a, max(a, b)), dtype=np.float32)
         return block[(slice(None),) + rest]
+
+    def _frames(self, a: int, b: int) -> np.ndarray:
+        """Frames a..b-1 of the lazy stack (subclasses that need the indices override this)."""
+        return self.fn(np.asarray(self.stack[a:b]))
 
     def __array__(self, dtype=None, copy=None):
         out = self[:]

@@ -356,15 +356,16 @@ def denoise(model, ckpt: dict | None, stack: np.ndarray, *, device: str = "auto"
 
 def denoise_tiled(model, ckpt, stack, *, tile: int = 1024, overlap: int = 256, device: str = "auto",
                   padding: str = "valid", batch_frames: int = 8, num_workers: int | None = None,
-                  precision: str = "auto") -> np.ndarray:
+                  precision: str = "auto", out=None) -> np.ndarray:
     """Denoise a (T, Y, X) stack tile by tile (tilt series): (T, Y, X) data units ->
     (T, Y, X) float32.  ``tiling.blend_tiles`` cuts the tiles and blends them; this
     function supplies the network.  tile / overlap in px; padding 'valid' (real-pixel
     halo, exact) or 'circular' (tile-local wrap hidden by a guard band); precision as
-    :func:`denoise`."""
+    :func:`denoise`; out: None or a writable (T, Y, X) array filled by blocks of frames
+    (``io.ZarrStackWriter``: memory does not grow with T, ``tiling.blend_tiles``)."""
     def predict(frames, windows, spatial_padding):
         return predict_windows(model, frames, windows, normalisation=ckpt, device=device,
                                spatial_padding=spatial_padding, batch_frames=batch_frames,
                                num_workers=num_workers, precision=precision)
     return blend_tiles(predict, stack, halo_t=model.params.halo_t, halo_s=model.params.halo_s, tile=tile,
-                       overlap=overlap, padding=padding, batch_frames=batch_frames)
+                       overlap=overlap, padding=padding, batch_frames=batch_frames, out=out)

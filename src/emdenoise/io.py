@@ -1105,16 +1105,29 @@ class ZarrStackWriter:
 
 
 def write_zarr(path, stack, *, pixel_size=None, attrs: dict | None = None, chunks=None,
-               dtype="float32") -> None:
-    """Write a ``(T, Y, X)`` (or ``(Y, X)``) stack as OME-Zarr; see :class:`ZarrStackWriter`."""
+               dtype="float32", pyramid: bool = True) -> None:
+    """Write a ``(T, Y, X)`` (or ``(Y, X)``) stack as OME-Zarr, by blocks of frames (a lazy
+    stack is never whole in memory); see :class:`ZarrStackWriter`."""
     stack = _stack_for_writing(stack)
     with ZarrStackWriter(path, stack.shape, pixel_size=pixel_size, attrs=attrs,
-                         chunks=chunks, dtype=dtype) as w:
+                         chunks=chunks, dtype=dtype, pyramid=pyramid) as w:
         for a, block in _iter_blocks(stack):
             w[a:a + len(block)] = block
 
 
-def write_zarr_blocks(path, shape, blocks, frames: int, *, pixel_size=None, attrs: dict | None = None) -> None:
+def zarr_array_path(arr, fallback=None) -> str:
+    """Path of a Zarr *array* on a local store (not its group), to reopen it elsewhere;
+    ``fallback`` (or an InputError) when the store is not a local folder."""
+    try:
+        return str(Path(arr.store.root) / arr.path)
+    except AttributeError:
+        if fallback is None:
+            raise InputError(None, "expected a Zarr array on a local folder") from None
+        return str(fallback)
+
+
+def write_zarr_blocks(path, shape, blocks, frames: int, *, pixel_size=None, attrs: dict | None = None,
+                      pyramid: bool = True) -> None:
     """Write the ``(a, block)`` pairs of a streamed computation (blocks of ``frames``
     whole frames, the last one shorter, in any order) as an OME-Zarr of ``shape``
     (T, Y, X); see :class:`ZarrStackWriter` (temporary name, renamed when complete).
@@ -1122,7 +1135,8 @@ def write_zarr_blocks(path, shape, blocks, frames: int, *, pixel_size=None, attr
     Memory: one block plus the pyramid's read blocks (at most ``_MAX_BLOCK_BYTES``)."""
     shape = tuple(int(n) for n in shape)
     k = max(1, min(int(frames), shape[0]))
-    with ZarrStackWriter(path, shape, pixel_size=pixel_size, attrs=attrs, shards=(k,) + shape[1:]) as w:
+    with ZarrStackWriter(path, shape, pixel_size=pixel_size, attrs=attrs, shards=(k,) + shape[1:],
+                         pyramid=pyramid) as w:
         for a, block in blocks:
             w[a:a + len(block)] = block
 

@@ -336,7 +336,7 @@ SELECT_RULE = ("lowest self-supervised (Noise2Self) loss mean (f_J(y) - y)^2 of 
                "against the aligned noisy movie y: MSE + the same noise variance for every candidate")
 
 
-def self_supervised_loss_per_frame(blind, noisy) -> np.ndarray:
+def self_supervised_loss_per_frame(blind, noisy, region=None) -> np.ndarray:
     """Noise2Self loss of each frame, mean (f_J(y)[t] - y[t])^2 over its pixels: (T,)
     float64 in squared input units (frame by frame: lazy Zarr arrays are fine).
 
@@ -344,20 +344,22 @@ def self_supervised_loss_per_frame(blind, noisy) -> np.ndarray:
     the q whose noise correlates with that of p (a blind-spot network's output, the
     masked Gaussian ``filters.normalised_gaussian3d(..., blind_radius=b)``).  Then
     E loss = MSE against the clean movie + mean noise variance (Batson & Royer 2019).
+    ``region``: (slice_y, slice_x) of the pixels scored (None: all), cut from each frame.
     """
     f, y = _stack(blind, "self_supervised_loss"), _stack(noisy, "self_supervised_loss")
     _same_shape(f, y, "self_supervised_loss")
+    cut = tuple(region) if region is not None else (slice(None), slice(None))
     out = np.empty(y.shape[0])
     for t in range(y.shape[0]):
-        d = np.asarray(f[t], np.float64) - np.asarray(y[t], np.float64)
+        d = np.asarray(f[t][cut], np.float64) - np.asarray(y[t][cut], np.float64)
         out[t] = np.mean(d * d)
     return out
 
 
-def self_supervised_loss(blind, noisy) -> float:
-    """The Noise2Self loss over the whole movie: the mean of
+def self_supervised_loss(blind, noisy, region=None) -> float:
+    """The Noise2Self loss over the whole movie (or ``region`` of every frame): the mean of
     :func:`self_supervised_loss_per_frame` (every frame has the same pixels)."""
-    return float(np.mean(self_supervised_loss_per_frame(blind, noisy)))
+    return float(np.mean(self_supervised_loss_per_frame(blind, noisy, region)))
 
 
 def select_model(losses: Mapping[str, float]) -> dict:

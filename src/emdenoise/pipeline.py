@@ -10,12 +10,13 @@ The WCID pre-filter used only to measure drift is here too: it trains a model.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from . import chunked, drift, filters, infer, io, metrics, noise
-from .checkpoint import for_stack, load_checkpoint, model_from_checkpoint
+from . import chunked, drift, filters, infer, io, metrics, noise, train
+from .checkpoint import for_stack, load_checkpoint, model_from_checkpoint, strided_sample
 from .config import CONTEXT_SUFFIX, ModelConfig, TrainParams, candidate_model, context_frames
 from .errors import InputError
 from .models import model_class, resolve_device
@@ -23,7 +24,8 @@ from .tiling import min_frames_for_windows
 from .train import train_model
 
 __all__ = ["prefilter", "prefilter_zarr", "model_params", "train_candidate", "postprocess", "classical_candidate",
-           "temporal_reach", "check_frames", "check_fit", "choose", "denoise_stack"]
+           "temporal_reach", "check_frames", "check_fit", "choose", "denoise_stack", "align_on_canvas",
+           "from_canvas", "classical_zarr", "OnInputGrid"]
 
 
 def prefilter(stack: np.ndarray, method: str = "wcid", sigma: float = 1.5, *,
@@ -50,12 +52,6 @@ def prefilter(stack: np.ndarray, method: str = "wcid", sigma: float = 1.5, *,
     raise ValueError(f"unknown prefilter method {method!r}")
 
 
-#: :func:`prefilter_zarr` trains WCID on the stack in memory up to this many bytes of
-#: float32 frames (fast), on crops read from the Zarr store above (same model:
-#: ``train.train_model`` reads lazily with identical values); as ``scripts/train.py``.
-PREFILTER_IN_MEMORY_BYTES = 2**30
-
-
 def prefilter_zarr(src, dst, method: str = "wcid", sigma: float = 1.5, *, wcid_params=None,
                    train_params: TrainParams | None = None, attrs: dict | None = None,
                    frames: int | None = None) -> dict | None:
@@ -66,7 +62,7 @@ def prefilter_zarr(src, dst, method: str = "wcid", sigma: float = 1.5, *, wcid_p
 
     'gaussian2d' / 'none': blocks of ``frames`` whole frames (None:
     ``filters.block_frames``, 64 MB), one shard each; memory ~ 3 float32 copies of a block.
-    'wcid': training reads the stack whole only up to ``PREFILTER_IN_MEMORY_BYTES``,
+    'wcid': training reads the stack whole only up to ``train.IN_MEMORY_BYTES``,
     crops from the store above (``train.train_model``); inference is
     ``chunked.infer_zarr`` by tiles sized from the free memory (at most
     ``chunked.MAX_TILE_BYTES`` per worker).  ``attrs``: stored with the source's
@@ -87,7 +83,7 @@ def prefilter_zarr(src, dst, method: str = "wcid", sigma: float = 1.5, *, wcid_p
     if method != "wcid":
         raise ValueError(f"unknown prefilter method {method!r}")
     params = wcid_params or ModelConfig().wcvd_params(dims=2)
-    in_memory = 4 * np.prod(shape, dtype=np.int64) <= PREFILTER_IN_MEMORY_BYTES
+    in_memory = 4 * np.prod(shape, dtype=np.int64) <= train.IN_MEMORY_BYTES
     ckpt = train_model(np.asarray(raw[:], dtype=np.float32) if in_memory else raw, params,
                        train_params or TrainParams())
     model = model_from_checkpoint(ckpt, device=ckpt["device"])
@@ -323,48 +319,133 @@ def choose(losses: dict, ds, blind_radii: dict | None = None, noise_radius: int 
     return {**choice, "left_out": left_out} if left_out else choice
 
 
-def align_on_canvas(stack: np.ndarray, ds) -> tuple[np.ndarray, dict]:
+#: The canvas fill of :func:`align_on_canvas` is the median of at most this many pixels (a
+#: strided sample, read frame by frame; the exact median of movies up to this size).
+FILL_SAMPLES = 2**22
+
+#: ``emdenoise denoise`` keeps movies up to this many bytes of float32 frames in memory
+#: (the chain holds several copies: input, canvas, one output per candidate); larger ones
+#: go through Zarr stores in a work folder (:func:`denoise_stack` ``workdir``).
+IN_MEMORY_BYTES = 128 * 2**20
+
+
+def _tiled_writer(path, shape, tile: int, **kw) -> io.ZarrStackWriter:
+    """An OME-Zarr writer whose shards are spatial tiles of all frames: what the tiled
+    Gaussians (``filters.blind_gaussian3d``, ``normalised_gaussian3d``) fill, tile by tile."""
+    n_t, ny, nx = shape
+    ty, tx = min(tile, ny), min(tile, nx)
+    return io.ZarrStackWriter(path, shape, chunks=(1, ty, tx), shards=(n_t, ty, tx), **kw)
+
+
+def classical_zarr(stack, blind_radius: int, dst, *, attrs: dict | None = None, pixel_size=None,
+                   pyramid: bool = True) -> dict:
+    """:func:`classical_candidate` from a lazy (T, Y, X) stack into an OME-Zarr at ``dst``
+    (sharded by the tuning's tiles, ``filters.blind_tile``), at memory bounded by
+    ``filters.TILE_BUDGET``; returns its record (also stored with ``attrs``)."""
+    tile = filters.blind_tile(stack.shape[0])
+    with _tiled_writer(dst, tuple(stack.shape), tile, pixel_size=pixel_size, attrs=attrs, pyramid=pyramid) as w:
+        _, record = classical_candidate(stack, blind_radius, tile=tile, out=w.array)
+        w.update_attrs({**(attrs or {}), **record})
+    return record
+
+
+def _canvas_blocks(stack, offsets, canvas_shape, fill: float, frames: int):
+    """(a, block) pairs of the drift canvas: frame t of ``stack`` placed at ``offsets[t]``
+    on a (Y', X') field of ``fill``, ``frames`` frames per block."""
+    t, y, x = stack.shape
+    for a in range(0, t, frames):
+        src = np.asarray(stack[a:a + frames], dtype=np.float32)
+        block = np.full((len(src),) + tuple(canvas_shape[1:]), fill, dtype=np.float32)
+        for i, (oy, ox) in enumerate(offsets[a:a + len(src)]):
+            block[i, oy:oy + y, ox:ox + x] = src[i]
+        yield a, block
+
+
+def align_on_canvas(stack, ds, workdir=None):
     """Whole-pixel drift correction that keeps every input pixel (for ``emdenoise denoise``).
 
     Drift is measured as in the workflow (``ds.prefilter`` then phase correlation,
     ``ds.drift.upsample``) and undone by whole pixels only (no interpolation: the noise
     stays independent).  Instead of cropping to the region every frame covers (the
     workflow's aligned.zarr), each frame t is placed at offset ``o_t = d_max - d_t`` on a
-    canvas of (Y + d_max - d_min, X + ...) px filled with the stack's median, so that the
-    output can be shifted back onto the input's grid for every pixel.
+    canvas of (Y + d_max - d_min, X + ...) px filled with the stack's median (of at most
+    ``FILL_SAMPLES`` pixels), so that the output can be shifted back onto the input's grid
+    for every pixel.
     The border: pixels within the drift range of a frame edge have fewer real temporal
     neighbours (the fill carries no noise and no signal), so they are denoised mostly
     from their own frame; the selection between candidates uses only the region every
     frame covers.  Returns (canvas (T, Y', X') float32, record with 'offsets' (T, 2) int,
     'measured' (T, 2) px, 'common' [y0, y1, x0, x1] on the canvas).
+    ``workdir``: None (NumPy in memory) or a folder: ``stack`` is then a Zarr array read
+    lazily, the pre-filtered movie and the canvas are Zarr stores there
+    (``prefiltered.zarr``, ``canvas.zarr``) and the canvas comes back as a lazy array:
+    memory does not grow with T (same values).
     """
     pf = ds.prefilter
-    pre = prefilter(stack, method=pf.method, sigma=pf.sigma, wcid_params=ds.model.wcvd_params(dims=2),
-                    train_params=dataclasses.replace(ds.train, epochs=pf.epochs))
+    kw = dict(method=pf.method, sigma=pf.sigma, wcid_params=ds.model.wcvd_params(dims=2),
+              train_params=dataclasses.replace(ds.train, epochs=pf.epochs))
+    if workdir is None:
+        pre = prefilter(stack, **kw)
+    else:
+        prefilter_zarr(io.zarr_array_path(stack), _work_path(workdir, "prefiltered"), **kw)
+        pre, _ = io.read_zarr(_work_path(workdir, "prefiltered"))
     measured, check = drift.measure_drift(pre, upsample=ds.drift.upsample, min_peak_z=ds.drift.min_peak_z,
                                           return_info=True)
+    del pre
     d = drift.whole_pixel_shifts(measured)
     t, y, x = stack.shape
     off = d.max(0)[None, :] - d                       # (T, 2) offsets of each frame on the canvas
     span = d.max(0) - d.min(0)
-    canvas = np.full((t, y + span[0], x + span[1]), np.median(stack), dtype=np.float32)
-    for i in range(t):
-        canvas[i, off[i, 0]:off[i, 0] + y, off[i, 1]:off[i, 1] + x] = stack[i]
+    shape = (t, y + int(span[0]), x + int(span[1]))
+    size = t * y * x
+    fill = float(np.median(strided_sample(stack, -(-size // FILL_SAMPLES))))
+    k = filters.block_frames(shape[1:])
+    if workdir is None:
+        canvas = np.empty(shape, dtype=np.float32)
+        for a, block in _canvas_blocks(stack, off, shape, fill, k):
+            canvas[a:a + len(block)] = block
+    else:
+        io.write_zarr_blocks(_work_path(workdir, "canvas"), shape, _canvas_blocks(stack, off, shape, fill, k), k,
+                             pyramid=False)
+        canvas, _ = io.read_zarr(_work_path(workdir, "canvas"))
     common = [int(span[0]), int(y), int(span[1]), int(x)]  # covered by every frame
     return canvas, {"measured": measured.tolist(), "offsets": off.tolist(), "common": common,
                     "max_shift_px": float(np.abs(measured).max()), "check": check}
 
 
-def from_canvas(canvas: np.ndarray, record: dict, shape) -> np.ndarray:
+class OnInputGrid(filters.FrameMap):
+    """A lazy (T, Y, X) view of a drift canvas shifted back onto the input grid: frame t
+    is canvas frame t cropped at ``offsets[t]`` (:func:`from_canvas`); read frame by frame."""
+
+    def __init__(self, canvas, offsets, shape):
+        super().__init__(canvas, None)
+        self.offsets = [tuple(int(v) for v in o) for o in offsets]
+        self.shape = tuple(int(n) for n in shape)
+
+    def _frames(self, a: int, b: int) -> np.ndarray:
+        _, y, x = self.shape
+        block = np.asarray(self.stack[a:b], dtype=np.float32)
+        out = np.empty((b - a, y, x), dtype=np.float32)
+        for i, (oy, ox) in enumerate(self.offsets[a:b]):
+            out[i] = block[i, oy:oy + y, ox:ox + x]
+        return out
+
+
+def from_canvas(canvas, record: dict, shape):
     """Shift a (T, Y', X') canvas back onto the input grid (T, Y, X): the inverse of
-    :func:`align_on_canvas`."""
-    _, y, x = shape
-    return np.stack([canvas[i, oy:oy + y, ox:ox + x] for i, (oy, ox) in enumerate(record["offsets"])])
+    :func:`align_on_canvas`.  A NumPy canvas gives a NumPy array, a lazy one (Zarr,
+    ``filters.FrameMap``) a lazy :class:`OnInputGrid`."""
+    view = OnInputGrid(canvas, record["offsets"], shape)
+    return view[:] if isinstance(canvas, np.ndarray) else view
 
 
-def denoise_stack(stack: np.ndarray, ds, *, train_overrides: dict | None = None, device: str = "auto",
+def _work_path(workdir, name: str) -> Path:
+    return Path(workdir) / f"{name}.zarr"
+
+
+def denoise_stack(stack, ds, *, train_overrides: dict | None = None, device: str = "auto",
                   progress: Callable[[str, dict], None] | None = None, align: bool | None = None,
-                  pixel_size: float | None = None) -> dict:
+                  pixel_size: float | None = None, workdir=None) -> dict:
     """The whole chain on one (T, Y, X) stack in data units.
 
     align: whole-pixel drift correction before denoising and back after
@@ -375,18 +456,28 @@ def denoise_stack(stack: np.ndarray, ds, *, train_overrides: dict | None = None,
     no training), after :func:`check_fit` (its sentences in 'warnings').
     progress: called with (candidate, row): after every training epoch (the training log
         row, ``stage`` 'train', ``of`` the epochs) and every inference batch (``stage``
-        'infer', ``done`` frames of ``of``).
+        'infer', ``done`` frames of ``of``; once at the end with ``workdir``).
+    workdir: None -- ``stack`` is made a float32 NumPy array and every intermediate is in
+        memory (several copies of the movie); a folder -- ``stack`` is a float32 Zarr
+        array (``io.read_zarr``) and every intermediate a Zarr store there: the
+        pre-filter and the canvas (:func:`align_on_canvas`), each network's blind output
+        (``chunked.infer_zarr``, by tiles), the tuned Gaussian (by tiles); training reads
+        crops above ``train.IN_MEMORY_BYTES``, the low-pass and the shift back are lazy
+        (``filters.FrameMap``), the losses read frame by frame.  Memory then does not grow
+        with the movie; the values are those of the in-memory chain (CPU).
     Returns {'chosen', 'output' (T, Y, X) float32 in data units, 'outputs' per candidate
     ('classical' too for ``auto``; on the input grid), 'checkpoints' per trained model,
     'choice' (record), 'blindspot' (noise stage result), 'drift' (record or None),
-    'warnings' (list of str)}.
+    'warnings' (list of str)}.  With ``workdir`` the outputs are lazy arrays reading
+    from its stores: write them before the folder is removed.
     """
-    stack = np.asarray(stack, dtype=np.float32)
+    if workdir is None:
+        stack = np.asarray(stack, dtype=np.float32)
     check_frames(ds, stack.shape[0])  # before any training
-    shape = stack.shape
+    shape = tuple(int(n) for n in stack.shape)
     record = None
     if (ds.drift_enabled if align is None else align) and shape[0] >= 2:
-        canvas, record = align_on_canvas(stack, ds)
+        canvas, record = align_on_canvas(stack, ds, workdir)
         if any(v for row in record["offsets"] for v in row):
             stack = canvas
         else:
@@ -395,10 +486,10 @@ def denoise_stack(stack: np.ndarray, ds, *, train_overrides: dict | None = None,
                                     estimate=ds.noise.estimate)
     shifted = record is not None and record["offsets"] is not None
     # the selection compares losses on the region every frame covers (the canvas fill has no noise)
-    region = (slice(None), slice(*record["common"][:2]), slice(*record["common"][2:])) if shifted else np.s_[:]
+    region = (slice(*record["common"][:2]), slice(*record["common"][2:])) if shifted else None
 
-    def loss(blind: np.ndarray) -> float:
-        return metrics.self_supervised_loss(blind[region], stack[region])
+    def loss(blind) -> float:
+        return metrics.self_supervised_loss(blind, stack, region)
 
     outputs, ckpts, losses, warnings = {}, {}, {}, []
     for name in ds.candidates:
@@ -408,21 +499,42 @@ def denoise_stack(stack: np.ndarray, ds, *, train_overrides: dict | None = None,
             warnings += check_fit(ckpt, stack, pixel_size, blindspot=spot["blindspot"])
         else:
             cb = (lambda row, n=name: progress(n, {**row, "stage": "train"})) if progress else None
-            ckpt = train_candidate(stack, ds, name, spot["blindspot"], train_overrides=train_overrides,
+            small = workdir is not None and 4 * np.prod(shape, dtype=np.int64) <= train.IN_MEMORY_BYTES
+            ckpt = train_candidate(np.asarray(stack[:], dtype=np.float32) if small else stack, ds, name,
+                                   spot["blindspot"], train_overrides=train_overrides,
                                    progress=cb, data_info={"pixel_size": pixel_size})
             model = model_from_checkpoint(ckpt, device=device)
         done = ((lambda d, t, n=name: progress(n, {"stage": "infer", "done": d, "of": t})) if progress else None)
-        out = infer.denoise(model, ckpt, stack, device=device, progress=done, precision=ds.infer.precision)
+        if workdir is None:
+            out = infer.denoise(model, ckpt, stack, device=device, progress=done, precision=ds.infer.precision)
+        else:  # by tiles, Zarr to Zarr
+            dst = _work_path(workdir, f"{name}_blind")
+            chunked.infer_zarr(model, ckpt, io.zarr_array_path(stack), dst, device=device,
+                               precision=ds.infer.precision, progress=False)
+            out, _ = io.read_zarr(dst)
+            if done:
+                done(shape[0], shape[0])
         losses[name] = loss(out)  # the network's own (blind) output, before any low-pass
         outputs[name], _ = postprocess(out, ds, name, stack, model.params.halo_t, model_kind=ckpt.get("model"),
                                        ks_max=max(ckpt["model_params"].get("ks", [7])))
         ckpts[name] = ckpt
     if "classical" in ds.select_candidates:
         b = spot["blindspot"] // 2
-        outputs["classical"], attrs = classical_candidate(stack, b)
+        if workdir is None:
+            outputs["classical"], attrs = classical_candidate(stack, b)
+        else:
+            attrs = classical_zarr(stack, b, _work_path(workdir, "classical"), pyramid=False)
+            outputs["classical"], _ = io.read_zarr(_work_path(workdir, "classical"))
         sigma = attrs["sigma"][:2]
-        losses["classical"] = (attrs["n2s_loss"] if not shifted else
-                               loss(filters.normalised_gaussian3d(stack, *sigma, blind_radius=b)))
+        if not shifted:
+            losses["classical"] = attrs["n2s_loss"]
+        elif workdir is None:
+            losses["classical"] = loss(filters.normalised_gaussian3d(stack, *sigma, blind_radius=b))
+        else:
+            tile = filters.blind_tile(shape[0])
+            with _tiled_writer(_work_path(workdir, "classical_blind"), tuple(stack.shape), tile, pyramid=False) as w:
+                filters.normalised_gaussian3d(stack, *sigma, blind_radius=b, tile=tile, out=w.array)
+            losses["classical"] = loss(io.read_zarr(_work_path(workdir, "classical_blind"))[0])
     radii = {m: int(c.get("blind_radius", 0)) for m, c in ckpts.items()}
     choice = choose(losses, ds, radii, spot["blindspot"] // 2)
     if shifted:  # back onto the input grid

@@ -64,6 +64,9 @@ import numpy as np
 
 from .errors import InputError
 
+#: Most bytes of stitched output frames :func:`blend_tiles` holds at once (whole frames).
+BLOCK_BYTES = 256 * 2**20
+
 __all__ = ["tile_grid", "blend_window", "blend_tiles", "training_patches", "read_with_halo",
            "window_index", "min_frames_for_windows", "check_frame_count", "check_frame_size", "wrap_index"]
 
@@ -234,7 +237,8 @@ def _tile_sides(sy: slice, sx: slice, shape_yx) -> tuple[bool, bool, bool, bool]
 
 # ------------------------------------------------------------------------ inference
 def blend_tiles(predict, stack, *, halo_t: int, halo_s: int, tile: int = 1024, overlap: int = 256,
-                padding: str = "valid", batch_frames: int = 8) -> np.ndarray:
+                padding: str = "valid", batch_frames: int = 8, out=None,
+                block_bytes: int | None = None) -> np.ndarray:
     """Apply ``predict`` tile by tile and stitch: (T, Y, X) -> (T, Y, X) float32.
 
     Pure geometry: ``predict(frames, windows, spatial_padding)`` does the work, with
@@ -248,6 +252,12 @@ def blend_tiles(predict, stack, *, halo_t: int, halo_s: int, tile: int = 1024, o
     tile / overlap: px, see :func:`tile_grid`.  padding: 'valid' (real-pixel halo of
         ``halo_s`` px, exact) or 'circular' (tile-local wrap, hidden by a guard band);
         see the module docstring.
+    out: None (a new float32 array) or any writable (T, Y, X) array (a Zarr array, an
+        ``io.ZarrStackWriter``), filled block of frames by block and returned.  Blocks
+        are ``batch_frames`` frames, fewer when that many whole frames would exceed
+        ``block_bytes`` (None: ``BLOCK_BYTES``): memory besides ``out`` is one such block plus one tile's
+        windows, whatever T.  Every pixel sums its tiles in grid order in either case,
+        so the values do not depend on the block size.
     Raises InputError for frames or tiles too small for the halo (a wrapped halo would
     fold a pixel into its own blind spot) and for movies too short for the windows.
     """
@@ -266,23 +276,27 @@ def blend_tiles(predict, stack, *, halo_t: int, halo_s: int, tile: int = 1024, o
         check_frame_size((grid[0][0].stop - grid[0][0].start, grid[0][1].stop - grid[0][1].start), hs)
         if len(grid) > 1 and overlap < 2 * guard + 1:
             raise ValueError(f"padding='circular' needs overlap >= {2 * guard + 1} px (2*halo_s + 1), got {overlap}")
-    out = np.zeros(shape, dtype=np.float32)
-    wsum = np.zeros((y, x), dtype=np.float32)
+    out = np.empty(shape, dtype=np.float32) if out is None else out
     halo = hs if padding == "valid" else 0
-    step = max(1, int(batch_frames))
+    tiles, wsum = [], np.zeros((y, x), dtype=np.float32)
     for sy, sx in grid:
         w = blend_window((sy.stop - sy.start, sx.stop - sx.start), overlap, guard=guard,
                          sides=_tile_sides(sy, sx, (y, x)))
-        yi = wrap_index(sy.start - halo, sy.stop + halo, y)
-        xi = wrap_index(sx.start - halo, sx.stop + halo, x)
-        for s in range(0, t, step):
-            e = min(t, s + step)
-            win = windows[s:e]
-            lo, hi = int(win.min()), int(win.max()) + 1
-            block = read_with_halo(stack, np.arange(lo, hi), yi, xi)
-            out[s:e, sy, sx] += w * predict(block, win - lo, padding)
+        tiles.append((sy, sx, w, wrap_index(sy.start - halo, sy.stop + halo, y),
+                      wrap_index(sx.start - halo, sx.stop + halo, x)))
         wsum[sy, sx] += w
-    out /= wsum  # every pixel has weight > 0: frame-border edges are never tapered
+    # blocks of whole output frames: the stitched frames leave as soon as they are complete
+    step = max(1, min(int(batch_frames), int(block_bytes or BLOCK_BYTES) // (4 * y * x)))
+    for s in range(0, t, step):
+        e = min(t, s + step)
+        win = windows[s:e]
+        lo, hi = int(win.min()), int(win.max()) + 1
+        acc = np.zeros((e - s, y, x), dtype=np.float32)
+        for sy, sx, w, yi, xi in tiles:
+            block = read_with_halo(stack, np.arange(lo, hi), yi, xi)
+            acc[:, sy, sx] += w * predict(block, win - lo, padding)
+        acc /= wsum  # every pixel has weight > 0: frame-border edges are never tapered
+        out[s:e] = acc
     return out
 
 

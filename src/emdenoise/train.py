@@ -57,6 +57,7 @@ from .errors import InputError
 from .models import BlindSpotModel, class_for_params, resolve_device
 
 __all__ = [
+    "IN_MEMORY_BYTES",
     "TrainParams",
     "Normalisation",
     "train_model",
@@ -68,6 +69,10 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "emdenoise-wcvd/1"
+#: Stacks up to this many bytes of float32 frames are trained on in memory (fast); larger
+#: ones crop by crop from their Zarr stores (same model, bit for bit).  Training in memory
+#: holds the stack and its normalised copy, so the bound is ~2x this plus the model.
+IN_MEMORY_BYTES = 512 * 2**20
 LOG_COLUMNS = ("epoch", "train_loss", "val_loss", "lr", "seconds")
 #: Besides the minimum-validation epoch, at most this many of the latest epochs within the
 #: selection tolerance keep their weights in memory (a full-size SHINE has ~0.9 M
