@@ -35,7 +35,8 @@ def strided_sample(stack, step: int) -> np.ndarray:
     for t in range(stack.shape[0]):
         first = (-t * per) % step  # offset of frame t's first sampled element
         if first < per:
-            parts.append(np.asarray(stack[t], dtype=np.float32).ravel()[first::step])
+            # a copy: a strided view would keep its whole frame alive until the end
+            parts.append(np.asarray(stack[t], dtype=np.float32).ravel()[first::step].copy())
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
