@@ -6,7 +6,7 @@ import pytest
 import tifffile
 
 from emdenoise import io
-from emdenoise.stage import job_memory_mb, stack_megabytes
+from emdenoise.stage import job_memory_mb, job_runtime_min, stack_megabytes
 
 
 def test_stack_megabytes_reads_zarr_shapes_and_file_sizes(tmp_path):
@@ -29,6 +29,13 @@ def test_job_memory_grows_with_the_data_and_doubles_on_retry():
     assert job_memory_mb(1000, 3, 1000) == 4000          # three float32 copies of a 1 GB stack
     assert job_memory_mb(1000, 3, 1000, attempt=2) == 8000
     assert job_memory_mb(1000, 3, 1000, attempt=3) == 16000
+
+
+def test_job_runtime_grows_with_the_data_and_doubles_on_retry():
+    assert job_runtime_min(0, 30, 10) == 30
+    assert job_runtime_min(3360, 30, 10) == 64             # 200 x 2048² float32: 3.36 GB at 10 min / GB
+    assert job_runtime_min(3360, 30, 10, attempt=2) == 128
+    assert job_runtime_min(3360, 240) == 240               # training: a fixed budget, not the movie's length
 
 
 def test_disk_footprint_of_a_results_folder(tmp_path):

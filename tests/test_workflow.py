@@ -243,9 +243,10 @@ def test_gpu_jobs_run_one_at_a_time_under_the_workstation_profile(tmp_path):
     assert dry.returncode == 0 and "rule train" in dry.stdout + dry.stderr
     assert "gpu=1" not in dry.stdout + dry.stderr and "gpu=0" in dry.stdout + dry.stderr
     # memory from the size of the job's input, evaluated once the input exists
-    from emdenoise.stage import job_memory_mb, stack_megabytes
+    from emdenoise.stage import job_memory_mb, job_runtime_min, stack_megabytes
     aligned = stack_megabytes(tmp_path / "results" / "m0" / "aligned.zarr")
-    assert aligned > 0 and f"mem_mb={job_memory_mb(aligned, 3, 4000)}," in proc.stderr
+    assert aligned > 0 and f"mem_mb={job_memory_mb(aligned, 2, 4000)}," in proc.stderr  # train: 2 copies
+    assert f"runtime={job_runtime_min(aligned, 120, 10)}" in proc.stderr  # infer: grows with the input
     # keep_intermediates: false -- what nobody reads after the next stage was deleted (temp())
     for i in range(3):
         res = tmp_path / "results" / f"m{i}"

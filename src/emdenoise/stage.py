@@ -80,6 +80,13 @@ def job_memory_mb(stacks_mb: float, copies: float, base_mb: int = 1000, attempt:
     return int(math.ceil((base_mb + copies * stacks_mb) * 2 ** (max(1, int(attempt)) - 1)))
 
 
+def job_runtime_min(stacks_mb: float, minutes: float, per_gb: float = 0.0, attempt: int = 1) -> int:
+    """``runtime`` (minutes) of a workflow job: ``minutes`` plus ``per_gb`` minutes per GB
+    (1e9 bytes) of its input stacks as float32 (``stacks_mb``, :func:`stack_megabytes`),
+    doubled on every retry so a job killed at its time limit gets twice as long."""
+    return int(math.ceil((minutes + per_gb * stacks_mb / 1e3) * 2 ** (max(1, int(attempt)) - 1)))
+
+
 def disk_usage(path) -> tuple[int, int]:
     """(bytes on disk, files) of a file or a folder tree: allocated blocks (st_blocks x
     512, what quotas count) where the filesystem reports them, else the file sizes;

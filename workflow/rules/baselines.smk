@@ -13,6 +13,7 @@ rule baselines:
         f"{RESULTS}/logs/{{ds}}/baselines.log",
     resources:
         mem_mb=mem_mb(0, 2000),  # streamed by frame blocks (filters.filter_blocks)
+        runtime=runtime(30, 10),
     conda:
         "../../envs/emdenoise.yaml"
     script:

@@ -14,6 +14,7 @@ rule classical:
         f"{RESULTS}/logs/{{ds}}/classical.log",
     resources:
         mem_mb=mem_mb(0, 2500),  # streamed by tiles (filters.TILE_BUDGET)
+        runtime=runtime(30, 25),
     conda:
         "../../envs/emdenoise.yaml"
     script:

@@ -57,6 +57,15 @@ def gpu_slots(stage_name):
     return slots
 
 
+def input_megabytes(input):
+    """MB of the job's input stacks as float32 (`emdenoise.stage.stack_megabytes`)."""
+    stacks = [p for p in input if not p.endswith((".json", ".csv", ".pt", ".png"))]
+    for p in stacks:
+        if not os.path.exists(p):  # made by an earlier job: Snakemake asks again once it exists
+            raise FileNotFoundError(errno.ENOENT, "not made yet", p)
+    return sum(emstage.stack_megabytes(p) for p in stacks)
+
+
 def mem_mb(copies, base=1000, most=None):
     """A rule's `mem_mb`: `base` MB plus `copies` float32 copies of its input stacks
     (sizes read when the job is scheduled; at most `most` MB where the stage streams
@@ -64,21 +73,19 @@ def mem_mb(copies, base=1000, most=None):
     profiles/slurm). Stages that stream their stacks whatever the size take copies=0."""
 
     def resource(wildcards, input, attempt):
-        stacks = [p for p in input if not p.endswith((".json", ".csv", ".pt", ".png"))]
-        for p in stacks:
-            if not os.path.exists(p):  # made by an earlier job: Snakemake asks again once it exists
-                raise FileNotFoundError(errno.ENOENT, "not made yet", p)
-        held = copies * sum(emstage.stack_megabytes(p) for p in stacks)
+        held = copies * input_megabytes(input)
         return emstage.job_memory_mb(held if most is None else min(held, most), 1, base, attempt)
 
     return resource
 
 
-def runtime(minutes):
-    """A rule's `runtime` (minutes), doubled on each retry."""
+def runtime(minutes, per_gb=0):
+    """A rule's `runtime` (minutes): `minutes` plus `per_gb` minutes per GB of its input
+    stacks (float32), doubled on each retry (`emdenoise.stage.job_runtime_min`). The rates
+    are ~3x what bench/bench_memory.py measured on 2 CPU cores."""
 
-    def resource(wildcards, attempt):
-        return int(minutes * 2 ** (attempt - 1))
+    def resource(wildcards, input, attempt):
+        return emstage.job_runtime_min(input_megabytes(input) if per_gb else 0, minutes, per_gb, attempt)
 
     return resource
 

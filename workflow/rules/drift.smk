@@ -18,7 +18,8 @@ rule drift:
     log:
         f"{RESULTS}/logs/{{ds}}/drift.log",
     resources:
-        mem_mb=mem_mb(3),
+        mem_mb=mem_mb(0, 2500),  # frame by frame: a running leave-one-out sum, written by blocks
+        runtime=runtime(30, 20),
     conda:
         "../../envs/emdenoise.yaml"
     script:
@@ -37,7 +38,8 @@ rule align_truth:
     log:
         f"{RESULTS}/logs/{{ds}}/align_truth.log",
     resources:
-        mem_mb=mem_mb(1),
+        mem_mb=mem_mb(0, 2000),  # written by frame blocks (drift.aligned_blocks)
+        runtime=runtime(30, 5),
     conda:
         "../../envs/emdenoise.yaml"
     script:

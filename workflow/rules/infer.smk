@@ -17,8 +17,8 @@ rule infer:
     threads: 2
     resources:
         gpu=gpu_slots("infer"),
-        mem_mb=mem_mb(1, 4000),
-        runtime=runtime(120),
+        mem_mb=mem_mb(0, 4000),  # tiles of at most chunked.MAX_TILE_BYTES per worker; tilt series: frame blocks
+        runtime=runtime(120, 10),
     conda:
         "../../envs/emdenoise.yaml"
     script:

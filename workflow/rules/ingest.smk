@@ -16,7 +16,8 @@ rule ingest:
     log:
         f"{RESULTS}/logs/{{ds}}/ingest.log",
     resources:
-        mem_mb=mem_mb(3),
+        mem_mb=mem_mb(1, 2000),  # frame blocks; a reader that is not lazy holds its file
+        runtime=runtime(30, 5),
     conda:
         "../../envs/emdenoise.yaml"
     script:
@@ -36,7 +37,8 @@ rule ingest_truth:
     log:
         f"{RESULTS}/logs/{{ds}}/ingest_truth.log",
     resources:
-        mem_mb=mem_mb(3),
+        mem_mb=mem_mb(1, 2000),
+        runtime=runtime(30, 5),
     conda:
         "../../envs/emdenoise.yaml"
     script:

@@ -15,6 +15,7 @@ rule lowpass:
         f"{RESULTS}/logs/{{ds}}/lowpass_{{model}}.log",
     resources:
         mem_mb=mem_mb(0, 2500),  # streamed by blocks of frames
+        runtime=runtime(30, 10),
     conda:
         "../../envs/emdenoise.yaml"
     script:
@@ -33,6 +34,7 @@ rule export:
         f"{RESULTS}/logs/{{ds}}/export_{{stem}}_{{ext}}.log",
     resources:
         mem_mb=mem_mb(0, 2000),  # written block by block
+        runtime=runtime(30, 5),
     conda:
         "../../envs/emdenoise.yaml"
     script:

@@ -23,6 +23,7 @@ rule metrics:
         f"{RESULTS}/logs/{{ds}}/metrics.log",
     resources:
         mem_mb=mem_mb(0, 3000),  # frame by frame; diagnostics hold a few frames per method
+        runtime=runtime(30, 10),
     conda:
         "../../envs/emdenoise.yaml"
     script:

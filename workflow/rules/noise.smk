@@ -18,7 +18,7 @@ rule noise:
     log:
         f"{RESULTS}/logs/{{ds}}/noise.log",
     resources:
-        mem_mb=mem_mb(1),
+        mem_mb=mem_mb(0, 1500),  # reads only the frames of <= 5 adjacent pairs
     conda:
         "../../envs/emdenoise.yaml"
     script:

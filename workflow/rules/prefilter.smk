@@ -12,7 +12,8 @@ rule prefilter:
         f"{RESULTS}/logs/{{ds}}/prefilter.log",
     resources:
         gpu=gpu_slots("prefilter"),
-        mem_mb=mem_mb(3, 2000),
+        mem_mb=mem_mb(2, 2000, most=1100),  # WCID trains in memory up to train.IN_MEMORY_BYTES
+        runtime=runtime(60, 10),
     conda:
         "../../envs/emdenoise.yaml"
     script:

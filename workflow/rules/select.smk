@@ -16,7 +16,8 @@ rule select:
     log:
         f"{RESULTS}/logs/{{ds}}/select.log",
     resources:
-        mem_mb=mem_mb(1.5),
+        mem_mb=mem_mb(0, 2000),  # the chosen stack copied by blocks
+        runtime=runtime(30, 5),
     conda:
         "../../envs/emdenoise.yaml"
     script:

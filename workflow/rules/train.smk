@@ -18,7 +18,7 @@ rule train:
     threads: 2
     resources:
         gpu=gpu_slots("train"),
-        mem_mb=mem_mb(3, 4000, most=3000),  # > 1 GB of frames: crops read from Zarr (scripts/train.py)
+        mem_mb=mem_mb(2, 4000, most=1100),  # stack + normalised copy up to train.IN_MEMORY_BYTES, crops from Zarr above
         runtime=runtime(240),
     conda:
         "../../envs/emdenoise.yaml"
@@ -51,7 +51,7 @@ rule train_shared:
     threads: 2
     resources:
         gpu=lambda wildcards: CFG.datasets[GROUP_DATASETS[wildcards.group][0]].gpu_jobs("train") if GPUS_VISIBLE else 0,
-        mem_mb=mem_mb(3, 4000, most=3000),
+        mem_mb=mem_mb(2, 4000, most=1100),
         runtime=runtime(240),
     conda:
         "../../envs/emdenoise.yaml"
