@@ -1,6 +1,7 @@
 """Rule `lowpass`: the post-processing of a model's method (emdenoise.pipeline.postprocess).
 
-WCVD: circular FFT low-pass (WCVD paper, SM 2), its diameter chosen by uMSE against the
+Every network: its own pixel given back with the weight that minimises the error
+(emdenoise.pipeline.unblind, `unblind.enabled`). WCVD then: circular FFT low-pass (WCVD paper, SM 2), its diameter chosen by uMSE against the
 aligned raw movie when `lowpass.diameter: auto`; SHINE's method has none: its output
 passes through unchanged.
 
@@ -25,7 +26,7 @@ def main(smk):
     per_frame = metrics.self_supervised_loss_per_frame(stack, raw)
     loss = float(per_frame.mean())
     out, record = pipeline.postprocess(stack, ds, smk.wildcards.model, raw, attrs.get("temporal_reach"),
-                                       model_kind=attrs.get("model_kind"), ks_max=attrs.get("ks_max"))
+                                       model_kind=attrs.get("model_kind"), ks_max=attrs.get("ks_max"), loss=loss)
     stage.log.info("self-supervised loss of the model's output %.6g; post-processing: %s", loss, record)
     io.write_zarr(smk.output[0], out, pixel_size=attrs.get("pixel_size"),
                   attrs={**attrs, "lowpass": record, "n2s_loss": loss, "n2s_loss_frames": per_frame.tolist()})

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from emdenoise import config as emcfg
-from emdenoise import pipeline
+from emdenoise import filters, io, pipeline
 from emdenoise.metrics import psnr
 from emdenoise.synthetic import simulate_movie
 
@@ -75,7 +75,7 @@ def test_lowpass_auto_keeps_fine_fringes_and_removes_high_frequency_residue(peri
     truth = 10 + 5 * np.cos(2 * np.pi * (yy + 0.5 * xx) / period)
     noisy = (truth + rng.normal(0, 3, (12, 64, 64))).astype(np.float32)
     fake = (truth + rng.normal(0, 1.5, (12, 64, 64))).astype(np.float32)  # a "network" with HF residue
-    ds = _ds(model={"name": "wcvd"})
+    ds = _ds(model={"name": "wcvd"}, unblind={"enabled": False})  # the low-pass alone
     out, rec = pipeline.postprocess(fake, ds, "wcvd", noisy, reach=1)
     assert rec["diameter"] == (None if expect is None else rec["diameter"]) and "auto" in rec
     assert (rec["diameter"] is None) == (expect is None)
@@ -131,3 +131,64 @@ def test_auto_leaves_out_a_candidate_blind_to_less_than_the_noise():
     assert fair["chosen"] == "wcvd" and "left_out" not in fair
     alone = pipeline.choose({"wcvd": 0.9, "shine": 1.0}, ds, {"wcvd": 0, "shine": 0}, noise_radius=2)
     assert alone["chosen"] == "wcvd"  # nothing fair is left: compare them all
+
+
+# ---- the network's own pixel given back (pipeline.unblind)
+def _blind_estimate(noisy):
+    """A J-invariant estimate: the Gaussian 3D with the centre frame's taps masked within the
+    noise's correlated window (the noise stage's blind spot): it never sees noise of y(t, p)."""
+    from emdenoise.noise import estimate_blindspot
+
+    b = estimate_blindspot(noisy)["blindspot"] // 2
+    return filters.normalised_gaussian3d(noisy, 1.0, 1.0, blind_radius=b)
+
+
+@pytest.mark.parametrize("mode", ["counting", "linear"])
+def test_unblind_weight_is_near_the_best_and_lowers_the_error(mode, tmp_path):
+    mv = simulate_movie(12, (96, 96), mode=mode, dose=2.0, max_drift=0.0, seed=11)
+    y = mv.noisy.astype(np.float64)
+    f = _blind_estimate(mv.noisy)
+    out, rec = pipeline.unblind(f, mv.noisy)
+    # the truth in data units: the best affine map of the clean movie onto the noisy one
+    c = mv.clean.astype(np.float64)
+    a, b = np.polyfit(c.ravel(), y.ravel(), 1)
+    s = a * c + b
+    err = f - s
+    w_best = float(np.mean(err * (err - (y - s))) / np.mean((y - f) ** 2))  # argmin_w E (f + w (y - f) - s)^2
+    assert 0 < rec["weight"] < 1 and abs(rec["weight"] - w_best) < 0.25 * w_best + 0.01, (rec, w_best)
+    assert np.mean((out - s) ** 2) < np.mean(err ** 2)  # never worse, here better
+    assert rec["loss"] == pytest.approx(np.mean((f - y) ** 2), rel=1e-9)
+    # lazy (Zarr) in, lazy out, the same values bit for bit
+    io.write_zarr(tmp_path / "f.zarr", f)
+    io.write_zarr(tmp_path / "y.zarr", mv.noisy)
+    lazy, rec2 = pipeline.unblind(io.read_zarr(tmp_path / "f.zarr")[0], io.read_zarr(tmp_path / "y.zarr")[0])
+    assert rec2 == rec and not isinstance(lazy, np.ndarray)
+    np.testing.assert_array_equal(np.asarray(lazy), out)
+
+
+def test_unblind_gives_no_weight_when_the_frames_differ_more_than_the_loss():
+    """A scene that changes between every frame inflates the adjacent-frame noise estimate
+    above the loss: the weight is 0 (the blind output, unchanged), never negative."""
+    rng = np.random.default_rng(0)
+    y = rng.poisson(5.0, (8, 48, 48)).astype(np.float32)
+    y[1::2] += 20.0  # flicker: huge adjacent-frame differences
+    f = _blind_estimate(y)
+    out, rec = pipeline.unblind(f, y)
+    assert rec["weight"] == 0.0 and rec["noise_variance"] > rec["loss"]
+    np.testing.assert_array_equal(out, f.astype(np.float32))
+
+
+def test_postprocess_unblinds_every_network_before_the_low_pass():
+    mv = simulate_movie(10, (64, 64), mode="counting", dose=2.0, max_drift=0.0, seed=2)
+    f = _blind_estimate(mv.noisy)
+    ds = _ds(lowpass={"diameter": 0.5})
+    unb, rec_u = pipeline.unblind(f, mv.noisy)
+    out, rec = pipeline.postprocess(f, ds, "wcvd", mv.noisy)
+    assert rec["unblind"] == rec_u and rec["applied"]
+    np.testing.assert_allclose(out, filters.fft_lowpass(unb, diameter=0.5, pad=ds.lowpass.pad), rtol=1e-6, atol=1e-6)
+    shine, rec_s = pipeline.postprocess(f, ds, "shine", mv.noisy)  # no low-pass in SHINE's method
+    np.testing.assert_array_equal(shine, unb)
+    off = _ds(unblind={"enabled": False})
+    plain, rec_off = pipeline.postprocess(f, off, "shine", mv.noisy)
+    assert "unblind" not in rec_off
+    np.testing.assert_array_equal(plain, f.astype(np.float32))

@@ -508,6 +508,24 @@ class LowpassConfig:
     edge_width: float = setting(0.0, minimum=0)
 
 
+@dataclass(frozen=True)
+class UnblindConfig:
+    """The network's own pixel given back after inference (``pipeline.unblind``).
+
+    A blind-spot network predicts each pixel from its neighbours only: it never sees the
+    pixel's own measurement, which carries information too.  The output becomes
+    f + w (y - f), with the weight w = MSE_f / (MSE_f + sigma^2) that minimises the
+    mean squared error (the posterior-mean idea of Laine et al. 2019, with one global
+    weight), estimated from the network's self-supervised loss L = MSE_f + sigma^2 and
+    the noise variance sigma^2 from differences of adjacent frames (which the scene's
+    own change can only inflate: w is then smaller, never larger, than the best).
+    Applies to every network candidate, before the low-pass; the model choice and the
+    blindness audit use the network's own (blind) output.
+    """
+
+    enabled: bool = setting(True)
+
+
 STAGES = {
     "prefilter": PrefilterConfig,
     "drift": DriftConfig,
@@ -520,6 +538,7 @@ STAGES = {
     "shine_train": dict,  # overrides of `train` for SHINE, on top of the paper's settings
     "infer": InferConfig,
     "lowpass": LowpassConfig,
+    "unblind": UnblindConfig,
 }
 
 
@@ -620,6 +639,7 @@ class DatasetConfig(_DatasetHelpers):
     shine_train: dict = field(default_factory=dict)
     infer: InferConfig = field(default_factory=InferConfig)
     lowpass: LowpassConfig = field(default_factory=LowpassConfig)
+    unblind: UnblindConfig = field(default_factory=UnblindConfig)
 
 
 @dataclass(frozen=True)
@@ -905,13 +925,14 @@ def model_settings(ds, model: str) -> list[str]:
 
 
 def lowpass_settings(ds, model: str) -> list[str]:
-    """The low-pass belongs to WCVD's method only (``models.WCVD.lowpass``); SHINE's output
-    passes through.  A pretrained model's kind and kernel sizes come from its checkpoint."""
+    """The post-processing of a model's output: every network gets its own pixel back
+    (``unblind``); the low-pass belongs to WCVD's method only (``models.WCVD.lowpass``).
+    A pretrained model's kind and kernel sizes come from its checkpoint."""
     if model == "pretrained":
-        return ["lowpass", "metrics.temporal_radius"]
+        return ["unblind", "lowpass", "metrics.temporal_radius"]
     if candidate_model(model)[0] != "wcvd":
-        return []
-    return ["lowpass", "model.ks", "metrics.temporal_radius"]
+        return ["unblind"]
+    return ["unblind", "lowpass", "model.ks", "metrics.temporal_radius"]
 
 
 def stage_config(params: Mapping[str, Any]) -> StageConfig:

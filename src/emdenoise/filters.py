@@ -503,7 +503,10 @@ class FrameMap:
     ((t, Y, X) -> (t, Y, X)), computed only for the frames read: ``m[t]``, ``m[a:b]``
     (step 1), trailing Y / X indices, ``np.asarray(m)``.  With ``io.write_zarr`` or the
     ``emdenoise.metrics`` functions, which read block by block or frame by frame, a
-    filtered stack is never whole in memory.
+    filtered stack is never whole in memory.  ``fn`` is applied to at most
+    :func:`block_frames` frames at a time (``BLOCK_BYTES``), however many are read: a
+    filter's working copies (an FFT low-pass: ~5x its input) stay small while a writer
+    reads 256 MB blocks.
     """
 
     ndim = 3
@@ -532,7 +535,18 @@ class FrameMap:
         return block[(slice(None),) + rest]
 
     def _frames(self, a: int, b: int) -> np.ndarray:
-        """Frames a..b-1 of the lazy stack (subclasses that need the indices override this)."""
+        """Frames a..b-1, computed ``block_frames`` at a time (subclasses that need the
+        frame indices override :meth:`_compute`)."""
+        step = block_frames(self.shape[1:])
+        if b - a <= step:
+            return self._compute(a, b)
+        out = np.empty((b - a,) + self.shape[1:], dtype=np.float32)
+        for s in range(a, b, step):
+            e = min(b, s + step)
+            out[s - a:e - a] = self._compute(s, e)
+        return out
+
+    def _compute(self, a: int, b: int) -> np.ndarray:
         return self.fn(np.asarray(self.stack[a:b]))
 
     def __array__(self, dtype=None, copy=None):

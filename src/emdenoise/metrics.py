@@ -356,6 +356,25 @@ def self_supervised_loss_per_frame(blind, noisy, region=None) -> np.ndarray:
     return out
 
 
+def frame_difference_variance(noisy, region=None) -> float:
+    """Half the mean squared difference of adjacent frames, (1/2) E (y[t+1] - y[t])^2,
+    float64, read frame by frame (``region``: (slice_y, slice_x) of each frame, None: all).
+    For noise independent between frames this is the mean noise variance plus half the
+    mean squared change of the scene between adjacent frames (an upper bound on the
+    noise variance; exact for a still scene).  NaN for fewer than 2 frames."""
+    y = _stack(noisy, "frame_difference_variance")
+    cut = tuple(region) if region is not None else (slice(None), slice(None))
+    if y.shape[0] < 2:
+        return float("nan")
+    total, prev = 0.0, np.asarray(y[0][cut], np.float64)
+    for t in range(1, y.shape[0]):
+        cur = np.asarray(y[t][cut], np.float64)
+        d = cur - prev
+        total += float(np.mean(d * d))
+        prev = cur
+    return 0.5 * total / (y.shape[0] - 1)
+
+
 def self_supervised_loss(blind, noisy, region=None) -> float:
     """The Noise2Self loss over the whole movie (or ``region`` of every frame): the mean of
     :func:`self_supervised_loss_per_frame` (every frame has the same pixels)."""

@@ -148,11 +148,60 @@ def train_candidate(stack, ds, name: str, blindspot: int | None = None, *,
 LOWPASS_AUTO = (None, 1 / 2, 1 / 3)
 
 
+class Unblinded(filters.FrameMap):
+    """A lazy (T, Y, X) stack ``blind + w (noisy - blind)``, computed for the frames read
+    (float32, the same arithmetic as :func:`unblind` on NumPy arrays)."""
+
+    def __init__(self, blind, noisy, weight: float):
+        super().__init__(blind, None)
+        self.noisy, self.weight = noisy, np.float32(weight)
+
+    def _compute(self, a: int, b: int) -> np.ndarray:
+        f = np.asarray(self.stack[a:b], dtype=np.float32)
+        return f + self.weight * (np.asarray(self.noisy[a:b], dtype=np.float32) - f)
+
+
+def unblind(blind, noisy, loss: float | None = None, region=None) -> tuple:
+    """Give a blind-spot network's output its own pixel back: ``blind + w (noisy - blind)``.
+
+    blind: (T, Y, X) output of a network that never sees pixel (t, p) -- nor the pixels
+        whose noise correlates with it -- when predicting it (J-invariant, Batson & Royer
+        2019); noisy: the (aligned) movie it denoised, same shape and units.  NumPy, or
+        lazy arrays (Zarr, ``filters.FrameMap``: read frame by frame; the result is then
+        a lazy :class:`Unblinded`).
+    Because the blind output's error e is independent of the pixel's own noise n, the
+    mean squared error of f + w (y - f) is (1 - w)^2 MSE_f + w^2 sigma^2, least at
+    w = MSE_f / (MSE_f + sigma^2) = 1 - sigma^2 / L, with L = E (f - y)^2 = MSE_f +
+    sigma^2 the self-supervised loss (``loss``, computed here if None) -- the posterior
+    mean of Laine et al. (2019) with one global weight.  sigma^2 is taken as half the
+    mean squared difference of adjacent frames, which any change of the scene between
+    frames can only inflate: w then comes out smaller than the best weight, never larger,
+    so the result is never worse than the blind output in expectation (exact for a still
+    scene).  w is clipped to [0, 1).  ``region``: (slice_y, slice_x) of the pixels that
+    estimate w (``loss`` must then be over them too), e.g. where every frame of a drift
+    canvas has data; the weight applies everywhere.
+    Returns (stack, record {'weight', 'loss', 'noise_variance'}).
+    """
+    f, y = metrics._stack(blind, "unblind"), metrics._stack(noisy, "unblind")
+    metrics._same_shape(f, y, "unblind")
+    if loss is None:
+        loss = metrics.self_supervised_loss(f, y, region)
+    var = metrics.frame_difference_variance(y, region)
+    w = float(np.clip(1.0 - var / loss, 0.0, 0.999)) if loss > 0 and np.isfinite(var) else 0.0
+    record = {"weight": w, "loss": float(loss), "noise_variance": float(var)}
+    if isinstance(f, np.ndarray):
+        f32 = np.asarray(f, dtype=np.float32)
+        return f32 + np.float32(w) * (np.asarray(y, dtype=np.float32) - f32), record
+    return Unblinded(f, y, w), record
+
+
 def postprocess(denoised, ds, name: str, noisy=None,
                 reach: int | None = None, model_kind: str | None = None,
-                ks_max: int | None = None) -> tuple[np.ndarray, dict]:
-    """The post-processing of a model's method: the FFT low-pass for models whose method
-    includes it (WCVD), nothing otherwise.  Returns (stack, record of what was done).
+                ks_max: int | None = None, loss: float | None = None, region=None) -> tuple[np.ndarray, dict]:
+    """The post-processing of a model's output: its own pixel given back (:func:`unblind`,
+    ``unblind.enabled``, every network; needs ``noisy``; ``loss``: its self-supervised
+    loss if already computed, over ``region`` of each frame when given), then the FFT low-pass for models whose method includes it
+    (WCVD).  Returns (stack, record of what was done; 'unblind' holds the weight).
 
     ``lowpass.diameter: auto`` picks, among no low-pass and the diameters in
     ``LOWPASS_AUTO``, the one with the lowest uMSE against ``noisy`` (the aligned raw
@@ -169,13 +218,16 @@ def postprocess(denoised, ds, name: str, noisy=None,
     Memory on the lazy path: a few frames (scoring) or one write block of frames.
     """
     kind = model_kind or candidate_model(name)[0]
+    extra = {}
+    if noisy is not None and ds.unblind.enabled:
+        denoised, extra["unblind"] = unblind(denoised, noisy, loss, region)
     lazy = hasattr(denoised, "shape") and not isinstance(denoised, np.ndarray)
 
     def unchanged():
         return denoised if lazy else np.asarray(denoised, dtype=np.float32)
 
     if not (model_class(kind).lowpass and ds.lowpass.enabled):  # SHINE: reads no lowpass setting
-        return unchanged(), {"applied": False}
+        return unchanged(), {"applied": False, **extra}
     lp = ds.lowpass
 
     def lowpass(diameter):
@@ -187,11 +239,11 @@ def postprocess(denoised, ds, name: str, noisy=None,
         return filters.FrameMap(denoised, fn) if lazy else fn(denoised)
 
     if lp.diameter != "auto":
-        return lowpass(lp.diameter), {"applied": True, "diameter": lp.diameter, "pad": lp.pad}
+        return lowpass(lp.diameter), {"applied": True, "diameter": lp.diameter, "pad": lp.pad, **extra}
     r = max(int(ds.metrics.temporal_radius), int(reach or 0))
     if noisy is None or noisy.shape[0] < 2 * r + 4:
         return unchanged(), {"applied": False, "diameter": "auto",
-                             "reason": f"fewer than {2 * r + 4} frames to score it"}
+                             "reason": f"fewer than {2 * r + 4} frames to score it", **extra}
     scores, best = {}, (np.inf, None, None)
     for d in LOWPASS_AUTO:  # noisy may be lazy (Zarr): metrics.umse reads it frame by frame
         out = unchanged() if d is None else lowpass(d)
@@ -199,7 +251,7 @@ def postprocess(denoised, ds, name: str, noisy=None,
         if u < best[0]:
             best = (u, d, out)
     _, d, out = best
-    record = {"applied": d is not None, "diameter": d, "pad": lp.pad, "auto": {"umse": scores, "radius": r}}
+    record = {"applied": d is not None, "diameter": d, "pad": lp.pad, "auto": {"umse": scores, "radius": r}, **extra}
     return out, record
 
 
@@ -422,7 +474,7 @@ class OnInputGrid(filters.FrameMap):
         self.offsets = [tuple(int(v) for v in o) for o in offsets]
         self.shape = tuple(int(n) for n in shape)
 
-    def _frames(self, a: int, b: int) -> np.ndarray:
+    def _compute(self, a: int, b: int) -> np.ndarray:
         _, y, x = self.shape
         block = np.asarray(self.stack[a:b], dtype=np.float32)
         out = np.empty((b - a, y, x), dtype=np.float32)
@@ -516,7 +568,8 @@ def denoise_stack(stack, ds, *, train_overrides: dict | None = None, device: str
                 done(shape[0], shape[0])
         losses[name] = loss(out)  # the network's own (blind) output, before any low-pass
         outputs[name], _ = postprocess(out, ds, name, stack, model.params.halo_t, model_kind=ckpt.get("model"),
-                                       ks_max=max(ckpt["model_params"].get("ks", [7])))
+                                       ks_max=max(ckpt["model_params"].get("ks", [7])), loss=losses[name],
+                                       region=region)
         ckpts[name] = ckpt
     if "classical" in ds.select_candidates:
         b = spot["blindspot"] // 2
