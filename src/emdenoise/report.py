@@ -631,11 +631,13 @@ def _dataset_html(name: str, diag_dir: Path, index: dict, summary: dict, table: 
         loss = choice.get("loss", {})
         excess = choice.get("excess", {})
         reaches = choice.get("reaches", {})
+        own = choice.get("unblind", {})
         trs = []
         for m in choice.get("candidates", list(loss)):
             r = rows.loc[m] if m in rows.index else None
             trs.append(f"<tr{' class=chosen' if m == chosen else ''}><td>{html.escape(m)}</td>"
                        f"<td>{reaches.get(m, '–')}</td><td>{_f(loss.get(m), '.6g')}</td>"
+                       f"<td>{_f(own.get(m), '.3f')}</td>"
                        f"<td>{_f(100 * _num(excess.get(m)), '+.2f')}</td>"
                        f"<td>{_f(r.upsnr_db if r is not None else None)}</td>"
                        f"<td>{_f(r.psnr_db if r is not None else None)}</td>"
@@ -644,6 +646,8 @@ def _dataset_html(name: str, diag_dir: Path, index: dict, summary: dict, table: 
                           if choice.get(k2) is not None)
         out.append(f"<h3>Model choice</h3><p>{html.escape(choice.get('rule', ''))}. {extra}</p>"
                    "<table class=small><thead><tr><th>candidate</th><th>reach</th><th>N2S loss (select)</th>"
+                   "<th title='weight of the pixel&#39;s own value given back after inference (pipeline.unblind)'>"
+                   "own pixel</th>"
                    "<th>excess (%)</th>"
                    "<th>uPSNR (dB)</th><th>PSNR vs truth</th><th>chosen</th></tr></thead><tbody>"
                    + "".join(trs) + "</tbody></table>")
