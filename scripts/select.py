@@ -28,9 +28,9 @@ def main(smk):
     choice = pipeline.choose({m: attrs.get("n2s_loss") for m, (_, attrs) in stacks.items()}, ds, radii,
                              noise_radius)
     choice["reaches"] = {m: pipeline.temporal_reach(ds, m, attrs) for m, (_, attrs) in stacks.items()}
-    # each network's own-pixel weight (pipeline.unblind, recorded by lowpass): for the report
-    choice["unblind"] = {m: attrs["lowpass"]["unblind"]["weight"] for m, (_, attrs) in stacks.items()
-                         if "unblind" in (attrs.get("lowpass") or {})}
+    # each network's own-pixel weight as applied (pipeline.postprocess; 0: not given back)
+    choice["unblind"] = {m: attrs["lowpass"]["unblind"]["weight"] * attrs["lowpass"]["unblind"]["applied"]
+                         for m, (_, attrs) in stacks.items() if "unblind" in (attrs.get("lowpass") or {})}
     if "model_shine" in smk.input.keys():  # which SHINE size ran (auto: CPU-sized without a GPU)
         choice["shine_size"] = checkpoint.load_checkpoint(smk.input.model_shine)[1].get("shine_size")
     chosen = choice["chosen"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from emdenoise import config as emcfg
-from emdenoise import filters, io, pipeline
+from emdenoise import filters, io, metrics, pipeline
 from emdenoise.metrics import psnr
 from emdenoise.synthetic import simulate_movie
 
@@ -178,16 +178,31 @@ def test_unblind_gives_no_weight_when_the_frames_differ_more_than_the_loss():
     np.testing.assert_array_equal(out, f.astype(np.float32))
 
 
-def test_postprocess_unblinds_every_network_before_the_low_pass():
+def test_postprocess_gives_the_own_pixel_back_where_it_helps():
+    """SHINE (no low-pass): always.  WCVD: the low-pass removes the band where the own pixel
+    helps most, so each low-pass option is scored by uMSE with and without it and the
+    lowest kept; on a movie too short to score, 'auto' means no low-pass and the own pixel."""
     mv = simulate_movie(10, (64, 64), mode="counting", dose=2.0, max_drift=0.0, seed=2)
     f = _blind_estimate(mv.noisy)
     ds = _ds(lowpass={"diameter": 0.5})
     unb, rec_u = pipeline.unblind(f, mv.noisy)
-    out, rec = pipeline.postprocess(f, ds, "wcvd", mv.noisy)
-    assert rec["unblind"] == rec_u and rec["applied"]
-    np.testing.assert_allclose(out, filters.fft_lowpass(unb, diameter=0.5, pad=ds.lowpass.pad), rtol=1e-6, atol=1e-6)
     shine, rec_s = pipeline.postprocess(f, ds, "shine", mv.noisy)  # no low-pass in SHINE's method
+    assert rec_s == {"applied": False, "unblind": {**rec_u, "applied": True}}
     np.testing.assert_array_equal(shine, unb)
+    out, rec = pipeline.postprocess(f, ds, "wcvd", mv.noisy)
+    scores = rec["scored"]["umse"]
+    assert set(scores) == {"0.5", "0.5 + own pixel"} and rec["applied"]
+    with_own = scores["0.5 + own pixel"] < scores["0.5"]
+    assert rec["unblind"] == {**rec_u, "applied": with_own}
+    ref = filters.fft_lowpass(unb if with_own else f.astype(np.float32), diameter=0.5, pad=ds.lowpass.pad)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+    auto = _ds()  # diameter auto: none / 1/2 / 1/3, each with and without
+    out, rec = pipeline.postprocess(f, auto, "wcvd", mv.noisy)
+    assert len(rec["auto"]["umse"]) == 6 and min(rec["auto"]["umse"].values()) == metrics.umse(
+        out, mv.noisy, temporal_radius=rec["auto"]["radius"])
+    out, rec = pipeline.postprocess(f[:6], auto, "wcvd", mv.noisy[:6])  # too short to score
+    assert rec["applied"] is False and rec["unblind"]["applied"]
+    np.testing.assert_array_equal(out, pipeline.unblind(f[:6], mv.noisy[:6])[0])
     off = _ds(unblind={"enabled": False})
     plain, rec_off = pipeline.postprocess(f, off, "shine", mv.noisy)
     assert "unblind" not in rec_off

@@ -117,10 +117,10 @@ def test_tiny_run_end_to_end(tmp_path):
                 blind = io.read_zarr(res / ds / m / "denoised_raw.zarr")[0][:]
                 assert choice["loss"][m] == pytest.approx(float(np.mean((blind.astype(np.float64) - aligned) ** 2)),
                                                           rel=1e-6)
-            # each network's own pixel given back with the recorded weight (SHINE: no low-pass after)
+            # each network's own pixel given back with the recorded weight (SHINE: always, no low-pass after)
             assert set(choice["unblind"]) == {"wcvd", "wcvd_ctx", "shine"}
             w = choice["unblind"]["shine"]
-            assert 0 <= w < 1
+            assert 0 <= w < 1 and io.read_zarr(res / ds / "shine" / "denoised.zarr")[1]["lowpass"]["unblind"]["applied"]
             np.testing.assert_allclose(io.read_zarr(res / ds / "shine" / "denoised.zarr")[0][:],
                                        blind + np.float32(w) * (aligned - blind), rtol=1e-6, atol=1e-6)
             # the report's per-frame loss averages to the loss the choice compared, for every candidate
