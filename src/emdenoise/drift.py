@@ -28,6 +28,8 @@ frame 0 (about 0.15 px at 256 px and 0.2 px at 192 px, 1 count/px).
 """
 from __future__ import annotations
 
+import functools
+
 import os
 
 import numpy as np
@@ -63,12 +65,16 @@ def _check_stack(stack, what: str, min_frames: int = 1):
     return stack
 
 
-def _tukey(n: int, alpha: float = 0.25) -> np.ndarray:
-    """The Tukey (tapered cosine) window of ``n`` points, as ``scipy.signal.windows.tukey``
-    (importing scipy.signal costs ~0.4 s at start-up of every command, for this alone)."""
-    from scipy.signal.windows import tukey  # deferred: imported on first use only
+@functools.lru_cache(maxsize=4)
+def _window(shape: tuple[int, int]) -> np.ndarray:
+    """The 2D Tukey (tapered cosine, alpha 0.25) window of a frame, float64, made once per
+    frame shape (a 4096² window is 134 MB).  ``scipy.signal`` is imported here, on first
+    use: it costs ~0.4 s at start-up of every command, for this alone."""
+    from scipy.signal.windows import tukey
 
-    return tukey(n, alpha)
+    window = np.outer(tukey(shape[0], 0.25), tukey(shape[1], 0.25))
+    window.flags.writeable = False  # shared by every call
+    return window
 
 
 def phase_cross_correlation(*args, **kwargs):
@@ -82,8 +88,9 @@ def _prepare(frame: np.ndarray) -> np.ndarray:
     """Zero-mean, Tukey-windowed copy: the frame edges would otherwise wrap around in
     the FFT and add a correlation peak at zero shift that biases towards no drift."""
     frame = np.asarray(frame, dtype=np.float64)
-    window = np.outer(_tukey(frame.shape[0]), _tukey(frame.shape[1]))
-    return (frame - frame.mean()) * window
+    out = frame - frame.mean()
+    out *= _window(frame.shape)  # in place: one frame-sized copy, not two
+    return out
 
 
 def _register(reference: np.ndarray, moving: np.ndarray, upsample: int, max_shift: float | None) -> np.ndarray:
@@ -155,7 +162,9 @@ def _leave_one_out_references(stack, shifts):
         total += _shift_for_reference(stack[t], shifts[t])
     for t in range(n):
         frame = np.asarray(stack[t])
-        yield t, frame, (total - _shift_for_reference(frame, shifts[t])) / (n - 1)
+        ref = total - _shift_for_reference(frame, shifts[t])
+        ref /= n - 1  # in place: the same values, one frame-sized copy fewer
+        yield t, frame, ref
 
 
 def _register_to_mean(stack, upsample, max_shift, max_iter=5):
