@@ -278,15 +278,20 @@ def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.Da
         _write_gray_png(out / f"crop_{name}.png", f[y0:y0 + h, x0:x0 + w], lo, hi)
         files["full"][name], files["crop"][name] = f"full_{name}.png", f"crop_{name}.png"
     # residuals raw - denoised: one symmetric range (from the frame's raw noise) for all
+    # only what is shown is kept: the crop of each frame residual, each mean residual as
+    # float32, and a strided sample of those for their display range (frames of 4096²
+    # and more: whole float64 residuals of every method, concatenated, took GBs)
     raw_t = np.asarray(raw[t], np.float64)
-    res_t = {m: raw_t - np.asarray(stacks[m][t], np.float64) for m in methods}
+    res_t = {m: (raw_t - np.asarray(stacks[m][t], np.float64))[y0:y0 + h, x0:x0 + w] for m in methods}
     raw_mean = temporal_mean(raw)
-    res_mean = {m: raw_mean - temporal_mean(stacks[m]) for m in methods}
+    res_mean = {m: (raw_mean - temporal_mean(stacks[m])).astype(np.float32) for m in methods}
+    del raw_t  # raw_mean: the line profile below
+    step = max(1, (int(np.prod(ref.shape)) + 2**20 - 1) // 2**20)  # <= 1 M pixels per method
     spread = float(np.percentile(np.abs(np.concatenate([v.ravel() for v in res_t.values()])), 99)) if res_t else 1.0
-    spread_mean = float(np.percentile(np.abs(np.concatenate([v.ravel() for v in res_mean.values()])), 99.5)) \
+    spread_mean = float(np.percentile(np.abs(np.concatenate([v.ravel()[::step] for v in res_mean.values()])), 99.5)) \
         if res_mean else 1.0
     for m in methods:
-        _write_gray_png(out / f"residual_{m}.png", res_t[m][y0:y0 + h, x0:x0 + w], -spread, spread)
+        _write_gray_png(out / f"residual_{m}.png", res_t[m], -spread, spread)
         _write_gray_png(out / f"residual_mean_{m}.png", res_mean[m], -spread_mean, spread_mean, THUMB_PX)
         files["residual"][m], files["residual_mean"][m] = f"residual_{m}.png", f"residual_mean_{m}.png"
     # residual structure, at lag max(r, reach) + 1 (beyond the method's reach: also for a
