@@ -237,8 +237,7 @@ def _tile_sides(sy: slice, sx: slice, shape_yx) -> tuple[bool, bool, bool, bool]
 
 # ------------------------------------------------------------------------ inference
 def blend_tiles(predict, stack, *, halo_t: int, halo_s: int, tile: int = 1024, overlap: int = 256,
-                padding: str = "valid", batch_frames: int = 8, out=None,
-                block_bytes: int | None = None) -> np.ndarray:
+                padding: str = "valid", batch_frames: int = 8, out=None) -> np.ndarray:
     """Apply ``predict`` tile by tile and stitch: (T, Y, X) -> (T, Y, X) float32.
 
     Pure geometry: ``predict(frames, windows, spatial_padding)`` does the work, with
@@ -255,7 +254,7 @@ def blend_tiles(predict, stack, *, halo_t: int, halo_s: int, tile: int = 1024, o
     out: None (a new float32 array) or any writable (T, Y, X) array (a Zarr array, an
         ``io.ZarrStackWriter``), filled block of frames by block and returned.  Blocks
         are ``batch_frames`` frames, fewer when that many whole frames would exceed
-        ``block_bytes`` (None: ``BLOCK_BYTES``): memory besides ``out`` is one such block plus one tile's
+        ``BLOCK_BYTES``: memory besides ``out`` is one such block plus one tile's
         windows, whatever T.  Every pixel sums its tiles in grid order in either case,
         so the values do not depend on the block size.
     Raises InputError for frames or tiles too small for the halo (a wrapped halo would
@@ -286,7 +285,7 @@ def blend_tiles(predict, stack, *, halo_t: int, halo_s: int, tile: int = 1024, o
                       wrap_index(sx.start - halo, sx.stop + halo, x)))
         wsum[sy, sx] += w
     # blocks of whole output frames: the stitched frames leave as soon as they are complete
-    step = max(1, min(int(batch_frames), int(block_bytes or BLOCK_BYTES) // (4 * y * x)))
+    step = max(1, min(int(batch_frames), BLOCK_BYTES // (4 * y * x)))
     for s in range(0, t, step):
         e = min(t, s + step)
         win = windows[s:e]
