@@ -308,3 +308,26 @@ def test_residual_share_allows_the_shrinkage_every_denoiser_applies():
     assert res["signal_share_ref"] > 0.02 and not res["structure"], res
     blurred = residual_structure(gaussian2d(y, 2.5), y, lag=1, reach=0)
     assert blurred["structure"] and blurred["signal_share"] - blurred["signal_share_ref"] > 0.05, blurred
+
+
+def test_checks_on_large_frames_measure_their_central_region(monkeypatch):
+    """Frames above metrics.CHECK_PX pixels: the noise-length and residual checks measure
+    the central region (memory bounded whatever the frame size), giving exactly what they
+    give on that region cut out, and say which region; smaller frames are measured whole."""
+    from emdenoise import metrics
+    from emdenoise.metrics import noise_length, residual_structure
+
+    movie = simulate_movie(12, (96, 80), mode="linear", dose=4.0, max_drift=0.0, seed=5)
+    blurred = gaussian2d(movie.noisy, 2.0)
+    whole = residual_structure(blurred, movie.noisy, lag=2)
+    assert whole["region"] is None
+    monkeypatch.setattr(metrics, "CHECK_PX", 48 * 40)
+    part = residual_structure(blurred, movie.noisy, lag=2)
+    y0, y1, x0, x1 = part["region"]
+    assert (y1 - y0) * (x1 - x0) <= 48 * 40 and (y0, x0) == ((96 - (y1 - y0)) // 2, (80 - (x1 - x0)) // 2)
+    monkeypatch.setattr(metrics, "CHECK_PX", 10**9)
+    cut = residual_structure(blurred[:, y0:y1, x0:x1], movie.noisy[:, y0:y1, x0:x1], lag=2)
+    assert {k: v for k, v in part.items() if k != "region"} == {k: v for k, v in cut.items() if k != "region"}
+    assert part != whole  # another region: other numbers (the test would pass on whole frames otherwise)
+    monkeypatch.setattr(metrics, "CHECK_PX", 48 * 40)
+    assert noise_length(movie.noisy) == noise_length(movie.noisy[:, y0:y1, x0:x1])

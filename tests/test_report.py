@@ -201,6 +201,34 @@ def test_lattice_peak_profile_and_crop_on_a_known_pattern():
     assert freq[np.nanargmax(power)] == pytest.approx(1 / period, abs=0.01)
 
 
+def test_radial_spectrum_equals_the_full_plane_ring_means_frame_by_frame():
+    """The half-plane spectrum (rfft2, the mirrored columns counted twice), read one frame
+    at a time from any iterable, gives the full plane's ring means: the reference is
+    computed here with fft2 over the whole plane, for even and odd widths."""
+    rng = np.random.default_rng(2)
+    for shape in ((3, 40, 64), (2, 37, 51)):
+        frames = rng.normal(size=shape) + np.sin(0.6 * np.arange(shape[2]))
+        ny, nx = shape[1:]
+        win = np.outer(np.hanning(ny), np.hanning(nx))
+        power = sum(np.abs(np.fft.fft2((f - f.mean()) * win)) ** 2 for f in frames) / (len(frames) * np.sum(win ** 2))
+        k = np.hypot(*np.meshgrid(np.fft.fftfreq(ny), np.fft.fftfreq(nx), indexing="ij"))
+        n_bins = min(ny, nx) // 2
+        idx = np.digitize(k.ravel(), np.linspace(0, 0.5, n_bins + 1)) - 1
+        keep = idx < n_bins
+        want = np.bincount(idx[keep], power.ravel()[keep], n_bins) / np.bincount(idx[keep], minlength=n_bins)
+        freq, got = report.radial_spectrum(f for f in frames)  # a generator: one frame at a time
+        assert len(freq) == n_bins
+        np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_preview_shrinks_large_frames_by_area_averaging():
+    img = np.arange(40 * 30, dtype=np.float32).reshape(40, 30)
+    assert report.shrink(img, 64) is img  # small enough: untouched
+    small = report.shrink(img, 16)  # factor 3: 13 x 10 blocks, the last row dropped
+    assert small.shape == (13, 10)
+    np.testing.assert_allclose(small[1, 2], img[3:6, 6:9].mean())
+
+
 def test_overview_warns_when_drift_could_not_be_measured():
     import pandas as pd
     from emdenoise.drift import drift_table

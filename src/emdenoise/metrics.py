@@ -101,9 +101,10 @@ def stack_min(x) -> float:
 
 
 class _Frames:
-    """Frame t of a (T, Y, X) array-like as float64, the last ``keep`` frames kept: a
-    pass that reads frames t and t + lag (or t - r - 1, ...) in increasing t through one
-    cache per stream reads a lazy stack about once."""
+    """Frame t of a (T, Y, X) array-like as an array in its own dtype, the last ``keep``
+    frames kept: a pass that reads frames t and t + lag (or t - r - 1, ...) in increasing t
+    through one cache per stream reads a lazy stack about once.  Kept in the stack's dtype
+    (float32: half of float64) and cast by row strips where used (:func:`_row_strips`)."""
 
     def __init__(self, x, keep: int = 2):
         self.x, self.keep, self.cache = x, int(keep), {}
@@ -111,10 +112,47 @@ class _Frames:
     def __call__(self, t: int) -> np.ndarray:
         f = self.cache.get(t)
         if f is None:
-            f = self.cache[t] = np.asarray(self.x[t], dtype=np.float64)
+            f = self.cache[t] = np.asarray(self.x[t])
             if len(self.cache) > self.keep:
                 self.cache.pop(next(iter(self.cache)))
         return f
+
+
+#: Pixels per row strip in the frame-wise sums: their float64 temporaries are ~32 MB each
+#: whatever the frame size (a 4096² frame in float64 is 134 MB, and a sum like
+#: mean((f - y)²) made several).  Frames up to 2048² are one strip: the very sums of a
+#: whole-frame NumPy expression.
+STRIP_PX = 2**22
+
+
+def _row_strips(shape) -> list[slice]:
+    """Slices of rows of a (Y, X) frame, each at most ``STRIP_PX`` pixels (>= one row)."""
+    ny, nx = int(shape[0]), int(shape[1])
+    rows = max(1, STRIP_PX // max(1, nx))
+    return [slice(a, min(ny, a + rows)) for a in range(0, ny, rows)]
+
+
+def _f64(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+def _sum_sq_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Sum over pixels of ``(a - b)²`` for two (Y, X) frames, in float64, by row strips."""
+    total = 0.0
+    for rows in _row_strips(a.shape):
+        d = _f64(a[rows]) - _f64(b[rows])
+        total += float(np.sum(d * d))
+    return total
+
+
+def _mean_sq_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over pixels of ``(a - b)²`` for two (Y, X) frames (:func:`_sum_sq_diff`)."""
+    return _sum_sq_diff(a, b) / a.size
+
+
+def _frame_mean(a: np.ndarray) -> float:
+    """Mean of a (Y, X) frame in float64, by row strips."""
+    return sum(float(np.sum(_f64(a[rows]))) for rows in _row_strips(a.shape)) / a.size
 
 
 def _same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
@@ -178,9 +216,13 @@ def neighbour_corr(stack, lag: int = 1) -> float:
     first, second = _Frames(y, 1), _Frames(y, 1)  # two streams: each frame read about twice, not per pair
     for t in range(y.shape[0] - lag):
         a, b = first(t), second(t + lag)
-        a, b = a - a.mean(), b - b.mean()
-        denom = np.sqrt(np.sum(a * a) * np.sum(b * b))
-        corrs.append(np.sum(a * b) / denom if denom > 0 else 0.0)
+        ma, mb = _frame_mean(a), _frame_mean(b)
+        saa = sbb = sab = 0.0
+        for rows in _row_strips(a.shape):
+            da, db = _f64(a[rows]) - ma, _f64(b[rows]) - mb
+            saa, sbb, sab = saa + float(np.sum(da * da)), sbb + float(np.sum(db * db)), sab + float(np.sum(da * db))
+        denom = np.sqrt(saa * sbb)
+        corrs.append(sab / denom if denom > 0 else 0.0)
     return float(np.mean(corrs))
 
 
@@ -221,8 +263,7 @@ def psnr(denoised, truth) -> float:
     _same_shape(f, x, "psnr")
     sse = 0.0
     for t in range(x.shape[0]):
-        d = np.asarray(x[t], np.float64) - np.asarray(f[t], np.float64)
-        sse += float(np.sum(d * d))
+        sse += _sum_sq_diff(np.asarray(x[t]), np.asarray(f[t]))
     mse = sse / float(np.prod(x.shape))
     rng = _data_range(x)
     return float(10.0 * np.log10(rng * rng / mse)) if mse > 0 else float("inf")
@@ -460,7 +501,7 @@ def umse_per_frame(denoised, noisy, *, temporal_radius: int = 0, what: str = "um
     before, after = _Frames(y, 1), _Frames(y, 2)  # t - r - 1; t + r + 1 and t + r + 2
     for t in range(r + 1, n - r - 2):
         a, b, c = before(t - r - 1), after(t + r + 1), after(t + r + 2)
-        out[t] = np.mean((np.asarray(f[t], dtype=np.float64) - a) ** 2) - 0.5 * np.mean((b - c) ** 2)
+        out[t] = _mean_sq_diff(np.asarray(f[t]), a) - 0.5 * _mean_sq_diff(b, c)
     return out
 
 
@@ -483,6 +524,37 @@ RESIDUAL_SPATIAL_WARN = 0.25
 RESIDUAL_SHARE_WARN = 0.05
 
 
+#: The noise-length and residual checks measure frames larger than this many pixels on
+#: their central region of about this many (4 M px give these statistics all the precision
+#: they need; whole 4096² frames took ~8 float64 frame copies, 1.1 GB, in the residual check).
+CHECK_PX = 2**22
+
+
+class _Central:
+    """The central (Y', X') region, Y' X' <= ``CHECK_PX``, of every frame of a (T, Y, X)
+    array-like (same aspect ratio); frames are read when indexed (only the region, for
+    NumPy and Zarr)."""
+
+    def __init__(self, x, max_px: int):
+        ny, nx = (int(v) for v in x.shape[1:])
+        scale = float(np.sqrt(max_px / (ny * nx)))
+        h, w = max(1, int(ny * scale)), max(1, int(nx * scale))
+        self.x, self.y0, self.x0 = x, (ny - h) // 2, (nx - w) // 2
+        self.shape = (int(x.shape[0]), h, w)
+        self.region = [self.y0, self.y0 + h, self.x0, self.x0 + w]
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, t):
+        return np.asarray(self.x[t, self.y0:self.region[1], self.x0:self.region[3]])
+
+
+def _central(x):
+    """``x`` itself when its frames have at most ``CHECK_PX`` pixels, else :class:`_Central`."""
+    return x if int(np.prod(x.shape[1:])) <= CHECK_PX else _Central(x, CHECK_PX)
+
+
 def _frame_indices(n: int, most: int) -> list[int]:
     return sorted(set(np.linspace(0, n - 1, min(n, most)).round().astype(int).tolist()))
 
@@ -499,15 +571,26 @@ def spatial_autocov(frames, max_lag: int = 12) -> np.ndarray:
     ny, nx = x.shape[1:]
     L = int(min(max_lag, ny - 1, nx - 1))
     shape = (ny + L, nx + L)
-    ones = np.fft.rfft2(np.ones((ny, nx)), shape)
-    overlap = np.fft.irfft2(ones * np.conj(ones), shape)
+    # lags -L..L: entries -L..L (mod the padded size) of the circular correlation; only
+    # those are kept (whole frame-sized float64 arrays per frame cost GBs at 4096²)
+    lags = np.ix_(np.arange(-L, L + 1) % shape[0], np.arange(-L, L + 1) % shape[1])
+    overlap = np.maximum(np.fft.irfft2(_power(np.fft.rfft2(np.ones((ny, nx)), shape)), shape)[lags], 1.0)
     acc = np.zeros((2 * L + 1, 2 * L + 1))
     for t in range(x.shape[0]):
-        a = np.asarray(x[t], dtype=np.float64)
-        fa = np.fft.rfft2(a - a.mean(), shape)
-        c = np.fft.irfft2(fa * np.conj(fa), shape) / np.maximum(overlap, 1.0)
-        acc += np.roll(c, (L, L), axis=(0, 1))[: 2 * L + 1, : 2 * L + 1]
+        a = np.array(x[t], dtype=np.float64)  # a copy: centred in place
+        a -= a.mean()
+        fa = np.fft.rfft2(a, shape)
+        del a
+        acc += np.fft.irfft2(_power(fa), shape)[lags] / overlap
     return acc / x.shape[0]
+
+
+def _power(spectrum: np.ndarray) -> np.ndarray:
+    """|spectrum|² as re² + im², float64: the real part of ``spectrum * conj(spectrum)``
+    bit for bit (its imaginary part is exactly 0), without the complex temporaries."""
+    p = spectrum.real ** 2
+    p += spectrum.imag ** 2
+    return p
 
 
 def _chebyshev(L: int) -> np.ndarray:
@@ -545,7 +628,7 @@ def noise_length(noisy, *, threshold: float = 0.05, max_lag: int = 8, frames: in
     which the autocorrelation of differences of adjacent frames (noise only, for an
     aligned static scene), averaged over the ring of lags at distance k, exceeds
     ``threshold``; 0 for white noise or a single frame."""
-    y = _stack(noisy, "noise_length")
+    y = _central(_stack(noisy, "noise_length"))  # frames above CHECK_PX: their centre
     if y.shape[0] < 2:
         return 0
     cov = spatial_autocov(_differences(y, frames), max_lag)
@@ -620,7 +703,9 @@ def residual_structure(denoised, noisy, *, lag: int, length: int | None = None, 
     dict
         ``spatial``, ``spatial_frames`` ({frame: value}), ``signal_share``,
         ``signal_share_se``, ``signal_share_ref``, ``temporal``, ``length``, ``sigma``,
-        ``lag`` and ``structure`` (True when spatial > RESIDUAL_SPATIAL_WARN, or
+        ``lag``, ``region`` (``[y0, y1, x0, x1]`` measured: frames above ``CHECK_PX``
+        pixels are measured on their central region; None = whole frames) and
+        ``structure`` (True when spatial > RESIDUAL_SPATIAL_WARN, or
         signal_share exceeds signal_share_ref by more than RESIDUAL_SHARE_WARN and 3
         standard errors, or is below -RESIDUAL_SHARE_WARN (a ghost of other frames)).
     """
@@ -628,6 +713,7 @@ def residual_structure(denoised, noisy, *, lag: int, length: int | None = None, 
 
     f, y = _stack(denoised, "residual_structure"), _stack(noisy, "residual_structure")
     _same_shape(f, y, "residual_structure")
+    f, y = _central(f), _central(y)  # frames above CHECK_PX: their central region
     n = y.shape[0]
     lag = int(lag)
     if lag < 1:
@@ -661,20 +747,34 @@ def residual_structure(denoised, noisy, *, lag: int, length: int | None = None, 
             near = [s for d in range(lag, lag + window) for s in (t - d, t + d) if 0 <= s < n]
             if not near:
                 continue
-            ya = np.asarray(y[t], np.float64)
-            ra = ya - np.asarray(f[t], np.float64)
+            # in place where it can be (the same values): frames of 4096² are 134 MB in float64
+            ya = np.array(y[t], np.float64)  # copies (np.array): changed in place below
+            ra = np.array(f[t], np.float64)
+            np.subtract(ya, ra, out=ra)
             tmpl = np.zeros(ya.shape)  # the mean of the frames ``near``, summed in order (one frame at a time)
             for s in near:
                 tmpl += np.asarray(y[s], np.float64)
             tmpl /= len(near)
-            ra, ya, tmpl = ra - ra.mean(), ya - ya.mean(), tmpl - tmpl.mean()
+            ra -= ra.mean()
+            ya -= ya.mean()
+            tmpl -= tmpl.mean()
             prod = ra * tmpl
-            fy, ft = np.fft.rfft2(ya), np.fft.rfft2(tmpl)
-            cross += np.bincount(ring.ravel(), (fy * ft.conj()).real.ravel(), 32)
-            power += np.bincount(ring.ravel(), (np.abs(fy) ** 2).ravel(), 32)
             num += float(prod.mean())
             var_num += float(prod.var()) / prod.size  # its estimation variance (independent pixels)
-            den += float(np.mean(ya * tmpl))
+            np.multiply(ya, tmpl, out=prod)
+            den += float(np.mean(prod))
+            del prod
+            fy, ft = np.fft.rfft2(ya), np.fft.rfft2(tmpl)
+            del tmpl
+            np.conjugate(ft, out=ft)
+            ft *= fy
+            cross += np.bincount(ring.ravel(), ft.real.ravel(), 32)
+            del ft
+            p = np.abs(fy)
+            del fy
+            p *= p
+            power += np.bincount(ring.ravel(), p.ravel(), 32)
+            del p
             if t + lag < n:
                 rb = np.asarray(y[t + lag], np.float64) - np.asarray(f[t + lag], np.float64)
                 rb = rb - rb.mean()
@@ -694,7 +794,7 @@ def residual_structure(denoised, noisy, *, lag: int, length: int | None = None, 
                      or (share == share and share < -RESIDUAL_SHARE_WARN and -share > 3 * share_se))
     return {"spatial": spatial, "spatial_frames": per_frame, "signal_share": share, "signal_share_se": share_se,
             "signal_share_ref": share_ref, "temporal": temporal, "length": L, "sigma": sigma, "lag": lag,
-            "structure": structure}
+            "structure": structure, "region": getattr(y, "region", None)}
 
 
 __all__ += ["stack_max", "stack_min", "umse_per_frame", "upsnr_per_frame", "spatial_autocov", "noise_length",

@@ -32,23 +32,50 @@ from .stage import disk_usage  # noqa: E402
 METRIC_COLUMNS = ["dataset", "method", "umse", "upsnr_db", "snr_db", "psnr_db", "ssim", "umse_radius"]
 
 
+#: Pixels drawn by the display range's percentiles per panel: a strided sample above it
+#: (every frame up to 1024² exactly; a 4096² frame's whole pixels of every method,
+#: concatenated, took GBs).
+RANGE_SAMPLE_PX = 2**20
+#: Longest side of a frame handed to matplotlib in the preview (area-averaged down to it):
+#: each panel is ~290 px wide in the PNG, and imshow keeps float64 copies of what it gets.
+PREVIEW_PX = 1024
+
+
 def display_range(stacks: Mapping[str, np.ndarray], frame: int) -> tuple[float, float]:
     """One (low, high) display range for every panel of a preview.
 
     Taken from the 1st and 99th percentiles of the *denoised* panels (all of them
     together) so that every method, and the raw frame, is shown at the same contrast;
-    raw noise then clips, which is the honest comparison.
+    raw noise then clips, which is the honest comparison.  Frames above
+    ``RANGE_SAMPLE_PX`` pixels contribute a strided sample of that many.
     """
-    pool = [np.asarray(s[frame]).ravel() for name, s in stacks.items() if name != "raw"]
+    def sample(s):
+        f = np.asarray(s[frame]).ravel()
+        return f[::max(1, -(-f.size // RANGE_SAMPLE_PX))]
+
+    pool = [sample(s) for name, s in stacks.items() if name != "raw"]
     if not pool:
-        pool = [np.asarray(stacks["raw"][frame]).ravel()]
+        pool = [sample(stacks["raw"])]
     lo, hi = np.percentile(np.concatenate(pool), [1, 99])
     return float(lo), float(hi if hi > lo else lo + 1.0)
 
 
+def shrink(image, max_px: int = PREVIEW_PX) -> np.ndarray:
+    """(Y, X) image area-averaged by the smallest whole factor that brings its longer
+    side to ``max_px`` or less (float32; the last rows / columns that do not fill a
+    block are dropped); the image itself when it is that small already."""
+    img = np.asarray(image)
+    f = -(-max(img.shape) // max_px)
+    if f <= 1:
+        return img
+    ny, nx = img.shape[0] // f * f, img.shape[1] // f * f
+    return img[:ny, :nx].reshape(ny // f, f, nx // f, f).mean(axis=(1, 3), dtype=np.float32)
+
+
 def plot_preview(stacks: Mapping[str, np.ndarray], png_path: str | os.PathLike, *,
                  truth: np.ndarray | None = None, title: str = "", frame: int | None = None) -> None:
-    """Middle frame of every (T, Y, X) stack side by side, same grey scale; PNG."""
+    """Middle frame of every (T, Y, X) stack side by side, same grey scale; PNG.  Frames
+    larger than ``PREVIEW_PX`` are area-averaged down first (:func:`shrink`)."""
     panels = dict(stacks)
     if truth is not None:
         panels["ground truth"] = truth
@@ -56,7 +83,7 @@ def plot_preview(stacks: Mapping[str, np.ndarray], png_path: str | os.PathLike, 
     lo, hi = display_range(panels, t)
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
     for ax, (name, s) in zip(axes[0], panels.items()):
-        ax.imshow(np.asarray(s[t]), cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+        ax.imshow(shrink(s[t]), cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
         ax.set_title(name)
         ax.axis("off")
     fig.suptitle(f"{title}  frame {t}  (display range {lo:.3g}–{hi:.3g} for all panels)")
@@ -102,8 +129,13 @@ BLINDSPOT_WARN = 7
 
 
 def _to_uint8(img: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    scaled = (np.asarray(img, np.float64) - lo) / (hi - lo if hi > lo else 1.0)
-    return np.clip(np.rint(scaled * 255), 0, 255).astype(np.uint8)
+    scaled = np.array(img, np.float64)  # a copy, then in place: one float64 frame, not five
+    scaled -= lo
+    scaled /= hi - lo if hi > lo else 1.0
+    scaled *= 255
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, 0, 255, out=scaled)
+    return scaled.astype(np.uint8)
 
 
 def _write_gray_png(path, img: np.ndarray, lo: float, hi: float, max_px: int | None = None) -> None:
@@ -127,37 +159,63 @@ def crop_box(image: np.ndarray, size: int = CROP_PX) -> tuple[int, int, int, int
     """(y0, x0, h, w): the ``size`` square (clipped to the frame) where the image varies
     most (largest local variance after a 1 px Gaussian that tames the noise)."""
     img = ndimage.gaussian_filter(np.asarray(image, np.float64), 1.0)
-    h, w = min(size, img.shape[0]), min(size, img.shape[1])
+    ny, nx = img.shape
+    h, w = min(size, ny), min(size, nx)
     mean = ndimage.uniform_filter(img, (h, w), mode="nearest")
-    var = ndimage.uniform_filter(img * img, (h, w), mode="nearest") - mean * mean
+    np.multiply(img, img, out=img)  # img is not needed after this: its square in place
+    var = ndimage.uniform_filter(img, (h, w), mode="nearest")
+    del img
+    np.multiply(mean, mean, out=mean)
+    var -= mean  # in place, the same values: frames of 4096² are 134 MB in float64
     # window centres whose window lies inside the frame
     cy0, cx0 = h // 2, w // 2
-    valid = var[cy0: img.shape[0] - (h - cy0) + 1, cx0: img.shape[1] - (w - cx0) + 1]
+    valid = var[cy0: ny - (h - cy0) + 1, cx0: nx - (w - cx0) + 1]
     iy, ix = np.unravel_index(int(np.argmax(valid)), valid.shape)
     return int(iy), int(ix), int(h), int(w)
 
 
-def _hann2d(shape) -> np.ndarray:
-    return np.outer(np.hanning(shape[0]), np.hanning(shape[1]))
+def radial_spectrum(frames, n_bins: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Radially averaged power spectrum of frames (mean removed, Hann window), averaged
+    over the frames: (frequency in cycles/px at the bin centres, power).
 
+    frames: (T, Y, X) array or any iterable of (Y, X) frames (read one at a time: memory
+    a few float64 frames, whatever T).  The half-plane ``rfft2`` with the columns that
+    stand for two conjugate frequencies counted twice gives the full plane's ring means.
+    """
+    from scipy import fft
 
-def radial_spectrum(frames: np.ndarray, n_bins: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Radially averaged power spectrum of (T, Y, X) frames (mean removed, Hann window),
-    averaged over the frames: (frequency in cycles/px at the bin centres, power)."""
-    frames = np.asarray(frames, np.float64)
-    ny, nx = frames.shape[1:]
-    win = _hann2d((ny, nx))
-    power = np.zeros((ny, nx))
+    power = None
+    count = 0
     for f in frames:
-        power += np.abs(np.fft.fft2((f - f.mean()) * win)) ** 2
-    power /= len(frames) * np.sum(win ** 2)
-    k = np.hypot(*np.meshgrid(np.fft.fftfreq(ny), np.fft.fftfreq(nx), indexing="ij"))
+        f = np.array(f, dtype=np.float64)  # a copy: changed in place below
+        if power is None:
+            ny, nx = f.shape
+            wy, wx = np.hanning(ny)[:, None], np.hanning(nx)[None, :]  # the 2D Hann window, separable
+            power = np.zeros((ny, nx // 2 + 1))
+        f -= f.mean()
+        f *= wy
+        f *= wx
+        p = np.abs(fft.rfft2(f))
+        del f
+        p *= p
+        power += p
+        del p
+        count += 1
+    if power is None:
+        raise ValueError("radial_spectrum: no frames")
+    power /= count * float(np.sum(wy ** 2) * np.sum(wx ** 2))
+    weight = np.full(power.shape[1], 2.0)  # columns 1 .. nx/2 - 1 stand for +k and -k
+    weight[0] = 1.0
+    if nx % 2 == 0:
+        weight[-1] = 1.0  # the Nyquist column has no mirror
+    k = np.hypot(np.fft.fftfreq(ny)[:, None], np.fft.rfftfreq(nx)[None, :])
     n_bins = n_bins or min(ny, nx) // 2
     edges = np.linspace(0, 0.5, n_bins + 1)
-    idx = np.digitize(k.ravel(), edges) - 1
+    idx = np.digitize(k, edges) - 1
     keep = (idx >= 0) & (idx < n_bins)
-    sums = np.bincount(idx[keep], power.ravel()[keep], n_bins)
-    counts = np.bincount(idx[keep], minlength=n_bins)
+    w = np.broadcast_to(weight, power.shape)[keep]
+    sums = np.bincount(idx[keep], power[keep] * w, n_bins)
+    counts = np.bincount(idx[keep], w, n_bins)
     with np.errstate(invalid="ignore"):
         return 0.5 * (edges[1:] + edges[:-1]), np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
@@ -170,18 +228,30 @@ def lattice_peak(image: np.ndarray, k_min: float = 0.03) -> dict:
     *across* the fringes) and contrast (peak power / median power at that |k|; a clear
     lattice gives tens or more).
     """
-    img = np.asarray(image, np.float64)
+    from scipy import fft
+
+    img = np.array(image, np.float64)  # a copy, windowed in place
     ny, nx = img.shape
-    power = np.abs(np.fft.fft2((img - img.mean()) * _hann2d(img.shape))) ** 2
-    ky, kx = np.meshgrid(np.fft.fftfreq(ny), np.fft.fftfreq(nx), indexing="ij")
-    k = np.hypot(ky, kx)
-    masked = np.where(k >= k_min, power, 0.0)
-    i = np.unravel_index(int(np.argmax(masked)), masked.shape)
+    img -= img.mean()
+    img *= np.hanning(ny)[:, None]
+    img *= np.hanning(nx)[None, :]
+    # half plane (rfft2): a real image's power is symmetric, P(k) = P(-k), so every
+    # reflection is there once, with kx >= 0 (half the memory of the full plane)
+    power = np.abs(fft.rfft2(img))
+    del img
+    power *= power
+    fy, fx = np.fft.fftfreq(ny), np.fft.rfftfreq(nx)
+    k = np.hypot(fy[:, None], fx[None, :])
+    i = np.unravel_index(int(np.argmax(np.where(k >= k_min, power, 0.0))), power.shape)
     kk = float(k[i])
     ring = np.abs(k - kk) <= 1.0 / min(ny, nx)
-    background = float(np.median(power[ring])) if ring.any() else 0.0
-    return {"ky": float(ky[i]), "kx": float(kx[i]), "period_px": 1.0 / kk if kk > 0 else float("nan"),
-            "angle_deg": float(np.degrees(np.arctan2(ky[i], kx[i]))),
+    # the full plane's ring: the columns that stand for +k and -k count twice
+    mirrored = slice(1, (nx + 1) // 2)
+    values = np.concatenate([power[ring], power[:, mirrored][ring[:, mirrored]]])
+    background = float(np.median(values)) if values.size else 0.0
+    ky, kx = float(fy[i[0]]), float(fx[i[1]])
+    return {"ky": ky, "kx": kx, "period_px": 1.0 / kk if kk > 0 else float("nan"),
+            "angle_deg": float(np.degrees(np.arctan2(ky, kx))),
             "contrast": float(power[i] / background) if background > 0 else float("inf")}
 
 
@@ -212,11 +282,6 @@ def temporal_mean(stack) -> np.ndarray:
     for t in range(stack.shape[0]):
         acc += np.asarray(stack[t], dtype=np.float64)
     return acc / stack.shape[0]
-
-
-def _frames(stack, idx) -> np.ndarray:
-    """Frames ``idx`` of a (T, Y, X) array-like, as one (len(idx), Y, X) array."""
-    return np.stack([np.asarray(stack[int(i)]) for i in idx])
 
 
 def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.DataFrame,
@@ -281,11 +346,16 @@ def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.Da
     # only what is shown is kept: the crop of each frame residual, each mean residual as
     # float32, and a strided sample of those for their display range (frames of 4096²
     # and more: whole float64 residuals of every method, concatenated, took GBs)
-    raw_t = np.asarray(raw[t], np.float64)
-    res_t = {m: (raw_t - np.asarray(stacks[m][t], np.float64))[y0:y0 + h, x0:x0 + w] for m in methods}
+    box = (slice(y0, y0 + h), slice(x0, x0 + w))
+    raw_c = np.array(np.asarray(raw[t], np.float64)[box])  # a copy: not a view that keeps the frame
+    res_t = {m: raw_c - np.asarray(stacks[m][t], np.float64)[box] for m in methods}  # crops, not views of frames
     raw_mean = temporal_mean(raw)
-    res_mean = {m: (raw_mean - temporal_mean(stacks[m])).astype(np.float32) for m in methods}
-    del raw_t  # raw_mean: the line profile below
+    res_mean = {}
+    for m in methods:
+        mean_m = temporal_mean(stacks[m])
+        np.subtract(raw_mean, mean_m, out=mean_m)
+        res_mean[m] = mean_m.astype(np.float32)
+        del mean_m
     step = max(1, (int(np.prod(ref.shape)) + 2**20 - 1) // 2**20)  # <= 1 M pixels per method
     spread = float(np.percentile(np.abs(np.concatenate([v.ravel() for v in res_t.values()])), 99)) if res_t else 1.0
     spread_mean = float(np.percentile(np.abs(np.concatenate([v.ravel()[::step] for v in res_mean.values()])), 99.5)) \
@@ -325,7 +395,7 @@ def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.Da
     idx = np.unique(np.linspace(0, n - 1, min(n, 8)).round().astype(int))
     spec = []
     for name, s in panels.items():
-        freq, power = radial_spectrum(_frames(s, idx))
+        freq, power = radial_spectrum(s[int(i)] for i in idx)  # one frame at a time
         spec += [{"method": name, "freq": fq, "power": p} for fq, p in zip(freq, power)]
     pd.DataFrame(spec).to_csv(out / "spectra.csv", index=False)
     # line profile across the strongest lattice direction, through the crop centre
