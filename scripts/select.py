@@ -3,7 +3,9 @@
 One candidate: it is the result. `model: auto`: the networks and the blind-tuned Gaussian
 3D (`classical`); the one with the lowest self-supervised (Noise2Self) loss of its blind
 output, recorded by the stage that made it (`n2s_loss`: lowpass for the networks,
-classical for the Gaussian; emdenoise.metrics.select_model), with its evidence in
+classical for the Gaussian; emdenoise.metrics.select_model) -- the Gaussian unless a
+network is lower by more than 2 standard errors of the per-frame difference
+(`n2s_loss_frames`) -- with its evidence in
 model_choice.json (with the chosen checkpoint's path, or none for a classical filter).
 """
 import json
@@ -26,7 +28,8 @@ def main(smk):
     radii = {m: int(attrs["blind_radius"]) for m, (_, attrs) in stacks.items() if "blind_radius" in attrs}
     noise_radius = int(json.loads(open(smk.input.blindspot).read())["blindspot"]) // 2
     choice = pipeline.choose({m: attrs.get("n2s_loss") for m, (_, attrs) in stacks.items()}, ds, radii,
-                             noise_radius)
+                             noise_radius, {m: attrs["n2s_loss_frames"] for m, (_, attrs) in stacks.items()
+                                            if "n2s_loss_frames" in attrs})
     choice["reaches"] = {m: pipeline.temporal_reach(ds, m, attrs) for m, (_, attrs) in stacks.items()}
     # each network's own-pixel weight as applied (pipeline.postprocess; 0: not given back)
     choice["unblind"] = {m: attrs["lowpass"]["unblind"]["weight"] * attrs["lowpass"]["unblind"]["applied"]

@@ -189,6 +189,39 @@ def test_select_model_scores_any_reach_without_bias():
         self_supervised_loss(noisy[:3], noisy)
 
 
+def test_select_model_keeps_the_gaussian_unless_a_network_is_significantly_better():
+    """A network replaces the tuned Gaussian ('classical') only when its loss is lower by
+    more than SELECT_MIN_Z standard errors of the per-frame paired difference: two
+    J-invariant candidates of the same true quality (the same filter on independent
+    half-noise) must not flip to the network on noise; one clearly better must win."""
+    from emdenoise.metrics import SELECT_MIN_Z, self_supervised_loss_per_frame
+
+    m, noisy, _, _ = _static_movie_and_two_candidates()
+    y = noisy.astype(np.float64)
+
+    def loo_mean(radius):  # mean of frames t-r..t+r without t: J-invariant, reach r
+        w = np.ones(2 * radius + 1)
+        w[radius] = 0.0
+        num = ndimage.correlate1d(y, w, axis=0, mode="constant")
+        return num / ndimage.correlate1d(np.ones_like(y), w, axis=0, mode="constant")
+
+    good, poor = loo_mean(7), loo_mean(1)
+    # a "network" equal in truth to the Gaussian, its loss lower by luck: a tiny shift
+    same = good + 1e-4 * np.random.default_rng(0).normal(size=good.shape)
+    for net, want in ((same, "classical"), (poor, "classical")):
+        fl = {"classical": self_supervised_loss_per_frame(good, noisy), "net": self_supervised_loss_per_frame(net, noisy)}
+        losses = {k: float(np.mean(v)) for k, v in fl.items()}
+        losses["net"] = min(losses["net"], losses["classical"] * (1 - 1e-9))  # the network "wins" by a hair
+        res = select_model(losses, fl)
+        assert res["chosen"] == want and res["significance"]["kept"] == "classical", res
+        assert res["significance"]["z"] > -SELECT_MIN_Z and res["significance"]["frames"] == len(y)
+    fl = {"classical": self_supervised_loss_per_frame(poor, noisy), "net": self_supervised_loss_per_frame(good, noisy)}
+    res = select_model({k: float(np.mean(v)) for k, v in fl.items()}, fl)
+    assert res["chosen"] == "net" and res["significance"]["z"] < -SELECT_MIN_Z, res
+    # without per-frame losses: the lowest loss, as before
+    assert select_model({"classical": 1.0, "net": 0.999})["chosen"] == "net"
+
+
 def test_snr_column_does_not_reward_temporal_smoothing_of_noise():
     rng = np.random.default_rng(7)
     noise = rng.poisson(2.0, (20, 192, 192)).astype(np.float32)  # no signal at all

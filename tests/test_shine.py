@@ -127,7 +127,7 @@ def test_params_validation_and_dilations():
 
 
 def test_training_deterministic_and_logged(tmp_path):
-    stack = movie(n=80)  # 3 target frames: a band of rows validates (it needs 2 halos + 8 rows)
+    stack = movie(n=80)  # 7 target frames (the edge ones with mirrored windows): 2 validate
     a = train_model(stack, tiny(3), FAST, log_csv=tmp_path / "log.csv")
     b = train_model(stack, tiny(3), FAST)
     c = train_model(stack, tiny(3), TrainParams(**{**FAST.__dict__, "seed": 1}))
@@ -137,7 +137,7 @@ def test_training_deterministic_and_logged(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all(np.isfinite(float(r["train_loss"])) and np.isfinite(float(r["val_loss"])) for r in rows)
-    assert a["validation"]["mode"] == "spatial"
+    assert a["validation"]["mode"] == "temporal" and len(a["validation"]["frames"]) == 2
 
 
 def test_two_frames_held_out_for_validation():
@@ -169,21 +169,24 @@ def test_sampler_crops_with_a_real_halo_rot90_and_flips():
     assert np.array_equal(tgt, x[:, 2, h:-h, h:-h])
     x = x[:, :, h:-h, h:-h]  # the crops themselves
     kinds = set()
+    from emdenoise.tiling import window_index
+
     for w in x:
-        t0 = int(w[0].min()) // (n * n)
+        tc = int(w[2].min()) // (n * n)  # the centre frame; edge frames have mirrored windows
+        frames = window_index(tc, tc + 1, t, 2)[0]
         for k in range(4):
             for flip in (False, True):
                 v = np.rot90(w, -k, axes=(1, 2))
                 v = v[:, :, ::-1] if flip else v
-                y0, x0 = divmod(int(v[0, 0, 0]) - t0 * n * n, n)
-                if np.array_equal(v, z[t0:t0 + 5, y0:y0 + 8, x0:x0 + 8]):
+                y0, x0 = divmod(int(v[2, 0, 0]) - tc * n * n, n)
+                if np.array_equal(v, z[frames, y0:y0 + 8, x0:x0 + 8]):
                     kinds.add((k, flip))
                     break
             else:
                 continue
             break
         else:
-            pytest.fail("a training window is not a dihedral transform of a crop of 5 frames")
+            pytest.fail("a training window is not a dihedral transform of a crop of its 5 frames")
     assert len(kinds) >= 6  # rotations by 90 deg and mirrors both occur
 
 

@@ -218,7 +218,9 @@ def test_log_csv_written(counting_movie, tmp_path):
 def test_validation_and_best_checkpoint(tmp_path):
     noisy = regime("counting", t=10)[0]
     log = tmp_path / "log.csv"
-    ckpt = train_model(noisy, WCVDParams(), TrainParams(**{**FAST.__dict__, "epochs": 5}), log_csv=log)
+    # without the least-squares start, which is a candidate too (epoch 0, not in the log)
+    tp = TrainParams(**{**FAST.__dict__, "epochs": 5, "linear_start": False})
+    ckpt = train_model(noisy, WCVDParams(), tp, log_csv=log)
     with open(log) as fh:
         val = [float(r["val_loss"]) for r in csv.DictReader(fh)]
     assert ckpt["validation"]["mode"] == "temporal"
@@ -269,7 +271,8 @@ def test_checkpoint_roundtrip_is_atomic_and_exact(trained_wcvd, counting_movie, 
     assert all(torch.equal(model.state_dict()[k], v) for k, v in trained_wcvd["state_dict"].items())
 
 
-@pytest.mark.parametrize("t,mode", [(4, "spatial"), (3, "spatial"), (6, "temporal")])
+# every frame is a target (edge frames with mirrored windows): 4 frames hold out 2
+@pytest.mark.parametrize("t,mode", [(3, "spatial"), (4, "temporal"), (6, "temporal")])
 def test_small_T_trains_with_a_fallback_validation(t, mode):
     noisy = regime("counting", t=t)[0]
     ckpt = train_model(noisy, WCVDParams(), FAST)
@@ -464,7 +467,7 @@ def test_one_model_for_two_datasets_keeps_each_datasets_normalisation():
     src = [_Frames(x, Normalisation.fit(x)) for x in (a, b)]
     sampler = _Sampler(src, [_split(s.shape, WCVDParams(), tp) for s in src], WCVDParams(), tp)
     assert sampler.padding == "valid" and sampler.cy == sampler.cx == 24
-    ratio = (6 * 48 * 48) / (4 * 40 * 48)  # training windows x area: 8 - 2 validation targets (a), 6 - 2 (b)
+    ratio = (8 * 48 * 48) / (6 * 40 * 48)  # training windows x area: 10 - 2 validation targets (a), 8 - 2 (b)
     assert sampler.p[0] / sampler.p[1] == pytest.approx(ratio)
 
 
@@ -474,3 +477,39 @@ def test_one_model_for_several_datasets_refuses_a_bad_stack():
     bad[3, 5, 5] = np.nan
     with pytest.raises(InputError, match="lin.*NaN"):
         train_model([a, bad], WCVDParams(), FAST, names=["count", "lin"])
+
+
+def test_edge_frames_train_on_the_mirrored_windows_inference_gives_them():
+    """Every frame is a training target: near the ends of the movie with the window
+    inference builds (frames mirrored about the centre, tiling.window_index), never with
+    the centre frame twice -- so a long temporal context (halo 4 on 12 frames: 4 full
+    windows) trains on all 12 frames, not on 4, and the least-squares start too."""
+    from emdenoise.tiling import window_index
+    from emdenoise.train import _Frames, _Sampler, _split
+
+    noisy = regime("counting", t=12)[0]
+    params = WCVDParams(context=4)
+    tp = TrainParams(**{**FAST.__dict__, "val_frames": 2})
+    sp = _split(noisy.shape, params, tp)
+    assert sorted(sp.train_centres + sp.val_centres) == list(range(12))
+    src = _Frames(noisy, Normalisation.fit(noisy))
+    sampler = _Sampler([src], [sp], params, TrainParams(**{**tp.__dict__, "augment": False}))
+    x, tgt = sampler.batch(64)
+    z = src[:]
+    seen_edge = False
+    for w, target in zip(x, tgt):  # find where each crop came from and check its window
+        h = params.halo_t
+        centre = w[h]
+        hits = [(t, y0, x0) for t in range(12) for y0 in range(z.shape[1] - w.shape[1] + 1)
+                for x0 in range(z.shape[2] - w.shape[2] + 1)
+                if np.array_equal(z[t, y0:y0 + w.shape[1], x0:x0 + w.shape[2]], centre)][:1]
+        assert hits
+        t, y0, x0 = hits[0]
+        idx = window_index(t, t + 1, 12, h)[0]
+        np.testing.assert_array_equal(w, z[idx, y0:y0 + w.shape[1], x0:x0 + w.shape[2]])
+        assert list(idx).count(t) == 1  # blind: the centre frame only in the centre slot
+        seen_edge |= t < h or t >= 12 - h
+    assert seen_edge
+    rec = build_model(params, seed=0).initialise([(torch.from_numpy(z), sp.train_centres)],
+                                                 torch.Generator().manual_seed(0))
+    assert rec["pixels"] == len(sp.train_centres) * z.shape[1] * z.shape[2]  # every pixel of every target

@@ -63,6 +63,7 @@ from torch import nn
 
 from .config import SHINEParams, WCVDParams
 from .errors import InputError
+from .tiling import window_frames
 
 __all__ = [
     "BlindSpotModel",
@@ -310,6 +311,12 @@ class _Branch(nn.Module):
         self.out_b = nn.Parameter(torch.zeros(1)) if p.bias else None
 
 
+#: Pixels the least-squares start of WCVD fits on (all of a smaller movie's training
+#: frames; drawn evenly over them above).  Measured on 24 x 128² synthetic movies (quick
+#: suite, WCVD + context, 100 epochs, PSNR vs truth): see WCVD.initialise and the README.
+LS_PIXELS = 1_000_000
+
+
 def _tap_orbits(n_in: int, kt: int, k: int) -> torch.Tensor:
     """(n_in, k, k) int64 orbit labels of the taps of a first-layer kernel under the
     dihedral group of the square (flips in y and x, transposition) and, for the first
@@ -426,14 +433,15 @@ class WCVD(BlindSpotModel):
 
     # -- least-squares start ------------------------------------------------------------
     @torch.no_grad()
-    def initialise(self, sources: list, generator: torch.Generator, max_pixels: int = 100_000) -> dict:
+    def initialise(self, sources: list, generator: torch.Generator, max_pixels: int = LS_PIXELS,
+                   chunk: int = 32_768) -> dict:
         """Start every branch from the best *linear* blind-spot predictor on its support.
 
         The self-supervised loss is a least-squares problem for a linear model: the taps
         of the branch's blind kernel (+ context kernel) and an intercept that minimise
-        the MSE between the prediction and the noisy centre pixel over up to
-        ``max_pixels`` random pixels of the training frames (no intercept with
-        ``bias=False``; ridge 1e-4 of the mean
+        the MSE between the prediction and the noisy centre pixel over the training
+        frames' pixels -- all of them up to ``max_pixels``, else that many drawn evenly
+        over the centres (no intercept with ``bias=False``; ridge 1e-6 of the mean
         diagonal).  Blind by construction -- the masked taps are not unknowns -- and,
         because those taps exclude the noise of the predicted pixel, the fit estimates
         the best linear denoiser on that support (Noise2Self), a data-tuned Wiener filter.
@@ -441,9 +449,12 @@ class WCVD(BlindSpotModel):
         the intercept goes into the output bias, and SGD then learns the nonlinear part.
         On the synthetic counting movie this start is what makes a few hundred CPU steps
         enough (the neighbour-average start left the network below a tuned Gaussian).
+        The normal equations are summed over ``chunk`` pixels at a time: memory does not
+        grow with ``max_pixels`` (why it can be large: at low dose the signal's error is
+        ~1 % of the noise variance, and each unknown fitted on n pixels adds ~1/n of it).
         sources: (z, centres) per training stack: z (T, Y, X) normalised float32 frames (a
         tensor, or indexable by frames giving arrays: read one window at a time), centres:
-        the frames targets may come from.  Pixels are drawn evenly over all centres.
+        the frames targets may come from.
         """
         p = self.params
         sources = [(z, list(c)) for z, c in sources if len(c)]
@@ -453,45 +464,56 @@ class WCVD(BlindSpotModel):
         kmax, h = max(p.ks), p.halo_t
         n_in = (p.kt if p.dims == 3 else 1) + len(p.context_radii)
         per = max(1, max_pixels // n_centres)
-        cols, ys = [], []
-        for z, centres in sources:
-            for c in centres:
-                win = torch.as_tensor(z[c - h:c + h + 1])                          # (kt_eff, Y, X)
-                f = self.features(win[None])                                       # (1, n_in, Y, X)
-                f = F.pad(f, (kmax // 2,) * 4, mode="circular")
-                yy, xx = win.shape[-2:]
-                idx = torch.randint(0, yy * xx, (min(per, yy * xx),), generator=generator)
-                py, px = idx // xx, idx % xx
-                dy = torch.arange(kmax)
-                # (n_in, K, K, n): every tap of every sampled pixel
-                patch = f[0][:, (py[None, None, :] + dy[:, None, None]), (px[None, None, :] + dy[None, :, None])]
-                cols.append(patch.reshape(n_in * kmax * kmax, -1))
-                ys.append(win[h][py, px])
-        a_all, y = torch.cat(cols, 1), torch.cat(ys).double()
-        record = {}
+        fits = []  # per branch: its taps, their orbits, and the normal equations' sums
         for b in self.branches:
             k, o = b.bck.ks, (kmax - b.bck.ks) // 2
             sel = torch.zeros(n_in, kmax, kmax, dtype=torch.bool)
             sel[:, o:o + k, o:o + k] = True
-            kt_in = b.bck.kt
-            blind = (b.bck.mask.reshape(-1, kt_in, k, k)[0] == 0)
-            sel[:kt_in, o:o + k, o:o + k] &= ~blind
+            blind = (b.bck.mask.reshape(-1, b.bck.kt, k, k)[0] == 0)
+            sel[:b.bck.kt, o:o + k, o:o + k] &= ~blind
             # one unknown per orbit of taps under the symmetries the training assumes
             # (flips / transposes: the dihedral group; time reversal of the kt frames):
             # ~8x fewer unknowns than taps, so the fit is not drowned in estimation noise
-            orbit = _tap_orbits(n_in, kt_in, kmax)[sel]                            # (n_sel,)
+            orbit = _tap_orbits(n_in, b.bck.kt, kmax)[sel]                          # (n_sel,)
             uniq, inv = torch.unique(orbit, return_inverse=True)
             proj = torch.zeros(len(inv), len(uniq), dtype=torch.float64)
             proj[torch.arange(len(inv)), inv] = 1.0
-            a = proj.T @ a_all[sel.flatten()].double()
-            if p.bias:  # the intercept lives in the output bias
-                a = torch.cat([a, torch.ones(1, a.shape[1], dtype=a.dtype)], 0)
-            g = a @ a.T
-            g += 1e-6 * g.diagonal().mean() * torch.eye(len(g), dtype=g.dtype)
-            sol = torch.linalg.solve(g, a @ y)
-            w = torch.zeros(n_in, kmax, kmax, dtype=torch.float64)
-            w[sel] = proj @ sol[:len(uniq)]
-            w = w[:, o:o + k, o:o + k].float()
+            m = len(uniq) + (1 if p.bias else 0)  # + the intercept
+            fits.append({"sel": sel.flatten(), "proj": proj, "n": len(uniq),
+                         "g": torch.zeros(m, m, dtype=torch.float64), "r": torch.zeros(m, dtype=torch.float64)})
+        dy = torch.arange(kmax)
+        n_pixels = 0
+        for z, centres in sources:
+            for c in centres:
+                win = torch.as_tensor(window_frames(z, c, h))                      # (kt_eff, Y, X)
+                f = self.features(win[None])                                       # (1, n_in, Y, X)
+                f = F.pad(f, (kmax // 2,) * 4, mode="circular")[0]
+                yy, xx = win.shape[-2:]
+                if per >= yy * xx:  # every pixel once
+                    idx = torch.arange(yy * xx)
+                else:
+                    idx = torch.randint(0, yy * xx, (per,), generator=generator)
+                for part in idx.split(chunk):
+                    py, px = part // xx, part % xx
+                    # (n_in * K * K, n): every tap of every pixel of the chunk
+                    patch = f[:, py[None, None, :] + dy[:, None, None], px[None, None, :] + dy[None, :, None]]
+                    patch = patch.reshape(n_in * kmax * kmax, -1)
+                    y = win[h][py, px].double()
+                    for fit in fits:
+                        a = fit["proj"].T @ patch[fit["sel"]].double()
+                        if p.bias:
+                            a = torch.cat([a, torch.ones(1, a.shape[1], dtype=a.dtype)], 0)
+                        fit["g"] += a @ a.T
+                        fit["r"] += a @ y
+                    n_pixels += len(part)
+        record = {}
+        for b, fit in zip(self.branches, fits):
+            k, o, kt_in = b.bck.ks, (kmax - b.bck.ks) // 2, b.bck.kt
+            g = fit["g"] + 1e-6 * fit["g"].diagonal().mean() * torch.eye(len(fit["g"]), dtype=torch.float64)
+            sol = torch.linalg.solve(g, fit["r"])
+            w = torch.zeros(n_in * kmax * kmax, dtype=torch.float64)
+            w[fit["sel"]] = fit["proj"] @ sol[:fit["n"]]
+            w = w.reshape(n_in, kmax, kmax)[:, o:o + k, o:o + k].float()
             c = p.channels
             jitter = 1.0 + 0.05 * (2.0 * torch.rand((c,) + tuple(w.shape), generator=generator) - 1.0)
             wc = w[None] * jitter                                                  # (C, n_in, k, k)
@@ -500,8 +522,8 @@ class WCVD(BlindSpotModel):
                 b.ctx.copy_(wc[:, kt_in:])
             if b.out_b is not None:
                 b.out_b.fill_(float(sol[-1]))
-            record[f"ks{k}"] = {"taps": int(sel.sum()), "unknowns": len(uniq)}
-        return {"linear_start": record, "pixels": int(y.numel())}
+            record[f"ks{k}"] = {"taps": int(fit["sel"].sum()), "unknowns": fit["n"]}
+        return {"linear_start": record, "pixels": n_pixels}
 
     # -- fast merged forward (training and GPU inference) --------------------------
     def forward(self, x: torch.Tensor, spatial_padding: str = "circular") -> torch.Tensor:

@@ -365,7 +365,8 @@ def check_frames(ds, n_frames: int) -> None:
             raise InputError(None, f"has {n_frames} frames; {name} needs at least {need}")
 
 
-def choose(losses: dict, ds, blind_radii: dict | None = None, noise_radius: int | None = None) -> dict:
+def choose(losses: dict, ds, blind_radii: dict | None = None, noise_radius: int | None = None,
+           frame_losses: dict | None = None) -> dict:
     """Which candidate denoises the dataset.  One candidate: it.  Several (``auto``): the
     lowest self-supervised loss of its J-invariant output (``metrics.select_model``;
     ``losses``: name -> ``metrics.self_supervised_loss``, all on the same pixels).
@@ -375,7 +376,9 @@ def choose(losses: dict, ds, blind_radii: dict | None = None, noise_radius: int 
     ``model.blindspot`` or ``shine.blindspot`` smaller than measured, or a pretrained
     model) is below ``noise_radius`` (the noise stage's blindspot // 2) copies part of the
     noise and scores too low, so it is left out of the comparison (recorded under
-    'left_out') unless no candidate is left.  Returns the choice record."""
+    'left_out') unless no candidate is left.  ``frame_losses``: name -> per-frame losses,
+    for the significance test against the tuned Gaussian (``metrics.select_model``).
+    Returns the choice record."""
     names = list(losses)
     if len(names) == 1:
         return {"chosen": names[0], "rule": f"configured (model: {ds.model.name})"}
@@ -385,7 +388,7 @@ def choose(losses: dict, ds, blind_radii: dict | None = None, noise_radius: int 
                     for m in names if m in blind_radii and int(blind_radii[m]) < int(noise_radius)}
     if len(left_out) == len(names):
         left_out = {}
-    choice = metrics.select_model({m: v for m, v in losses.items() if m not in left_out})
+    choice = metrics.select_model({m: v for m, v in losses.items() if m not in left_out}, frame_losses)
     return {**choice, "left_out": left_out} if left_out else choice
 
 
@@ -558,8 +561,11 @@ def denoise_stack(stack, ds, *, train_overrides: dict | None = None, device: str
     # the selection compares losses on the region every frame covers (the canvas fill has no noise)
     region = (slice(*record["common"][:2]), slice(*record["common"][2:])) if shifted else None
 
-    def loss(blind) -> float:
-        return metrics.self_supervised_loss(blind, stack, region)
+    frame_losses = {}
+
+    def loss(blind, name: str) -> float:
+        frame_losses[name] = metrics.self_supervised_loss_per_frame(blind, stack, region)
+        return float(np.mean(frame_losses[name]))  # = metrics.self_supervised_loss
 
     outputs, ckpts, losses, warnings = {}, {}, {}, []
     for name in ds.candidates:
@@ -584,7 +590,7 @@ def denoise_stack(stack, ds, *, train_overrides: dict | None = None, device: str
             out, _ = io.read_zarr(dst)
             if done:
                 done(shape[0], shape[0])
-        losses[name] = loss(out)  # the network's own (blind) output, before any low-pass
+        losses[name] = loss(out, name)  # the network's own (blind) output, before any low-pass
         outputs[name], _ = postprocess(out, ds, name, stack, model.params.halo_t, model_kind=ckpt.get("model"),
                                        ks_max=max(ckpt["model_params"].get("ks", [7])), loss=losses[name],
                                        region=region)
@@ -599,15 +605,16 @@ def denoise_stack(stack, ds, *, train_overrides: dict | None = None, device: str
         sigma = attrs["sigma"][:2]
         if not shifted:
             losses["classical"] = attrs["n2s_loss"]
+            frame_losses["classical"] = attrs["n2s_loss_frames"]
         elif workdir is None:
-            losses["classical"] = loss(filters.normalised_gaussian3d(stack, *sigma, blind_radius=b))
+            losses["classical"] = loss(filters.normalised_gaussian3d(stack, *sigma, blind_radius=b), "classical")
         else:
             tile = filters.blind_tile(shape[0])
             with _tiled_writer(_work_path(workdir, "classical_blind"), tuple(stack.shape), tile, pyramid=False) as w:
                 filters.normalised_gaussian3d(stack, *sigma, blind_radius=b, tile=tile, out=w.array)
-            losses["classical"] = loss(io.read_zarr(_work_path(workdir, "classical_blind"))[0])
+            losses["classical"] = loss(io.read_zarr(_work_path(workdir, "classical_blind"))[0], "classical")
     radii = {m: int(c.get("blind_radius", 0)) for m, c in ckpts.items()}
-    choice = choose(losses, ds, radii, spot["blindspot"] // 2)
+    choice = choose(losses, ds, radii, spot["blindspot"] // 2, frame_losses)
     if shifted:  # back onto the input grid
         outputs = {m: from_canvas(o, record, shape) for m, o in outputs.items()}
     if choice["chosen"] == "classical":

@@ -96,6 +96,20 @@ def window_index(start: int, stop: int, n: int, halo: int) -> np.ndarray:
     return idx.astype(np.int64)
 
 
+def window_frames(stack, t: int, halo: int, rows=slice(None), cols=slice(None)):
+    """The input window of output frame ``t``: (2 halo + 1, Y', X') frames t - halo ..
+    t + halo of a (T, Y, X) stack (NumPy, torch, Zarr, anything sliceable), frames outside
+    the movie replaced by their mirror image about ``t`` (:func:`window_index`, what
+    inference feeds the network), cut to ``rows`` x ``cols``.  One contiguous read; a
+    window inside the movie is that very slice (a view of a NumPy / torch stack)."""
+    idx = window_index(t, t + 1, int(stack.shape[0]), halo)[0]
+    lo, hi = int(idx.min()), int(idx.max()) + 1
+    block = stack[lo:hi, rows, cols]
+    if hi - lo == len(idx):  # no mirrored frame: the slice itself
+        return block
+    return block[idx - lo]
+
+
 def min_frames_for_windows(halo: int) -> int:
     """Smallest movie length for which every :func:`window_index` window exists."""
     n = 1

@@ -55,6 +55,7 @@ from .checkpoint import Normalisation, load_checkpoint, model_from_checkpoint, s
 from .config import TrainParams, WCVDParams
 from .errors import InputError
 from .models import BlindSpotModel, class_for_params, resolve_device
+from .tiling import window_frames, window_index
 
 __all__ = [
     "IN_MEMORY_BYTES",
@@ -130,19 +131,36 @@ class _Split:
     val_rows: tuple[int, int]     # input rows of the validation band [a, b)
 
 
+def _centres(t: int, halo: int) -> list[int]:
+    """Target frames of a ``t``-frame movie: every frame whose input window exists, the
+    frames near the movie's ends with the mirrored windows inference gives them
+    (``tiling.window_index``).  Training on full windows only left those frames -- with a
+    long temporal context most of a short movie (22 of 24 frames at halo 11) -- to inputs
+    the network had never seen, and fitted the least-squares start on 2 frames."""
+    out = []
+    for c in range(t):
+        try:
+            window_index(c, c + 1, t, halo)
+        except InputError:
+            continue
+        out.append(c)
+    return out
+
+
 def _split(shape, mp: WCVDParams, tp: TrainParams) -> _Split:
     """Hold out ``val_frames`` target frames; fall back to a band of rows for small T.
 
-    Temporal hold-out (default) needs at least val_frames + 2 target frames (T >= 6 for
-    WCVD with val_frames=2), so that >= 2 frames remain to train on; the held-out frames
-    are evenly spaced inside the movie.  With fewer frames (e.g. T = 4 or 5 for WCVD)
+    Target frames: :func:`_centres` (edge frames with mirrored windows).  Temporal
+    hold-out (default) needs at least val_frames + 2 of them (T >= 4 for WCVD with
+    val_frames=2), so that >= 2 frames remain to train on; the held-out frames are evenly
+    spaced inside the movie.  With fewer frames
     the bottom fifth of the rows of *every* target frame is held out instead (at least
     2*halo + 8 rows, training crops stay strictly above it).  If the frames are too small
     for that, or val_frames == 0, there is no validation and the last epoch is kept.
     """
     t, y, _ = shape
     h_t, h_s = mp.halo_t, mp.halo_s
-    centres = list(range(h_t, t - h_t))
+    centres = _centres(t, h_t)
     full = (0, y)
     if tp.val_frames <= 0:
         return _Split("none", centres, [], full, (0, 0))
@@ -200,7 +218,7 @@ class _Sampler:
             t = centres[self.rng.integers(len(centres))]
             y0 = r0 + self.rng.integers(r1 - r0 - iy + 1)
             x0 = self.rng.integers(src.shape[2] - ix + 1)
-            w = src[t - ht:t + ht + 1, y0:y0 + iy, x0:x0 + ix]
+            w = window_frames(src, t, ht, slice(y0, y0 + iy), slice(x0, x0 + ix))
             if self.tp.augment:
                 if self.rng.random() < 0.5:
                     w = w[:, ::-1]
@@ -231,7 +249,7 @@ def _validation_set(z: _Frames, split: _Split, mp: WCVDParams, tp: TrainParams):
         y0 = r0 + (ny - cy - 2 * hs) // 2
         x0 = (nx - cx - 2 * hs) // 2
         ys, xs = slice(y0, y0 + cy + 2 * hs), slice(x0, x0 + cx + 2 * hs)
-    x = np.stack([z[t - ht:t + ht + 1, ys, xs] for t in split.val_centres])
+    x = np.stack([window_frames(z, t, ht, ys, xs) for t in split.val_centres])
     tgt = x[:, ht, hs:x.shape[2] - hs, hs:x.shape[3] - hs] if padding == "valid" else x[:, ht]
     return np.ascontiguousarray(x), np.ascontiguousarray(tgt), padding
 
