@@ -29,7 +29,6 @@ frame 0 (about 0.15 px at 256 px and 0.2 px at 192 px, 1 count/px).
 from __future__ import annotations
 
 import functools
-
 import os
 
 import numpy as np

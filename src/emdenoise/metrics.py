@@ -610,20 +610,21 @@ def spatial_autocov(frames, max_lag: int = 12) -> np.ndarray:
     # lags -L..L: entries -L..L (mod the padded size) of the circular correlation; only
     # those are kept (whole frame-sized float64 arrays per frame cost GBs at 4096²)
     lags = np.ix_(np.arange(-L, L + 1) % shape[0], np.arange(-L, L + 1) % shape[1])
-    overlap = np.maximum(np.fft.irfft2(_power(np.fft.rfft2(np.ones((ny, nx)), shape)), shape)[lags], 1.0)
+    overlap = np.maximum(np.fft.irfft2(abs_squared(np.fft.rfft2(np.ones((ny, nx)), shape)), shape)[lags], 1.0)
     acc = np.zeros((2 * L + 1, 2 * L + 1))
     for t in range(x.shape[0]):
         a = np.array(x[t], dtype=np.float64)  # a copy: centred in place
         a -= a.mean()
         fa = np.fft.rfft2(a, shape)
         del a
-        acc += np.fft.irfft2(_power(fa), shape)[lags] / overlap
+        acc += np.fft.irfft2(abs_squared(fa), shape)[lags] / overlap
     return acc / x.shape[0]
 
 
-def _power(spectrum: np.ndarray) -> np.ndarray:
-    """|spectrum|² as re² + im², float64: the real part of ``spectrum * conj(spectrum)``
-    bit for bit (its imaginary part is exactly 0), without the complex temporaries."""
+def abs_squared(spectrum: np.ndarray) -> np.ndarray:
+    """|spectrum|² as re² + im² (real, the spectrum's precision): the power of a complex
+    spectrum, up to rounding the real part of ``spectrum * conj(spectrum)``, without its
+    complex temporaries."""
     p = spectrum.real ** 2
     p += spectrum.imag ** 2
     return p
@@ -806,11 +807,8 @@ def residual_structure(denoised, noisy, *, lag: int, length: int | None = None, 
             ft *= fy
             cross += np.bincount(ring.ravel(), ft.real.ravel(), 32)
             del ft
-            p = np.abs(fy)
+            power += np.bincount(ring.ravel(), abs_squared(fy).ravel(), 32)
             del fy
-            p *= p
-            power += np.bincount(ring.ravel(), p.ravel(), 32)
-            del p
             if t + lag < n:
                 rb = np.asarray(y[t + lag], np.float64) - np.asarray(f[t + lag], np.float64)
                 rb = rb - rb.mean()
@@ -833,5 +831,5 @@ def residual_structure(denoised, noisy, *, lag: int, length: int | None = None, 
             "structure": structure, "region": getattr(y, "region", None)}
 
 
-__all__ += ["stack_max", "stack_min", "umse_per_frame", "upsnr_per_frame", "spatial_autocov", "noise_length",
+__all__ += ["abs_squared", "stack_max", "stack_min", "umse_per_frame", "upsnr_per_frame", "spatial_autocov", "noise_length",
             "residual_structure"]

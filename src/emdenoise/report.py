@@ -49,15 +49,18 @@ def display_range(stacks: Mapping[str, np.ndarray], frame: int) -> tuple[float, 
     raw noise then clips, which is the honest comparison.  Frames above
     ``RANGE_SAMPLE_PX`` pixels contribute a strided sample of that many.
     """
-    def sample(s):
-        f = np.asarray(s[frame]).ravel()
-        return f[::max(1, -(-f.size // RANGE_SAMPLE_PX))]
-
-    pool = [sample(s) for name, s in stacks.items() if name != "raw"]
+    pool = [_sample(s[frame]) for name, s in stacks.items() if name != "raw"]
     if not pool:
-        pool = [sample(stacks["raw"])]
+        pool = [_sample(stacks["raw"][frame])]
     lo, hi = np.percentile(np.concatenate(pool), [1, 99])
     return float(lo), float(hi if hi > lo else lo + 1.0)
+
+
+def _sample(image) -> np.ndarray:
+    """The pixels of an image, flattened, every k-th when it has more than
+    ``RANGE_SAMPLE_PX`` (at most that many): what display ranges are taken from."""
+    flat = np.asarray(image).ravel()
+    return flat[::max(1, -(-flat.size // RANGE_SAMPLE_PX))]
 
 
 def shrink(image, max_px: int = PREVIEW_PX) -> np.ndarray:
@@ -195,11 +198,8 @@ def radial_spectrum(frames, n_bins: int | None = None) -> tuple[np.ndarray, np.n
         f -= f.mean()
         f *= wy
         f *= wx
-        p = np.abs(fft.rfft2(f))
+        power += _metrics.abs_squared(fft.rfft2(f))
         del f
-        p *= p
-        power += p
-        del p
         count += 1
     if power is None:
         raise ValueError("radial_spectrum: no frames")
@@ -237,9 +237,8 @@ def lattice_peak(image: np.ndarray, k_min: float = 0.03) -> dict:
     img *= np.hanning(nx)[None, :]
     # half plane (rfft2): a real image's power is symmetric, P(k) = P(-k), so every
     # reflection is there once, with kx >= 0 (half the memory of the full plane)
-    power = np.abs(fft.rfft2(img))
+    power = _metrics.abs_squared(fft.rfft2(img))
     del img
-    power *= power
     fy, fx = np.fft.fftfreq(ny), np.fft.rfftfreq(nx)
     k = np.hypot(fy[:, None], fx[None, :])
     i = np.unravel_index(int(np.argmax(np.where(k >= k_min, power, 0.0))), power.shape)
@@ -356,9 +355,8 @@ def write_diagnostics(out_dir, stacks: Mapping[str, np.ndarray], *, table: pd.Da
         np.subtract(raw_mean, mean_m, out=mean_m)
         res_mean[m] = mean_m.astype(np.float32)
         del mean_m
-    step = max(1, (int(np.prod(ref.shape)) + 2**20 - 1) // 2**20)  # <= 1 M pixels per method
     spread = float(np.percentile(np.abs(np.concatenate([v.ravel() for v in res_t.values()])), 99)) if res_t else 1.0
-    spread_mean = float(np.percentile(np.abs(np.concatenate([v.ravel()[::step] for v in res_mean.values()])), 99.5)) \
+    spread_mean = float(np.percentile(np.abs(np.concatenate([_sample(v) for v in res_mean.values()])), 99.5)) \
         if res_mean else 1.0
     for m in methods:
         _write_gray_png(out / f"residual_{m}.png", res_t[m], -spread, spread)
