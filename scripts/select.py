@@ -10,7 +10,7 @@ model_choice.json (with the chosen checkpoint's path, or none for a classical fi
 """
 import json
 
-from emdenoise import checkpoint, io, pipeline, stage
+from emdenoise import io, pipeline, stage
 from emdenoise.config import stage_config
 from emdenoise.errors import InputError
 
@@ -35,6 +35,8 @@ def main(smk):
     choice["unblind"] = {m: attrs["lowpass"]["unblind"]["weight"] * attrs["lowpass"]["unblind"]["applied"]
                          for m, (_, attrs) in stacks.items() if "unblind" in (attrs.get("lowpass") or {})}
     if "model_shine" in smk.input.keys():  # which SHINE size ran (auto: CPU-sized without a GPU)
+        from emdenoise import checkpoint  # torch: only here
+
         choice["shine_size"] = checkpoint.load_checkpoint(smk.input.model_shine)[1].get("shine_size")
     chosen = choice["chosen"]
     key = f"model_{chosen}"

@@ -403,7 +403,7 @@ def test_strided_sample_of_a_lazy_stack_holds_one_frame_at_a_time(counting_movie
     import gc
     import weakref
 
-    from emdenoise.checkpoint import strided_sample
+    from emdenoise.io import strided_sample
 
     alive = []
 
@@ -426,7 +426,7 @@ def test_training_from_a_zarr_store_equals_training_in_memory(counting_movie, tm
     model bit for bit (normalisation, resume fingerprint and crops are read frame by frame)."""
     import zarr
 
-    from emdenoise.checkpoint import strided_sample
+    from emdenoise.io import strided_sample
 
     arr = zarr.create_array(str(tmp_path / "s.zarr"), shape=counting_movie.shape, chunks=(1, 48, 48),
                             dtype="float32")

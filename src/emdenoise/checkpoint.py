@@ -17,27 +17,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from . import io
 from .errors import InputError
 from .models import BlindSpotModel, model_class, resolve_device
 
 __all__ = ["Normalisation", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "normalisation_of",
-           "for_stack", "strided_sample"]
-
-
-def strided_sample(stack, step: int) -> np.ndarray:
-    """Every ``step``-th element of a (T, Y, X) stack in C order, as float32: equal to
-    ``np.asarray(stack, float32).ravel()[::step]``, but an array-like that is not in
-    memory (a Zarr array) is read one frame at a time, so memory stays ~one frame."""
-    if isinstance(stack, np.ndarray):
-        return np.asarray(stack, dtype=np.float32).ravel()[::step]
-    per = int(np.prod(stack.shape[1:]))
-    parts = []
-    for t in range(stack.shape[0]):
-        first = (-t * per) % step  # offset of frame t's first sampled element
-        if first < per:
-            # a copy: a strided view would keep its whole frame alive until the end
-            parts.append(np.asarray(stack[t], dtype=np.float32).ravel()[first::step].copy())
-    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+           "for_stack"]
 
 
 @dataclass(frozen=True)
@@ -66,7 +51,7 @@ class Normalisation:
             stack = np.asarray(stack, dtype=np.float32)
         size = int(np.prod(stack.shape))
         # deterministic subsample: percentiles need no more (frame by frame for a Zarr array)
-        flat = strided_sample(stack, int(math.ceil(size / max_samples)) if size > max_samples else 1)
+        flat = io.strided_sample(stack, int(math.ceil(size / max_samples)) if size > max_samples else 1)
         lo, hi = np.percentile(flat, [low_pct, high_pct])
         scale = float(hi - lo)
         if not scale > 0:

@@ -403,6 +403,17 @@ def candidate_model(name: str) -> tuple[str, int | None]:
     return (m.group(1), int(m.group(2))) if m else (name, None)
 
 
+#: model classes whose method ends in the FFT low-pass (WCVD paper, SM 2): WCVD and its 2-D
+#: form WCID; SHINE's method has none.  Here, not on the torch model classes, so that the
+#: post-processing jobs need not import torch.
+LOWPASS_MODELS = frozenset({"wcvd", "wcid"})
+
+
+def lowpass_in_method(kind: str) -> bool:
+    """Whether model class ``kind`` ('wcvd', 'wcid', 'shine', any case) includes the low-pass."""
+    return str(kind).lower() in LOWPASS_MODELS
+
+
 #: name suffix of the WCVD candidate with temporal context channels ('wcvd_ctx')
 CONTEXT_SUFFIX = "_ctx"
 #: the longest temporal context ``model.context: auto`` gives the 'wcvd_ctx' candidate, by
@@ -926,7 +937,7 @@ def model_settings(ds, model: str) -> list[str]:
 
 def lowpass_settings(ds, model: str) -> list[str]:
     """The post-processing of a model's output: every network gets its own pixel back
-    (``unblind``); the low-pass belongs to WCVD's method only (``models.WCVD.lowpass``).
+    (``unblind``); the low-pass belongs to WCVD's method only (``lowpass_in_method``).
     A pretrained model's kind and kernel sizes come from its checkpoint."""
     if model == "pretrained":
         return ["unblind", "lowpass", "metrics.temporal_radius"]

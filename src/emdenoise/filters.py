@@ -581,26 +581,61 @@ def fft_lowpass(stack: np.ndarray, diameter: float | None = LOWPASS_DIAMETER, ks
         as a fraction of the cutoff radius.
     The DC bin is always kept, so each frame's mean is preserved.
     """
-    from scipy import fft as sfft
-
     arr = np.asarray(stack, dtype=np.float32)
     if arr.ndim not in (2, 3):
         raise ValueError(f"expected a (T, Y, X) or (Y, X) array, got shape {arr.shape}")
+    spec, _ = lowpass_spectrum(arr, pad)
+    spec *= lowpass_mask(arr.shape[-2:], diameter, ks_max, pad, edge_width)
+    return lowpass_inverse(spec, pad, arr.shape[-2:])
+
+
+def lowpass_mask(shape: tuple[int, int], diameter: float | None = LOWPASS_DIAMETER, ks_max: int = 7,
+                 pad: str = "symmetric", edge_width: float = 0.0) -> np.ndarray:
+    """The mask :func:`fft_lowpass` multiplies the :func:`lowpass_spectrum` of a (Y, X)
+    frame with: float32 (Y, X) for 'symmetric' (DCT-II bins), (Y, X // 2 + 1) for
+    'periodic' (rfft2 bins); arguments as for :func:`fft_lowpass`."""
     frac = 1.0 / ks_max if diameter is None else float(diameter)
     if not frac > 0:
         raise ValueError(f"diameter must be > 0, got {diameter}")
-    cutoff = frac / 2.0
-    shape = arr.shape[-2:]
-    if pad == "symmetric":
-        mask = _lowpass_mask(shape, cutoff, edge_width, dct=True)
-        spec = sfft.dctn(arr, type=2, axes=(-2, -1), norm="ortho", workers=-1)
-        spec *= mask
-        out = sfft.idctn(spec, type=2, axes=(-2, -1), norm="ortho", workers=-1)
-    elif pad == "periodic":
-        mask = _lowpass_mask(shape, cutoff, edge_width, dct=False)
-        spec = sfft.rfftn(arr, axes=(-2, -1), workers=-1)
-        spec *= mask
-        out = sfft.irfftn(spec, s=shape, axes=(-2, -1), workers=-1)
-    else:
+    _check_pad(pad)
+    return _lowpass_mask(tuple(shape), frac / 2.0, edge_width, dct=pad == "symmetric")
+
+
+def _check_pad(pad: str) -> None:
+    if pad not in ("symmetric", "periodic"):
         raise ValueError(f"pad must be 'symmetric' or 'periodic', got {pad!r}")
+
+
+def lowpass_spectrum(frames: np.ndarray, pad: str = "symmetric") -> tuple[np.ndarray, np.ndarray]:
+    """Orthonormal spectrum of (..., Y, X) frames in the basis :func:`fft_lowpass` masks.
+
+    'symmetric': DCT-II (the mirror-extended frame's spectrum), real, (..., Y, X);
+    'periodic': rfft2, complex, (..., Y, X // 2 + 1).  Returns (spectrum, weight): weight
+    (1, X') float32 makes Parseval hold on the half plane, sum over pixels of a * b ==
+    sum over bins of weight * Re(A conj(B)) (1 for the DCT; 2 for the rfft2 columns that
+    stand for two bins of the full plane).  float32 frames give float32 / complex64.
+    """
+    from scipy import fft as sfft
+
+    _check_pad(pad)
+    nx = frames.shape[-1]
+    if pad == "symmetric":
+        return (sfft.dctn(frames, type=2, axes=(-2, -1), norm="ortho", workers=-1),
+                np.ones((1, nx), dtype=np.float32))
+    weight = np.full((1, nx // 2 + 1), 2.0, dtype=np.float32)
+    weight[0, 0] = 1.0
+    if nx % 2 == 0:
+        weight[0, -1] = 1.0  # the Nyquist column is its own mirror
+    return sfft.rfftn(frames, axes=(-2, -1), norm="ortho", workers=-1), weight
+
+
+def lowpass_inverse(spec: np.ndarray, pad: str, shape: tuple[int, int]) -> np.ndarray:
+    """Frames (float32, (..., Y, X) with (Y, X) = ``shape``) from a :func:`lowpass_spectrum`."""
+    from scipy import fft as sfft
+
+    _check_pad(pad)
+    if pad == "symmetric":
+        out = sfft.idctn(spec, type=2, axes=(-2, -1), norm="ortho", workers=-1)
+    else:
+        out = sfft.irfftn(spec, s=tuple(shape), axes=(-2, -1), norm="ortho", workers=-1)
     return np.asarray(out, dtype=np.float32)

@@ -569,6 +569,22 @@ def _ome_dataset(path, attrs):
     return ds.get("path"), px
 
 
+def strided_sample(stack, step: int) -> np.ndarray:
+    """Every ``step``-th element of a (T, Y, X) stack in C order, as float32: equal to
+    ``np.asarray(stack, float32).ravel()[::step]``, but an array-like that is not in
+    memory (a Zarr array) is read one frame at a time, so memory stays ~one frame."""
+    if isinstance(stack, np.ndarray):
+        return np.asarray(stack, dtype=np.float32).ravel()[::step]
+    per = int(np.prod(stack.shape[1:]))
+    parts = []
+    for t in range(stack.shape[0]):
+        first = (-t * per) % step  # offset of frame t's first sampled element
+        if first < per:
+            # a copy: a strided view would keep its whole frame alive until the end
+            parts.append(np.asarray(stack[t], dtype=np.float32).ravel()[first::step].copy())
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
 def read_zarr(path):
     """Open a Zarr array, an OME-Zarr group or a group written by :func:`write_zarr`.
 

@@ -533,11 +533,30 @@ def umse_per_frame(denoised, noisy, *, temporal_radius: int = 0, what: str = "um
     n = y.shape[0]
     if n < 2 * r + 4:
         raise InputError(None, f"{what}: needs at least {2 * r + 4} frames for temporal_radius={r}, got {n}")
-    out = np.full(n, np.nan)
-    before, after = _Frames(y, 1), _Frames(y, 2)  # t - r - 1; t + r + 1 and t + r + 2
-    for t in range(r + 1, n - r - 2):
-        a, b, c = before(t - r - 1), after(t + r + 1), after(t + r + 2)
-        out[t] = _mean_sq_diff(np.asarray(f[t]), a) - 0.5 * _mean_sq_diff(b, c)
+    out = umse_noise_terms(y, r, what)
+    before = _Frames(y, 1)
+    for t, s in umse_pairs(n, r):
+        out[t] = _mean_sq_diff(np.asarray(f[t]), before(s)) - out[t]
+    return out
+
+
+def umse_pairs(n_frames: int, temporal_radius: int) -> list[tuple[int, int]]:
+    """(t, s): the output frames t that uMSE scores (r+1 .. T-r-3) and the raw frame s =
+    t - r - 1 each is compared with (:func:`umse_per_frame`)."""
+    r = int(temporal_radius)
+    return [(t, t - r - 1) for t in range(r + 1, int(n_frames) - r - 2)]
+
+
+def umse_noise_terms(noisy, temporal_radius: int, what: str = "umse_noise_terms") -> np.ndarray:
+    """(T,) float64: the noise term uMSE subtracts for each scored frame t, 1/2 mean_px
+    (y[t+r+1] - y[t+r+2])^2 (an estimate of the noise variance); NaN elsewhere.  It does
+    not depend on the denoiser: :func:`umse_per_frame` = mean_px (f[t] - y[t-r-1])^2 - it."""
+    y = _stack(noisy, what)
+    out = np.full(y.shape[0], np.nan)
+    after = _Frames(y, 2)  # t + r + 1 and t + r + 2
+    r = int(temporal_radius)
+    for t, _ in umse_pairs(y.shape[0], r):
+        out[t] = 0.5 * _mean_sq_diff(after(t + r + 1), after(t + r + 2))
     return out
 
 
@@ -831,5 +850,5 @@ def residual_structure(denoised, noisy, *, lag: int, length: int | None = None, 
             "structure": structure, "region": getattr(y, "region", None)}
 
 
-__all__ += ["abs_squared", "stack_max", "stack_min", "umse_per_frame", "upsnr_per_frame", "spatial_autocov", "noise_length",
-            "residual_structure"]
+__all__ += ["abs_squared", "stack_max", "stack_min", "umse_per_frame", "umse_pairs", "umse_noise_terms",
+            "upsnr_per_frame", "spatial_autocov", "noise_length", "residual_structure"]

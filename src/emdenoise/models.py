@@ -166,8 +166,6 @@ class BlindSpotModel(nn.Module):
     checkpoint_format: str = "emdenoise-model/1"
     optimiser: str = "adam"
     warmup_fraction: float = 0.0
-    #: the FFT low-pass after inference belongs to the model's method (WCVD paper, SM 2)
-    lowpass: bool = False
     #: CPU inference may run in bfloat16 where the CPU computes it natively
     #: (``infer.predict_windows(precision='auto')``); only for models whose output stays
     #: within 1e-3 of float32 (SHINE); WCVD's CPU fast path is float32
@@ -362,7 +360,6 @@ class WCVD(BlindSpotModel):
     params_class = WCVDParams
     checkpoint_format = "emdenoise-wcvd/1"
     optimiser = "adam"
-    lowpass = True
 
     def __init__(self, params: WCVDParams = WCVDParams(), generator: torch.Generator | None = None):
         super().__init__()

@@ -4,7 +4,7 @@ train candidates -> infer -> post-process -> choose.  Each step is one function 
 the workflow runs them as separate rules (``train``, ``infer``, ``lowpass``, ``select``),
 the CLI calls :func:`denoise_stack`, which runs the same functions in sequence, so the
 two paths cannot disagree on what a model's method includes (e.g. the FFT low-pass is
-part of WCVD's method, ``models.WCVD.lowpass``) or on how ``auto`` chooses.
+part of WCVD's method, ``config.lowpass_in_method``) or on how ``auto`` chooses.
 The WCID pre-filter used only to measure drift is here too: it trains a model.
 """
 from __future__ import annotations
@@ -15,15 +15,17 @@ from typing import Callable
 
 import numpy as np
 
-from . import chunked, drift, filters, infer, io, metrics, noise, train
-from .checkpoint import for_stack, load_checkpoint, model_from_checkpoint, strided_sample
-from .config import CONTEXT_SUFFIX, ModelConfig, TrainParams, candidate_model, context_frames
+from . import drift, filters, io, metrics, noise
+from .config import CONTEXT_SUFFIX, ModelConfig, TrainParams, candidate_model, context_frames, lowpass_in_method
 from .errors import InputError
-from .models import model_class, resolve_device
 from .tiling import min_frames_for_windows
-from .train import train_model
 
-__all__ = ["prefilter", "prefilter_zarr", "model_params", "train_candidate", "postprocess", "classical_candidate",
+# The modules that import torch (checkpoint, chunked, infer, models, train) are imported
+# inside the functions that train or apply a network: the workflow's lowpass, select,
+# metrics and classical jobs use none of them and start ~1.5 s sooner without torch.
+
+__all__ = ["prefilter", "prefilter_zarr", "model_params", "train_candidate", "unblind", "unblind_weight",
+           "with_own_pixel", "postprocess", "lowpass_umse", "classical_candidate",
            "temporal_reach", "check_frames", "check_fit", "choose", "denoise_stack", "align_on_canvas",
            "from_canvas", "classical_zarr", "OnInputGrid"]
 
@@ -45,6 +47,10 @@ def prefilter(stack: np.ndarray, method: str = "wcid", sigma: float = 1.5, *,
     if method == "none":
         return np.asarray(stack, dtype=np.float32)
     if method == "wcid":
+        from . import infer
+        from .checkpoint import model_from_checkpoint
+        from .train import train_model
+
         params = wcid_params or ModelConfig().wcvd_params(dims=2)
         ckpt = train_model(np.asarray(stack, dtype=np.float32), params, train_params or TrainParams())
         model = model_from_checkpoint(ckpt, device=ckpt["device"])
@@ -82,9 +88,12 @@ def prefilter_zarr(src, dst, method: str = "wcid", sigma: float = 1.5, *, wcid_p
         return None
     if method != "wcid":
         raise ValueError(f"unknown prefilter method {method!r}")
+    from . import chunked, train
+    from .checkpoint import model_from_checkpoint
+
     params = wcid_params or ModelConfig().wcvd_params(dims=2)
     in_memory = 4 * np.prod(shape, dtype=np.int64) <= train.IN_MEMORY_BYTES
-    ckpt = train_model(np.asarray(raw[:], dtype=np.float32) if in_memory else raw, params,
+    ckpt = train.train_model(np.asarray(raw[:], dtype=np.float32) if in_memory else raw, params,
                        train_params or TrainParams())
     model = model_from_checkpoint(ckpt, device=ckpt["device"])
     chunked.infer_zarr(model, ckpt, src, dst, device=ckpt["device"], attrs=attrs)
@@ -93,6 +102,8 @@ def prefilter_zarr(src, dst, method: str = "wcid", sigma: float = 1.5, *, wcid_p
 
 def on_gpu(ds, name: str, device: str | None = None) -> bool:
     """Whether candidate ``name`` trains on CUDA (sizes SHINE when ``shine.size: auto``)."""
+    from .models import resolve_device
+
     return resolve_device(device or ds.train.device).type == "cuda"
 
 
@@ -128,6 +139,8 @@ def train_candidate(stack, ds, name: str, blindspot: int | None = None, *,
     under 'data' so that applying it elsewhere can be checked (:func:`check_fit`);
     ``n_frames``: the shortest movie the model will denoise (sizes ``model.context:
     auto``), default the shortest stack trained on."""
+    from .train import train_model
+
     device = (train_overrides or {}).get("device")
     gpu = on_gpu(ds, name, device)
     tp = ds.train_params(name, gpu=gpu)
@@ -182,17 +195,32 @@ def unblind(blind, noisy, loss: float | None = None, region=None) -> tuple:
     canvas has data; the weight applies everywhere.
     Returns (stack, record {'weight', 'loss', 'noise_variance'}).
     """
+    record = unblind_weight(blind, noisy, loss, region)
+    return with_own_pixel(blind, noisy, record["weight"]), record
+
+
+def unblind_weight(blind, noisy, loss: float | None = None, region=None) -> dict:
+    """The own-pixel weight of :func:`unblind` and its evidence, without making the stack:
+    {'weight', 'loss', 'noise_variance'}."""
     f, y = metrics._stack(blind, "unblind"), metrics._stack(noisy, "unblind")
     metrics._same_shape(f, y, "unblind")
     if loss is None:
         loss = metrics.self_supervised_loss(f, y, region)
     var = metrics.frame_difference_variance(y, region)
     w = float(np.clip(1.0 - var / loss, 0.0, 0.999)) if loss > 0 and np.isfinite(var) else 0.0
-    record = {"weight": w, "loss": float(loss), "noise_variance": float(var)}
-    if isinstance(f, np.ndarray):
-        f32 = np.asarray(f, dtype=np.float32)
-        return f32 + np.float32(w) * (np.asarray(y, dtype=np.float32) - f32), record
-    return Unblinded(f, y, w), record
+    return {"weight": w, "loss": float(loss), "noise_variance": float(var)}
+
+
+def with_own_pixel(blind, noisy, weight: float):
+    """``blind + weight (noisy - blind)`` in float32 (a lazy :class:`Unblinded` for lazy
+    input); one new array, filled in place."""
+    if not isinstance(blind, np.ndarray):
+        return Unblinded(blind, noisy, weight)
+    f32 = np.asarray(blind, dtype=np.float32)
+    out = np.subtract(np.asarray(noisy, dtype=np.float32), f32)
+    out *= np.float32(weight)
+    out += f32
+    return out
 
 
 def postprocess(denoised, ds, name: str, noisy=None,
@@ -209,7 +237,8 @@ def postprocess(denoised, ds, name: str, noisy=None,
     band, and the low-pass then removes the high frequencies where the pixel's own value
     helped most (measured on the real Au movie: uMSE 59.3 -> 60.2 with it).  So the
     options -- low-pass diameters, each with and without the own pixel -- are compared
-    by uMSE against ``noisy`` (the aligned raw movie) at radius
+    by uMSE (computed in the spectrum for all options at once, :func:`lowpass_umse`;
+    only the chosen option's stack is made) against ``noisy`` (the aligned raw movie) at radius
     max(metrics.temporal_radius, ``reach``): ``lowpass.diameter: auto`` scores no
     low-pass and the diameters in ``LOWPASS_AUTO``, a fixed diameter only itself.  A
     movie too short for that radius gets no low-pass with 'auto' (it can only remove
@@ -218,24 +247,26 @@ def postprocess(denoised, ds, name: str, noisy=None,
     kernel (from its checkpoint) instead of the candidate name's and ``model.ks``.
 
     ``denoised`` (T, Y, X): a NumPy array gives a float32 array; a lazy array-like (Zarr)
-    gives a lazy stack (``filters.FrameMap``: computed frame by frame while uMSE scores it
-    and block by block while ``io.write_zarr`` writes it), or ``denoised`` itself when
-    nothing is applied; ``noisy`` may be lazy either way.  Memory on the lazy path: a few
-    frames (scoring) or one write block of frames.
+    gives a lazy stack (``filters.FrameMap``: computed block by block while
+    ``io.write_zarr`` writes it), or ``denoised`` itself when nothing is applied; ``noisy``
+    may be lazy either way.  Memory on the lazy path: a few frames and their spectra
+    (scoring) or one write block of frames.
     """
     kind = model_kind or candidate_model(name)[0]
     lazy = hasattr(denoised, "shape") and not isinstance(denoised, np.ndarray)
     blind = denoised if lazy else np.asarray(denoised, dtype=np.float32)
-    own, own_record = (unblind(blind, noisy, loss, region) if noisy is not None and ds.unblind.enabled
-                       else (None, None))
+    own_record = unblind_weight(blind, noisy, loss, region) if noisy is not None and ds.unblind.enabled else None
+
+    def own():  # made only where it is the output: the low-pass options are scored without it
+        return with_own_pixel(blind, noisy, own_record["weight"])
 
     def done(out, record, with_own: bool):
         if own_record is not None:
             record["unblind"] = {**own_record, "applied": bool(with_own)}
         return out, record
 
-    if not (model_class(kind).lowpass and ds.lowpass.enabled):  # SHINE: reads no lowpass setting
-        return done(blind if own is None else own, {"applied": False}, own is not None)
+    if not (lowpass_in_method(kind) and ds.lowpass.enabled):  # SHINE: reads no lowpass setting
+        return done(blind if own_record is None else own(), {"applied": False}, own_record is not None)
     lp = ds.lowpass
 
     def lowpass(stack, diameter):
@@ -255,22 +286,75 @@ def postprocess(denoised, ds, name: str, noisy=None,
     if noisy is None or noisy.shape[0] < 2 * r + 4:
         reason = f"fewer than {2 * r + 4} frames to score it"
         if auto:
-            return done(blind if own is None else own, {"applied": False, "diameter": "auto", "reason": reason},
-                        own is not None)
+            return done(blind if own_record is None else own(), {"applied": False, "diameter": "auto",
+                                                                 "reason": reason}, own_record is not None)
         return done(lowpass(blind, diameters[0]), {"applied": True, "diameter": lp.diameter, "pad": lp.pad,
                                                    "reason": reason}, False)
-    scores, best = {}, (np.inf, None, None, None)
-    for with_own, base in ((False, blind),) + (((True, own),) if own is not None else ()):
-        for d in diameters:  # noisy may be lazy (Zarr): metrics.umse reads it frame by frame
-            out = lowpass(base, d)
-            key = ("none" if d is None else "paper" if d == "paper" else f"{d:.4g}") + (" + own pixel" if with_own else "")
-            scores[key] = u = metrics.umse(out, noisy, temporal_radius=r)
-            if u < best[0]:
-                best = (u, d, out, with_own)
-    _, d, out, with_own = best
+    options = [(d, with_own) for with_own in ((False, True) if own_record is not None else (False,)) for d in diameters]
+    masks = {d: None if d is None else filters.lowpass_mask(
+        blind.shape[1:], None if d == "paper" else d, ks_max or max(ds.model.ks), lp.pad, lp.edge_width)
+        for d in diameters}
+    umse = lowpass_umse(blind, noisy, [masks[d] for d, _ in options],
+                        [own_record["weight"] if with_own else 0.0 for _, with_own in options], r, lp.pad)
+    scores = {("none" if d is None else "paper" if d == "paper" else f"{d:.4g}") + (" + own pixel" if with_own else ""): u
+              for (d, with_own), u in zip(options, umse)}
+    d, with_own = options[int(np.argmin(umse))]
+    out = lowpass(own() if with_own else blind, d)
     record = {"applied": d is not None, "diameter": None if d == "paper" else d, "pad": lp.pad,
               "auto" if auto else "scored": {"umse": scores, "radius": r}}
     return done(out, record, with_own)
+
+
+def lowpass_umse(blind, noisy, masks: list, weights: list, temporal_radius: int, pad: str = "symmetric") -> list:
+    """``metrics.umse`` of low-passed outputs without making them: for each option i,
+    the uMSE at ``temporal_radius`` of ``lowpass(blind + w_i (noisy - blind))`` against
+    ``noisy``, with ``masks[i]`` the spectrum mask (``filters.lowpass_mask``; None: no
+    low-pass) and ``weights[i]`` the own-pixel weight w_i (0: none; :func:`unblind`).
+
+    The spectra are orthonormal (``filters.lowpass_spectrum``), so by Parseval each
+    frame's mean_px (f[t] - y[s])^2 is a weighted sum over spectrum bins, and every
+    option's sum follows from six per-bin products of three spectra (blind[t], noisy[t],
+    noisy[s]): three transforms per scored frame for all options together, where
+    filtering and scoring each option costs two per frame and option plus a pass over
+    the movie.  Equal to ``metrics.umse`` of the filtered stacks up to float rounding
+    (test).  blind, noisy: (T, Y, X), NumPy or lazy (read frame by frame).
+    """
+    r = int(temporal_radius)
+    pairs = metrics.umse_pairs(noisy.shape[0], r)
+    if not pairs:
+        raise InputError(None, f"lowpass_umse: needs at least {2 * r + 4} frames for temporal_radius={r}, "
+                               f"got {noisy.shape[0]}")
+    noise = metrics.umse_noise_terms(noisy, r, "lowpass_umse")
+    unique = list({id(mk): mk for mk in masks if mk is not None}.values())
+    column = [None if mk is None else 1 + 3 * next(i for i, u in enumerate(unique) if u is mk) for mk in masks]
+    n_px = float(np.prod(noisy.shape[1:]))
+    total, vectors = np.zeros(len(masks)), None
+    pairs_of_rows = ([0, 0, 1, 0, 1, 2], [0, 1, 1, 2, 2, 2])  # d1 d1, d1 d2, d2 d2, d1 y_s, d2 y_s, y_s y_s
+    for t, s in pairs:
+        ys = np.asarray(noisy[s], dtype=np.float32)
+        # with C = blind[t] + w (noisy[t] - blind[t]) and m the mask: m C - y_s = m (C - y_s) + (m - 1) y_s,
+        # C - y_s = (1 - w) d1 + w d2 (d1 = blind[t] - y_s, d2 = noisy[t] - y_s).  These terms are
+        # noise-sized where they are not masked out, so single precision sums lose nothing to
+        # cancellation (the signal power would otherwise cancel down to the noise power).
+        spec, weight = filters.lowpass_spectrum(np.stack([np.asarray(blind[t], dtype=np.float32) - ys,
+                                                          np.asarray(noisy[t], dtype=np.float32) - ys, ys]), pad)
+        cplx, bins = np.iscomplexobj(spec), spec.shape[1:]
+        rows = spec.reshape(3, -1).view(np.float32)  # complex: interleaved (re, im), Re(u conj v) a dot product
+        del spec
+        if vectors is None:  # per bin: the Parseval weight W; W m², W m (m - 1), W (m - 1)² for each mask m
+            per_bin = [np.broadcast_to(weight, bins).ravel()]
+            for u in unique:
+                m = u.ravel()
+                per_bin += [m * m * per_bin[0], m * (m - 1) * per_bin[0], (m - 1) ** 2 * per_bin[0]]
+            vectors = np.stack([np.repeat(v, 2) if cplx else v for v in per_bin]).astype(np.float32)
+        gram = vectors @ (rows[pairs_of_rows[0]] * rows[pairs_of_rows[1]]).T  # (vectors, 6 products), summed over bins
+        del rows
+        gram = gram.astype(np.float64)
+        for i, (c, w) in enumerate(zip(column, weights)):
+            dd = gram[0 if c is None else c, :3] @ [(1 - w) ** 2, 2 * w * (1 - w), w * w]  # m² |C - y_s|²
+            err = dd if c is None else dd + 2 * (gram[c + 1, 3:5] @ [1 - w, w]) + gram[c + 2, 5]
+            total[i] += err / n_px - noise[t]
+    return [float(v / len(pairs)) for v in total]
 
 
 def check_fit(ckpt: dict, stack: np.ndarray, pixel_size: float | None = None, *,
@@ -471,7 +555,7 @@ def align_on_canvas(stack, ds, workdir=None):
     span = d.max(0) - d.min(0)
     shape = (t, y + int(span[0]), x + int(span[1]))
     size = t * y * x
-    fill = float(np.median(strided_sample(stack, -(-size // FILL_SAMPLES))))
+    fill = float(np.median(io.strided_sample(stack, -(-size // FILL_SAMPLES))))
     k = filters.block_frames(shape[1:])
     if workdir is None:
         canvas = np.empty(shape, dtype=np.float32)
@@ -544,6 +628,9 @@ def denoise_stack(stack, ds, *, train_overrides: dict | None = None, device: str
     'warnings' (list of str)}.  With ``workdir`` the outputs are lazy arrays reading
     from its stores: write them before the folder is removed.
     """
+    from . import chunked, infer, train
+    from .checkpoint import for_stack, load_checkpoint, model_from_checkpoint
+
     if workdir is None:
         stack = np.asarray(stack, dtype=np.float32)
     check_frames(ds, stack.shape[0])  # before any training

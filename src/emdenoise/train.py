@@ -50,8 +50,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import __version__
-from .checkpoint import Normalisation, load_checkpoint, model_from_checkpoint, save_checkpoint, strided_sample
+from . import __version__, io
+from .checkpoint import Normalisation, load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import TrainParams, WCVDParams
 from .errors import InputError
 from .models import BlindSpotModel, class_for_params, resolve_device
@@ -401,7 +401,7 @@ def _fingerprint(cls, mp, tp: TrainParams, norms: list, arrs: list) -> dict:
     digests = []
     for arr in arrs:
         size = int(np.prod(arr.shape))
-        digests.append(hashlib.sha1(strided_sample(arr, max(1, size // 1_000_000)).tobytes()).hexdigest())
+        digests.append(hashlib.sha1(io.strided_sample(arr, max(1, size // 1_000_000)).tobytes()).hexdigest())
     settings = {k: v for k, v in asdict(tp).items() if k != "checkpoint_minutes"}  # timing only
     if len(arrs) == 1:
         return {"model": cls.name(mp), "model_params": mp.to_dict(), "train_params": settings,
