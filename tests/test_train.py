@@ -123,7 +123,10 @@ def test_blind_spot_proof_wcid(counting_movie):
 
 
 def test_training_is_bit_identical_on_cpu(counting_movie):
-    a = train_model(counting_movie, WCVDParams(), FAST)
+    modes = []  # deterministic algorithms (warn mode) while it trains
+    a = train_model(counting_movie, WCVDParams(), FAST, progress=lambda row: modes.append(
+        torch.get_deterministic_debug_mode()))
+    assert modes and set(modes) == {1}
     b = train_model(counting_movie, WCVDParams(), FAST)
     c = train_model(counting_movie, WCVDParams(), TrainParams(**{**FAST.__dict__, "seed": 1}))
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
