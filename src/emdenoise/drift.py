@@ -429,7 +429,7 @@ def _align_frame(stack, t: int, info: dict, crop: bool) -> np.ndarray:
 
 #: Frames of the local quadratic fit that :func:`whole_pixel_shifts` rounds (odd; at most
 #: half the movie).  Monte Carlo on the synthetic drift paths (velocity random walk, 0-20 px,
-#: 12-50 frames, 0.2 px measurement scatter): frames misaligned by a pixel 0-2.6 % with it,
+#: 12-50 frames, 0.2 px measurement scatter): frames misaligned by a pixel 0-3 % with it,
 #: 2-6.5 % rounding each measurement about their common offset.
 WHOLE_PIXEL_WINDOW = 9
 
