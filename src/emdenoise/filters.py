@@ -584,8 +584,16 @@ def fft_lowpass(stack: np.ndarray, diameter: float | None = LOWPASS_DIAMETER, ks
     arr = np.asarray(stack, dtype=np.float32)
     if arr.ndim not in (2, 3):
         raise ValueError(f"expected a (T, Y, X) or (Y, X) array, got shape {arr.shape}")
+    return apply_lowpass_mask(arr, lowpass_mask(arr.shape[-2:], diameter, ks_max, pad, edge_width), pad)
+
+
+def apply_lowpass_mask(frames, mask: np.ndarray, pad: str = "symmetric") -> np.ndarray:
+    """(..., Y, X) frames filtered with a :func:`lowpass_mask` (float32): what
+    :func:`fft_lowpass` does once the mask is made (callers that filter many blocks with
+    one mask make it once)."""
+    arr = np.asarray(frames, dtype=np.float32)
     spec, _ = lowpass_spectrum(arr, pad)
-    spec *= lowpass_mask(arr.shape[-2:], diameter, ks_max, pad, edge_width)
+    spec *= mask
     return lowpass_inverse(spec, pad, arr.shape[-2:])
 
 

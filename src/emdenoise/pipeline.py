@@ -170,8 +170,7 @@ class Unblinded(filters.FrameMap):
         self.noisy, self.weight = noisy, np.float32(weight)
 
     def _compute(self, a: int, b: int) -> np.ndarray:
-        f = np.asarray(self.stack[a:b], dtype=np.float32)
-        return f + self.weight * (np.asarray(self.noisy[a:b], dtype=np.float32) - f)
+        return with_own_pixel(np.asarray(self.stack[a:b], dtype=np.float32), self.noisy[a:b], self.weight)
 
 
 def unblind(blind, noisy, loss: float | None = None, region=None) -> tuple:
@@ -269,19 +268,21 @@ def postprocess(denoised, ds, name: str, noisy=None,
         return done(blind if own_record is None else own(), {"applied": False}, own_record is not None)
     lp = ds.lowpass
 
+    auto = lp.diameter == "auto"
+    diameters = LOWPASS_AUTO if auto else ("paper" if lp.diameter is None else lp.diameter,)
+    # one spectrum mask per diameter, for the scores and the output alike; ks_max matters
+    # only for diameter "paper" (None in the config: N / Ks_max)
+    masks = {d: None if d is None else filters.lowpass_mask(
+        blind.shape[1:], None if d == "paper" else d, ks_max or max(ds.model.ks), lp.pad, lp.edge_width)
+        for d in diameters}
+
     def lowpass(stack, diameter):
         if diameter is None:
             return stack
-        # ks_max matters only for diameter "paper" (None in the config: N / Ks_max)
-        ks = ks_max or (max(ds.model.ks) if diameter == "paper" else 7)
 
         def fn(frames):
-            return filters.fft_lowpass(frames, diameter=None if diameter == "paper" else diameter, ks_max=ks,
-                                       pad=lp.pad, edge_width=lp.edge_width)
+            return filters.apply_lowpass_mask(frames, masks[diameter], lp.pad)
         return filters.FrameMap(stack, fn) if lazy else fn(stack)
-
-    auto = lp.diameter == "auto"
-    diameters = LOWPASS_AUTO if auto else ("paper" if lp.diameter is None else lp.diameter,)
     r = max(int(ds.metrics.temporal_radius), int(reach or 0))
     if noisy is None or noisy.shape[0] < 2 * r + 4:
         reason = f"fewer than {2 * r + 4} frames to score it"
@@ -291,9 +292,6 @@ def postprocess(denoised, ds, name: str, noisy=None,
         return done(lowpass(blind, diameters[0]), {"applied": True, "diameter": lp.diameter, "pad": lp.pad,
                                                    "reason": reason}, False)
     options = [(d, with_own) for with_own in ((False, True) if own_record is not None else (False,)) for d in diameters]
-    masks = {d: None if d is None else filters.lowpass_mask(
-        blind.shape[1:], None if d == "paper" else d, ks_max or max(ds.model.ks), lp.pad, lp.edge_width)
-        for d in diameters}
     umse = lowpass_umse(blind, noisy, [masks[d] for d, _ in options],
                         [own_record["weight"] if with_own else 0.0 for _, with_own in options], r, lp.pad)
     scores = {("none" if d is None else "paper" if d == "paper" else f"{d:.4g}") + (" + own pixel" if with_own else ""): u
