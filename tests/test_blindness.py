@@ -23,7 +23,7 @@ from emdenoise.errors import InputError
 from emdenoise.models import build_any
 
 CKPT = {"normalisation": {"offset": 1.0, "scale": 4.0}}
-T = 9  # every window of up to 9 frames exists; frames 0..3 and 5..8 use mirrored windows
+T = 9  # frames 0..3 and 5..8 use mirrored windows; reaches over 4 frames also periodic ones
 SHINE_TINY = dict(channels=6, centre_channels=4, neighbour_channels=3, blocks=2, head_layers=1)
 
 MODELS = (
@@ -32,7 +32,10 @@ MODELS = (
     # temporal context channels (means without the centre frame) and wider blind spots
     + [pytest.param(WCVDParams(context=2, ks=(3, 5)), id="wcvd-ctx2"),
        pytest.param(WCVDParams(context=4, blindspot=3, ks=(3, 5)), id="wcvd-ctx4-b3"),
-       pytest.param(WCVDParams(kt=5, context=1, blindspot=5, ks=(3, 7)), id="wcvd-kt5-ctx1-b5")]
+       pytest.param(WCVDParams(kt=5, context=1, blindspot=5, ks=(3, 7)), id="wcvd-kt5-ctx1-b5"),
+       # reaches beyond half the movie: windows continue periodically past the mirror image
+       pytest.param(WCVDParams(context=6, blindspot=3, ks=(3, 5)), id="wcvd-ctx6-b3"),
+       pytest.param(WCVDParams(context=T - 1, ks=(3,)), id="wcvd-ctx-whole-movie")]
     + [pytest.param(SHINEParams(blindspot=b, frames=5, **SHINE_TINY), id=f"shine-b{b}") for b in (1, 3, 5, 7, 9)]
     + [pytest.param(SHINEParams(blindspot=3, frames=f, **SHINE_TINY), id=f"shine-f{f}") for f in (3, 7)]
 )

@@ -57,7 +57,29 @@ def test_window_index_mirrors_about_the_centre_frame():
         assert list(row).count(t) == 1 and row[3] == t and 0 <= row.min() and row.max() < 9
         assert all(row[3 + k] == row[3 - k] or (row[3 + k] == t + k and row[3 - k] == t - k) for k in (1, 2, 3))
     with pytest.raises(ValueError):
-        window_index(0, 2, 2, 2)
+        window_index(0, 2, 2, 2)  # halo >= n: the window would wrap onto its centre
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 13, 24])
+def test_window_index_reaches_the_whole_movie_without_its_centre(n):
+    """Any halo < n: past the mirror image, windows continue periodically; no window
+    holds its centre frame twice, every index is a frame of the movie, and a window of
+    halo n - 1 holds every other frame exactly twice -- its mean without the centre is
+    the movie's leave-one-out mean for every frame, edge frames included."""
+    for halo in range(n):
+        w = window_index(0, n, n, halo)
+        assert w.shape == (n, 2 * halo + 1) and (w[:, halo] == np.arange(n)).all()
+        assert 0 <= w.min() and w.max() < n
+        for t, row in enumerate(w):
+            assert list(row).count(t) == 1, (n, halo, t, row)
+            inside = [k for k in range(-halo, halo + 1) if 0 <= t + k < n]
+            assert all(row[halo + k] == t + k for k in inside)  # frames that exist: themselves
+    full = window_index(0, n, n, n - 1)
+    for t, row in enumerate(full):
+        counts = np.bincount(np.delete(row, n - 1), minlength=n)
+        assert counts[t] == 0 and (np.delete(counts, t) == 2).all(), (t, counts)
+    # mirrored about the centre first: the periodic continuation only where the mirror is outside too
+    assert window_index(0, 5, 5, 4)[1].tolist() == [2, 4, 3, 0, 1, 2, 3, 4, 0]
 
 
 def test_too_few_frames_for_wcvd_is_refused():

@@ -56,8 +56,8 @@ def test_auto_includes_the_classical_candidate_and_postprocess_follows_the_metho
     res = pipeline.denoise_stack(movie.noisy, ds, device="cpu", align=False)
     assert set(res["outputs"]) == {"wcvd", "wcvd_ctx", "shine", "classical"}
     assert set(res["checkpoints"]) == {"wcvd", "wcvd_ctx", "shine"}
-    # context 'auto' for 12 frames: min(12, (12 - 1) // 2) = 5 frames each side
-    assert res["checkpoints"]["wcvd_ctx"]["model_params"]["context"] == 5
+    # context 'auto' for 12 frames: min(24, 12 - 1) = 11 frames each side (the whole movie)
+    assert res["checkpoints"]["wcvd_ctx"]["model_params"]["context"] == 11
     assert res["checkpoints"]["wcvd"]["model_params"]["context"] == 0
     losses = res["choice"]["loss"]
     assert set(losses) == set(res["outputs"]) and res["chosen"] == min(losses, key=losses.get)
@@ -114,11 +114,12 @@ def test_auto_picks_the_lower_true_mse_between_kt3_and_kt7():
 
 
 def test_context_cap_depends_on_the_kind_of_data():
-    # Movies: up to 12 frames each side where the movie has them (T >= 2R + 1); tilt
-    # series: 6 -- their neighbouring "frames" are other projections.
+    # Movies: up to 24 frames each side, at most T - 1 (the whole movie: windows continue
+    # past the ends, tiling.window_index); tilt series: 6 -- their neighbouring "frames"
+    # are other projections.
     from emdenoise.config import context_frames
-    assert [context_frames("auto", t) for t in (2, 12, 24, 41, 100)] == [1, 5, 11, 12, 12]
-    assert [context_frames("auto", t, kind="tilt_series") for t in (9, 24, 41)] == [4, 6, 6]
+    assert [context_frames("auto", t) for t in (2, 12, 24, 41, 100)] == [1, 11, 23, 24, 24]
+    assert [context_frames("auto", t, kind="tilt_series") for t in (4, 9, 24, 41)] == [3, 6, 6, 6]
     assert context_frames("auto", 41, kind="tilt_series") == 6 and context_frames(3, 100) == 3
 
 

@@ -301,7 +301,7 @@ def test_full_frame_training_with_periodic_padding(counting_movie):
 
 
 @pytest.mark.parametrize("bad,msg", [
-    (np.zeros((2, 32, 32), np.float32), "at least 3 frames"),
+    (np.zeros((1, 32, 32), np.float32), "at least 2 frames"),  # as inference: window (1, 0, 1) from 2
     (np.zeros((32, 32), np.float32), r"\(T, Y, X\)"),
     (np.full((4, 32, 32), np.nan, np.float32), "NaN"),
     (np.zeros((4, 5, 32), np.float32), "too small for wcvd"),

@@ -200,9 +200,9 @@ class BlindSpotModel(nn.Module):
         if len(shape) != 3:
             raise InputError(source, f"expected a (T, Y, X) stack, got shape {tuple(shape)}")
         t, y, x = shape
-        if t < params.kt_eff:
-            raise InputError(source, f"{cls.name(params)} needs at least {params.kt_eff} frames "
-                                     f"(its input window), got {t}")
+        if t < params.halo_t + 1:  # windows continue past the movie's ends (tiling.window_index)
+            raise InputError(source, f"{cls.name(params)} needs at least {params.halo_t + 1} frames "
+                                     f"(its input window reaches {params.halo_t} on each side), got {t}")
         if min(y, x) <= 2 * params.halo_s:
             raise InputError(source, f"frames of {y}x{x} px are too small for {cls.name(params)}: its "
                                      f"receptive field is {2 * params.halo_s + 1} px; frames must be larger "
