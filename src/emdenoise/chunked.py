@@ -1,8 +1,9 @@
 """Chunked inference: a (T, Y, X) Zarr stack in, an OME-Zarr out, tile by tile, in parallel.
 
 Why a tile scheduler on dask.delayed rather than ``dask.array.map_overlap``:
-- time needs windows mirrored about their centre frame at the ends of the movie
-  (``tiling.window_index``, as in ``infer.denoise``); Dask's boundary='reflect' is
+- time needs windows mirrored about their centre frame at the ends of the movie (then
+  periodic, for reaches past half the movie: ``tiling.window_index``, as in
+  ``infer.denoise``); Dask's boundary='reflect' is
   NumPy's 'symmetric' (frame -1 := 0), which would put the predicted frame into its own
   window.  Space uses periodic wrapping, which is Dask's boundary='periodic' and the
   whole-frame circular padding of ``infer.denoise``.
@@ -375,7 +376,7 @@ def infer_zarr(model, ckpt, src_zarr_path, dst_zarr_path, *, device: str = "auto
     _shared_state[run_id] = _Shared(_math.prod(tile), len(cores), _math.prod(shape), progress_s)
     out_attrs = {**src_attrs, **(attrs or {}), "temporal_reach": p.halo_t,  # frames each side (metrics)
                  "infer": {"tile": list(tile), "halo_t": p.halo_t, "halo_s": p.halo_s,
-                           "temporal_boundary": "windows mirrored about their centre frame",
+                           "temporal_boundary": "windows mirrored about their centre frame, then periodic",
                            "spatial_boundary": "periodic"}}
     _log.info("infer: %s -> %s, shape %s, tile %s, %d blocks, %d worker(s) on %s",
               src_zarr_path, dst_zarr_path, shape, tile, len(cores), workers, dev)

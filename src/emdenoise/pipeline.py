@@ -459,7 +459,7 @@ def temporal_reach(ds, method: str, attrs: dict | None = None, n_frames: int | N
 
 def check_frames(ds, n_frames: int) -> None:
     """InputError unless ``n_frames`` suffice for the input windows of every candidate
-    (mirrored about their centre frame).  Depends on the config only, so callers check
+    (mirrored about their centre frame, then periodic: halo_t + 1 frames).  Depends on the config only, so callers check
     it before any training (a short movie must not cost minutes of training first).
     ``auto`` needs no more frames than its candidates: :func:`choose` compares them on
     the movie's own frames (Noise2Self), not on frames outside their reach."""
