@@ -327,7 +327,8 @@ def denoise(model, ckpt: dict | None, stack: np.ndarray, *, device: str = "auto"
     ckpt: the checkpoint dict (its ``normalisation`` is applied before and inverted
         after the network); None = the stack is already normalised.
     Edge frames use windows mirrored about their centre frame, then continued
-    periodically (``tiling.window_index``), so T frames come out for T in.  Frames must be wider than the receptive field.
+    periodically (``tiling.window_index``), so T frames come out for T in.  Frames must
+    be wider than the receptive field.
     batch_frames: output frames processed at once, bounds memory.
     num_workers: CPU threads (None = torch.get_num_threads()).
     progress: called with (frames done, T) after every batch (a progress bar).

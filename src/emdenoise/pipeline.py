@@ -459,10 +459,11 @@ def temporal_reach(ds, method: str, attrs: dict | None = None, n_frames: int | N
 
 def check_frames(ds, n_frames: int) -> None:
     """InputError unless ``n_frames`` suffice for the input windows of every candidate
-    (mirrored about their centre frame, then periodic: halo_t + 1 frames).  Depends on the config only, so callers check
-    it before any training (a short movie must not cost minutes of training first).
-    ``auto`` needs no more frames than its candidates: :func:`choose` compares them on
-    the movie's own frames (Noise2Self), not on frames outside their reach."""
+    (mirrored about their centre frame, then periodic: halo_t + 1 frames).  Depends on
+    the config only, so callers check it before any training (a short movie must not
+    cost minutes of training first).  ``auto`` needs no more frames than its candidates:
+    :func:`choose` compares them on the movie's own frames (Noise2Self), not on frames
+    outside their reach."""
     names = [n for n in ds.candidates if n != "pretrained"]  # a checkpoint is checked by check_fit
     for name in names:
         need = min_frames_for_windows(model_params(ds, name, 1, n_frames=n_frames).halo_t)  # any blind spot
