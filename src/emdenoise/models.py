@@ -63,7 +63,7 @@ from torch import nn
 
 from .config import SHINEParams, WCVDParams
 from .errors import InputError
-from .tiling import window_frames
+from .tiling import min_frames_for_windows, window_frames
 
 __all__ = [
     "BlindSpotModel",
@@ -200,8 +200,9 @@ class BlindSpotModel(nn.Module):
         if len(shape) != 3:
             raise InputError(source, f"expected a (T, Y, X) stack, got shape {tuple(shape)}")
         t, y, x = shape
-        if t < params.halo_t + 1:  # windows continue past the movie's ends (tiling.window_index)
-            raise InputError(source, f"{cls.name(params)} needs at least {params.halo_t + 1} frames "
+        need = min_frames_for_windows(params.halo_t)  # windows continue past the movie's ends
+        if t < need:
+            raise InputError(source, f"{cls.name(params)} needs at least {need} frames "
                                      f"(its input window reaches {params.halo_t} on each side), got {t}")
         if min(y, x) <= 2 * params.halo_s:
             raise InputError(source, f"frames of {y}x{x} px are too small for {cls.name(params)}: its "

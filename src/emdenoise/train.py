@@ -55,7 +55,7 @@ from .checkpoint import Normalisation, load_checkpoint, model_from_checkpoint, s
 from .config import TrainParams, WCVDParams
 from .errors import InputError
 from .models import BlindSpotModel, class_for_params, resolve_device
-from .tiling import window_frames, window_index
+from .tiling import min_frames_for_windows, window_frames
 
 __all__ = [
     "IN_MEMORY_BYTES",
@@ -132,19 +132,13 @@ class _Split:
 
 
 def _centres(t: int, halo: int) -> list[int]:
-    """Target frames of a ``t``-frame movie: every frame whose input window exists, the
-    frames near the movie's ends with the mirrored windows inference gives them
-    (``tiling.window_index``).  Training on full windows only left those frames -- with a
+    """Target frames of a ``t``-frame movie: every frame, the frames near the movie's ends
+    with the windows inference gives them (mirrored, then periodic:
+    ``tiling.window_index``), once the movie has the ``halo + 1`` frames every window
+    needs (none before).  Training on full windows only left those frames -- with a
     long temporal context most of a short movie (22 of 24 frames at halo 11) -- to inputs
     the network had never seen, and fitted the least-squares start on 2 frames."""
-    out = []
-    for c in range(t):
-        try:
-            window_index(c, c + 1, t, halo)
-        except InputError:
-            continue
-        out.append(c)
-    return out
+    return list(range(t)) if t >= min_frames_for_windows(halo) else []
 
 
 def _split(shape, mp: WCVDParams, tp: TrainParams) -> _Split:
