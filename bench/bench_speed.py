@@ -21,9 +21,18 @@ Training (optimiser steps/s): WCVD (128 px crops, batch 8), WCVD with temporal c
 (R = 9), CPU-sized SHINE (64 px crops, batch 16): the step train_model runs (forward,
 MSE, backward, optimiser).
 
+Where WCVD's CPU inference time goes (one thread, one tile of the fast path, best of
+``PROFILE_REPEATS``): the merged first convolution (its multiply-adds per pixel and the rate
+oneDNN reaches) against the 1x1 layers, and what the convolution alone would allow on all
+threads -- the ceiling of "wcvd / gaussian3d" for this architecture on this CPU, whatever
+the 1x1 layers cost.  The same convolution in bfloat16 is timed for reference (not used: its
+8-bit mantissa is far outside the 1e-4 the fast path must keep).
+
 End to end (best of 3 fresh processes): ``emdenoise denoise IN OUT --load-model m.pt
 --no-drift --device cpu`` (read TIFF, denoise, FFT low-pass, write TIFF) against a Python
-process that reads the same TIFF, applies scipy's Gaussian 3D and writes it.
+process that reads the same TIFF, applies scipy's Gaussian 3D and writes it; with the time a
+fresh process needs to import ``emdenoise.cli`` and ``torch`` alone (best of 3), the part of
+the end-to-end time that no change to the denoising can remove.
 """
 from __future__ import annotations
 
@@ -38,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import fft as sfft
 from scipy import ndimage
 
@@ -54,6 +64,7 @@ SHINE_CPU = SHINEParams(blindspot=3, **SHINE_SIZES["cpu"]["arch"])
 #: the issue's starting figures on this machine (for the ratio "x today's")
 ISSUE_START = {"shine_256_mpix": 0.44, "wcvd_over_g3d": 0.70}
 NORM = {"normalisation": {"offset": 0.0, "scale": 4.0}}
+PROFILE_REPEATS = 50
 
 
 def best_of(fns: dict, repeats: int) -> dict:
@@ -106,6 +117,51 @@ def inference(frames: int, size: int, repeats: int) -> dict:
     err = {"wcvd": rel(denoise(wcvd, NORM, stack, device="cpu"), ref_w),
            "shine": rel(denoise(shine, NORM, small, device="cpu"), generic(shine, small))}
     return {"mpix": mpix, "err": err, "shape": stack.shape}
+
+
+def _best_ms(fn, repeats: int) -> float:
+    fn()
+    best = np.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return 1e3 * best
+
+
+def wcvd_profile(size: int, repeats: int = PROFILE_REPEATS) -> dict:
+    """One CPU-plan tile of a random-weight WCVD on ``size`` px wide frames, single-threaded:
+    ms of the merged convolution (float32, and bfloat16 for reference) and of the 1x1 layers."""
+    plan = infer._CpuPlan(build_any(WCVDParams(), 0).eval())
+    rows, h = max(1, infer._TILE_PIXELS // size), plan.params.halo_s
+    z = torch.rand(plan.params.kt_eff, rows + 2 * h, size + 2 * h)
+    with infer._single_threaded_ops(), torch.inference_mode():
+        inp = plan.features(z[None])
+        hcv = F.conv2d(inp, plan.conv_w, plan.conv_bias)[0].reshape(plan.conv_w.shape[0], -1)
+        npx = hcv.shape[1]
+        bufs = (torch.empty(2, plan.nb, plan.c, npx), torch.empty(plan.nb, 1, npx))
+        out = torch.empty(npx)
+        inp16, w16 = inp.bfloat16(), plan.conv_w.bfloat16()
+        conv = _best_ms(lambda: F.conv2d(inp, plan.conv_w, plan.conv_bias), repeats)
+        conv16 = _best_ms(lambda: F.conv2d(inp16, w16), repeats)
+        copy = _best_ms(lambda: hcv.clone(), repeats)  # pointwise works in place: time it on copies
+        point = _best_ms(lambda: plan.pointwise(hcv.clone(), out, bufs), repeats) - copy
+    macs = plan.conv_w[0].numel() * plan.conv_w.shape[0]  # multiply-adds per output pixel
+    return {"px": npx, "conv_ms": conv, "conv_bf16_ms": conv16, "pointwise_ms": point, "macs": macs,
+            "gmacs": macs * npx / conv / 1e6}
+
+
+def import_seconds(repeats: int = 3) -> dict:
+    """Best wall time of a fresh Python process importing emdenoise's CLI, and torch alone."""
+    best = {}
+    for name, code in (("emdenoise.cli", "import emdenoise.cli"), ("torch", "import torch")):
+        best[name] = np.inf
+        for _ in range(repeats):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                           env={**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..", "src")})
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
 
 
 def train_rate(params, crop: int, batch: int, steps: int) -> float:
@@ -182,6 +238,17 @@ def main(argv=None):
           f"the issue's {ISSUE_START['shine_256_mpix']} (target 5 x)")
     print(f"  fast path vs literal float32 forward, max rel difference: wcvd {r['err']['wcvd']:.1e} (limit 1e-4), "
           f"shine {r['err']['shine']:.1e} (limit 1e-3; bfloat16: {infer.inference_dtype(build_any(SHINE_CPU), 'cpu') == torch.bfloat16})")
+    p = wcvd_profile(args.size)
+    threads = torch.get_num_threads()
+    ceiling = threads * p["px"] / p["conv_ms"] / 1e3
+    print(f"\nwhere WCVD's CPU inference time goes (one thread, one tile of {p['px']} px):\n"
+          f"  merged first convolution {p['conv_ms']:.2f} ms ({p['macs']} multiply-adds/px, "
+          f"{p['gmacs']:.1f} GMAC/s), 1x1 layers {p['pointwise_ms']:.2f} ms; "
+          f"convolution share {p['conv_ms'] / (p['conv_ms'] + p['pointwise_ms']):.2f}\n"
+          f"  the convolution alone on {threads} threads: {ceiling:.1f} Mpix/s = {ceiling / g:.2f} x Gaussian 3D "
+          f"(the ceiling of wcvd / gaussian3d for this architecture here)\n"
+          f"  same convolution in bfloat16 (reference, not used): {p['conv_bf16_ms']:.2f} ms "
+          f"= {p['conv_ms'] / p['conv_bf16_ms']:.1f} x faster")
     steps = 5 if args.quick else 15
     print("\ntraining (optimiser steps/s):")
     for name, params, crop, batch in (("wcvd", WCVDParams(), 128, 8),
@@ -193,6 +260,9 @@ def main(argv=None):
         print(f"\nend to end, {args.e2e_frames} x {args.size}^2 TIFF (best of 3 fresh processes): "
               f"emdenoise denoise --load-model {e['emdenoise']:.2f} s, scipy Gaussian 3D script {e['scipy']:.2f} s; "
               f"scipy / emdenoise = {e['scipy'] / e['emdenoise']:.2f} (target >= 1.0)")
+        imp = import_seconds()
+        print(f"  a fresh process importing emdenoise.cli: {imp['emdenoise.cli']:.2f} s (torch alone "
+              f"{imp['torch']:.2f} s = {imp['torch'] / e['scipy']:.2f} x the whole scipy script)")
 
 
 if __name__ == "__main__":
