@@ -136,6 +136,23 @@ def test_auto_tile_follows_the_memory_budget():
     assert chunked.available_memory("cpu") > 2**26
 
 
+def test_auto_tile_budgets_the_temporal_halo_of_a_long_reach():
+    """A context network reaching the whole movie reads 2 R frames around each tile and
+    gathers 2 R + 1 frames for a wrapped window: the tile shrinks so that they fit the
+    per-worker budget, instead of memory growing with R."""
+    budget, bpp = 64 * 2**20, chunked.CPU_BYTES_PER_PX
+    mem = 4 * budget  # one worker after the 1/4 rule
+    short = chunked.auto_tile((100, 512, 512), WCVDParams(), device="cpu", workers=1, memory=mem)
+    assert short[1:] == (512, 512)  # plain WCVD: whole frames, as before
+    for reach in (24, 99):
+        p = WCVDParams(context=reach)
+        nt, ty, tx = chunked.auto_tile((100, 512, 512), p, device="cpu", workers=1, memory=mem)
+        area = ty * tx
+        assert area * (nt * bpp + chunked.REACH_BYTES_PER_PX * (p.halo_t - 1)) <= budget
+        assert nt >= 1 and ty % 16 == 0 and tx % 16 == 0
+    assert ty * tx < 512 * 512  # R 99: cut spatially to fit
+
+
 def test_a_cgroup_limit_caps_the_memory_probe(monkeypatch):
     monkeypatch.setattr(chunked, "_cgroup_memory_left", lambda: 300 * 2**20)
     assert chunked.available_memory("cpu") == 300 * 2**20

@@ -114,11 +114,11 @@ def test_auto_picks_the_lower_true_mse_between_kt3_and_kt7():
 
 
 def test_context_cap_depends_on_the_kind_of_data():
-    # Movies: up to 24 frames each side, at most T - 1 (the whole movie: windows continue
+    # Movies: up to 99 frames each side, at most T - 1 (the whole movie: windows continue
     # past the ends, tiling.window_index); tilt series: 6 -- their neighbouring "frames"
     # are other projections.
     from emdenoise.config import context_frames
-    assert [context_frames("auto", t) for t in (2, 12, 24, 41, 100)] == [1, 11, 23, 24, 24]
+    assert [context_frames("auto", t) for t in (2, 12, 24, 41, 100, 200)] == [1, 11, 23, 40, 99, 99]
     assert [context_frames("auto", t, kind="tilt_series") for t in (4, 9, 24, 41)] == [3, 6, 6, 6]
     assert context_frames("auto", 41, kind="tilt_series") == 6 and context_frames(3, 100) == 3
 

@@ -43,6 +43,13 @@ _log = _logging.getLogger("emdenoise")
 #: copy, the output, its inverted copy and the Zarr encode buffer (float32 each) plus
 #: slack for the decoded source chunks.  Measured peak ~20 B/px (bench/bench_scale.py).
 CPU_BYTES_PER_PX = 24
+#: Bytes per pixel of tile area for each frame of temporal reach beyond the first (float32):
+#: two more frames read around the tile (8), and two more in either the normalised copy of
+#: a run of windows or a wrapped window gathered with its normalised copy (16)
+#: (:func:`auto_tile`).  Nothing for WCVD (halo_t 1, inside ``CPU_BYTES_PER_PX``); what
+#: bounds the memory of a context network reaching the whole movie (100 x 1024² chunked at
+#: R 99: 6.0 GB peak RSS without it).
+REACH_BYTES_PER_PX = 24
 #: Device bytes per output pixel on CUDA: the model's forward keeps kt input channels,
 #: nb*C hidden channels twice and nb outputs per pixel; 256 B/px is a conservative
 #: bound for WCVD and SHINE alike (an OOM is caught and the tile halved anyway).
@@ -103,8 +110,11 @@ def auto_tile(shape, params, *, device: str | torch.device = "cpu", workers: int
     """Output tile (nt, ty, tx) for a (T, Y, X) stack from the memory available.
 
     Budget per worker = min(memory / 4 / workers, MAX_TILE_BYTES) on the CPU (the other
-    3/4 stay free for other jobs and the page cache), free GPU memory / 2 on CUDA; a tile
-    holds budget / bytes-per-pixel output pixels.
+    3/4 stay free for other jobs and the page cache), free GPU memory / 2 on CUDA.  A tile
+    of nt frames and area A px takes A (nt bpp + :data:`REACH_BYTES_PER_PX` (halo_t - 1))
+    bytes: bytes-per-pixel for each output pixel (which covers a 1-frame temporal halo),
+    and, what grows with a context network's reach, the frames read around the tile and
+    those gathered for an output frame whose window wraps (``tiling.window_index``).
     - Whole frames when at least 2 fit (or T <= 2): no spatial halo, and whole-frame
       Zarr chunks (what ``io.ingest`` writes) are decoded (nt + 2*halo_t) / nt times
       instead of once per spatial tile.  nt is lowered (not below 4) until there are
@@ -120,13 +130,13 @@ def auto_tile(shape, params, *, device: str | torch.device = "cpu", workers: int
         budget, bpp = mem // 2, GPU_BYTES_PER_PX
     else:
         budget, bpp = min(mem // 4 // workers, MAX_TILE_BYTES), CPU_BYTES_PER_PX
-    px = max(1, budget // bpp)
-    frames_fit = px // (y * x)
+    halo = REACH_BYTES_PER_PX * max(0, int(params.halo_t) - 1)  # per px of tile area, whatever nt
+    frames_fit = max(0, budget // (y * x) - halo) // bpp
     if frames_fit >= min(t, 2):
         balanced = max(4, _math.ceil(t / (BLOCKS_PER_WORKER * workers)))
         return max(1, min(t, frames_fit, balanced)), y, x
     nt = min(t, TILE_FRAMES)
-    side = max(2 * params.halo_s + 16, int(_math.sqrt(px / nt)))
+    side = max(2 * params.halo_s + 16, int(_math.sqrt(budget / (nt * bpp + halo))))
 
     def split(n):  # near-equal pieces of at most `side` px, rounded up to 16 px
         pieces = _math.ceil(n / side)

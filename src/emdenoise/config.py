@@ -419,13 +419,17 @@ def lowpass_in_method(kind: str) -> bool:
 #: name suffix of the WCVD candidate with temporal context channels ('wcvd_ctx')
 CONTEXT_SUFFIX = "_ctx"
 #: the longest temporal context ``model.context: auto`` gives the 'wcvd_ctx' candidate, by
-#: kind of data (frames on each side; a cost bound: the input window is 2 R + 1 frames and
-#: the context means cost O(R) per output frame).  Movies 24: a 25-frame movie is averaged
-#: whole for every frame (least-squares predictors from context means on 50-frame synthetic
-#: movies: R 24 +1.2 dB over R 12 on a static scene, +1.1 dB on a dynamic one).
+#: kind of data (frames on each side; a cost bound: the input window is 2 R + 1 frames, the
+#: context means cost O(R) per output frame and chunked inference's tiles shrink as R
+#: grows, ``chunked.auto_tile``).  Movies 99: a movie of up to 100 frames is averaged whole
+#: for every frame (bench_quality, the trained context network, 256² count-1 static scenes:
+#: 50 frames R 24 26.59 -> R 49 27.73 dB, oracle Gaussian 27.28; 200 frames R 24 27.85 ->
+#: R 99 31.33 dB (R 199 32.53), oracle 29.17; dynamic 50 frames R 24 26.96 -> R 49 27.45,
+#: blind-tuned Gaussian 27.30).  Inference time grows ~R: 100 x 1024² chunked, 44 s at
+#: R 24, 128 s at R 99.
 #: Tilt series 6: their "frames" are projections ~3 degrees apart, and tilts 20 degrees
 #: away hold a different projection of the specimen.
-MAX_AUTO_REACH = {"movie": 24, "tilt_series": 6}
+MAX_AUTO_REACH = {"movie": 99, "tilt_series": 6}
 
 
 def auto_reach_cap(kind: str) -> int:
