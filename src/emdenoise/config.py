@@ -425,8 +425,9 @@ CONTEXT_SUFFIX = "_ctx"
 #: for every frame (bench_quality, the trained context network, 256² count-1 static scenes:
 #: 50 frames R 24 26.59 -> R 49 27.73 dB, oracle Gaussian 27.28; 200 frames R 24 27.85 ->
 #: R 99 31.33 dB (R 199 32.53), oracle 29.17; dynamic 50 frames R 24 26.96 -> R 49 27.45,
-#: blind-tuned Gaussian 27.30).  Inference time grows ~R: 100 x 1024² chunked, 44 s at
-#: R 24, 128 s at R 99.
+#: blind-tuned Gaussian 27.30).  Time grows with R: 100 x 1024² chunked inference 45 s at
+#: R 24, 184 s at R 99 (at ~1.1 GB either way); training on the 100-frame Au movie 73 s
+#: at R 24, 194 s at R 99.
 #: Tilt series 6: their "frames" are projections ~3 degrees apart, and tilts 20 degrees
 #: away hold a different projection of the specimen.
 MAX_AUTO_REACH = {"movie": 99, "tilt_series": 6}
