@@ -28,10 +28,10 @@ threads -- the ceiling of "wcvd / gaussian3d" for this architecture on this CPU,
 the 1x1 layers cost.  The same convolution in bfloat16 is timed for reference (not used: its
 8-bit mantissa is far outside the 1e-4 the fast path must keep).
 
-End to end (best of 3 fresh processes): ``emdenoise denoise IN OUT --load-model m.pt
+End to end (best of 3 fresh processes after one warm-up, interleaved): ``emdenoise denoise IN OUT --load-model m.pt
 --no-drift --device cpu`` (read TIFF, denoise, FFT low-pass, write TIFF) against a Python
 process that reads the same TIFF, applies scipy's Gaussian 3D and writes it; with the time a
-fresh process needs to import ``emdenoise.cli`` and ``torch`` alone (best of 3), the part of
+fresh process needs to import ``emdenoise.cli`` and ``torch`` alone (same runs), the part of
 the end-to-end time that no change to the denoising can remove.
 """
 from __future__ import annotations
@@ -119,16 +119,6 @@ def inference(frames: int, size: int, repeats: int) -> dict:
     return {"mpix": mpix, "err": err, "shape": stack.shape}
 
 
-def _best_ms(fn, repeats: int) -> float:
-    fn()
-    best = np.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return 1e3 * best
-
-
 def wcvd_profile(size: int, repeats: int = PROFILE_REPEATS) -> dict:
     """One CPU-plan tile of a random-weight WCVD on ``size`` px wide frames, single-threaded:
     ms of the merged convolution (float32, and bfloat16 for reference) and of the 1x1 layers."""
@@ -142,26 +132,14 @@ def wcvd_profile(size: int, repeats: int = PROFILE_REPEATS) -> dict:
         bufs = (torch.empty(2, plan.nb, plan.c, npx), torch.empty(plan.nb, 1, npx))
         out = torch.empty(npx)
         inp16, w16 = inp.bfloat16(), plan.conv_w.bfloat16()
-        conv = _best_ms(lambda: F.conv2d(inp, plan.conv_w, plan.conv_bias), repeats)
-        conv16 = _best_ms(lambda: F.conv2d(inp16, w16), repeats)
-        copy = _best_ms(lambda: hcv.clone(), repeats)  # pointwise works in place: time it on copies
-        point = _best_ms(lambda: plan.pointwise(hcv.clone(), out, bufs), repeats) - copy
+        sec = best_of({"conv": lambda: F.conv2d(inp, plan.conv_w, plan.conv_bias),
+                       "conv16": lambda: F.conv2d(inp16, w16),
+                       "copy": lambda: hcv.clone(),  # pointwise works in place: time it on copies
+                       "point": lambda: plan.pointwise(hcv.clone(), out, bufs)}, repeats)
+    ms = {k: 1e3 * v for k, v in sec.items()}
     macs = plan.conv_w[0].numel() * plan.conv_w.shape[0]  # multiply-adds per output pixel
-    return {"px": npx, "conv_ms": conv, "conv_bf16_ms": conv16, "pointwise_ms": point, "macs": macs,
-            "gmacs": macs * npx / conv / 1e6}
-
-
-def import_seconds(repeats: int = 3) -> dict:
-    """Best wall time of a fresh Python process importing emdenoise's CLI, and torch alone."""
-    best = {}
-    for name, code in (("emdenoise.cli", "import emdenoise.cli"), ("torch", "import torch")):
-        best[name] = np.inf
-        for _ in range(repeats):
-            t = time.perf_counter()
-            subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                           env={**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..", "src")})
-            best[name] = min(best[name], time.perf_counter() - t)
-    return best
+    return {"px": npx, "conv_ms": ms["conv"], "conv_bf16_ms": ms["conv16"], "pointwise_ms": ms["point"] - ms["copy"],
+            "macs": macs, "gmacs": macs * npx / ms["conv"] / 1e6}
 
 
 def train_rate(params, crop: int, batch: int, steps: int) -> float:
@@ -206,14 +184,12 @@ def end_to_end(frames: int, size: int) -> dict:
         (tmp / "g3d.py").write_text(SCIPY_SCRIPT)
         cmds = {"emdenoise": [str(exe), "denoise", str(tmp / "in.tif"), str(tmp / "out.tif"), "--load-model",
                               str(tmp / "m.pt"), "--no-drift", "--device", "cpu"],
-                "scipy": [sys.executable, str(tmp / "g3d.py"), str(tmp / "in.tif"), str(tmp / "g.tif")]}
-        best = {k: np.inf for k in cmds}
-        for _ in range(3):
-            for k, cmd in cmds.items():
-                t0 = time.perf_counter()
-                subprocess.run(cmd, check=True, capture_output=True)
-                best[k] = min(best[k], time.perf_counter() - t0)
-    return best
+                "scipy": [sys.executable, str(tmp / "g3d.py"), str(tmp / "in.tif"), str(tmp / "g.tif")],
+                # what no change to the denoising can remove: a fresh process's imports
+                "import emdenoise.cli": [sys.executable, "-c", "import emdenoise.cli"],
+                "import torch": [sys.executable, "-c", "import torch"]}
+        return best_of({k: (lambda c=cmd: subprocess.run(c, check=True, capture_output=True))
+                        for k, cmd in cmds.items()}, 3)
 
 
 def main(argv=None):
@@ -260,9 +236,8 @@ def main(argv=None):
         print(f"\nend to end, {args.e2e_frames} x {args.size}^2 TIFF (best of 3 fresh processes): "
               f"emdenoise denoise --load-model {e['emdenoise']:.2f} s, scipy Gaussian 3D script {e['scipy']:.2f} s; "
               f"scipy / emdenoise = {e['scipy'] / e['emdenoise']:.2f} (target >= 1.0)")
-        imp = import_seconds()
-        print(f"  a fresh process importing emdenoise.cli: {imp['emdenoise.cli']:.2f} s (torch alone "
-              f"{imp['torch']:.2f} s = {imp['torch'] / e['scipy']:.2f} x the whole scipy script)")
+        print(f"  a fresh process importing emdenoise.cli: {e['import emdenoise.cli']:.2f} s (torch alone "
+              f"{e['import torch']:.2f} s = {e['import torch'] / e['scipy']:.2f} x the whole scipy script)")
 
 
 if __name__ == "__main__":
