@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emdenoise import checkpoint, io, pipeline, stage, train
+from emdenoise import checkpoint, io, metrics, pipeline, stage, train
 from emdenoise.config import stage_config
 
 
@@ -50,6 +50,8 @@ def main(smk):
                                     log_csv=smk.output.log_csv, progress=lambda row: stage.log.info("%s", train.epoch_line(row)),
                                     resume=resume, data_info={"pixel_size": pixel_size}, n_frames=n_frames,
                                     names=list(smk.params.members) if shared else None)
+    if ckpt.get("reach_choice"):  # model.context: auto chose the reach before training
+        stage.log.info("%s", metrics.reach_sentence(ckpt["reach_choice"]))
     checkpoint.save_checkpoint(ckpt, smk.output.model)
 
 

@@ -201,7 +201,9 @@ def test_scheduler_address_runs_on_a_real_distributed_cluster(tmp_path):
                                         device="cpu", tile=tile, scheduler_address=addr, progress=False)
     assert stats["scheduler"] == addr and stats["blocks"] == threaded["blocks"] > 4
     out = io.read_zarr(tmp_path / "dist.zarr")[0][:]
-    np.testing.assert_array_equal(out, io.read_zarr(tmp_path / "threads.zarr")[0][:])
+    # the same tiles in worker processes and in threads: equal up to float32 rounding (oneDNN's
+    # convolution may sum in another order with another OpenMP thread state; seen on AMD EPYC)
+    np.testing.assert_allclose(out, io.read_zarr(tmp_path / "threads.zarr")[0][:], rtol=1e-6, atol=1e-6)
     _close(out, infer.denoise(m, CKPT, stack, device="cpu"))
     from emdenoise.checkpoint import model_from_checkpoint
     trained = model_from_checkpoint(ckpt, device="cpu")

@@ -302,7 +302,9 @@ def test_denoise_through_a_work_folder_equals_the_in_memory_run(tmp_path, capsys
     assert said_mem.replace(str(tmp_path / "mem.tif"), "OUT") == cap.out.replace(str(tmp_path / "zarr.tif"), "OUT")
     if drift_px:
         assert "shifted back" in said_mem
-    np.testing.assert_array_equal(tifffile.imread(tmp_path / "zarr.tif"), tifffile.imread(tmp_path / "mem.tif"))
+    # equal up to float32 rounding (oneDNN's summation order may follow the thread state; 1 ulp)
+    np.testing.assert_allclose(tifffile.imread(tmp_path / "zarr.tif"), tifffile.imread(tmp_path / "mem.tif"),
+                               rtol=1e-5, atol=1e-5)
     assert work.is_dir() and not any(work.iterdir())  # our folder inside it removed, the user's kept
 
 

@@ -56,8 +56,10 @@ def test_auto_includes_the_classical_candidate_and_postprocess_follows_the_metho
     res = pipeline.denoise_stack(movie.noisy, ds, device="cpu", align=False)
     assert set(res["outputs"]) == {"wcvd", "wcvd_ctx", "shine", "classical"}
     assert set(res["checkpoints"]) == {"wcvd", "wcvd_ctx", "shine"}
-    # context 'auto' for 12 frames: min(24, 12 - 1) = 11 frames each side (the whole movie)
+    # context 'auto' for 12 frames: min(99, 12 - 1) = 11 frames each side (the whole movie; too
+    # few frames for any reach uMSE could check, so no shorter one is tried)
     assert res["checkpoints"]["wcvd_ctx"]["model_params"]["context"] == 11
+    assert "reach_choice" not in res["checkpoints"]["wcvd_ctx"]
     assert res["checkpoints"]["wcvd"]["model_params"]["context"] == 0
     losses = res["choice"]["loss"]
     assert set(losses) == set(res["outputs"]) and res["chosen"] == min(losses, key=losses.get)
@@ -244,3 +246,20 @@ def test_postprocess_gives_the_own_pixel_back_where_it_helps():
     plain, rec_off = pipeline.postprocess(f, off, "shine", mv.noisy)
     assert "unblind" not in rec_off
     np.testing.assert_array_equal(plain, f.astype(np.float32))
+
+
+def test_context_auto_trains_at_the_reach_it_chose_and_records_the_choice():
+    from emdenoise.synthetic import simulate_scene
+
+    # a new scene every frame: no reach helps, so the one uMSE can check is kept
+    y = np.stack([simulate_scene(1, (64, 64), dose=1.0, seed=200 + i).noisy[0] for i in range(40)]).astype(np.float32)
+    ds = _ds(model={"name": "wcvd_ctx"}, train={"epochs": 2, "crop": 32, "val_crop": 32})
+    ckpt = pipeline.train_candidate(y, ds, "wcvd_ctx", 1)
+    rec = ckpt["reach_choice"]
+    assert rec["reaches"] == [14, 39] and rec["chosen"] == 14 == ckpt["model_params"]["context"]
+    # the metrics table can then score it: reach 14 <= what 40 frames allow
+    assert metrics.checkable_reach(40) == 14
+    # a configured reach is trained as configured, with no choice
+    fixed = pipeline.train_candidate(y, _ds(model={"name": "wcvd_ctx", "context": 39},
+                                            train={"epochs": 1, "crop": 32, "val_crop": 32}), "wcvd_ctx", 1)
+    assert fixed["model_params"]["context"] == 39 and "reach_choice" not in fixed

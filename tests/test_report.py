@@ -61,6 +61,9 @@ def make_dataset(root: Path, name: str, noisy, clean, methods: dict, *, chosen: 
         cands = [m for m in methods if m not in ("gaussian2d", "gaussian3d")]
         choice = select_model({m: self_supervised_loss(stacks[m], noisy) for m in cands})
         choice["chosen"] = chosen  # as if select had chosen it (the over-smoothing one, for the test)
+        if chosen == "wcvd":  # the record scripts/select.py copies from a context network's checkpoint
+            choice["reach_choice"] = {"reaches": [12, 35], "val_loss": [1.01, 1.0], "z": [0.0, -1.2], "min_z": 2.0,
+                                      "chosen": 12, "blocks": 64}
         (d / "model_choice.json").write_text(json.dumps({"dataset": name, "candidates": cands, **choice}))
         out["choice"] = d / "model_choice.json"
         for m in cands:
@@ -137,6 +140,9 @@ def test_page_is_self_contained_and_small(built):
     for what in ("Residual raw − denoised", "power spectra", "line profile", "uPSNR per frame", "training curves",
                  "Model choice", "self-supervised loss per frame"):
         assert what in text, what
+    # the reach model.context: auto chose, with why
+    assert ("wcvd_ctx reach 12 frames each side: 35 frames were not significantly better (z -1.2; needs &lt;= -2), "
+            "and at this reach uMSE can still check the output") in text
 
 
 def _results(dom: str) -> dict:

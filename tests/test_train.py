@@ -516,3 +516,46 @@ def test_edge_frames_train_on_the_mirrored_windows_inference_gives_them():
     rec = build_model(params, seed=0).initialise([(torch.from_numpy(z), sp.train_centres)],
                                                  torch.Generator().manual_seed(0))
     assert rec["pixels"] == len(sp.train_centres) * z.shape[1] * z.shape[2]  # every pixel of every target
+
+
+# --------------------------------------------------------------------------------------
+# the context reach of model.context: auto (train.compare_reach, pipeline.choose_reach)
+# --------------------------------------------------------------------------------------
+def _reach_movie(unrelated: bool) -> np.ndarray:
+    """40 frames of 96² px at 1 e-/px: one still scene, or a new scene every frame (the
+    frames around t then hold nothing about frame t, at any reach)."""
+    from emdenoise.synthetic import simulate_scene
+
+    if not unrelated:
+        return simulate_scene(40, (96, 96), dose=1.0, seed=3).noisy.astype(np.float32)
+    return np.stack([simulate_scene(1, (96, 96), dose=1.0, seed=100 + i).noisy[0] for i in range(40)]).astype(
+        np.float32)
+
+
+def test_the_long_reach_is_kept_where_averaging_more_frames_is_better(one_thread):
+    from emdenoise.pipeline import choose_reach
+
+    mp, rec = choose_reach(_reach_movie(False), WCVDParams(context=39), TrainParams(), 40)
+    # checkable: (40 - 3 - 8) // 2 = 14 frames each side; the still scene gains from 39
+    assert rec["reaches"] == [14, 39] and rec["chosen"] == 39 and mp.context == 39
+    assert rec["z"][1] < -2.0 and rec["val_loss"][1] < rec["val_loss"][0] and rec["blocks"] >= 50
+
+
+def test_the_checkable_reach_is_kept_where_the_longer_one_is_not_better(one_thread):
+    from emdenoise.pipeline import choose_reach
+
+    mp, rec = choose_reach(_reach_movie(True), WCVDParams(context=39), TrainParams(), 40)
+    assert rec["chosen"] == 14 and mp.context == 14 and rec["z"][1] > -2.0
+    # no choice where the checkable reach is not shorter, or nothing could be checked at all
+    assert choose_reach(_reach_movie(True)[:30], WCVDParams(context=9), TrainParams(), 30) == (WCVDParams(context=9),
+                                                                                               None)
+    assert choose_reach(_reach_movie(True)[:12], WCVDParams(context=11), TrainParams(), 12)[1] is None
+
+
+def test_compare_reach_without_validation_frames_keeps_the_longest(one_thread):
+    from emdenoise.train import compare_reach
+
+    y = _reach_movie(False)
+    for tp in (TrainParams(val_frames=0), TrainParams(linear_start=False)):
+        rec = compare_reach(y, [WCVDParams(context=14), WCVDParams(context=39)], tp)
+        assert rec["chosen"] == 39 and rec["val_loss"] == [] and "no validation" in rec["note"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from . import __version__, io, models, pipeline, provenance, synthetic, train, watch
+from . import __version__, io, metrics, models, pipeline, provenance, synthetic, train, watch
 from . import config as emcfg
 from .errors import InputError
 
@@ -163,6 +163,9 @@ def _denoise_into(args, arr, meta, ds, device, work) -> None:
     if len(result["outputs"]) > 1:
         losses = ", ".join(f"{m} {v:.6g}" for m, v in choice["loss"].items())
         print(f"auto: chose {chosen} (lowest self-supervised loss of the blind outputs: {losses})")
+    reach = (result["checkpoints"].get("wcvd_ctx") or {}).get("reach_choice")
+    if reach:
+        print(metrics.reach_sentence(reach))
     ckpt = result["checkpoints"].get(chosen)  # None: the tuned classical filter won
     io.write_stack(args.output, result["output"], pixel_size=meta.get("pixel_size"),
                    metadata={"source": meta["source"], "sha256": meta["sha256"], "method": chosen,

@@ -358,7 +358,9 @@ class ModelConfig:
     long_kt: int | None = setting(None, minimum=3)
     # temporal context of the candidate 'wcvd_ctx' (WCVDParams.context: frames on each
     # side whose means, without the centre frame, are extra inputs): 'auto' = T - 1 (the
-    # whole movie), at most 24 (tilt series 6); 0 = no such candidate in auto
+    # whole movie), at most 99 (tilt series 6), or the longest reach uMSE can still check
+    # ((T - 11) // 2) where the longer one is not significantly better on held-out frames
+    # (pipeline.choose_reach); 0 = no such candidate in auto
     context: int | str = setting("auto", minimum=0, also=["auto"])
     # WCVD's centre-frame blind spot (px, odd): null = the size the noise stage measured
     # (1 for uncorrelated counting noise; the detector PSF of linear mode needs more)
@@ -449,7 +451,8 @@ def max_auto_reach(n_frames: int, kind: str = "movie") -> int:
 
 def context_frames(setting_value, n_frames: int | None, source=None, kind: str = "movie") -> int:
     """The context radius R of a 'wcvd_ctx' candidate: an int as configured, or for 'auto'
-    :func:`max_auto_reach`, at least 1."""
+    :func:`max_auto_reach`, at least 1 (the longest; training may then keep a shorter,
+    uMSE-checkable one: ``pipeline.choose_reach``)."""
     if setting_value != "auto":
         return int(setting_value)
     if n_frames is None:

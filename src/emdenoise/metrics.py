@@ -53,8 +53,8 @@ import pandas as pd
 from .errors import InputError
 
 __all__ = ["umse", "upsnr", "neighbour_corr", "snr_neighbour", "psnr", "ssim",
-           "compute_metrics", "self_supervised_loss", "self_supervised_loss_per_frame", "select_model",
-           "MIN_SCORED_FRAMES"]
+           "compute_metrics", "checkable_reach", "reach_sentence", "self_supervised_loss",
+           "self_supervised_loss_per_frame", "select_model", "MIN_SCORED_FRAMES"]
 
 #: uMSE in the metrics table must score at least this many frames (T >= 2 r + 3 + this):
 #: a method of longer reach gets no uMSE rather than a figure from one or two frames.
@@ -301,6 +301,13 @@ METRIC_COLUMNS = ["method", "reach", "umse", "upsnr_db", "snr_db", "snr_corr", "
                   "umse_radius", "snr_lag", "umse_valid"]
 
 
+def checkable_reach(n_frames: int) -> int:
+    """The longest temporal reach (frames each side) whose output :func:`compute_metrics`
+    can still score with uMSE on an ``n_frames`` movie: radius r needs T >= 2 r + 3 +
+    :data:`MIN_SCORED_FRAMES` frames.  Negative when even reach 0 cannot be scored."""
+    return (int(n_frames) - 3 - MIN_SCORED_FRAMES) // 2
+
+
 def compute_metrics(method_stacks: dict, noisy, truth=None, peak: float | None = None, *,
                     reaches: Mapping[str, int], temporal_radius: int = 2) -> pd.DataFrame:
     """All metrics for several methods on the same movie, at one uMSE radius.
@@ -345,7 +352,7 @@ def compute_metrics(method_stacks: dict, noisy, truth=None, peak: float | None =
         raise InputError(None, f"compute_metrics: uMSE needs at least 4 frames, got {n}")
     own = {name: reaches[name] for name in method_stacks}
     _reach_values(own)
-    scorable = [int(v) for v in own.values() if n >= 2 * int(v) + 3 + MIN_SCORED_FRAMES]
+    scorable = [int(v) for v in own.values() if int(v) <= checkable_reach(n)]
     r = min(max([int(temporal_radius)] + scorable), (n - 4) // 2)
     lag = 2 * r + 1
     m = stack_max(y) if peak is None else float(peak)
@@ -852,3 +859,18 @@ def residual_structure(denoised, noisy, *, lag: int, length: int | None = None, 
 
 __all__ += ["abs_squared", "stack_max", "stack_min", "umse_per_frame", "umse_pairs", "umse_noise_terms",
             "upsnr_per_frame", "spatial_autocov", "noise_length", "residual_structure"]
+
+
+def reach_sentence(rec: dict) -> str:
+    """One sentence on the context reach ``model.context: auto`` chose (``train.compare_reach``)."""
+    reaches, z = rec.get("reaches", []), rec.get("z", [])
+    if len(z) != len(reaches) or len(reaches) < 2:
+        return f"wcvd_ctx reach {rec.get('chosen')} frames each side ({rec.get('note', 'no comparison')})"
+    mz = rec.get("min_z", 2.0)
+    if rec["chosen"] == reaches[0]:
+        why = (f"{reaches[-1]} frames were not significantly better (z {z[-1]:+.1f}; needs <= -{mz:g}), "
+               "and at this reach uMSE can still check the output")
+    else:
+        why = (f"significantly better (z {z[-1]:+.1f}) than {reaches[0]}, the longest reach uMSE could still check: "
+               "uMSE cannot check this output")
+    return f"wcvd_ctx reach {rec['chosen']} frames each side: {why}"

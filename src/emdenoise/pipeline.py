@@ -24,8 +24,8 @@ from .tiling import min_frames_for_windows
 # inside the functions that train or apply a network: the workflow's lowpass, select,
 # metrics and classical jobs use none of them and start ~1.5 s sooner without torch.
 
-__all__ = ["prefilter", "prefilter_zarr", "model_params", "train_candidate", "unblind", "unblind_weight",
-           "with_own_pixel", "postprocess", "lowpass_umse", "classical_candidate",
+__all__ = ["prefilter", "prefilter_zarr", "model_params", "train_candidate", "choose_reach", "unblind",
+           "unblind_weight", "with_own_pixel", "postprocess", "lowpass_umse", "classical_candidate",
            "temporal_reach", "check_frames", "check_fit", "choose", "denoise_stack", "align_on_canvas",
            "from_canvas", "classical_zarr", "OnInputGrid"]
 
@@ -148,13 +148,38 @@ def train_candidate(stack, ds, name: str, blindspot: int | None = None, *,
         tp = dataclasses.replace(tp, **{k: v for k, v in train_overrides.items() if v is not None})
     if n_frames is None:
         n_frames = min(s.shape[0] for s in stack) if isinstance(stack, (list, tuple)) else stack.shape[0]
-    ckpt = train_model(stack, model_params(ds, name, blindspot, device, n_frames=n_frames), tp, log_csv=log_csv,
+    mp = model_params(ds, name, blindspot, device, n_frames=n_frames)
+    reach = None
+    if name.endswith(CONTEXT_SUFFIX) and ds.model.context == "auto":
+        mp, reach = choose_reach(stack, mp, tp, n_frames, names)
+    ckpt = train_model(stack, mp, tp, log_csv=log_csv,
                        progress=progress, resume=resume, checkpoint_every=60.0 * tp.checkpoint_minutes, names=names)
+    if reach is not None:
+        ckpt["reach_choice"] = reach
     ckpt["dataset"] = ds.name if names is None else None
     ckpt["data"] = {"blindspot": blindspot, **(data_info or {})}
     if name == "shine":  # which size ran, and why (recorded in provenance and the report)
         ckpt["shine_size"] = {"setting": ds.shine.size, "used": ds.shine.resolved_size(gpu), "gpu": gpu}
     return ckpt
+
+
+def choose_reach(stack, mp, tp: TrainParams, n_frames: int, names: list[str] | None = None) -> tuple:
+    """The context radius of ``model.context: auto``: the longest (``mp.context``,
+    :func:`config.max_auto_reach`) or the longest whose output the report can still check
+    with uMSE (:func:`metrics.checkable_reach`: a 100-frame movie 44, vs 99), whichever
+    the held-out frames prefer -- the checkable one unless the longer is significantly
+    better (``train.compare_reach``, the margin of ``metrics.SELECT_MIN_Z``).  On a still
+    scene averaging every frame wins by a wide margin and is kept; where it does not (a
+    moving liquid cell) the report keeps its uMSE check.
+    Returns (params to train, the comparison's record or None when there was no choice)."""
+    from .train import compare_reach
+
+    short = metrics.checkable_reach(n_frames)
+    if not 1 <= short < mp.context:
+        return mp, None
+    rec = compare_reach(stack, [dataclasses.replace(mp, context=short), mp], tp, min_z=metrics.SELECT_MIN_Z,
+                        names=names)
+    return dataclasses.replace(mp, context=int(rec["chosen"])), rec
 
 
 #: Low-pass diameters (fraction of N) that ``lowpass.diameter: auto`` compares; None = off.

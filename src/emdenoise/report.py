@@ -717,6 +717,8 @@ def _dataset_html(name: str, diag_dir: Path, index: dict, summary: dict, table: 
                        f"<td>{'★' if m == chosen else ''}</td></tr>")
         extra = ", ".join(f"{k2} {html.escape(str(choice[k2]))}" for k2 in ("kind", "sigma", "shine_size", "checkpoint")
                           if choice.get(k2) is not None)
+        if choice.get("reach_choice"):
+            extra += f". {html.escape(_metrics.reach_sentence(choice['reach_choice']))}"
         out.append(f"<h3>Model choice</h3><p>{html.escape(choice.get('rule', ''))}. {extra}</p>"
                    "<table class=small><thead><tr><th>candidate</th><th>reach</th><th>N2S loss (select)</th>"
                    "<th title='weight of the pixel&#39;s own value given back after inference (pipeline.unblind)'>"

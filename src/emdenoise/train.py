@@ -62,6 +62,7 @@ __all__ = [
     "TrainParams",
     "Normalisation",
     "train_model",
+    "compare_reach",
     "epoch_line",
     "save_checkpoint",
     "load_checkpoint",
@@ -560,6 +561,91 @@ def train_model(stack, model_params=WCVDParams(),
                     validation=[{"mode": sp.mode, "frames": list(sp.val_centres), "rows": list(sp.val_rows)}
                                 for sp in splits])
     return ckpt
+
+
+#: compare_reach pairs the candidates' squared errors in blocks of this many px a side:
+#: neighbouring pixels' errors correlate (they share the kernels' inputs), blocks of
+#: 16 x 16 px are much wider than the 7 x 7 px kernels, so their means are ~independent.
+REACH_BLOCK = 16
+REACH_RULE = ("the least-squares starts (WCVD.initialise on the training frames) of the context network at each "
+              "reach, scored on the held-out validation frames; a longer reach only when its loss is lower than the "
+              "preferred one's by min_z standard errors of the paired difference (block means)")
+
+
+@torch.no_grad()
+def compare_reach(stack, candidates: list, train_params: TrainParams = TrainParams(), *,
+                  min_z: float = 2.0, names: list[str] | None = None) -> dict:
+    """Choose the temporal context radius R of a WCVD + context model before training it.
+
+    candidates: ``WCVDParams`` that differ in ``context`` only, the *preferred* reach first
+        (the pipeline's: the longest one whose output uMSE can still score, so the report
+        can check the model against frames it never saw).
+    Each candidate starts as :meth:`WCVD.initialise` starts it in :func:`train_model`
+    (same seed, same training frames: the best linear blind-spot predictor on its
+    support) and is scored on the validation windows training holds out (same frames,
+    same crop): the mean squared error against the noisy centre frame, MSE + the noise
+    variance for every candidate alike.  Training changes little of what the start
+    already gets from temporal averaging (measured on 50 x 256² movies: the validation
+    minimum was the start itself), so the start ranks the reaches for a few seconds of
+    least squares instead of a training run each.  A longer reach is chosen only when
+    its loss is lower than the preferred one's by ``min_z`` standard errors of the
+    paired per-block difference (:data:`REACH_BLOCK`); otherwise the preferred reach
+    (a coin flip between equals lands on the checkable one).  Without validation frames
+    (``val_frames: 0``, tiny stacks) or a least-squares start there is nothing to
+    compare on: the longest reach, as configured before this choice existed.
+
+    Returns {'reaches': [R, ...], 'val_loss': [...], 'z': [...] (vs the preferred; 0 for
+    it), 'blocks': n, 'min_z', 'chosen': R, 'rule'} (plain lists: JSON and checkpoint safe).
+    """
+    tp = train_params
+    reaches = [int(p.context) for p in candidates]
+    longest = max(reaches)
+    record = {"reaches": reaches, "val_loss": [], "z": [], "blocks": 0, "min_z": float(min_z), "rule": REACH_RULE}
+    stacks = list(stack) if isinstance(stack, (list, tuple)) else [stack]
+    names = list(names) if names else [None] * len(stacks)
+    cls = class_for_params(candidates[0])
+    arrs = [_check_stack(s, cls, candidates[0], n) for s, n in zip(stacks, names)]
+    sources = [_Frames(a, Normalisation.fit(a)) for a in arrs]
+    errors = []  # per candidate: per stack (n, Y, X) squared errors of its start
+    for mp in candidates:
+        if len(candidates) < 2 or not tp.linear_start:
+            break
+        splits = [_split(src.shape, mp, tp) for src in sources]
+        val = [_validation_set(src, sp, mp, tp) for src, sp in zip(sources, splits)]
+        if any(v is None for v in val) or not all(sp.train_centres for sp in splits):
+            break
+        with _deterministic(True):
+            model = cls.build(mp, seed=tp.seed)
+            model.initialise([(src, sp.train_centres) for src, sp in zip(sources, splits)],
+                             torch.Generator().manual_seed(int(tp.seed)))
+        model.eval()
+        per = []
+        for x, tgt, padding in val:
+            out = torch.cat([model(torch.from_numpy(x[i:i + 1]), padding)[:, 0] for i in range(len(x))])
+            per.append((out.double() - torch.from_numpy(tgt).double()).pow(2).numpy())
+        errors.append(per)
+    if len(errors) < len(candidates) or len(candidates) < 2:
+        return {**record, "chosen": longest, "val_loss": [], "z": [],
+                "note": "no validation frames or least-squares start to compare on: the longest reach"}
+    b = REACH_BLOCK
+    blocks = []
+    for per in errors:  # block means, the same blocks for every candidate
+        means = []
+        for e in per:
+            n, yy, xx = e.shape
+            ny, nx = max(1, yy // b), max(1, xx // b)
+            by, bx = yy // ny, xx // nx
+            means.append(e[:, :ny * by, :nx * bx].reshape(n, ny, by, nx, bx).mean((2, 4)).ravel())
+        blocks.append(np.concatenate(means))
+    losses = [float(np.mean(np.concatenate([e.ravel() for e in per]))) for per in errors]
+    zs = [0.0]
+    for k in range(1, len(candidates)):
+        d = blocks[k] - blocks[0]
+        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
+        zs.append(float(d.mean() / se) if se > 0 else (0.0 if d.mean() == 0 else float(np.sign(d.mean())) * np.inf))
+    better = [k for k in range(1, len(candidates)) if zs[k] <= -min_z]
+    k_best = min(better, key=lambda k: losses[k]) if better else 0
+    return {**record, "val_loss": losses, "z": zs, "blocks": int(len(blocks[0])), "chosen": reaches[k_best]}
 
 
 def _checkpoint(cls, model, states: dict, history: list, mp, tp: TrainParams, norm,
