@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emdenoise import checkpoint, io, metrics, pipeline, stage, train
+from emdenoise import checkpoint, io, pipeline, stage, train
 from emdenoise.config import stage_config
 
 
@@ -39,6 +39,7 @@ def main(smk):
     blindspot = max(spots)
     applied = [p for p in smk.input.applied if p not in paths] if shared else []  # datasets only applied to
     n_frames = min([s.shape[0] for s in stacks] + [io.read_zarr(p)[0].shape[0] for p in applied])
+    # (model.context: auto then logs the reach it keeps: this one or the shorter one uMSE can check)
     stage.log.info("training %s%s: %s", name, f" on {', '.join(smk.params.members)}" if shared else "",
                    pipeline.model_params(ds, name, blindspot, n_frames=n_frames))
     # a resume state beside the outputs (not one of them: Snakemake would delete it with a
@@ -50,8 +51,6 @@ def main(smk):
                                     log_csv=smk.output.log_csv, progress=lambda row: stage.log.info("%s", train.epoch_line(row)),
                                     resume=resume, data_info={"pixel_size": pixel_size}, n_frames=n_frames,
                                     names=list(smk.params.members) if shared else None)
-    if ckpt.get("reach_choice"):  # model.context: auto chose the reach before training
-        stage.log.info("%s", metrics.reach_sentence(ckpt["reach_choice"]))
     checkpoint.save_checkpoint(ckpt, smk.output.model)
 
 

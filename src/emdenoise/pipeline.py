@@ -10,6 +10,7 @@ The WCID pre-filter used only to measure drift is here too: it trains a model.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -179,6 +180,7 @@ def choose_reach(stack, mp, tp: TrainParams, n_frames: int, names: list[str] | N
         return mp, None
     rec = compare_reach(stack, [dataclasses.replace(mp, context=short), mp], tp, min_z=metrics.SELECT_MIN_Z,
                         names=names)
+    logging.getLogger("emdenoise").info("%s", metrics.reach_sentence(rec))  # the workflow's train log
     return dataclasses.replace(mp, context=int(rec["chosen"])), rec
 
 
