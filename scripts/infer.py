@@ -21,6 +21,8 @@ def main(smk):
              "model_kind": ckpt.get("model", "wcvd"), "temporal_reach": model.params.halo_t,
              "ks_max": max(ckpt["model_params"].get("ks", [7])), "blind_radius": int(ckpt.get("blind_radius", 0)),
              "precision": str(infer.inference_dtype(model, cfg.device, cfg.precision)).removeprefix("torch.")}
+    if ckpt.get("reach_choice"):  # the reach model.context: auto chose (pipeline.choose_reach), for select
+        attrs["reach_choice"] = ckpt["reach_choice"]
     ckpt = checkpoint.for_stack(ckpt, src)  # one model for several datasets: this one's own statistics
     if ckpt.get("normalise") == "per_dataset":
         stage.log.info("model trained on %s; normalised with this dataset's statistics %s",

@@ -38,10 +38,8 @@ def main(smk):
         from emdenoise import checkpoint  # torch: only here
 
         choice["shine_size"] = checkpoint.load_checkpoint(smk.input.model_shine)[1].get("shine_size")
-    if "model_wcvd_ctx" in smk.input.keys():  # the context reach model.context: auto chose (pipeline.choose_reach)
-        from emdenoise import checkpoint  # torch: only here
-
-        choice["reach_choice"] = checkpoint.load_checkpoint(smk.input.model_wcvd_ctx)[1].get("reach_choice")
+    if "reach_choice" in stacks.get("wcvd_ctx", (None, {}))[1]:  # recorded by infer from the checkpoint
+        choice["reach_choice"] = stacks["wcvd_ctx"][1]["reach_choice"]
     chosen = choice["chosen"]
     key = f"model_{chosen}"
     if key in smk.input.keys():
