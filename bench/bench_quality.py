@@ -17,6 +17,10 @@ Methods, all scored against the noise-free truth:
   oracle_g3d     Gaussian 3D with the best (sigma_t, sigma_yx) on a grid, chosen WITH the truth
                  (an upper bound for a tuned Gaussian; ``seconds`` is the whole grid search)
   blind_g3d      ``emdenoise.filters.blind_gaussian3d`` (tuned without the truth, Noise2Self)
+  blind_classical  ``emdenoise.pipeline.classical_candidate``, auto's classical candidate: the
+                 blind-tuned Gaussian 3D or NL-means of a temporal Gaussian average
+                 (``filters.blind_nlm``), whichever self-supervised loss is lower (on the
+                 unaligned movie, as blind_g3d)
   bm4d           BM4D (PyPI ``bm4d``, optional, never a project dependency). Counting mode:
                  Anscombe transform -> white noise of sigma 1 -> BM4D -> closed-form unbiased
                  inverse (Makitalo & Foi 2011). Linear mode: the noise PSD estimated from the
@@ -57,7 +61,7 @@ sys.path.insert(0, SRC)
 from emdenoise.filters import BLIND_SIGMAS_T, BLIND_SIGMAS_YX, gaussian3d  # noqa: E402
 from emdenoise.synthetic import SyntheticMovie, simulate_scene, simulate_tilt_series  # noqa: E402
 
-METHODS = ["raw", "g3d_s1", "oracle_g3d", "blind_g3d", "bm4d", "wcvd", "wcvd_ctx", "shine", "auto"]
+METHODS = ["raw", "g3d_s1", "oracle_g3d", "blind_g3d", "blind_classical", "bm4d", "wcvd", "wcvd_ctx", "shine", "auto"]
 DETECTORS = {"count0.25": ("counting", 0.25, None), "count1": ("counting", 1.0, None),
              "count4": ("counting", 4.0, None), "lin0.7": ("linear", 2.0, 0.7),
              "lin1.0": ("linear", 2.0, 1.0), "lin1.5": ("linear", 2.0, 1.5)}
@@ -168,6 +172,20 @@ def blind_g3d(noisy):
     return res.denoised, f"sigma (t, yx) = {res.sigma}, blind radius {b}"
 
 
+def blind_classical(noisy):
+    """``model: auto``'s classical candidate (``emdenoise.pipeline.classical_candidate``):
+    the blind-tuned Gaussian 3D or NL-means, whichever self-supervised loss is lower."""
+    from emdenoise.noise import estimate_blindspot
+    from emdenoise.pipeline import classical_candidate
+
+    b = estimate_blindspot(noisy)["blindspot"] // 2
+    den, a = classical_candidate(noisy, b)
+    n = a["nlm"]
+    nlm = (f"nlm loss {n['n2s_loss']:.6g} (sigma_t {n['sigma_t']}, patch {n['patch']}, search {n['distance']}, "
+           f"h {n['h']})" if "n2s_loss" in n else f"nlm {n}")
+    return den, f"chose {a['filter']}; gaussian loss {a['gaussian']['n2s_loss']:.6g} sigma {a['gaussian']['sigma']}; {nlm}"
+
+
 def _anscombe_inverse(d: np.ndarray) -> np.ndarray:
     """Closed-form approximation of the exact unbiased inverse Anscombe (Makitalo & Foi 2011)."""
     d = np.maximum(d, 1e-3)
@@ -262,6 +280,7 @@ def bench_regime(reg: Regime, methods, epochs: int, tmp: str):
         "g3d_s1": lambda: (gaussian3d(noisy, 1.0), ""),
         "oracle_g3d": lambda: oracle_g3d(noisy, clean),
         "blind_g3d": lambda: blind_g3d(noisy),
+        "blind_classical": lambda: blind_classical(noisy),
         "bm4d": lambda: run_bm4d(noisy, mode),
     }
     chain = {}

@@ -1,11 +1,14 @@
-"""Rule `classical`: Gaussian 3D tuned on the movie itself (no ground truth), a `model: auto`
-candidate (emdenoise.pipeline.classical_candidate -> emdenoise.filters.blind_gaussian3d).
+"""Rule `classical`: the classical filter tuned on the movie itself (no ground truth), a
+`model: auto` candidate (emdenoise.pipeline.classical_candidate): the Gaussian 3D
+(emdenoise.filters.blind_gaussian3d) or NL-means of a temporal Gaussian average
+(emdenoise.filters.blind_nlm), whichever self-supervised loss is lower.
 
 Streamed: the aligned movie is read by spatial tiles of all frames (with a halo of the
-widest spatial kernel) and the output written tile by tile into an OME-Zarr whose shards
-are those tiles (all frames x tile x tile px).  Peak memory ~ filters.TILE_BUDGET plus
-the OME pyramid's 256 MB read blocks, whatever the frame size and (down to
-filters.MIN_TILE px tiles) the number of frames.
+widest spatial kernel) and the output written into an OME-Zarr whose shards are those
+tiles (all frames x tile x tile px); NL-means keeps its temporal averages in a scratch
+Zarr beside the output (removed at the end) and works by blocks of frames.  Peak memory
+~ filters.TILE_BUDGET plus the OME pyramid's 256 MB read blocks, whatever the frame size
+and (down to filters.MIN_TILE px tiles) the number of frames.
 """
 import json
 
@@ -19,10 +22,16 @@ def main(smk):
     b = int(json.loads(open(smk.input.blindspot).read())["blindspot"]) // 2
     tile = filters.blind_tile(aligned.shape[0])  # the output's shards are the tuning's tiles
     record = pipeline.classical_zarr(aligned, b, smk.output.denoised, attrs=attrs, pixel_size=attrs.get("pixel_size"))
-    stage.log.info("classical: sigma (t, y, x) = %s, reach %d frames, blind radius %d, self-supervised loss %.6g "
-                   "(tiles of %d px)", record["sigma"], record["temporal_reach"], b, record["n2s_loss"], tile)
+    g = record["gaussian"]
+    stage.log.info("classical: Gaussian 3D sigma (t, y, x) = %s, blind radius %d, self-supervised loss %.6g "
+                   "(tiles of %d px)", g["sigma"], b, g["n2s_loss"], tile)
+    stage.log.info("classical: NL-means %s", record["nlm"])
+    stage.log.info("classical: chose %s, reach %d frames, loss %.6g", record["filter"], record["temporal_reach"],
+                   record["n2s_loss"])
     with io.atomic_path(smk.output.tuning) as tmp:
-        pd.DataFrame(record["scores"]).to_csv(tmp, index=False)
+        # one table: the Gaussian's sigma grid, then NL-means' settings (scored on crops)
+        pd.concat([pd.DataFrame(record["scores"]).assign(filter="gaussian3d"),
+                   pd.DataFrame(record["nlm"].get("scores", [])).assign(filter="nlm")]).to_csv(tmp, index=False)
 
 
 stage.run(snakemake, main)  # noqa: F821

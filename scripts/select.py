@@ -1,9 +1,9 @@
 """Rule `select`: the dataset's denoised stack, chosen among the candidates.
 
-One candidate: it is the result. `model: auto`: the networks and the blind-tuned Gaussian
-3D (`classical`); the one with the lowest self-supervised (Noise2Self) loss of its blind
+One candidate: it is the result. `model: auto`: the networks and the blind-tuned classical
+filter (`classical`: Gaussian 3D or NL-means); the one with the lowest self-supervised (Noise2Self) loss of its blind
 output, recorded by the stage that made it (`n2s_loss`: lowpass for the networks,
-classical for the Gaussian; emdenoise.metrics.select_model) -- the Gaussian unless a
+classical for the classical filter; emdenoise.metrics.select_model) -- the classical filter unless a
 network is lower by more than 2 standard errors of the per-frame difference
 (`n2s_loss_frames`) -- with its evidence in
 model_choice.json (with the chosen checkpoint's path, or none for a classical filter).
@@ -45,8 +45,11 @@ def main(smk):
     if key in smk.input.keys():
         choice.update(kind="network", checkpoint=str(smk.input[key]))
     else:
-        choice.update(kind="classical filter (no checkpoint)", checkpoint=None,
-                      sigma=stacks[chosen][1].get("sigma"))
+        a = stacks[chosen][1]
+        choice.update(kind="classical filter (no checkpoint)", checkpoint=None, sigma=a.get("sigma"),
+                      filter=a.get("filter", "gaussian3d"))
+        if a.get("filter") == "nlm":
+            choice["nlm"] = {k: v for k, v in a["nlm"].items() if k != "scores"}
     stage.log.info("model choice: %s", choice)
     arr, attrs = stacks[chosen]
     attrs = {k: v for k, v in attrs.items() if k != "scores"}

@@ -333,6 +333,24 @@ def atomic_path(final_path):
     _commit(tmp, final)
 
 
+
+@contextlib.contextmanager
+def scratch_array(near, shape, chunks=None):
+    """Yield a writable float32 Zarr array of ``shape`` in a hidden folder beside ``near``
+    (``.NAME.scratch-XXXXXXXX``), removed on exit whatever happens: working space that
+    is larger than memory may hold (e.g. NL-means' temporal averages).  chunks: None =
+    whole frames (1, Y, X)."""
+    path = _temp_name(near, "scratch")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shape = tuple(int(n) for n in shape)
+    try:
+        with _disk_full_as_error(near):
+            arr = zarr.create_array(str(path), shape=shape, chunks=tuple(chunks or (1,) + shape[1:]),
+                                    dtype="float32", fill_value=0, zarr_format=3)
+        yield arr
+    finally:
+        _discard(path)
+
 # --------------------------------------------------------------------------- TIFF
 class _LogCapture(logging.Handler):
     def __init__(self):

@@ -440,29 +440,88 @@ def check_fit(ckpt: dict, stack: np.ndarray, pixel_size: float | None = None, *,
     return problems
 
 
-def classical_candidate(stack, blind_radius: int, *, tile: int | None = None, out=None) -> tuple[np.ndarray, dict]:
-    """The Gaussian 3D tuned on the movie itself (``filters.blind_gaussian3d``, Noise2Self
-    with the noise stage's blind spot; any temporal reach, up to the mean of the whole
-    movie): (T, Y, X) float32 and the attributes recording sigma (t, y, x), temporal
-    reach, blind radius, the self-supervised loss of its J-invariant version
-    (``n2s_loss``, what :func:`choose` compares; ``n2s_loss_frames`` per frame) and the
-    score table.
+#: NL-means is tried only on movies up to this many pixels (T x Y x X): its cost is ~1 s per
+#: 512² frame per pass (three passes over the movie), 20 min for 100 frames of 4096² px.
+NLM_MAX_PIXELS = 2**28
+#: NL-means denoises a temporal average of at least this sigma_t (frames): its blind
+#: version leaves frame t out, so sigma_t 0 (the tuned Gaussian's choice for a scene that
+#: changes every frame) would leave nothing to denoise.
+NLM_MIN_SIGMA_T = 1.0
+
+
+def classical_candidate(stack, blind_radius: int, *, tile: int | None = None, out=None, nlm: bool = True,
+                        scratch=None) -> tuple[np.ndarray, dict]:
+    """The classical filter tuned on the movie itself (no ground truth): the Gaussian 3D
+    (``filters.blind_gaussian3d``, Noise2Self with the noise stage's blind spot; any
+    temporal reach, up to the mean of the whole movie) or NL-means of a temporal Gaussian
+    average (``filters.blind_nlm``, at the Gaussian's sigma_t, at least
+    ``NLM_MIN_SIGMA_T``), whichever has the lower self-supervised loss on every whole
+    frame -- both losses are unbiased (MSE + noise) for their blind versions.  NL-means is
+    skipped (recorded) with ``nlm`` False, for fewer than 2 frames, no measurable noise or
+    movies over ``NLM_MAX_PIXELS``.
+
+    Returns (T, Y, X) float32 and the attributes: 'filter' ('gaussian3d' | 'nlm'),
+    'sigma' (t, y, x) -- the Gaussian's, or (sigma_t, 0, 0) of NL-means' average --,
+    'temporal_reach', 'blind_radius', 'n2s_loss' of the chosen filter's blind version (what
+    :func:`choose` compares; ``n2s_loss_frames`` per frame), the Gaussian's score table
+    ('scores'), 'gaussian' (its sigma and loss) and 'nlm' (its setting, loss and score
+    table, or why it was skipped).
 
     stack: a (T, Y, X) NumPy array (made float32) or a lazy array-like (Zarr), read by
-    spatial tiles of all frames (``tile`` px, None: ``filters.auto_tile``).  out: None
-    (the output is a new float32 array) or a writable (T, Y, X) array such as a Zarr
-    array sharded by those tiles, filled tile by tile and returned.  Memory: bounded by
-    ``filters.TILE_BUDGET`` plus the output when it is in memory."""
+    spatial tiles of all frames (``tile`` px, None: ``filters.auto_tile``) and, for
+    NL-means, by blocks of frames.  out: None (the output is a new float32 array) or a
+    writable (T, Y, X) array such as a Zarr array sharded by those tiles, filled and
+    returned.  scratch: where NL-means keeps its temporal averages, a writable (T, Y, X)
+    array (None: in memory).  Memory: bounded by ``filters.TILE_BUDGET`` (and
+    ``filters.BLOCK_BYTES`` for NL-means) plus ``out`` and ``scratch`` when in memory."""
     if isinstance(stack, np.ndarray) or not hasattr(stack, "shape"):
         stack = np.asarray(stack, dtype=np.float32)
-    res = filters.blind_gaussian3d(stack, int(blind_radius), tile=tile, out=out)
+    b = int(blind_radius)
+    n_t = int(stack.shape[0])
+    g = filters.blind_gaussian3d(stack, b, tile=tile, output="none")
     scores = [{k: None if v != v else float(v) for k, v in row.items()}  # NaN -> null (JSON)
-              for row in res.scores.to_dict(orient="records")]
-    attrs = {"method": "classical", "filter": "gaussian3d blind-tuned (Noise2Self)",
-             "sigma": [res.sigma[0], res.sigma[1], res.sigma[1]], "temporal_reach": res.reach,
-             "blind_radius": int(blind_radius), "output": res.output, "n2s_loss": res.loss,
-             "n2s_loss_frames": res.loss_frames.tolist(), "scores": scores}
-    return res.denoised, attrs
+              for row in g.scores.to_dict(orient="records")]
+    gauss = {"sigma": [g.sigma[0], g.sigma[1], g.sigma[1]], "n2s_loss": g.loss}
+    attrs = {"method": "classical", "filter": "gaussian3d", "sigma": gauss["sigma"], "temporal_reach": g.reach,
+             "blind_radius": b, "output": "plain", "n2s_loss": g.loss, "n2s_loss_frames": g.loss_frames.tolist(),
+             "scores": scores, "gaussian": gauss}
+    skip = None if nlm else "off"
+    if skip is None and n_t < 2:
+        skip = "fewer than 2 frames"
+    if skip is None and n_t * int(stack.shape[1]) * int(stack.shape[2]) > NLM_MAX_PIXELS:
+        skip = f"movie over {NLM_MAX_PIXELS} px (filters.NLM cost)"
+    noise_sd = float(np.sqrt(metrics.frame_difference_variance(stack))) if skip is None else float("nan")
+    if skip is None and not (noise_sd > 0 and np.isfinite(noise_sd)):
+        skip = "no measurable noise (frames identical)"
+    r = None
+    if skip is None:
+        r = filters.blind_nlm(stack, max(g.sigma[0], NLM_MIN_SIGMA_T), noise_sd=noise_sd, average=scratch)
+        attrs["nlm"] = {"sigma_t": r.sigma_t, "patch": r.patch, "distance": r.distance, "h": r.h,
+                        "noise_sd": r.noise_sd, "n2s_loss": r.loss, "chosen": bool(r.loss < g.loss),
+                        "scores": r.scores.to_dict(orient="records")}
+    else:
+        attrs["nlm"] = {"skipped": skip}
+    if r is not None and r.loss < g.loss:
+        attrs.update({"filter": "nlm", "sigma": [r.sigma_t, 0.0, 0.0],
+                      "temporal_reach": filters.gaussian_reach(r.sigma_t), "n2s_loss": r.loss,
+                      "n2s_loss_frames": r.loss_frames.tolist()})
+        den, _ = filters.temporal_nlm(stack, r.sigma_t, r.patch, r.distance, r.h, noise_sd=r.noise_sd,
+                                      average=scratch, out=out)
+    else:
+        den = filters.normalised_gaussian3d(stack, *g.sigma, tile=tile or filters.blind_tile(n_t), out=out)
+    return den, attrs
+
+
+def classical_blind(stack, attrs: dict, region=None, scratch=None, out=None):
+    """The blind (J-invariant) version of the classical candidate recorded in ``attrs``
+    (:func:`classical_candidate`) on ``stack``: the Gaussian's f_J at its sigma, or
+    NL-means of the averages that leave frame t out.  out: as for the filters."""
+    if attrs.get("filter") == "nlm":
+        n = attrs["nlm"]
+        return filters.temporal_nlm(stack, n["sigma_t"], n["patch"], n["distance"], n["h"], noise_sd=n["noise_sd"],
+                                    blind=True, average=scratch, out=out, region=region)[0]
+    return filters.normalised_gaussian3d(stack, *attrs["sigma"][:2], blind_radius=int(attrs["blind_radius"]),
+                                         tile=None if out is None else filters.blind_tile(stack.shape[0]), out=out)
 
 
 def temporal_reach(ds, method: str, attrs: dict | None = None, n_frames: int | None = None) -> int:
@@ -549,10 +608,18 @@ def classical_zarr(stack, blind_radius: int, dst, *, attrs: dict | None = None, 
     (sharded by the tuning's tiles, ``filters.blind_tile``), at memory bounded by
     ``filters.TILE_BUDGET``; returns its record (also stored with ``attrs``)."""
     tile = filters.blind_tile(stack.shape[0])
-    with _tiled_writer(dst, tuple(stack.shape), tile, pixel_size=pixel_size, attrs=attrs, pyramid=pyramid) as w:
-        _, record = classical_candidate(stack, blind_radius, tile=tile, out=w.array)
+    with (_scratch(dst, stack.shape) as scratch,
+          _tiled_writer(dst, tuple(stack.shape), tile, pixel_size=pixel_size, attrs=attrs, pyramid=pyramid) as w):
+        _, record = classical_candidate(stack, blind_radius, tile=tile, out=w.array, scratch=scratch)
         w.update_attrs({**(attrs or {}), **record})
     return record
+
+
+def _scratch(near, shape):
+    """A Zarr scratch array for NL-means' temporal averages (:func:`io.scratch_array`),
+    chunked like the tiles that fill it (``filters.normalised_gaussian3d``, sigma_yx 0)."""
+    tile = filters.average_tile(int(shape[0]))
+    return io.scratch_array(near, shape, chunks=(1, min(tile, int(shape[1])), min(tile, int(shape[2]))))
 
 
 def _canvas_blocks(stack, offsets, canvas_shape, fill: float, frames: int):
@@ -738,22 +805,25 @@ def denoise_stack(stack, ds, *, train_overrides: dict | None = None, device: str
         else:
             attrs = classical_zarr(stack, b, _work_path(workdir, "classical"), pyramid=False)
             outputs["classical"], _ = io.read_zarr(_work_path(workdir, "classical"))
-        sigma = attrs["sigma"][:2]
         if not shifted:
             losses["classical"] = attrs["n2s_loss"]
             frame_losses["classical"] = attrs["n2s_loss_frames"]
         elif workdir is None:
-            losses["classical"] = loss(filters.normalised_gaussian3d(stack, *sigma, blind_radius=b), "classical")
+            losses["classical"] = loss(classical_blind(stack, attrs), "classical")
         else:
             tile = filters.blind_tile(shape[0])
-            with _tiled_writer(_work_path(workdir, "classical_blind"), tuple(stack.shape), tile, pyramid=False) as w:
-                filters.normalised_gaussian3d(stack, *sigma, blind_radius=b, tile=tile, out=w.array)
-            losses["classical"] = loss(io.read_zarr(_work_path(workdir, "classical_blind"))[0], "classical")
+            path = _work_path(workdir, "classical_blind")
+            with (_scratch(path, stack.shape) as scratch,
+                  _tiled_writer(path, tuple(stack.shape), tile, pyramid=False) as w):
+                classical_blind(stack, attrs, scratch=scratch, out=w.array)
+            losses["classical"] = loss(io.read_zarr(path)[0], "classical")
     radii = {m: int(c.get("blind_radius", 0)) for m, c in ckpts.items()}
     choice = choose(losses, ds, radii, spot["blindspot"] // 2, frame_losses)
     if shifted:  # back onto the input grid
         outputs = {m: from_canvas(o, record, shape) for m, o in outputs.items()}
     if choice["chosen"] == "classical":
-        choice["sigma"] = attrs["sigma"]
+        choice.update(sigma=attrs["sigma"], filter=attrs["filter"])
+        if attrs["filter"] == "nlm":
+            choice["nlm"] = {k: v for k, v in attrs["nlm"].items() if k != "scores"}
     return {"chosen": choice["chosen"], "output": outputs[choice["chosen"]], "outputs": outputs,
             "checkpoints": ckpts, "choice": choice, "blindspot": spot, "drift": record, "warnings": warnings}
