@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from emdenoise import filters, io, metrics, pipeline
@@ -126,3 +127,25 @@ def test_nlm_losses_over_a_region_are_the_metrics_ones(tilt):
     np.testing.assert_allclose(losses, metrics.self_supervised_loss_per_frame(blind, y, region), rtol=1e-6)
     attrs = {"filter": "nlm", "nlm": {"sigma_t": 2.0, "patch": 5, "distance": 6, "h": 1.0, "noise_sd": 50.0}}
     np.testing.assert_array_equal(pipeline.classical_blind(y, attrs), blind)
+
+
+@pytest.mark.parametrize("shift, chosen", [(-0.5, "gaussian3d"), (-3.0, "nlm")])
+def test_nlm_replaces_the_gaussian_only_when_significantly_lower(monkeypatch, shift, chosen):
+    """The networks' rule (metrics.select_model): lower by SELECT_MIN_Z standard errors of the
+    per-frame difference, else the Gaussian."""
+    rng = np.random.default_rng(1)
+    y = rng.poisson(3.0, (12, 32, 32)).astype(np.float32)
+    g = filters.blind_gaussian3d(y, 0, output="none")
+    d = rng.normal(size=len(y))
+    d = (d - d.mean()) / d.std(ddof=1) * 1e-3 * g.loss  # per-frame differences of known spread
+    frames = g.loss_frames + d + shift * 1e-3 * g.loss / np.sqrt(len(y))  # mean lower by |shift| SE
+
+    def fake(stack, sigma_t, **kw):
+        return filters.BlindNLM(sigma_t=sigma_t, patch=5, distance=6, h=1.0, noise_sd=kw["noise_sd"],
+                                loss=float(frames.mean()), loss_frames=frames,
+                                scores=pd.DataFrame(columns=["patch", "distance", "h", "loss"]))
+
+    monkeypatch.setattr(filters, "blind_nlm", fake)
+    _, attrs = pipeline.classical_candidate(y, 0)
+    assert attrs["filter"] == chosen and attrs["nlm"]["chosen"] == (chosen == "nlm")
+    assert attrs["nlm"]["z"] == pytest.approx(shift, abs=1e-6)

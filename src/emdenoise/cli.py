@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     den.add_argument("output", help="denoised stack (.tif, .mrc, .zarr or .npy)")
     den.add_argument("--model", choices=["wcvd", "shine", "auto"], default=None,
                      help="denoising model (default: the config's, auto); auto trains WCVD (kt and "
-                          "model.long_kt), SHINE and tunes a Gaussian 3D, and keeps the "
+                          "model.long_kt), SHINE and tunes a classical filter (Gaussian 3D or NL-means), and keeps the "
                           "one with the lowest self-supervised (Noise2Self) loss")
     den.add_argument("--config", help="YAML with any of the pipeline's per-stage settings "
                      "(model, train, infer, lowpass: the keys of `defaults` in config/config.yaml)")

@@ -440,8 +440,9 @@ def check_fit(ckpt: dict, stack: np.ndarray, pixel_size: float | None = None, *,
     return problems
 
 
-#: NL-means is tried only on movies up to this many pixels (T x Y x X): its cost is ~1 s per
-#: 512² frame per pass (three passes over the movie), 20 min for 100 frames of 4096² px.
+#: NL-means is tried only on movies up to this many pixels (T x Y x X): it costs ~1 s per
+#: 512² frame and pass (a blind pass over every frame, and the output pass when chosen),
+#: 20 min a pass for 100 frames of 4096² px.
 NLM_MAX_PIXELS = 2**28
 #: NL-means denoises a temporal average of at least this sigma_t (frames): its blind
 #: version leaves frame t out, so sigma_t 0 (the tuned Gaussian's choice for a scene that
@@ -455,8 +456,10 @@ def classical_candidate(stack, blind_radius: int, *, tile: int | None = None, ou
     (``filters.blind_gaussian3d``, Noise2Self with the noise stage's blind spot; any
     temporal reach, up to the mean of the whole movie) or NL-means of a temporal Gaussian
     average (``filters.blind_nlm``, at the Gaussian's sigma_t, at least
-    ``NLM_MIN_SIGMA_T``), whichever has the lower self-supervised loss on every whole
-    frame -- both losses are unbiased (MSE + noise) for their blind versions.  NL-means is
+    ``NLM_MIN_SIGMA_T``): NL-means when its self-supervised loss on every whole frame is
+    lower by ``metrics.SELECT_MIN_Z`` standard errors of the per-frame difference (the
+    rule a network must pass too), else the Gaussian -- both losses are unbiased (MSE +
+    noise) for their blind versions.  NL-means is
     skipped (recorded) with ``nlm`` False, for fewer than 2 frames, no measurable noise or
     movies over ``NLM_MAX_PIXELS``.
 
@@ -465,7 +468,7 @@ def classical_candidate(stack, blind_radius: int, *, tile: int | None = None, ou
     'temporal_reach', 'blind_radius', 'n2s_loss' of the chosen filter's blind version (what
     :func:`choose` compares; ``n2s_loss_frames`` per frame), the Gaussian's score table
     ('scores'), 'gaussian' (its sigma and loss) and 'nlm' (its setting, loss and score
-    table, or why it was skipped).
+    table, 'z' of the paired test (negative: NL-means lower), or why it was skipped).
 
     stack: a (T, Y, X) NumPy array (made float32) or a lazy array-like (Zarr), read by
     spatial tiles of all frames (``tile`` px, None: ``filters.auto_tile``) and, for
@@ -493,15 +496,20 @@ def classical_candidate(stack, blind_radius: int, *, tile: int | None = None, ou
     noise_sd = float(np.sqrt(metrics.frame_difference_variance(stack))) if skip is None else float("nan")
     if skip is None and not (noise_sd > 0 and np.isfinite(noise_sd)):
         skip = "no measurable noise (frames identical)"
-    r = None
+    r, use_nlm = None, False
     if skip is None:
         r = filters.blind_nlm(stack, max(g.sigma[0], NLM_MIN_SIGMA_T), noise_sd=noise_sd, average=scratch)
+        # the networks' rule: NL-means replaces the Gaussian only when significantly lower
+        # (a tie goes to the Gaussian, whose look -- no patch texture -- is the predictable one)
+        pick = metrics.select_model({"gaussian3d": g.loss, "nlm": r.loss},
+                                    {"gaussian3d": g.loss_frames, "nlm": r.loss_frames}, fallback="gaussian3d")
+        use_nlm = pick["chosen"] == "nlm"
         attrs["nlm"] = {"sigma_t": r.sigma_t, "patch": r.patch, "distance": r.distance, "h": r.h,
-                        "noise_sd": r.noise_sd, "n2s_loss": r.loss, "chosen": bool(r.loss < g.loss),
-                        "scores": r.scores.to_dict(orient="records")}
+                        "noise_sd": r.noise_sd, "n2s_loss": r.loss, "chosen": use_nlm,
+                        "z": (pick.get("significance") or {}).get("z"), "scores": r.scores.to_dict(orient="records")}
     else:
         attrs["nlm"] = {"skipped": skip}
-    if r is not None and r.loss < g.loss:
+    if use_nlm:
         attrs.update({"filter": "nlm", "sigma": [r.sigma_t, 0.0, 0.0],
                       "temporal_reach": filters.gaussian_reach(r.sigma_t), "n2s_loss": r.loss,
                       "n2s_loss_frames": r.loss_frames.tolist()})

@@ -1,4 +1,5 @@
-# Gaussian 3D tuned without ground truth (Noise2Self), a `model: auto` candidate.
+# The classical filter tuned without ground truth (Noise2Self): Gaussian 3D or NL-means of a
+# temporal average, whichever scores lower; a `model: auto` candidate.
 
 
 rule classical:

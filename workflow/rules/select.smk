@@ -1,5 +1,5 @@
 # The dataset's denoised stack: the configured model's, or for `model: auto` the candidate
-# (WCVD, SHINE, the blind-tuned Gaussian 3D `classical`) with the lowest self-supervised
+# (WCVD, SHINE, the blind-tuned classical filter `classical`: Gaussian 3D or NL-means) with the lowest self-supervised
 # (Noise2Self) loss of its blind output (no ground truth; emdenoise.metrics.select_model).
 
 
