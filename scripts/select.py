@@ -48,7 +48,7 @@ def main(smk):
         a = stacks[chosen][1]
         choice.update(kind="classical filter (no checkpoint)", checkpoint=None, sigma=a.get("sigma"),
                       filter=a.get("filter", "gaussian3d"))
-        if a.get("filter") == "nlm":
+        if "nlm" in a:  # tried or skipped, chosen or not: the report says which
             choice["nlm"] = {k: v for k, v in a["nlm"].items() if k != "scores"}
     stage.log.info("model choice: %s", choice)
     arr, attrs = stacks[chosen]

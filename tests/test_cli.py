@@ -327,3 +327,22 @@ def test_a_movie_above_the_memory_bound_goes_through_a_work_folder_beside_the_ou
     assert not Path(work).exists() and sorted(p.name for p in out.parent.iterdir()) == ["o.zarr"]
     arr, _ = io.read_zarr(out)
     assert arr.shape == (6, 40, 40) and np.isfinite(arr[:]).all()
+
+
+def test_denoise_says_when_nl_means_won(tmp_path, capsys):
+    """A tilt series: the classical candidate is NL-means, and 1-epoch networks do not beat it."""
+    import tifffile
+
+    from emdenoise.synthetic import simulate_tilt_series
+
+    src, out = tmp_path / "tilt.tif", tmp_path / "out.npy"
+    tifffile.imwrite(src, simulate_tilt_series(21, (64, 64), dose=4.0, psf_sigma=1.0, seed=3).noisy)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("train: {crop: 32, val_crop: 32}\nshine: {centre_channels: 4, neighbour_channels: 4, "
+                   "channels: 4, blocks: 1}\nshine_train: {batch_size: 2, crop: 32}\n")
+    capsys.readouterr()
+    assert cli.main(["denoise", str(src), str(out), "--model", "auto", "--epochs", "1", "--device", "cpu",
+                     "--config", str(cfg)]) == 0
+    said = capsys.readouterr().out
+    assert "auto: chose classical" in said and "(classical: NL-means of the temporal average" in said
+    assert "chosen over the Gaussian" in said and np.load(out).shape == (21, 64, 64)

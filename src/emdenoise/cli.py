@@ -172,8 +172,10 @@ def _denoise_into(args, arr, meta, ds, device, work) -> None:
                              **{k: meta[k] for k in ("frame_time", "tilt_angles") if k in meta}})
     if ckpt is None:
         sigma = tuple(round(float(v), 2) for v in choice.get("sigma", ()))
-        print(f"wrote {args.output} {stack.shape} (classical: Gaussian 3D sigma (t, y, x) = {sigma}, tuned "
-              "without ground truth; no network beat it" + ("; no model saved" if args.save_model else "") + ")")
+        what = (metrics.nlm_sentence(choice["nlm"]) if choice.get("filter") == "nlm"
+                else f"Gaussian 3D sigma (t, y, x) = {sigma}")
+        print(f"wrote {args.output} {stack.shape} (classical: {what}, tuned without ground truth; no network beat "
+              "it" + ("; no model saved" if args.save_model else "") + ")")
         return
     if args.save_model:
         train.save_checkpoint(ckpt, args.save_model)

@@ -1,9 +1,11 @@
-"""Classical filters: Gaussian baselines (WCVD paper, section 4.3) and a Gaussian 3D
-tuned without ground truth (Noise2Self, Batson & Royer 2019).
+"""Classical filters: Gaussian baselines (WCVD paper, section 4.3), a Gaussian 3D tuned
+without ground truth (Noise2Self, Batson & Royer 2019) and NL-means of a temporal Gaussian
+average tuned the same way (the two classical candidates of ``model: auto``).
 
 All functions take and return ``(T, Y, X)`` float32 stacks; sigmas are in pixels
-(spatial) and frames (temporal).  NumPy / SciPy only: no torch, no other stage (the
-WCID pre-filter, which trains a model, is ``emdenoise.pipeline.prefilter``).
+(spatial) and frames (temporal).  NumPy / SciPy (and scikit-image's NL-means) only: no
+torch, no other stage (the WCID pre-filter, which trains a model, is
+``emdenoise.pipeline.prefilter``).
 
 Temporal reach. Every method that the metrics compare has a known *reach*: the number
 of frames on each side of t whose input can change output frame t (raw and per-frame
@@ -622,9 +624,9 @@ def blind_nlm(stack, sigma_t: float, *, noise_sd: float, patches=NLM_PATCHES, hs
     Why: a Gaussian averages every pixel with its neighbours whatever they show; NL-means
     (Buades et al. 2005) averages pixels whose surrounding patches look alike, so edges of
     vesicles and particles stay sharp while flat regions are averaged widely.  Measured on
-    the bench's 41 x 256² tilt series (smooth objects, PSF-correlated noise): 31.9 dB vs
-    30.4 for the oracle-tuned Gaussian 3D; on counting movies it loses to the Gaussian and
-    is not chosen.
+    the bench's 41 x 256² tilt series (smooth objects, PSF-correlated noise): 32.2 dB vs
+    30.4 for the oracle-tuned Gaussian 3D; on linear-mode movies +0.0-0.4 dB; on counting
+    movies it loses to the Gaussian (amorphous texture: no similar patches).
     Each setting of the grid (``patches`` x ``hs``) is scored with the blind version of
     :func:`temporal_nlm` -- frame t left out of its own average, so its self-supervised
     loss mean (f - y)^2 is the true MSE plus the noise variance (Batson & Royer 2019) --

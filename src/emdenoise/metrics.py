@@ -860,6 +860,17 @@ def residual_structure(denoised, noisy, *, lag: int, length: int | None = None, 
 __all__ += ["abs_squared", "stack_max", "stack_min", "umse_per_frame", "umse_pairs", "umse_noise_terms",
             "upsnr_per_frame", "spatial_autocov", "noise_length", "residual_structure"]
 
+def nlm_sentence(nlm: dict) -> str:
+    """One sentence on the classical candidate's NL-means (``classical_candidate``'s 'nlm'
+    record): its setting and whether it replaced the tuned Gaussian, or why it was skipped."""
+    if "skipped" in nlm:
+        return f"NL-means not tried ({nlm['skipped']})"
+    z = nlm.get("z")
+    test = f", z {z:+.1f} against the tuned Gaussian" if z is not None else ""
+    return (f"NL-means of the temporal average (sigma_t {nlm['sigma_t']:g} frames), patch {nlm['patch']} px, "
+            f"search {nlm['distance']} px, h {nlm['h']:g} × its noise SD{test}: "
+            + ("chosen over the Gaussian" if nlm.get("chosen") else "the Gaussian kept"))
+
 
 def reach_sentence(rec: dict) -> str:
     """One sentence on the context reach ``model.context: auto`` chose (``train.compare_reach``)."""

@@ -831,7 +831,6 @@ def denoise_stack(stack, ds, *, train_overrides: dict | None = None, device: str
         outputs = {m: from_canvas(o, record, shape) for m, o in outputs.items()}
     if choice["chosen"] == "classical":
         choice.update(sigma=attrs["sigma"], filter=attrs["filter"])
-        if attrs["filter"] == "nlm":
-            choice["nlm"] = {k: v for k, v in attrs["nlm"].items() if k != "scores"}
+        choice["nlm"] = {k: v for k, v in attrs["nlm"].items() if k != "scores"}  # tried or not, chosen or not
     return {"chosen": choice["chosen"], "output": outputs[choice["chosen"]], "outputs": outputs,
             "checkpoints": ckpts, "choice": choice, "blindspot": spot, "drift": record, "warnings": warnings}

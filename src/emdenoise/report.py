@@ -715,8 +715,11 @@ def _dataset_html(name: str, diag_dir: Path, index: dict, summary: dict, table: 
                        f"<td>{_f(r.upsnr_db if r is not None else None)}</td>"
                        f"<td>{_f(r.psnr_db if r is not None else None)}</td>"
                        f"<td>{'★' if m == chosen else ''}</td></tr>")
-        extra = ", ".join(f"{k2} {html.escape(str(choice[k2]))}" for k2 in ("kind", "filter", "sigma", "nlm", "shine_size", "checkpoint")
+        extra = ", ".join(f"{k2} {html.escape(str(choice[k2]))}" for k2 in ("kind", "filter", "sigma", "shine_size",
+                                                                              "checkpoint")
                           if choice.get(k2) is not None)
+        if choice.get("nlm"):
+            extra += f". {html.escape(_metrics.nlm_sentence(choice['nlm']))}"
         if choice.get("reach_choice"):
             extra += f". {html.escape(_metrics.reach_sentence(choice['reach_choice']))}"
         out.append(f"<h3>Model choice</h3><p>{html.escape(choice.get('rule', ''))}. {extra}</p>"
