@@ -83,10 +83,7 @@ def test_the_gaussian_stays_where_nlm_is_not_better():
     m = simulate_movie(16, (64, 64), dose=1.0, max_drift=0.0, seed=5)
     den, attrs = pipeline.classical_candidate(m.noisy.astype(np.float32), 0)
     assert attrs["filter"] == "gaussian3d" and not attrs["nlm"]["chosen"]
-    # not even lower on the tuning crops: no whole-frame pass
-    assert "stopped" in attrs["nlm"] and attrs["nlm"]["n2s_loss"] is None
-    assert attrs["nlm"]["crop_loss"] >= attrs["nlm"]["gaussian_crop_loss"]
-    assert attrs["gaussian"]["n2s_loss"] == attrs["n2s_loss"]
+    assert attrs["nlm"]["n2s_loss"] >= attrs["gaussian"]["n2s_loss"] == attrs["n2s_loss"]
     np.testing.assert_array_equal(den, filters.normalised_gaussian3d(m.noisy, *attrs["sigma"][:2]))
 
 
@@ -162,25 +159,3 @@ def test_the_report_says_what_nlm_did():
                                   "h 0.7 × its noise SD, z -3.1 against the tuned Gaussian: chosen over the Gaussian")
     assert _nlm_sentence({**rec, "z": None, "chosen": False}).endswith("SD: the Gaussian kept")
     assert _nlm_sentence({"skipped": "off"}) == "NL-means not tried (off)"
-    stopped = {**rec, "stopped": "not lower than the Gaussian on the tuning crops", "crop_loss": 1.5,
-               "gaussian_crop_loss": 1.25}
-    assert _nlm_sentence(stopped) == ("NL-means of the temporal average (sigma_t 2 frames) not lower than the "
-                                      "Gaussian on the tuning crops (1.5 vs 1.25): the Gaussian kept")
-
-
-@pytest.mark.parametrize("tune_px", [32, 384])  # a central crop; the whole 64 px frame
-def test_the_gaussians_crop_loss_is_the_whole_movies(tune_px):
-    """blind_nlm(compare=...) scores the Gaussian's f_J on the tuning crops from the frames
-    within its reach and the crop plus its kernel radius: the whole movie's values."""
-    m = simulate_movie(16, (64, 64), dose=4.0, max_drift=0.0, seed=6)
-    y = m.noisy.astype(np.float32)
-    r = filters.blind_nlm(y, 2.0, noise_sd=2.0, patches=((5, 6),), hs=(1.0,), tune_px=tune_px,
-                          compare=(3.0, 1.5, 1))
-    full = filters.normalised_gaussian3d(y, 3.0, 1.5, blind_radius=1)
-    frames = np.unique(np.linspace(0, 15, 6).round().astype(int))
-    c0 = (64 - min(64, tune_px)) // 2
-    cut = (frames, slice(c0, c0 + min(64, tune_px)), slice(c0, c0 + min(64, tune_px)))
-    want = np.mean((full[cut].astype(np.float64) - y[cut]) ** 2, axis=(1, 2)).mean()
-    assert r.gaussian_crop_loss == pytest.approx(want, rel=1e-6)
-    assert r.crop_loss == pytest.approx(float(r.scores["loss"].min()))
-    assert (r.loss is None) == (not r.crop_loss < r.gaussian_crop_loss)

@@ -603,26 +603,22 @@ class BlindNLM:
     """Result of :func:`blind_nlm`: the chosen ``sigma_t`` (frames), ``patch``, ``distance``
     (px), ``h`` (x the average's noise SD), ``noise_sd`` (one frame's, data units); ``loss``
     and ``loss_frames`` (T,): the self-supervised loss of the blind version on every whole
-    frame (comparable with :class:`BlindGaussian`'s; None when the whole-frame pass was
-    not run, see ``compare``); ``scores``: DataFrame patch, distance, h, loss (on the
-    tuning frames' crops); ``crop_loss``: the best of them; ``gaussian_crop_loss``: the
-    compared Gaussian's on the same crops (None without ``compare``)."""
+    frame (comparable with :class:`BlindGaussian`'s); ``scores``: DataFrame patch,
+    distance, h, loss (on the tuning frames' crops)."""
 
     sigma_t: float
     patch: int
     distance: int
     h: float
     noise_sd: float
-    loss: float | None
-    loss_frames: np.ndarray | None
+    loss: float
+    loss_frames: np.ndarray
     scores: pd.DataFrame
-    crop_loss: float = float("nan")
-    gaussian_crop_loss: float | None = None
 
 
 def blind_nlm(stack, sigma_t: float, *, noise_sd: float, patches=NLM_PATCHES, hs=NLM_H,
               tune_frames: int = NLM_TUNE_FRAMES, tune_px: int = NLM_TUNE_PX, tile: int | None = None,
-              average=None, region=None, compare: tuple | None = None) -> BlindNLM:
+              average=None, region=None) -> BlindNLM:
     """NL-means of a temporal Gaussian average, tuned on the noisy movie (Noise2Self).
 
     Why: a Gaussian averages every pixel with its neighbours whatever they show; NL-means
@@ -639,13 +635,6 @@ def blind_nlm(stack, sigma_t: float, *, noise_sd: float, patches=NLM_PATCHES, hs
     then scored on every whole frame (``region``: of each frame, as in
     ``metrics.self_supervised_loss``), the loss that competes with the other candidates.
 
-    compare: (sigma_t, sigma_yx, blind_radius) of the tuned Gaussian, or None.  Its f_J
-    (:func:`normalised_gaussian3d`, computed on the frames within its reach and the crop
-    plus its kernel radius: the whole movie's values) is scored on the same crops; where
-    NL-means' best crop loss is not lower, the whole-frame pass is skipped (``loss`` and
-    ``loss_frames`` None): NL-means would have to be *significantly* lower on whole frames
-    to be chosen, and the pass is most of its cost (~2.5 min on 100 x 512² frames).
-
     stack: (T, Y, X) aligned noisy movie; sigma_t: temporal sigma of the average (frames,
     > 0); noise_sd: one frame's noise SD in data units (e.g. sqrt of
     ``metrics.frame_difference_variance``).  average: scratch (T, Y, X) array (None: in
@@ -661,18 +650,15 @@ def blind_nlm(stack, sigma_t: float, *, noise_sd: float, patches=NLM_PATCHES, hs
     frames = np.unique(np.linspace(0, n_t - 1, max(1, min(n_t, int(tune_frames)))).round().astype(int))
     margin = max(d + p // 2 for p, d in patches)
 
-    def crop(n):  # the scored pixels c0:c1 of a central crop
+    def crop(n):  # (read slice, score slice inside it)
         c0 = max(0, (n - int(tune_px)) // 2)
-        return c0, min(n, c0 + int(tune_px))
+        c1 = min(n, c0 + int(tune_px))
+        r0, r1 = max(0, c0 - margin), min(n, c1 + margin)
+        return slice(r0, r1), slice(c0 - r0, c1 - r0)
 
-    def around(c, n, m):  # (read slice with m px around c0:c1, c0:c1 inside it)
-        r0, r1 = max(0, c[0] - m), min(n, c[1] + m)
-        return slice(r0, r1), slice(c[0] - r0, c[1] - r0)
-
-    cy, cx = crop(n_y), crop(n_x)
-    (ry, sy), (rx, sx) = around(cy, n_y, margin), around(cx, n_x, margin)
+    (ry, sy), (rx, sx) = crop(n_y), crop(n_x)
     src = [np.asarray(avg[t, ry, rx], dtype=np.float32) for t in frames]
-    obs = [np.asarray(y[t, cy[0]:cy[1], cx[0]:cx[1]], dtype=np.float64) for t in frames]
+    obs = [np.asarray(y[t, ry, rx], dtype=np.float32)[sy, sx] for t in frames]
     rows = []
     for p, d in patches:
         for h in hs:
@@ -682,25 +668,9 @@ def blind_nlm(stack, sigma_t: float, *, noise_sd: float, patches=NLM_PATCHES, hs
     scores = pd.DataFrame(rows, columns=["patch", "distance", "h", "loss"])
     best = scores.loc[scores["loss"].idxmin()]
     setting = (int(best.patch), int(best.distance), float(best.h))
-    g_loss = None
-    if compare is not None:
-        g_st, g_syx, g_b = compare
-        reach, halo = gaussian_reach(g_st), _spatial_radius(g_syx)
-        (gy, ky), (gx, kx) = around(cy, n_y, halo), around(cx, n_x, halo)
-        g = []
-        for t, o in zip(frames, obs):
-            lo, hi = max(0, t - reach), min(n_t, t + reach + 1)
-            f = normalised_gaussian3d(np.asarray(y[lo:hi, gy, gx], dtype=np.float32), g_st, g_syx, blind_radius=g_b)
-            g.append(np.mean((f[t - lo][ky, kx].astype(np.float64) - o) ** 2))
-        g_loss = float(np.mean(g))
-    result = BlindNLM(sigma_t=float(sigma_t), patch=setting[0], distance=setting[1], h=setting[2],
-                      noise_sd=float(noise_sd), loss=None, loss_frames=None, scores=scores,
-                      crop_loss=float(best.loss), gaussian_crop_loss=g_loss)
-    if g_loss is not None and not float(best.loss) < g_loss:
-        return result
     _, losses = _nlm_pass(y, avg, sds, setting, False, region)
-    result.loss, result.loss_frames = float(losses.mean()), losses
-    return result
+    return BlindNLM(sigma_t=float(sigma_t), patch=setting[0], distance=setting[1], h=setting[2],
+                    noise_sd=float(noise_sd), loss=float(losses.mean()), loss_frames=losses, scores=scores)
 
 
 def _lowpass_mask(shape: tuple[int, int], cutoff: float, edge_width: float, dct: bool) -> np.ndarray:

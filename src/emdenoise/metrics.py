@@ -865,9 +865,6 @@ def nlm_sentence(nlm: dict) -> str:
     record): its setting and whether it replaced the tuned Gaussian, or why it was skipped."""
     if "skipped" in nlm:
         return f"NL-means not tried ({nlm['skipped']})"
-    if "stopped" in nlm:
-        return (f"NL-means of the temporal average (sigma_t {nlm['sigma_t']:g} frames) {nlm['stopped']} "
-                f"({nlm['crop_loss']:.6g} vs {nlm['gaussian_crop_loss']:.6g}): the Gaussian kept")
     z = nlm.get("z")
     test = f", z {z:+.1f} against the tuned Gaussian" if z is not None else ""
     return (f"NL-means of the temporal average (sigma_t {nlm['sigma_t']:g} frames), patch {nlm['patch']} px, "

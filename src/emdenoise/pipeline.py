@@ -468,9 +468,7 @@ def classical_candidate(stack, blind_radius: int, *, tile: int | None = None, ou
     'temporal_reach', 'blind_radius', 'n2s_loss' of the chosen filter's blind version (what
     :func:`choose` compares; ``n2s_loss_frames`` per frame), the Gaussian's score table
     ('scores'), 'gaussian' (its sigma and loss) and 'nlm' (its setting, loss and score
-    table, 'z' of the paired test (negative: NL-means lower), the crop losses of NL-means
-    and the Gaussian, 'stopped' when NL-means was not lower on the tuning crops (no
-    whole-frame pass, ``filters.blind_nlm`` ``compare``), or why it was skipped).
+    table, 'z' of the paired test (negative: NL-means lower), or why it was skipped).
 
     stack: a (T, Y, X) NumPy array (made float32) or a lazy array-like (Zarr), read by
     spatial tiles of all frames (``tile`` px, None: ``filters.auto_tile``) and, for
@@ -500,21 +498,15 @@ def classical_candidate(stack, blind_radius: int, *, tile: int | None = None, ou
         skip = "no measurable noise (frames identical)"
     r, use_nlm = None, False
     if skip is None:
-        r = filters.blind_nlm(stack, max(g.sigma[0], NLM_MIN_SIGMA_T), noise_sd=noise_sd, average=scratch,
-                              compare=(g.sigma[0], g.sigma[1], b))
+        r = filters.blind_nlm(stack, max(g.sigma[0], NLM_MIN_SIGMA_T), noise_sd=noise_sd, average=scratch)
+        # the networks' rule: NL-means replaces the Gaussian only when significantly lower
+        # (a tie goes to the Gaussian, whose look -- no patch texture -- is the predictable one)
+        pick = metrics.select_model({"gaussian3d": g.loss, "nlm": r.loss},
+                                    {"gaussian3d": g.loss_frames, "nlm": r.loss_frames}, fallback="gaussian3d")
+        use_nlm = pick["chosen"] == "nlm"
         attrs["nlm"] = {"sigma_t": r.sigma_t, "patch": r.patch, "distance": r.distance, "h": r.h,
-                        "noise_sd": r.noise_sd, "n2s_loss": r.loss, "chosen": False, "z": None,
-                        "crop_loss": r.crop_loss, "gaussian_crop_loss": r.gaussian_crop_loss,
-                        "scores": r.scores.to_dict(orient="records")}
-        if r.loss is None:
-            attrs["nlm"]["stopped"] = "not lower than the Gaussian on the tuning crops"
-        else:
-            # the networks' rule: NL-means replaces the Gaussian only when significantly lower
-            # (a tie goes to the Gaussian, whose look -- no patch texture -- is the predictable one)
-            pick = metrics.select_model({"gaussian3d": g.loss, "nlm": r.loss},
-                                        {"gaussian3d": g.loss_frames, "nlm": r.loss_frames}, fallback="gaussian3d")
-            use_nlm = pick["chosen"] == "nlm"
-            attrs["nlm"].update(chosen=use_nlm, z=(pick.get("significance") or {}).get("z"))
+                        "noise_sd": r.noise_sd, "n2s_loss": r.loss, "chosen": use_nlm,
+                        "z": (pick.get("significance") or {}).get("z"), "scores": r.scores.to_dict(orient="records")}
     else:
         attrs["nlm"] = {"skipped": skip}
     if use_nlm:
