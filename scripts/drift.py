@@ -30,7 +30,8 @@ def main(smk):
     with io.atomic_path(smk.output.plot) as tmp:
         drift.plot_drift(table, tmp)
     record = {"enabled": ds.drift_enabled, "mode": info["mode"], "crop_yx": [int(v) for v in info["crop"]],
-              "max_shift_px": float(np.abs(shifts).max()) if len(shifts) else 0.0, "check": check}
+              "max_shift_px": float(np.abs(shifts).max()) if len(shifts) else 0.0, "check": check,
+              "still": drift.still_axes(shifts)}
     shape = drift.aligned_shape(info, raw.shape, ds.drift.crop)
     k = filters.block_frames(shape[1:])
     io.write_zarr_blocks(smk.output.aligned, shape, drift.aligned_blocks(raw, info, crop=ds.drift.crop, frames=k), k,

@@ -872,6 +872,32 @@ def nlm_sentence(nlm: dict) -> str:
             + ("chosen over the Gaussian" if nlm.get("chosen") else "the Gaussian kept"))
 
 
+def disagreement_sentence(choice: dict, umse: dict, radius: int | None, versus: str = "classical") -> str | None:
+    """The sentence the report gives when the two quality checks disagree about ``auto``'s
+    choice: its self-supervised loss is lower than the tuned classical candidate's (the
+    choice, ``choice['loss']``) but its uMSE (``umse``: method -> uMSE at ``radius``) is
+    higher.  None when they agree, when the classical candidate was chosen or a figure is
+    missing.  The loss difference of two J-invariant outputs of the same frames is their
+    MSE difference without bias; uMSE compares each output frame with raw frames radius + 1
+    and more away, so the change of the scene over that time enters it -- different for
+    outputs that average different spans of time."""
+    loss, chosen = choice.get("loss", {}), choice.get("chosen")
+    if not chosen or chosen == versus or chosen not in loss or versus not in loss:
+        return None
+    u_c, u_v = umse.get(chosen), umse.get(versus)
+    if u_c is None or u_v is None or not (np.isfinite(u_c) and np.isfinite(u_v)):
+        return None
+    d_loss, d_umse = loss[versus] - loss[chosen], u_c - u_v
+    if not (d_loss > 0 and d_umse > 0):
+        return None
+    return (f"The checks disagree: by the self-supervised loss {chosen}'s error is {d_loss:.4g} (squared units) "
+            f"below the {versus} candidate's, by uMSE (radius {radius}) {d_umse:.4g} above it "
+            f"({-10 * np.log10(u_c / u_v):+.2f} dB uPSNR). The loss compares each output frame with its own raw "
+            f"frame (the blind outputs); uMSE with raw frames {'r + 1' if radius is None else radius + 1} and more "
+            "frames away, so how the scene changes over that time enters it, unequally for outputs that average "
+            "different spans of time: on a changing scene uMSE is not an unbiased comparison of the two.")
+
+
 def reach_sentence(rec: dict) -> str:
     """One sentence on the context reach ``model.context: auto`` chose (``train.compare_reach``)."""
     reaches, z = rec.get("reaches", []), rec.get("z", [])

@@ -656,7 +656,8 @@ def align_on_canvas(stack, ds, workdir=None):
     neighbours (the fill carries no noise and no signal), so they are denoised mostly
     from their own frame; the selection between candidates uses only the region every
     frame covers.  Returns (canvas (T, Y', X') float32, record with 'offsets' (T, 2) int,
-    'measured' (T, 2) px, 'common' [y0, y1, x0, x1] on the canvas).
+    'measured' (T, 2) px, 'common' [y0, y1, x0, x1] on the canvas, 'still': the stillness
+    test of each axis, :func:`drift.still_axes`: a still axis is not shifted).
     ``workdir``: None (NumPy in memory) or a folder: ``stack`` is then a Zarr array read
     lazily, the pre-filtered movie and the canvas are Zarr stores there
     (``prefiltered.zarr``, ``canvas.zarr``) and the canvas comes back as a lazy array:
@@ -691,7 +692,8 @@ def align_on_canvas(stack, ds, workdir=None):
         canvas, _ = io.read_zarr(_work_path(workdir, "canvas"))
     common = [int(span[0]), int(y), int(span[1]), int(x)]  # covered by every frame
     return canvas, {"measured": measured.tolist(), "offsets": off.tolist(), "common": common,
-                    "max_shift_px": float(np.abs(measured).max()), "check": check}
+                    "max_shift_px": float(np.abs(measured).max()), "check": check,
+                    "still": drift.still_axes(measured)}
 
 
 class OnInputGrid(filters.FrameMap):

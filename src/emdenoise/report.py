@@ -589,7 +589,7 @@ def dataset_summary(name: str, table: pd.DataFrame, *, choice: dict | None, inde
     if residual and residual.get("structure"):
         warnings.append(f"residual structure in {chosen} (low-pass excess {_f(residual['spatial'])}, "
                         f"signal share {_f(residual['signal_share'], '.3f')})")
-    r = int(rows.umse_radius.iloc[0]) if len(rows) and rows.umse_radius.notna().any() else None
+    r = _umse_radius(rows)
     if chosen and chosen != "classical" and chosen in ups and up_chosen != up_chosen:
         # a network no independent check vouches for (a linear filter cannot invent structure)
         reach = rows.loc[rows.method == chosen, "reach"]
@@ -602,6 +602,9 @@ def dataset_summary(name: str, table: pd.DataFrame, *, choice: dict | None, inde
             warnings.append(f"too few frames ({n}) for uMSE radius of {', '.join(bad)}: no uMSE")
     if r is not None and n is not None and n - 2 * r - 3 < min_umse_frames:
         warnings.append(f"uMSE from {max(0, n - 2 * r - 3)} frame(s) only (T = {n}, radius {r})")
+    umse = dict(zip(rows.method, rows.umse)) if "umse" in rows else {}
+    if choice and _metrics.disagreement_sentence(choice, umse, r):
+        warnings.append(f"uMSE and the self-supervised loss disagree on {chosen} vs classical (see the model choice)")
     max_drift = float("nan")
     if drift is not None and len(drift):
         max_drift = float(np.max(np.hypot(drift.dy, drift.dx)))
@@ -621,6 +624,13 @@ def dataset_summary(name: str, table: pd.DataFrame, *, choice: dict | None, inde
             "residual_share": _num((residual or {}).get("signal_share")), "max_drift_px": max_drift,
             "blindspot": spot, "disk_x_input": _num((footprint or {}).get("x_input")),
             "disk_files": (footprint or {}).get("files"), "warnings": warnings}
+
+
+def _umse_radius(rows: pd.DataFrame) -> int | None:
+    """The uMSE radius of one dataset's metrics rows (None when none is recorded)."""
+    if "umse_radius" not in rows or not rows.umse_radius.notna().any():
+        return None
+    return int(rows.umse_radius.dropna().iloc[0])
 
 
 _OVERVIEW_COLUMNS = [  # (key, header, type)
@@ -722,6 +732,10 @@ def _dataset_html(name: str, diag_dir: Path, index: dict, summary: dict, table: 
             extra += f". {html.escape(_metrics.nlm_sentence(choice['nlm']))}"
         if choice.get("reach_choice"):
             extra += f". {html.escape(_metrics.reach_sentence(choice['reach_choice']))}"
+        disagree = _metrics.disagreement_sentence(choice, rows.umse.to_dict() if "umse" in rows else {},
+                                                  _umse_radius(rows))
+        if disagree:
+            extra += f". {html.escape(disagree)}"
         out.append(f"<h3>Model choice</h3><p>{html.escape(choice.get('rule', ''))}. {extra}</p>"
                    "<table class=small><thead><tr><th>candidate</th><th>reach</th><th>N2S loss (select)</th>"
                    "<th title='weight of the pixel&#39;s own value given back after inference (pipeline.unblind)'>"
@@ -919,6 +933,11 @@ def write_report(datasets: Sequence[str], inputs, outputs, choices: Mapping[str,
             evidence = ", ".join(f"{m} {v:.6g}" for m, v in choice.get("loss", {}).items())
             line += (f" Model: {choice['chosen']} ({choice['rule']}"
                      + (f"; self-supervised loss {evidence}" if evidence else "") + ").")
+            rows = table[table.dataset == name]
+            disagree = _metrics.disagreement_sentence(choice, dict(zip(rows.method, rows.umse)) if "umse" in rows
+                                                      else {}, _umse_radius(rows))
+            if disagree:
+                line += f" {disagree}"
         index = json.loads((Path(diags[i]) / "index.json").read_text()) if diags else None
         drift = pd.read_csv(drift_csvs[i]) if drift_csvs else None
         fp = (footprints or {}).get(name)
