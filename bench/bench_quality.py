@@ -7,8 +7,10 @@
 Regimes (``emdenoise.synthetic.simulate_scene`` / ``simulate_tilt_series``): detector x
 scene x frames. Detectors: counting at 0.25 / 1 / 4 e-/px (``count0.25`` ...) and linear
 mode at 2 e-/px with detector PSF sigma 0.7 / 1.0 / 1.5 px (``lin0.7`` ...). Scenes:
-``static``, ``drift`` (stage drift <= 8 px, sub-pixel, not corrected: the CLI has no drift
-correction) and ``dynamic`` (particles move / rotate / grow / dissolve, no stage drift).
+``static``, ``drift`` (stage drift <= 8 px, sub-pixel: ``auto`` and the networks run the
+CLI's chain, which aligns by whole pixels and shifts back; the Gaussian, NL-means and BM4D
+rows filter the movie as it is) and ``dynamic`` (particles move / rotate / grow / dissolve,
+no stage drift).
 Frames 10 to 200. Plus one tilt series (41 tilts, -60..60 deg, linear mode).
 
 Methods, all scored against the noise-free truth:

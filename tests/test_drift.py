@@ -241,7 +241,7 @@ def test_a_still_axis_is_not_shifted_even_when_its_scatter_rounds_frames_off(mon
     """A movie without drift whose measurements scatter by 0.37 px about 0.4 px (the
     bench's 0.25 e-/px dynamic scene: moving particles pull the registration) is left
     still; without the stillness test the rounded trajectory moves frames by a pixel.
-    A steady 1.5 px drift or a 3 px jump with the same scatter is still aligned."""
+    A steady 2.5 px drift or a 3 px jump with the same scatter is still aligned."""
     from emdenoise import drift
 
     rng = np.random.default_rng(5)
@@ -256,7 +256,7 @@ def test_a_still_axis_is_not_shifted_even_when_its_scatter_rounds_frames_off(mon
     assert (drift.whole_pixel_shifts(still) != 0).any()  # what the test prevents
     monkeypatch.undo()
 
-    ramp = np.column_stack([np.zeros(n), np.linspace(0, 1.5, n)]) + rng.normal(0, 0.37, (n, 2))
+    ramp = np.column_stack([np.zeros(n), np.linspace(0, 2.5, n)]) + rng.normal(0, 0.37, (n, 2))
     rec = drift.still_axes(ramp)
     assert rec["still"] == [True, False], rec
     whole = drift.whole_pixel_shifts(ramp)
@@ -266,6 +266,11 @@ def test_a_still_axis_is_not_shifted_even_when_its_scatter_rounds_frames_off(mon
     assert rec["still"] == [False, True], rec
     assert np.abs(drift.whole_pixel_shifts(jump)[:, 0] - np.rint(jump[:, 0] - 0.0)).max() <= 1
     assert set(np.unique(drift.whole_pixel_shifts(jump)[:, 0])) >= {0, 3}
+    # measurements come in 1/upsample px steps: a still movie read at 0.05 px steps with
+    # 0.07 px scatter is still (the MAD of its differences, 0.052 px, called it drifting, p 2e-4)
+    steps = np.round(np.random.default_rng(0).normal(0, 0.07, (n, 2)) * 20) / 20
+    steps[0] = 0.0
+    assert drift.still_axes(steps)["still"] == [True, True]
     # too few frames or exact shifts: not tested, rounded as before
     assert drift.still_axes(still[:5])["still"] == [False, False]
     exact = np.column_stack([np.zeros(n), np.full(n, 0.6)])

@@ -602,8 +602,7 @@ def dataset_summary(name: str, table: pd.DataFrame, *, choice: dict | None, inde
             warnings.append(f"too few frames ({n}) for uMSE radius of {', '.join(bad)}: no uMSE")
     if r is not None and n is not None and n - 2 * r - 3 < min_umse_frames:
         warnings.append(f"uMSE from {max(0, n - 2 * r - 3)} frame(s) only (T = {n}, radius {r})")
-    umse = dict(zip(rows.method, rows.umse)) if "umse" in rows else {}
-    if choice and _metrics.disagreement_sentence(choice, umse, r):
+    if choice and _disagreement(rows, choice):
         warnings.append(f"uMSE and the self-supervised loss disagree on {chosen} vs classical (see the model choice)")
     max_drift = float("nan")
     if drift is not None and len(drift):
@@ -631,6 +630,12 @@ def _umse_radius(rows: pd.DataFrame) -> int | None:
     if "umse_radius" not in rows or not rows.umse_radius.notna().any():
         return None
     return int(rows.umse_radius.dropna().iloc[0])
+
+
+def _disagreement(rows: pd.DataFrame, choice: dict) -> str | None:
+    """:func:`metrics.disagreement_sentence` for one dataset's metrics rows (method column)."""
+    umse = dict(zip(rows.method, rows.umse)) if "umse" in rows else {}
+    return _metrics.disagreement_sentence(choice, umse, _umse_radius(rows))
 
 
 _OVERVIEW_COLUMNS = [  # (key, header, type)
@@ -732,8 +737,7 @@ def _dataset_html(name: str, diag_dir: Path, index: dict, summary: dict, table: 
             extra += f". {html.escape(_metrics.nlm_sentence(choice['nlm']))}"
         if choice.get("reach_choice"):
             extra += f". {html.escape(_metrics.reach_sentence(choice['reach_choice']))}"
-        disagree = _metrics.disagreement_sentence(choice, rows.umse.to_dict() if "umse" in rows else {},
-                                                  _umse_radius(rows))
+        disagree = _disagreement(table[table.dataset == name], choice)
         if disagree:
             extra += f". {html.escape(disagree)}"
         out.append(f"<h3>Model choice</h3><p>{html.escape(choice.get('rule', ''))}. {extra}</p>"
@@ -933,9 +937,7 @@ def write_report(datasets: Sequence[str], inputs, outputs, choices: Mapping[str,
             evidence = ", ".join(f"{m} {v:.6g}" for m, v in choice.get("loss", {}).items())
             line += (f" Model: {choice['chosen']} ({choice['rule']}"
                      + (f"; self-supervised loss {evidence}" if evidence else "") + ").")
-            rows = table[table.dataset == name]
-            disagree = _metrics.disagreement_sentence(choice, dict(zip(rows.method, rows.umse)) if "umse" in rows
-                                                      else {}, _umse_radius(rows))
+            disagree = _disagreement(table[table.dataset == name], choice)
             if disagree:
                 line += f" {disagree}"
         index = json.loads((Path(diags[i]) / "index.json").read_text()) if diags else None
