@@ -223,3 +223,35 @@ def test_shine_bfloat16_output_is_within_1e3_of_float32_and_blind():
         out = denoise(model, ckpt, hit, device="cpu", precision="auto")
         assert out[t, 40, 50] == fast[t, 40, 50]
         assert out[t, 40, 54] != fast[t, 40, 54]  # outside the 3 x 3 blind spot it sees the change
+
+
+@pytest.mark.parametrize("params", [WCVDParams(), WCVDParams(context=3, blindspot=3)], ids=["wcvd", "context"])
+def test_the_cpu_path_does_not_depend_on_the_callers_thread_count(params):
+    """Same model, same block: bit-identical output whether the calling thread had 1 or 2
+    torch threads, and from two threads at once (a Dask threads scheduler).  The plan's
+    folded weights once came from an einsum run with the caller's count: the real Au
+    movie's WCVD outputs then differed by 1 ulp in whole blocks between two runs."""
+    import threading
+
+    m = _model(params, seed=4)
+    z = np.random.default_rng(5).random((9, 40, 36), dtype=np.float32) * 50
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(predict_block(m, z, device="cpu", spatial_padding="valid", num_workers=1))
+        res = {}
+
+        def run(i):
+            res[i] = predict_block(m, z, device="cpu", spatial_padding="valid", num_workers=2)
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(res[0], outs[0])
+    np.testing.assert_array_equal(res[1], outs[0])

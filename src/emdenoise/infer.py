@@ -137,6 +137,7 @@ class _CpuPlan:
             t, r0, r1 = tile
             with torch.inference_mode():  # thread-local: worker threads need their own
                 if not hasattr(local, "bufs"):  # per-thread scratch, reused across tiles
+                    torch.set_num_threads(1)  # a new thread starts from the last count set anywhere
                     local.bufs = (torch.empty(2, self.nb, self.c, rows * xo), torch.empty(self.nb, 1, rows * xo))
                 inp = self.features(z[t:t + kt, r0:r1 + 2 * h][None])   # (1, kt [+ n_ctx], rows, X)
                 hcv = F.conv2d(inp, self.conv_w, self.conv_bias)[0]
@@ -189,26 +190,27 @@ def _single_threaded_ops():
     Measured on the shared 2-core machine: 20 x 512 x 512 took ~1.0 s with 2 OpenMP
     threads under load vs ~0.3 s single-threaded; tile threads keep both cores busy
     when they are free and degrade gracefully when they are not.
+
+    The thread count is per thread (OpenMP's nthreads-var; a new thread starts from the
+    last value set anywhere), so each thread saves, sets and restores its own, re-entrantly:
+    a process-wide count let the second of two Dask threads run with 2 OpenMP threads,
+    and the results depend on that in the last bit (see :func:`predict_windows`).
+    Yields the thread count the calling thread had.
     """
-    global _st_depth, _st_saved
-    with _st_lock:  # re-entrant across threads (e.g. Dask calling predict_block in parallel)
-        if _st_depth == 0:
-            _st_saved = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _st_depth += 1
-        saved = _st_saved
+    st = _st_local
+    if getattr(st, "depth", 0) == 0:
+        st.saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+    st.depth = getattr(st, "depth", 0) + 1
     try:
-        yield saved
+        yield st.saved
     finally:
-        with _st_lock:
-            _st_depth -= 1
-            if _st_depth == 0:
-                torch.set_num_threads(_st_saved)
+        st.depth -= 1
+        if st.depth == 0:
+            torch.set_num_threads(st.saved)
 
 
-_st_lock = threading.Lock()
-_st_depth = 0
-_st_saved = 1
+_st_local = threading.local()
 
 
 # --------------------------------------------------------------------------------------
@@ -273,14 +275,19 @@ def predict_windows(model, frames: np.ndarray, windows: np.ndarray, *, normalisa
     result = np.empty((len(windows), yo, xo), dtype=np.float32)
     model = model.eval()
     # _CpuPlan is WCVD-specific; other models run their own forward on any device
-    plan = _CpuPlan(model) if dev.type == "cpu" and isinstance(model, WCVD) else None
-    if plan is None:
+    cpu_plan = dev.type == "cpu" and isinstance(model, WCVD)
+    if not cpu_plan:
         model = model.to(dev)  # note: moves the caller's model (nn.Module.to is in place)
     step = max(1, int(batch_frames))
-    threads = _single_threaded_ops() if plan is not None else contextlib.nullcontext(0)
-    dtype = inference_dtype(model, dev, precision) if plan is None else torch.float32
+    threads = _single_threaded_ops() if cpu_plan else contextlib.nullcontext(0)
+    dtype = inference_dtype(model, dev, precision) if not cpu_plan else torch.float32
     autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     with torch.inference_mode(), threads as nthreads, autocast:
+        # built single-threaded too: folding the first 1x1 layer into the convolution
+        # (einsum) rounds differently with 1 or 2 threads, and a Dask worker thread's count
+        # depended on which block entered first (the Au movie's WCVD outputs differed by
+        # 1 ulp in whole blocks between two runs of the workflow)
+        plan = _CpuPlan(model) if cpu_plan else None
         workers = max(1, int(nthreads)) if num_workers is None else max(1, int(num_workers))
         for r0, n in _runs(windows):
             for s in range(r0, r0 + n, step):
