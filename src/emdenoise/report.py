@@ -737,9 +737,6 @@ def _dataset_html(name: str, diag_dir: Path, index: dict, summary: dict, table: 
             extra += f". {html.escape(_metrics.nlm_sentence(choice['nlm']))}"
         if choice.get("reach_choice"):
             extra += f". {html.escape(_metrics.reach_sentence(choice['reach_choice']))}"
-        disagree = _disagreement(table[table.dataset == name], choice)
-        if disagree:
-            extra += f". {html.escape(disagree)}"
         out.append(f"<h3>Model choice</h3><p>{html.escape(choice.get('rule', ''))}. {extra}</p>"
                    "<table class=small><thead><tr><th>candidate</th><th>reach</th><th>N2S loss (select)</th>"
                    "<th title='weight of the pixel&#39;s own value given back after inference (pipeline.unblind)'>"
@@ -938,7 +935,7 @@ def write_report(datasets: Sequence[str], inputs, outputs, choices: Mapping[str,
             line += (f" Model: {choice['chosen']} ({choice['rule']}"
                      + (f"; self-supervised loss {evidence}" if evidence else "") + ").")
             disagree = _disagreement(table[table.dataset == name], choice)
-            if disagree:
+            if disagree:  # in the section's first paragraph (HTML and Markdown), once
                 line += f" {disagree}"
         index = json.loads((Path(diags[i]) / "index.json").read_text()) if diags else None
         drift = pd.read_csv(drift_csvs[i]) if drift_csvs else None
