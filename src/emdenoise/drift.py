@@ -491,7 +491,8 @@ def still_axes(shifts) -> dict:
         return rec
     for k in range(2):
         m = s[1:, k]  # frame 0 is the reference (see above)
-        d2 = (np.diff(m) - np.median(np.diff(m))) ** 2
+        d = np.diff(m)
+        d2 = (d - np.median(d)) ** 2
         d2 = d2[d2 <= np.quantile(d2, 1.0 - _TRIM)]
         scatter = float(np.sqrt(d2.mean() / (2.0 * _trimmed_variance_factor())))
         if not scatter > 0:

@@ -603,7 +603,7 @@ def dataset_summary(name: str, table: pd.DataFrame, *, choice: dict | None, inde
     if r is not None and n is not None and n - 2 * r - 3 < min_umse_frames:
         warnings.append(f"uMSE from {max(0, n - 2 * r - 3)} frame(s) only (T = {n}, radius {r})")
     if choice and _disagreement(rows, choice):
-        warnings.append(f"uMSE and the self-supervised loss disagree on {chosen} vs classical (see the model choice)")
+        warnings.append(f"uMSE and the self-supervised loss disagree on {chosen} vs classical (see the dataset's first paragraph)")
     max_drift = float("nan")
     if drift is not None and len(drift):
         max_drift = float(np.max(np.hypot(drift.dy, drift.dx)))
