@@ -20,9 +20,9 @@ Methods, all scored against the noise-free truth:
                  (an upper bound for a tuned Gaussian; ``seconds`` is the whole grid search)
   blind_g3d      ``emdenoise.filters.blind_gaussian3d`` (tuned without the truth, Noise2Self)
   blind_classical  ``emdenoise.pipeline.classical_candidate``, auto's classical candidate: the
-                 blind-tuned Gaussian 3D or NL-means of a temporal Gaussian average
-                 (``filters.blind_nlm``), whichever self-supervised loss is lower (on the
-                 unaligned movie, as blind_g3d)
+                 blind-tuned Gaussian 3D, NL-means of a temporal Gaussian average
+                 (``filters.blind_nlm``) or the Gaussian mix (``filters.blind_gaussian_mix``),
+                 whichever self-supervised loss is lower (on the unaligned movie, as blind_g3d)
   bm4d           BM4D (PyPI ``bm4d``, optional, never a project dependency). Counting mode:
                  Anscombe transform -> white noise of sigma 1 -> BM4D -> closed-form unbiased
                  inverse (Makitalo & Foi 2011). Linear mode: the noise PSD estimated from the
@@ -176,7 +176,8 @@ def blind_g3d(noisy):
 
 def blind_classical(noisy):
     """``model: auto``'s classical candidate (``emdenoise.pipeline.classical_candidate``):
-    the blind-tuned Gaussian 3D or NL-means, whichever self-supervised loss is lower."""
+    the blind-tuned Gaussian 3D, NL-means or the Gaussian mix, whichever self-supervised loss
+    is lower."""
     from emdenoise.noise import estimate_blindspot
     from emdenoise.pipeline import classical_candidate
 
@@ -185,7 +186,10 @@ def blind_classical(noisy):
     n = a["nlm"]
     nlm = (f"nlm loss {n['n2s_loss']:.6g} (sigma_t {n['sigma_t']}, patch {n['patch']}, search {n['distance']}, "
            f"h {n['h']})" if "n2s_loss" in n else f"nlm {n}")
-    return den, f"chose {a['filter']}; gaussian loss {a['gaussian']['n2s_loss']:.6g} sigma {a['gaussian']['sigma']}; {nlm}"
+    mix = a["mix"]
+    mix = (f"mix loss {mix['n2s_loss']:.6g} ({mix['fit']['classes']} classes)" if "n2s_loss" in mix else f"mix {mix}")
+    return den, (f"chose {a['filter']}; gaussian loss {a['gaussian']['n2s_loss']:.6g} sigma {a['gaussian']['sigma']}; "
+                 f"{nlm}; {mix}")
 
 
 def _anscombe_inverse(d: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Rule `classical`: the classical filter tuned on the movie itself (no ground truth), a
 `model: auto` candidate (emdenoise.pipeline.classical_candidate): the Gaussian 3D
 (emdenoise.filters.blind_gaussian3d) or NL-means of a temporal Gaussian average
-(emdenoise.filters.blind_nlm), whichever self-supervised loss is lower.
+(emdenoise.filters.blind_nlm) or a mix of Gaussians per structure class
+(emdenoise.filters.blind_gaussian_mix), whichever self-supervised loss is lower.
 
 Streamed: the aligned movie is read by spatial tiles of all frames (with a halo of the
 widest spatial kernel) and the output written into an OME-Zarr whose shards are those
@@ -14,7 +15,7 @@ import json
 
 import pandas as pd
 
-from emdenoise import filters, io, pipeline, stage
+from emdenoise import filters, io, metrics, pipeline, stage
 
 
 def main(smk):
@@ -25,7 +26,8 @@ def main(smk):
     g = record["gaussian"]
     stage.log.info("classical: Gaussian 3D sigma (t, y, x) = %s, blind radius %d, self-supervised loss %.6g "
                    "(tiles of %d px)", g["sigma"], b, g["n2s_loss"], tile)
-    stage.log.info("classical: NL-means %s", record["nlm"])
+    stage.log.info("classical: NL-means %s", {k: v for k, v in record["nlm"].items() if k != "scores"})
+    stage.log.info("classical: %s", metrics.mix_sentence(record["mix"]))
     stage.log.info("classical: chose %s, reach %d frames, loss %.6g", record["filter"], record["temporal_reach"],
                    record["n2s_loss"])
     with io.atomic_path(smk.output.tuning) as tmp:

@@ -50,6 +50,8 @@ def main(smk):
                       filter=a.get("filter", "gaussian3d"))
         if "nlm" in a:  # tried or skipped, chosen or not: the report says which
             choice["nlm"] = {k: v for k, v in a["nlm"].items() if k != "scores"}
+        if "mix" in a:
+            choice["mix"] = a["mix"]
     stage.log.info("model choice: %s", choice)
     arr, attrs = stacks[chosen]
     attrs = {k: v for k, v in attrs.items() if k != "scores"}

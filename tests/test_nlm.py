@@ -157,5 +157,5 @@ def test_the_report_says_what_nlm_did():
     rec = {"sigma_t": 2.0, "patch": 13, "distance": 15, "h": 0.7, "z": -3.14, "chosen": True}
     assert _nlm_sentence(rec) == ("NL-means of the temporal average (sigma_t 2 frames), patch 13 px, search 15 px, "
                                   "h 0.7 × its noise SD, z -3.1 against the tuned Gaussian: chosen over the Gaussian")
-    assert _nlm_sentence({**rec, "z": None, "chosen": False}).endswith("SD: the Gaussian kept")
+    assert _nlm_sentence({**rec, "z": None, "chosen": False}).endswith("SD: not chosen")
     assert _nlm_sentence({"skipped": "off"}) == "NL-means not tried (off)"

@@ -173,6 +173,7 @@ def _denoise_into(args, arr, meta, ds, device, work) -> None:
     if ckpt is None:
         sigma = tuple(round(float(v), 2) for v in choice.get("sigma", ()))
         what = (metrics.nlm_sentence(choice["nlm"]) if choice.get("filter") == "nlm"
+                else metrics.mix_sentence(choice["mix"]) if choice.get("filter") == "gaussian_mix"
                 else f"Gaussian 3D sigma (t, y, x) = {sigma}")
         print(f"wrote {args.output} {stack.shape} (classical: {what}, tuned without ground truth; no network beat "
               "it" + ("; no model saved" if args.save_model else "") + ")")

@@ -869,7 +869,21 @@ def nlm_sentence(nlm: dict) -> str:
     test = f", z {z:+.1f} against the tuned Gaussian" if z is not None else ""
     return (f"NL-means of the temporal average (sigma_t {nlm['sigma_t']:g} frames), patch {nlm['patch']} px, "
             f"search {nlm['distance']} px, h {nlm['h']:g} × its noise SD{test}: "
-            + ("chosen over the Gaussian" if nlm.get("chosen") else "the Gaussian kept"))
+            + ("chosen over the Gaussian" if nlm.get("chosen") else "not chosen"))
+
+
+def mix_sentence(mix: dict) -> str:
+    """One sentence on the classical candidate's Gaussian mix (``classical_candidate``'s
+    'mix' record, ``filters.blind_gaussian_mix``): its size and whether it replaced the
+    tuned Gaussian, or why it was skipped."""
+    if "skipped" in mix:
+        return f"Gaussian mix not tried ({mix['skipped']})"
+    fit = mix.get("fit") or {}
+    size = (f" ({len(fit['sigmas'])} Gaussians x {fit['classes']} structure classes, own-pixel weight "
+            f"{fit['own_pixel']['weight']:.3f})" if fit else "")
+    z = mix.get("z")
+    test = f", z {z:+.1f} against the tuned Gaussian" if z is not None else ""
+    return f"Gaussian mix{size}{test}: " + ("chosen over the Gaussian" if mix.get("chosen") else "not chosen")
 
 
 def disagreement_sentence(choice: dict, umse: dict, radius: int | None, versus: str = "classical") -> str | None:

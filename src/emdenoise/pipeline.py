@@ -451,24 +451,29 @@ NLM_MIN_SIGMA_T = 1.0
 
 
 def classical_candidate(stack, blind_radius: int, *, tile: int | None = None, out=None, nlm: bool = True,
-                        scratch=None) -> tuple[np.ndarray, dict]:
+                        mix: bool = True, scratch=None) -> tuple[np.ndarray, dict]:
     """The classical filter tuned on the movie itself (no ground truth): the Gaussian 3D
     (``filters.blind_gaussian3d``, Noise2Self with the noise stage's blind spot; any
-    temporal reach, up to the mean of the whole movie) or NL-means of a temporal Gaussian
+    temporal reach, up to the mean of the whole movie), NL-means of a temporal Gaussian
     average (``filters.blind_nlm``, at the Gaussian's sigma_t, at least
-    ``NLM_MIN_SIGMA_T``): NL-means when its self-supervised loss on every whole frame is
-    lower by ``metrics.SELECT_MIN_Z`` standard errors of the per-frame difference (the
-    rule a network must pass too), else the Gaussian -- both losses are unbiased (MSE +
-    noise) for their blind versions.  NL-means is
-    skipped (recorded) with ``nlm`` False, for fewer than 2 frames, no measurable noise or
-    movies over ``NLM_MAX_PIXELS``.
+    ``NLM_MIN_SIGMA_T``) or the Gaussian mix (``filters.blind_gaussian_mix``: Gaussians
+    of several sigmas combined per structure class by least squares on the same loss).
+    The lowest self-supervised loss replaces the Gaussian only when it is lower on the
+    whole frames by ``metrics.SELECT_MIN_Z`` standard errors of the per-frame difference
+    (the rule a network must pass too); every loss is unbiased (MSE + noise) for its
+    blind version.  NL-means is skipped (recorded) with ``nlm`` False, for fewer than 2
+    frames, no measurable noise or movies over ``NLM_MAX_PIXELS``; the mix with ``mix``
+    False, fewer than 2 frames or no measurable noise.
 
-    Returns (T, Y, X) float32 and the attributes: 'filter' ('gaussian3d' | 'nlm'),
-    'sigma' (t, y, x) -- the Gaussian's, or (sigma_t, 0, 0) of NL-means' average --,
-    'temporal_reach', 'blind_radius', 'n2s_loss' of the chosen filter's blind version (what
-    :func:`choose` compares; ``n2s_loss_frames`` per frame), the Gaussian's score table
-    ('scores'), 'gaussian' (its sigma and loss) and 'nlm' (its setting, loss and score
-    table, 'z' of the paired test (negative: NL-means lower), or why it was skipped).
+    Returns (T, Y, X) float32 and the attributes: 'filter' ('gaussian3d' | 'nlm' |
+    'gaussian_mix'), 'sigma' (t, y, x) -- the Gaussian's, (sigma_t, 0, 0) of NL-means'
+    average, or the mix's longest sigma_t and shortest sigma_yx --, 'temporal_reach',
+    'blind_radius', 'n2s_loss' of the chosen filter's blind version (what :func:`choose`
+    compares; ``n2s_loss_frames`` per frame), the Gaussian's score table ('scores'),
+    'gaussian' (its sigma and loss), 'nlm' (its setting, loss and score table, 'z' of the
+    paired test against the Gaussian (negative: NL-means lower), or why it was skipped)
+    and 'mix' (its loss, 'z', 'fit' -- what ``filters.gaussian_mix_apply`` needs --, or
+    why it was skipped).
 
     stack: a (T, Y, X) NumPy array (made float32) or a lazy array-like (Zarr), read by
     spatial tiles of all frames (``tile`` px, None: ``filters.auto_tile``) and, for
@@ -488,33 +493,56 @@ def classical_candidate(stack, blind_radius: int, *, tile: int | None = None, ou
     attrs = {"method": "classical", "filter": "gaussian3d", "sigma": gauss["sigma"], "temporal_reach": g.reach,
              "blind_radius": b, "output": "plain", "n2s_loss": g.loss, "n2s_loss_frames": g.loss_frames.tolist(),
              "scores": scores, "gaussian": gauss}
+    losses, frames = {"gaussian3d": g.loss}, {"gaussian3d": g.loss_frames}
     skip = None if nlm else "off"
     if skip is None and n_t < 2:
         skip = "fewer than 2 frames"
     if skip is None and n_t * int(stack.shape[1]) * int(stack.shape[2]) > NLM_MAX_PIXELS:
         skip = f"movie over {NLM_MAX_PIXELS} px (filters.NLM cost)"
-    noise_sd = float(np.sqrt(metrics.frame_difference_variance(stack))) if skip is None else float("nan")
-    if skip is None and not (noise_sd > 0 and np.isfinite(noise_sd)):
-        skip = "no measurable noise (frames identical)"
-    r, use_nlm = None, False
+    noise_sd = float(np.sqrt(metrics.frame_difference_variance(stack))) if n_t >= 2 else float("nan")
+    silent = "no measurable noise (frames identical)" if not (noise_sd > 0 and np.isfinite(noise_sd)) else None
+    skip = skip or silent
+    r = None
     if skip is None:
         r = filters.blind_nlm(stack, max(g.sigma[0], NLM_MIN_SIGMA_T), noise_sd=noise_sd, average=scratch)
-        # the networks' rule: NL-means replaces the Gaussian only when significantly lower
-        # (a tie goes to the Gaussian, whose look -- no patch texture -- is the predictable one)
-        pick = metrics.select_model({"gaussian3d": g.loss, "nlm": r.loss},
-                                    {"gaussian3d": g.loss_frames, "nlm": r.loss_frames}, fallback="gaussian3d")
-        use_nlm = pick["chosen"] == "nlm"
+        losses["nlm"], frames["nlm"] = r.loss, r.loss_frames
         attrs["nlm"] = {"sigma_t": r.sigma_t, "patch": r.patch, "distance": r.distance, "h": r.h,
-                        "noise_sd": r.noise_sd, "n2s_loss": r.loss, "chosen": use_nlm,
-                        "z": (pick.get("significance") or {}).get("z"), "scores": r.scores.to_dict(orient="records")}
+                        "noise_sd": r.noise_sd, "n2s_loss": r.loss, "scores": r.scores.to_dict(orient="records")}
     else:
         attrs["nlm"] = {"skipped": skip}
-    if use_nlm:
+    m = None
+    skip_mix = None if mix else "off"
+    if skip_mix is None and n_t < 2:
+        skip_mix = "fewer than 2 frames"
+    skip_mix = skip_mix or silent
+    if skip_mix is None:
+        m = filters.blind_gaussian_mix(stack, b, noise_variance=noise_sd ** 2, output="none")
+        losses["gaussian_mix"], frames["gaussian_mix"] = m.loss, m.loss_frames
+        attrs["mix"] = {"n2s_loss": m.loss, "fit": m.fit}
+    else:
+        attrs["mix"] = {"skipped": skip_mix}
+    # the networks' rule: another filter replaces the Gaussian only when significantly lower
+    # (a tie goes to the Gaussian, whose look -- no patch texture -- is the predictable one)
+    pick = metrics.select_model(losses, frames, fallback="gaussian3d")
+    chosen = pick["chosen"]
+    for name, key in (("nlm", "nlm"), ("gaussian_mix", "mix")):
+        if name in losses:  # each one's paired test against the Gaussian, chosen or not
+            z = (metrics.select_model({"gaussian3d": g.loss, name: losses[name]},
+                                      {"gaussian3d": g.loss_frames, name: frames[name]},
+                                      fallback="gaussian3d").get("significance") or {}).get("z")
+            attrs[key].update(chosen=chosen == name, z=z)
+    if chosen == "nlm":
         attrs.update({"filter": "nlm", "sigma": [r.sigma_t, 0.0, 0.0],
                       "temporal_reach": filters.gaussian_reach(r.sigma_t), "n2s_loss": r.loss,
                       "n2s_loss_frames": r.loss_frames.tolist()})
         den, _ = filters.temporal_nlm(stack, r.sigma_t, r.patch, r.distance, r.h, noise_sd=r.noise_sd,
                                       average=scratch, out=out)
+    elif chosen == "gaussian_mix":
+        s_t = max(s for s, _ in m.fit["sigmas"])
+        attrs.update({"filter": "gaussian_mix", "sigma": [s_t] + [min(s for _, s in m.fit["sigmas"])] * 2,
+                      "temporal_reach": filters.gaussian_reach(s_t), "n2s_loss": m.loss,
+                      "n2s_loss_frames": m.loss_frames.tolist()})
+        den, _ = filters.gaussian_mix_apply(stack, m.fit, tile=tile or filters.blind_tile(n_t), out=out)
     else:
         den = filters.normalised_gaussian3d(stack, *g.sigma, tile=tile or filters.blind_tile(n_t), out=out)
     return den, attrs
@@ -522,14 +550,18 @@ def classical_candidate(stack, blind_radius: int, *, tile: int | None = None, ou
 
 def classical_blind(stack, attrs: dict, region=None, scratch=None, out=None):
     """The blind (J-invariant) version of the classical candidate recorded in ``attrs``
-    (:func:`classical_candidate`) on ``stack``: the Gaussian's f_J at its sigma, or
-    NL-means of the averages that leave frame t out.  out: as for the filters."""
+    (:func:`classical_candidate`) on ``stack``: the Gaussian's f_J at its sigma, NL-means
+    of the averages that leave frame t out, or the mix's cross-fitted f_J.  out: as for
+    the filters."""
     if attrs.get("filter") == "nlm":
         n = attrs["nlm"]
         return filters.temporal_nlm(stack, n["sigma_t"], n["patch"], n["distance"], n["h"], noise_sd=n["noise_sd"],
                                     blind=True, average=scratch, out=out, region=region)[0]
+    tile = None if out is None else filters.blind_tile(stack.shape[0])
+    if attrs.get("filter") == "gaussian_mix":
+        return filters.gaussian_mix_apply(stack, attrs["mix"]["fit"], output="jinv", tile=tile, out=out)[0]
     return filters.normalised_gaussian3d(stack, *attrs["sigma"][:2], blind_radius=int(attrs["blind_radius"]),
-                                         tile=None if out is None else filters.blind_tile(stack.shape[0]), out=out)
+                                         tile=tile, out=out)
 
 
 def temporal_reach(ds, method: str, attrs: dict | None = None, n_frames: int | None = None) -> int:
@@ -834,5 +866,6 @@ def denoise_stack(stack, ds, *, train_overrides: dict | None = None, device: str
     if choice["chosen"] == "classical":
         choice.update(sigma=attrs["sigma"], filter=attrs["filter"])
         choice["nlm"] = {k: v for k, v in attrs["nlm"].items() if k != "scores"}  # tried or not, chosen or not
+        choice["mix"] = attrs["mix"]
     return {"chosen": choice["chosen"], "output": outputs[choice["chosen"]], "outputs": outputs,
             "checkpoints": ckpts, "choice": choice, "blindspot": spot, "drift": record, "warnings": warnings}

@@ -1,0 +1,131 @@
+"""The Gaussian mix: the third classical filter of `model: auto` (emdenoise.filters.blind_gaussian_mix /
+gaussian_mix_apply, chosen by emdenoise.pipeline.classical_candidate)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from emdenoise import filters, metrics, pipeline
+from emdenoise.errors import InputError
+from emdenoise.synthetic import simulate_scene
+
+
+@pytest.fixture(scope="module")
+def dynamic():
+    """A 40 x 112² counting movie (4 e-/px) whose particles move, grow and dissolve."""
+    return simulate_scene(40, (112, 112), dose=4.0, dynamic=True, seed=7)
+
+
+@pytest.fixture(scope="module")
+def mixed(dynamic):
+    y = dynamic.noisy.astype(np.float32)
+    return filters.blind_gaussian_mix(y, 0, noise_variance=metrics.frame_difference_variance(y))
+
+
+@pytest.mark.parametrize("b", [0, 2])
+@pytest.mark.parametrize("t", [0, 7, 39])  # first, interior and last frame
+def test_the_blind_mix_never_sees_its_own_pixels(dynamic, mixed, b, t):
+    """With the fit fixed, output (t, p) of the J-invariant mix does not change when the
+    input changes anywhere within b px of p on frame t, and does change when a pixel just
+    outside does (so the test can fail)."""
+    y = dynamic.noisy.astype(np.float32)
+    fit = mixed.fit if b == 0 else filters.blind_gaussian_mix(y, b, classes=(1, 2), noise_variance=4.0,
+                                                               output="none").fit
+    ref, _ = filters.gaussian_mix_apply(y, fit, output="jinv")
+    py, px = 50, 61
+    inside = y.copy()
+    inside[t, py - b:py + b + 1, px - b:px + b + 1] += 40.0
+    out, _ = filters.gaussian_mix_apply(inside, fit, output="jinv")
+    # up to float32 rounding: f_J = (G * y - masked part) / (its weight), as in the tuned Gaussian
+    assert out[t, py, px] == pytest.approx(ref[t, py, px], abs=1e-4)
+    assert np.abs(out[t] - ref[t]).max() > 0.1  # its neighbours do see the change
+    outside = y.copy()
+    outside[t, py, px + b + 1] += 40.0
+    out, _ = filters.gaussian_mix_apply(outside, fit, output="jinv")
+    assert abs(out[t, py, px] - ref[t, py, px]) > 1e-2
+    # the denoised output gives the pixel back its own value (weight recorded)
+    den, _ = filters.gaussian_mix_apply(inside, fit)
+    den_ref, _ = filters.gaussian_mix_apply(y, fit)
+    w = fit["own_pixel"]["weight"]
+    assert 0.0 < w < 0.2
+    assert den[t, py, px] - den_ref[t, py, px] == pytest.approx(40.0 * w, rel=1e-3)
+
+
+def test_the_mix_loss_is_its_mse_plus_the_noise_variance(dynamic, mixed):
+    """Noise2Self with cross-fitted coefficients: the loss estimates the blind mix's MSE
+    against the truth + the noise variance, so it can be compared with the other candidates'."""
+    y = dynamic.noisy.astype(np.float32)
+    x = dynamic.clean.astype(np.float64)
+    blind, sums = filters.gaussian_mix_apply(y, mixed.fit, output="jinv", loss=True)
+    np.testing.assert_allclose(sums / (112 * 112), mixed.loss_frames, rtol=1e-9)
+    np.testing.assert_allclose(mixed.loss_frames, metrics.self_supervised_loss_per_frame(blind, y), rtol=1e-5)
+    mse, noise = np.mean((blind - x) ** 2), np.mean((y - x) ** 2)
+    assert mixed.loss == pytest.approx(mse + noise, rel=2e-3)
+    assert mixed.fit["classes"] in (1, 2, 4, 8) and set(mixed.fit["class_losses"]) == {"1", "2", "4", "8"}
+    assert mixed.loss == pytest.approx(min(mixed.fit["class_losses"].values()))
+
+
+def test_the_mix_beats_the_best_gaussian_chosen_with_the_truth(dynamic, mixed):
+    """What it is for: on a dynamic scene with lattice fringes the mix (tuned without the
+    truth) is above every Gaussian 3D of the blind grid scored against the truth
+    (measured: 29.49 vs 28.50 dB)."""
+    y = dynamic.noisy.astype(np.float32)
+    best = max(metrics.psnr(filters.normalised_gaussian3d(y, s_t, s_yx), dynamic.clean)
+               for s_t in filters.BLIND_SIGMAS_T for s_yx in filters.BLIND_SIGMAS_YX)
+    assert metrics.psnr(mixed.denoised, dynamic.clean) > best + 0.5
+    g = filters.blind_gaussian3d(y, 0, output="none")
+    assert mixed.loss < g.loss  # and the loss says so
+
+
+def test_the_mix_does_not_depend_on_the_tiles_and_streams_into_zarr(tmp_path, dynamic, mixed):
+    y = dynamic.noisy.astype(np.float32)
+    out = zarr.create_array(str(tmp_path / "mix.zarr"), shape=y.shape, chunks=(40, 48, 48), dtype="float32")
+    again = filters.blind_gaussian_mix(y, 0, noise_variance=metrics.frame_difference_variance(y), tile=48, out=out)
+    assert again.fit == mixed.fit  # same data, same numbers (the fit does not see the output's tiles)
+    np.testing.assert_allclose(np.asarray(out[:]), mixed.denoised, rtol=1e-6, atol=1e-5)
+    src = zarr.create_array(str(tmp_path / "in.zarr"), shape=y.shape, chunks=(40, 32, 32), dtype="float32")
+    src[:] = y  # a lazy input, read by tiles
+    blind, _ = filters.gaussian_mix_apply(src, mixed.fit, output="jinv")
+    ref, _ = filters.gaussian_mix_apply(y, mixed.fit, output="jinv")
+    np.testing.assert_array_equal(blind, ref)
+
+
+def test_small_movies_choose_fewer_classes():
+    """Few pixels cannot afford 8 x 29 coefficients: the cross-fitted loss picks fewer."""
+    m = simulate_scene(24, (96, 96), dose=4.0, dynamic=True, seed=7)
+    r = filters.blind_gaussian_mix(m.noisy.astype(np.float32), 0, output="none")
+    assert r.fit["classes"] <= 2 and r.fit["class_losses"]["8"] > r.loss
+
+
+def test_the_classical_candidate_takes_the_mix_when_significantly_lower(dynamic):
+    y = dynamic.noisy.astype(np.float32)
+    den, attrs = pipeline.classical_candidate(y, 0, nlm=False)
+    assert attrs["filter"] == "gaussian_mix" and attrs["mix"]["chosen"] and attrs["mix"]["z"] < -2
+    assert attrs["n2s_loss"] == attrs["mix"]["n2s_loss"] < attrs["gaussian"]["n2s_loss"]
+    assert attrs["temporal_reach"] == filters.gaussian_reach(32.0)
+    assert metrics.psnr(den, dynamic.clean) > metrics.psnr(
+        filters.normalised_gaussian3d(y, *attrs["gaussian"]["sigma"][:2]), dynamic.clean) + 0.5
+    blind = pipeline.classical_blind(y, attrs)  # the recorded blind version is the one scored
+    assert metrics.self_supervised_loss(blind, y) == pytest.approx(attrs["n2s_loss"], rel=1e-6)
+    said = metrics.mix_sentence(attrs["mix"])
+    assert said.startswith(f"Gaussian mix ({len(attrs['mix']['fit']['sigmas'])} Gaussians x ")
+    assert said.endswith("against the tuned Gaussian: chosen over the Gaussian")
+    _, off = pipeline.classical_candidate(y, 0, nlm=False, mix=False)
+    assert off["filter"] == "gaussian3d" and off["mix"] == {"skipped": "off"}
+    assert metrics.mix_sentence(off["mix"]) == "Gaussian mix not tried (off)"
+
+
+def test_the_mix_refuses_what_it_cannot_fit():
+    rng = np.random.default_rng(0)
+    y = rng.poisson(2.0, (6, 32, 32)).astype(np.float32)
+    with pytest.raises(InputError, match="at least 2 frames"):
+        filters.blind_gaussian_mix(y[:1], 0)
+    with pytest.raises(InputError, match="classes must be"):
+        filters.blind_gaussian_mix(y, 0, classes=(2, 3))
+    with pytest.raises(InputError, match="output must be"):
+        filters.blind_gaussian_mix(y, 0, output="blind")
+    with pytest.raises(InputError, match="keeps"):
+        filters.blind_gaussian_mix(y, 3, sigmas_t=(0.0,), sigmas_yx=(0.5,))
+    _, attrs = pipeline.classical_candidate(np.full((4, 16, 16), 3.0, np.float32), 0)
+    assert attrs["filter"] == "gaussian3d" and "no measurable noise" in attrs["mix"]["skipped"]
