@@ -1,6 +1,7 @@
 """Classical filters: Gaussian baselines (WCVD paper, section 4.3), a Gaussian 3D tuned
-without ground truth (Noise2Self, Batson & Royer 2019) and NL-means of a temporal Gaussian
-average tuned the same way (the two classical candidates of ``model: auto``).
+without ground truth (Noise2Self, Batson & Royer 2019), NL-means of a temporal Gaussian
+average tuned the same way and a mix of Gaussians fitted per structure class on the same
+loss (the three classical candidates of ``model: auto``).
 
 All functions take and return ``(T, Y, X)`` float32 stacks; sigmas are in pixels
 (spatial) and frames (temporal).  NumPy / SciPy (and scikit-image's NL-means) only: no
