@@ -103,7 +103,10 @@ def test_the_classical_candidate_takes_the_mix_when_significantly_lower(dynamic)
     den, attrs = pipeline.classical_candidate(y, 0, nlm=False)
     assert attrs["filter"] == "gaussian_mix" and attrs["mix"]["chosen"] and attrs["mix"]["z"] < -2
     assert attrs["n2s_loss"] == attrs["mix"]["n2s_loss"] < attrs["gaussian"]["n2s_loss"]
-    assert attrs["temporal_reach"] == filters.gaussian_reach(32.0)
+    assert attrs["temporal_reach"] == attrs["mix"]["fit"]["reach"] == filters.gaussian_reach(32.0)
+    # reaching past what uMSE can check (14 frames of 40) only because it is significantly better
+    rc = attrs["mix"]["fit"]["reach_choice"]
+    assert rc["preferred_reach"] == metrics.checkable_reach(40) == 14 and rc["z"] < -2
     assert metrics.psnr(den, dynamic.clean) > metrics.psnr(
         filters.normalised_gaussian3d(y, *attrs["gaussian"]["sigma"][:2]), dynamic.clean) + 0.5
     blind = pipeline.classical_blind(y, attrs)  # the recorded blind version is the one scored
@@ -129,3 +132,37 @@ def test_the_mix_refuses_what_it_cannot_fit():
         filters.blind_gaussian_mix(y, 3, sigmas_t=(0.0,), sigmas_yx=(0.5,))
     _, attrs = pipeline.classical_candidate(np.full((4, 16, 16), 3.0, np.float32), 0)
     assert attrs["filter"] == "gaussian3d" and "no measurable noise" in attrs["mix"]["skipped"]
+
+
+def test_the_mix_keeps_to_the_checkable_reach_unless_reaching_further_is_significantly_better(dynamic):
+    """The networks' rule for their temporal reach (pipeline.choose_reach), so that uMSE can score
+    the output: the dictionary without the Gaussians reaching past ``preferred_reach`` is
+    fitted from the same normal equations and kept unless the whole one is lower by min_z."""
+    y = dynamic.noisy.astype(np.float32)
+    var = metrics.frame_difference_variance(y)
+    kept = filters.blind_gaussian_mix(y, 0, classes=(1, 2), noise_variance=var, preferred_reach=14, min_z=1e9,
+                                      output="none")
+    assert kept.fit["reach"] == 8 and max(s for s, _ in kept.fit["sigmas"]) == 4.0  # 2 sigma_t <= 14
+    assert kept.fit["reach_choice"]["reaches"] == [8, 64] and kept.fit["reach_choice"]["z"] < -2
+    far = filters.blind_gaussian_mix(y, 0, classes=(1, 2), noise_variance=var, preferred_reach=14, output="none")
+    assert far.fit["reach"] == 64 and far.loss < kept.loss
+    # the blind version of the shorter dictionary is the one scored
+    blind, sums = filters.gaussian_mix_apply(y, kept.fit, output="jinv", loss=True)
+    np.testing.assert_allclose(sums / y[0].size, kept.loss_frames, rtol=1e-9)
+    assert filters.blind_gaussian_mix(y, 0, classes=1, preferred_reach=100, output="none").fit["reach_choice"][
+        "reaches"] == [64]
+
+
+def test_the_mix_is_blind_to_more_than_the_noise_stage_where_the_noise_is_correlated():
+    """Linear mode (PSF-correlated noise): the mix's blind radius is the noise stage's + 2 px
+    (filters.MIX_EXTRA_BLIND; what the noise stage leaves outside, a least-squares mix of 28
+    filters exploits); white counting noise keeps 0."""
+    from emdenoise.noise import estimate_blindspot
+
+    assert filters.mix_blind_radius(0) == 0 and filters.mix_blind_radius(3) == 3 + filters.MIX_EXTRA_BLIND
+    m = simulate_scene(16, (64, 64), mode="linear", dose=2.0, psf_sigma=1.0, seed=3)
+    y = m.noisy.astype(np.float32)
+    b = estimate_blindspot(y)["blindspot"] // 2
+    assert b > 0
+    _, attrs = pipeline.classical_candidate(y, b, nlm=False)
+    assert attrs["mix"]["fit"]["blind_radius"] == b + filters.MIX_EXTRA_BLIND and attrs["blind_radius"] == b

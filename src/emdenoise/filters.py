@@ -867,6 +867,14 @@ MIX_STRUCT_SMOOTH = 2.0
 #: The class edges are quantiles of at most about this many pixels of the structure map
 #: (a grid in frame coordinates, so they do not depend on the tiling).
 MIX_SAMPLES = 2**20
+#: Extra blind radius (px) of the mix where the noise is spatially correlated (b > 0): the
+#: noise stage's blind spot leaves |r| up to its threshold (0.05) outside -- more where it
+#: is capped at its largest lag --, and a least-squares mix of 28 filters exploits even that
+#: (a loss biased low).  Linear-mode movies (PSNR vs truth, loss, blind radius b / b + 1 /
+#: b + 2): PSF 1.5 px 50 frames 33.07 / 33.59 / 33.63 dB (the loss had called b's mix
+#: better than the tuned Gaussian, 33.44); PSF 1.0 px 10 frames 28.20 / 28.27 / 28.27;
+#: PSF 0.7 px 32.22 / 32.24 / 32.24.  White noise (b = 0) has nothing left to exploit.
+MIX_EXTRA_BLIND = 2
 #: Ridge of the normal equations, relative to their mean diagonal (near-equal dictionary
 #: entries -- sigma_t 16 and 32 on a 10-frame movie -- make them singular).
 MIX_RIDGE = 1e-7
@@ -894,6 +902,13 @@ class GaussianMix:
     loss: float
     loss_frames: np.ndarray
     fit: dict
+
+
+def mix_blind_radius(blind_radius: int) -> int:
+    """The blind radius (px) :func:`blind_gaussian_mix` is given for a noise stage's b:
+    b + ``MIX_EXTRA_BLIND`` for spatially correlated noise (b > 0), 0 for white noise."""
+    b = _check_b(blind_radius)
+    return b + MIX_EXTRA_BLIND if b > 0 else 0
 
 
 def _mix_filters(shape, b: int, sigmas_t, sigmas_yx, min_weight: float) -> list:
@@ -995,7 +1010,8 @@ def _mix_fit(gram, rhs, sq, members, n_k: int, edges, n_pixels: int) -> dict:
 
 
 def blind_gaussian_mix(stack, blind_radius: int = 0, *, sigmas_t=MIX_SIGMAS_T, sigmas_yx=MIX_SIGMAS_YX,
-                       classes=MIX_CLASSES, noise_variance: float | None = None, output: str = "plain",
+                       classes=MIX_CLASSES, noise_variance: float | None = None,
+                       preferred_reach: int | None = None, min_z: float = 2.0, output: str = "plain",
                        min_weight: float = 0.02, tile: int | None = None, out=None) -> GaussianMix:
     """A locally adaptive mix of Gaussian 3D filters, fitted on the noisy movie itself.
 
@@ -1032,6 +1048,13 @@ def blind_gaussian_mix(stack, blind_radius: int = 0, *, sigmas_t=MIX_SIGMAS_T, s
         frames, four times); blind_radius: b (px, the noise stage's blindspot // 2).
     noise_variance: the noise variance per pixel (``metrics.frame_difference_variance``),
         for the own pixel's weight; None: no own pixel (weight 0).
+    preferred_reach: temporal reach (frames) the mix keeps to unless reaching further is
+        better by ``min_z`` standard errors of the per-frame loss difference (the networks'
+        rule, ``pipeline.choose_reach``): ``metrics.checkable_reach(T)``, so that uMSE can
+        still score the output (on the 100-frame Au movie the whole dictionary reaches 64
+        frames, past the 44 uMSE can check).  The dictionary without the Gaussians that
+        reach further (and each number of classes) is fitted from the same normal
+        equations.  None: no preference.
     classes: a number of structure classes, or several (a power-of-two ladder up to the
         largest, e.g. (1, 2, 4, 8): the lowest cross-fitted loss is kept).
     output: 'plain' (default: the denoised movie), 'jinv' (the cross-fitted blind mix) or
@@ -1087,23 +1110,45 @@ def blind_gaussian_mix(stack, blind_radius: int = 0, *, sigmas_t=MIX_SIGMAS_T, s
                     rhs[t % 2, c] += a.T @ v
                     sq[t % 2, c] += float(v @ v)
         del fb, box
-    base = {"sigmas": [[s_t, s_yx] for s_t, s_yx, _ in filts], "blind_radius": b,
-            "sigmas_yx_grid": [float(s) for s in sigmas_yx]}
+    reach = [gaussian_reach(s_t) for s_t, _, _ in filts]
+    dictionaries = [list(range(n_k))]  # the whole grid, and the part within the preferred reach
+    short = [k for k in range(n_k) if preferred_reach is not None and reach[k] <= int(preferred_reach)]
+    if short and len(short) < n_k:
+        dictionaries.insert(0, short)
     fits = []
-    for c in options:  # nested quantile classes: class i of c joins finest classes i*f .. (i+1)*f - 1
-        f = finest // c
-        fits.append({**base, **_mix_fit(gram, rhs, sq, [list(range(i * f, (i + 1) * f)) for i in range(c)], n_k,
-                                        edges[f - 1::f][:c - 1], n_t * n_y * n_x)})
-    # pass 3: every layout's cross-fitted blind loss; the lowest is kept
+    for keep in dictionaries:
+        idx = np.array(keep + [n_k])  # + the intercept
+        g_k, r_k = gram[:, :, idx][:, :, :, idx], rhs[:, :, idx]
+        base = {"sigmas": [[filts[k][0], filts[k][1]] for k in keep], "blind_radius": b,
+                "sigmas_yx_grid": [float(s) for s in sigmas_yx], "reach": max(reach[k] for k in keep)}
+        for c in options:  # nested quantile classes: class i of c joins finest classes i*f .. (i+1)*f - 1
+            f = finest // c
+            fits.append({**base, **_mix_fit(g_k, r_k, sq, [list(range(i * f, (i + 1) * f)) for i in range(c)],
+                                            len(keep), edges[f - 1::f][:c - 1], n_t * n_y * n_x)})
+    # pass 3: every fit's cross-fitted blind loss; the lowest within the preferred reach is kept
+    # unless the whole dictionary's lowest is significantly lower
     _, sums = _mix_apply(y, fits, "none", None, None, None)
     per_frame = sums / (n_y * n_x)
-    best = int(np.argmin(per_frame.mean(1)))
+    means = per_frame.mean(1)
+    n_short = len(options) if len(dictionaries) == 2 else 0
+    best = int(np.argmin(means))
+    z = None
+    if n_short and best >= n_short:
+        near = int(np.argmin(means[:n_short]))
+        d = per_frame[best] - per_frame[near]
+        se = float(np.std(d, ddof=1) / np.sqrt(n_t)) if n_t > 1 else 0.0
+        z = float(np.mean(d) / se) if se > 0 else float("-inf")
+        if z > -float(min_z):
+            best = near
     fit = fits[best]
+    fit["reach_choice"] = {"preferred_reach": None if preferred_reach is None else int(preferred_reach),
+                           "reaches": sorted({f["reach"] for f in fits}), "z": z, "min_z": float(min_z)}
     var = float("nan") if noise_variance is None else float(noise_variance)
     loss_all = fit.pop("loss_all")
     weight = float(np.clip(1.0 - var / loss_all, 0.0, 0.999)) if loss_all > 0 and np.isfinite(var) else 0.0
     fit["own_pixel"] = {"weight": weight, "loss": loss_all, "noise_variance": float(var)}
-    fit["class_losses"] = {str(c): float(v) for c, v in zip(options, per_frame.mean(1))}
+    fit["class_losses"] = {str(c): float(v) for c, v in
+                           zip(options, means[(best // len(options)) * len(options):][:len(options)])}
     # pass 4: the output
     den = None
     if output != "none":
@@ -1136,9 +1181,11 @@ def _mix_apply(y, fits: list, output: str, tile, out, region, loss: bool = True)
     squared cross-fitted blind residuals (array (n_fits, T))."""
     n_t, n_y, n_x = (int(n) for n in y.shape)
     b = int(fits[0]["blind_radius"])
-    filts = [(float(s_t), float(s_yx), _Separable(y.shape, float(s_t), float(s_yx), b))
-             for s_t, s_yx in fits[0]["sigmas"]]
-    halo = _mix_halo(fits[0].get("sigmas_yx_grid") or sorted({s for _, s in fits[0]["sigmas"]}))
+    union = list(dict.fromkeys((float(s_t), float(s_yx)) for f in fits for s_t, s_yx in f["sigmas"]))
+    filts = [(s_t, s_yx, _Separable(y.shape, s_t, s_yx, b)) for s_t, s_yx in union]
+    # each fit's features among the union's (a fit of a shorter dictionary uses a subset)
+    index = [np.array([union.index((float(s_t), float(s_yx))) for s_t, s_yx in f["sigmas"]]) for f in fits]
+    halo = _mix_halo(sorted({s for f in fits for s in (f.get("sigmas_yx_grid") or [v for _, v in f["sigmas"]])}))
     edges = [np.asarray(f["edges"], dtype=np.float64) for f in fits]
     cross = [np.asarray(f["beta_cross"], dtype=np.float64) for f in fits]
     beta = np.asarray(fits[0]["beta"], dtype=np.float64)
@@ -1160,11 +1207,13 @@ def _mix_apply(y, fits: list, output: str, tile, out, region, loss: bool = True)
                    slice(ox.start + inner[1].start, ox.start + inner[1].stop))
             box, core = _read_tile(y, reg, halo)
             struct = _mix_structure(box, core)
-            fb = _mix_features(box, core, reg, filts, b)
+            fb_all = _mix_features(box, core, reg, filts, b)
             target = box[(slice(None),) + tuple(core)].astype(np.float64)
             k_in = keep[reg]
             for i in range(len(fits)):
                 cls = np.digitize(struct, edges[i])
+                same = len(index[i]) == len(filts) and bool(np.all(index[i] == np.arange(len(filts))))
+                fb = fb_all if same else fb_all[index[i]]
                 for t in range(n_t):
                     if (loss or output == "jinv") and (i == 0 or loss):
                         coef = cross[i][t % 2][cls[t]]  # (h, w, K + 1)
@@ -1177,7 +1226,7 @@ def _mix_apply(y, fits: list, output: str, tile, out, region, loss: bool = True)
                         coef = beta[cls[t]]
                         f = np.einsum("khw,hwk->hw", fb[:, t].astype(np.float64), coef[..., :-1]) + coef[..., -1]
                         block[t][inner] = f + w_own * (target[t] - f)
-            del fb, box
+            del fb, fb_all, box
         if block is not None:
             out[(slice(None),) + outer] = block
     return (out if output != "none" else None), sums

@@ -457,7 +457,8 @@ def classical_candidate(stack, blind_radius: int, *, tile: int | None = None, ou
     temporal reach, up to the mean of the whole movie), NL-means of a temporal Gaussian
     average (``filters.blind_nlm``, at the Gaussian's sigma_t, at least
     ``NLM_MIN_SIGMA_T``) or the Gaussian mix (``filters.blind_gaussian_mix``: Gaussians
-    of several sigmas combined per structure class by least squares on the same loss).
+    of several sigmas combined per structure class by least squares on the same loss,
+    blind to ``filters.mix_blind_radius(b)``).
     The lowest self-supervised loss replaces the Gaussian only when it is lower on the
     whole frames by ``metrics.SELECT_MIN_Z`` standard errors of the per-frame difference
     (the rule a network must pass too); every loss is unbiased (MSE + noise) for its
@@ -516,7 +517,9 @@ def classical_candidate(stack, blind_radius: int, *, tile: int | None = None, ou
         skip_mix = "fewer than 2 frames"
     skip_mix = skip_mix or silent
     if skip_mix is None:
-        m = filters.blind_gaussian_mix(stack, b, noise_variance=noise_sd ** 2, output="none")
+        m = filters.blind_gaussian_mix(stack, filters.mix_blind_radius(b), noise_variance=noise_sd ** 2,
+                                       output="none", preferred_reach=max(0, metrics.checkable_reach(n_t)),
+                                       min_z=metrics.SELECT_MIN_Z)
         losses["gaussian_mix"], frames["gaussian_mix"] = m.loss, m.loss_frames
         attrs["mix"] = {"n2s_loss": m.loss, "fit": m.fit}
     else:
@@ -540,7 +543,7 @@ def classical_candidate(stack, blind_radius: int, *, tile: int | None = None, ou
     elif chosen == "gaussian_mix":
         s_t = max(s for s, _ in m.fit["sigmas"])
         attrs.update({"filter": "gaussian_mix", "sigma": [s_t] + [min(s for _, s in m.fit["sigmas"])] * 2,
-                      "temporal_reach": filters.gaussian_reach(s_t), "n2s_loss": m.loss,
+                      "temporal_reach": m.fit["reach"], "n2s_loss": m.loss,
                       "n2s_loss_frames": m.loss_frames.tolist()})
         den, _ = filters.gaussian_mix_apply(stack, m.fit, tile=tile or filters.blind_tile(n_t), out=out)
     else:
