@@ -981,10 +981,10 @@ def _mix_solve(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     return np.linalg.solve(gram + lam * np.eye(k), rhs)
 
 
-def _mix_tiles(shape, tile: int | None, halo: int, n_feat: int):
-    """Tile edge of the mix: ``tile`` or what its ``n_feat`` float32 copies of
-    (T, tile, tile) and the box's working copies fit in TILE_BUDGET."""
-    return int(tile or auto_tile(shape[0], halo, copies=n_feat + 8))
+def _mix_tiles(shape, halo: int, n_feat: int) -> int:
+    """Tile edge (px) at which the mix's ``n_feat`` float32 copies of (T, tile, tile) and
+    the box's working copies fit in TILE_BUDGET."""
+    return auto_tile(shape[0], halo, copies=n_feat + 8)
 
 
 def _mix_fit(gram, rhs, sq, members, n_k: int, edges, n_pixels: int) -> dict:
@@ -1040,9 +1040,10 @@ def blind_gaussian_mix(stack, blind_radius: int = 0, *, sigmas_t=MIX_SIGMAS_T, s
     fitted on the movie's pixels).  The output is the J-invariant mix with the
     coefficients fitted on all frames, its own pixel given back as a network's is
     (``pipeline.unblind``: weight 1 - sigma^2 / L, never worse than the blind mix in
-    expectation; sigma^2 = ``noise_variance``).  Not the plain Gaussians with those coefficients: a small kernel's
-    blind version predicts from the neighbours, its plain one is mostly the pixel itself
-    (0.1 dB worse, 28.69 vs 28.79 dB on the suite's 4 e-/px dynamic movie).
+    expectation; sigma^2 = ``noise_variance``).  Not the plain Gaussians with those
+    coefficients: a small kernel's blind version predicts from the neighbours, its plain
+    one is mostly the pixel itself (0.1 dB worse, 28.69 vs 28.79 dB on the suite's 4 e-/px
+    dynamic movie).
 
     stack: (T, Y, X) array-like, T >= 2 (NumPy or Zarr: read by spatial tiles of all
         frames, four times); blind_radius: b (px, the noise stage's blindspot // 2).
@@ -1081,7 +1082,7 @@ def blind_gaussian_mix(stack, blind_radius: int = 0, *, sigmas_t=MIX_SIGMAS_T, s
         raise InputError(None, f"blind_gaussian_mix: no Gaussian of the grid keeps {min_weight} of its weight "
                                f"with blind radius {b}")
     halo, n_k = _mix_halo(sigmas_yx), len(filts)
-    sub = _mix_tiles(y.shape, None, halo, n_k)
+    sub = _mix_tiles(y.shape, halo, n_k)
     # pass 1: class edges from a grid of the structure map (fixed in frame coordinates)
     step = max(1, int(math.ceil(math.sqrt(n_t * n_y * n_x / MIX_SAMPLES))))
     samples = []
@@ -1197,7 +1198,7 @@ def _mix_apply(y, fits: list, output: str, tile, out, region, loss: bool = True)
     if region is not None:
         keep[:] = False
         keep[tuple(region)] = True
-    sub_edge = _mix_tiles(y.shape, None, halo, len(filts))
+    sub_edge = _mix_tiles(y.shape, halo, len(filts))
     outer_edge = int(tile or sub_edge)
     for outer in _tiles((n_y, n_x), outer_edge):
         oy, ox = outer
