@@ -273,6 +273,29 @@ def test_overview_of_a_short_movie_whose_choice_uMSE_cannot_check():
     assert any("wcvd_ctx reaches 9 frames" in w and "self-supervised" in w for w in net["warnings"]), net
 
 
+def test_the_report_says_why_there_is_no_gain_figure():
+    """The real Au movie with the Gaussian mix as the classical candidate: it reaches 64
+    frames each side, uMSE can check 44 on 100 frames, so the overview's gain is NaN; the
+    dataset's paragraph says why and gives the loss difference instead. Nothing when the
+    candidate has a uPSNR, is within the radius, or is the choice."""
+    import pandas as pd
+    from emdenoise import metrics
+    from emdenoise.report import _unscored, dataset_summary
+    table = pd.DataFrame({"dataset": ["d"] * 3, "method": ["raw", "wcvd_ctx", "classical"],
+                          "reach": [0, 44, 64], "upsnr_db": [25.95, 39.906, float("nan")],
+                          "umse_radius": [44] * 3, "umse_valid": [True, True, False]})
+    choice = {"chosen": "wcvd_ctx", "loss": {"wcvd_ctx": 1758.24, "classical": 1769.11}}
+    assert np.isnan(dataset_summary("d", table, choice=choice, index={"n_frames": 100}, drift=None,
+                                    blindspot=None)["gain_db"])
+    s = _unscored(table, choice, 100)
+    assert s.startswith("No gain figure: the classical candidate reaches 64 frames each side") and "100 frames" in s
+    assert "(radius 44)" in s and "wcvd_ctx's error is 10.87 (squared units) below it" in s, s
+    assert "above it" in _unscored(table, {**choice, "loss": {"wcvd_ctx": 1770.0, "classical": 1769.11}}, 100)
+    assert _unscored(table.assign(upsnr_db=[25.95, 39.906, 39.9]), choice, 100) is None  # a gain exists
+    assert _unscored(table, {**choice, "chosen": "classical"}, 100) is None  # gain 0 by definition
+    assert metrics.unscored_sentence(choice, 40, 100, 44) is None  # within the radius
+
+
 def test_the_report_says_when_umse_and_the_self_supervised_loss_disagree():
     """The real Au movie: the context network's loss is 12.5 below the tuned Gaussian's
     (z -102) while its uMSE at radius 44 is 1.1 above (-0.065 dB uPSNR). The overview

@@ -53,7 +53,7 @@ import pandas as pd
 from .errors import InputError
 
 __all__ = ["umse", "upsnr", "neighbour_corr", "snr_neighbour", "psnr", "ssim",
-           "compute_metrics", "checkable_reach", "reach_sentence", "self_supervised_loss",
+           "compute_metrics", "checkable_reach", "reach_sentence", "unscored_sentence", "self_supervised_loss",
            "self_supervised_loss_per_frame", "select_model", "MIN_SCORED_FRAMES"]
 
 #: uMSE in the metrics table must score at least this many frames (T >= 2 r + 3 + this):
@@ -910,6 +910,26 @@ def disagreement_sentence(choice: dict, umse: dict, radius: int | None, versus: 
             f"frame (the blind outputs); uMSE with raw frames {'r + 1' if radius is None else radius + 1} and more "
             "frames away, so how the scene changes over that time enters it, unequally for outputs that average "
             "different spans of time: on a changing scene uMSE is not an unbiased comparison of the two.")
+
+
+def unscored_sentence(choice: dict, reach: int | None, n_frames: int | None, radius: int | None,
+                      versus: str = "classical") -> str | None:
+    """Why the report has no gain figure: the tuned classical candidate ``versus`` reaches
+    ``reach`` frames each side, more than uMSE can check on ``n_frames`` frames (radius
+    ``radius``), so it has no uPSNR to compare the chosen model with.  Gives the
+    self-supervised loss difference instead (the selection's own evidence).  None when
+    the candidate is chosen, not scored by the selection, or within the radius."""
+    chosen, loss = choice.get("chosen"), choice.get("loss", {})
+    if not chosen or chosen == versus or versus not in loss or reach is None or radius is None or reach <= radius:
+        return None
+    text = (f"No gain figure: the {versus} candidate reaches {reach} frames each side, more than uMSE can check on "
+            f"{n_frames if n_frames is not None else '?'} frames (radius {radius}), so it has no uPSNR to compare "
+            f"{chosen} with.")
+    if chosen in loss:
+        d = loss[versus] - loss[chosen]
+        text += (f" By the self-supervised loss {chosen}'s error is {abs(d):.4g} (squared units) "
+                 f"{'below' if d > 0 else 'above'} it.")
+    return text
 
 
 def reach_sentence(rec: dict) -> str:

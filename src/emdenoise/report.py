@@ -632,6 +632,14 @@ def _umse_radius(rows: pd.DataFrame) -> int | None:
     return int(rows.umse_radius.dropna().iloc[0])
 
 
+def _unscored(rows: pd.DataFrame, choice: dict, n_frames: int | None) -> str | None:
+    """:func:`metrics.unscored_sentence` for one dataset's metrics rows (method column)."""
+    c = rows[rows.method == "classical"]
+    if not len(c) or "reach" not in c or _num(c.upsnr_db.iloc[0]) == _num(c.upsnr_db.iloc[0]):
+        return None  # no classical row, or it has a uPSNR: the gain is there
+    return _metrics.unscored_sentence(choice, int(c.reach.iloc[0]), n_frames, _umse_radius(rows))
+
+
 def _disagreement(rows: pd.DataFrame, choice: dict) -> str | None:
     """:func:`metrics.disagreement_sentence` for one dataset's metrics rows (method column)."""
     umse = dict(zip(rows.method, rows.umse)) if "umse" in rows else {}
@@ -930,6 +938,7 @@ def write_report(datasets: Sequence[str], inputs, outputs, choices: Mapping[str,
             r = int(radius.iloc[0])
             line += (f" uMSE radius {r}: reference frames t−{r + 1}, t+{r + 1}, t+{r + 2}; "
                      f"SNR from frames t and t+{2 * r + 1}.")
+        index = json.loads((Path(diags[i]) / "index.json").read_text()) if diags else None
         choice = None
         if choices and name in choices:
             choice = json.loads(Path(choices[name]).read_text())
@@ -939,7 +948,9 @@ def write_report(datasets: Sequence[str], inputs, outputs, choices: Mapping[str,
             disagree = _disagreement(table[table.dataset == name], choice)
             if disagree:  # in the section's first paragraph (HTML and Markdown), once
                 line += f" {disagree}"
-        index = json.loads((Path(diags[i]) / "index.json").read_text()) if diags else None
+            unscored = _unscored(table[table.dataset == name], choice, index["n_frames"] if index else None)
+            if unscored:  # the overview's gain is NaN: say why where the reader looks next
+                line += f" {unscored}"
         drift = pd.read_csv(drift_csvs[i]) if drift_csvs else None
         fp = (footprints or {}).get(name)
         if fp:
