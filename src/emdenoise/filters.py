@@ -1148,8 +1148,8 @@ def blind_gaussian_mix(stack, blind_radius: int = 0, *, sigmas_t=MIX_SIGMAS_T, s
     loss_all = fit.pop("loss_all")
     weight = float(np.clip(1.0 - var / loss_all, 0.0, 0.999)) if loss_all > 0 and np.isfinite(var) else 0.0
     fit["own_pixel"] = {"weight": weight, "loss": loss_all, "noise_variance": float(var)}
-    fit["class_losses"] = {str(c): float(v) for c, v in
-                           zip(options, means[(best // len(options)) * len(options):][:len(options)])}
+    first = best - best % len(options)  # the class ladder of the chosen fit's dictionary
+    fit["class_losses"] = {str(c): float(v) for c, v in zip(options, means[first:first + len(options)])}
     # pass 4: the output
     den = None
     if output != "none":
@@ -1186,6 +1186,7 @@ def _mix_apply(y, fits: list, output: str, tile, out, region, loss: bool = True)
     filts = [(s_t, s_yx, _Separable(y.shape, s_t, s_yx, b)) for s_t, s_yx in union]
     # each fit's features among the union's (a fit of a shorter dictionary uses a subset)
     index = [np.array([union.index((float(s_t), float(s_yx))) for s_t, s_yx in f["sigmas"]]) for f in fits]
+    index = [None if np.array_equal(ix, np.arange(len(filts))) else ix for ix in index]  # None: all, in order
     halo = _mix_halo(sorted({s for f in fits for s in (f.get("sigmas_yx_grid") or [v for _, v in f["sigmas"]])}))
     edges = [np.asarray(f["edges"], dtype=np.float64) for f in fits]
     cross = [np.asarray(f["beta_cross"], dtype=np.float64) for f in fits]
@@ -1213,8 +1214,7 @@ def _mix_apply(y, fits: list, output: str, tile, out, region, loss: bool = True)
             k_in = keep[reg]
             for i in range(len(fits)):
                 cls = np.digitize(struct, edges[i])
-                same = len(index[i]) == len(filts) and bool(np.all(index[i] == np.arange(len(filts))))
-                fb = fb_all if same else fb_all[index[i]]
+                fb = fb_all if index[i] is None else fb_all[index[i]]
                 for t in range(n_t):
                     if (loss or output == "jinv") and (i == 0 or loss):
                         coef = cross[i][t % 2][cls[t]]  # (h, w, K + 1)

@@ -945,10 +945,11 @@ def write_report(datasets: Sequence[str], inputs, outputs, choices: Mapping[str,
             evidence = ", ".join(f"{m} {v:.6g}" for m, v in choice.get("loss", {}).items())
             line += (f" Model: {choice['chosen']} ({choice['rule']}"
                      + (f"; self-supervised loss {evidence}" if evidence else "") + ").")
-            disagree = _disagreement(table[table.dataset == name], choice)
+            rows = table[table.dataset == name]
+            disagree = _disagreement(rows, choice)
             if disagree:  # in the section's first paragraph (HTML and Markdown), once
                 line += f" {disagree}"
-            unscored = _unscored(table[table.dataset == name], choice, index["n_frames"] if index else None)
+            unscored = _unscored(rows, choice, index["n_frames"] if index else None)
             if unscored:  # the overview's gain is NaN: say why where the reader looks next
                 line += f" {unscored}"
         drift = pd.read_csv(drift_csvs[i]) if drift_csvs else None
