@@ -21,8 +21,9 @@ Methods, all scored against the noise-free truth:
   blind_g3d      ``emdenoise.filters.blind_gaussian3d`` (tuned without the truth, Noise2Self)
   blind_classical  ``emdenoise.pipeline.classical_candidate``, auto's classical candidate: the
                  blind-tuned Gaussian 3D, NL-means of a temporal Gaussian average
-                 (``filters.blind_nlm``) or the Gaussian mix (``filters.blind_gaussian_mix``),
-                 whichever self-supervised loss is lower (on the unaligned movie, as blind_g3d)
+                 (``filters.blind_nlm``) or the Gaussian mix (``filters.blind_gaussian_mix``,
+                 per structure class or gated per pixel: ``pipeline.gate_mix``), whichever
+                 self-supervised loss is lower (on the unaligned movie, as blind_g3d)
   bm4d           BM4D (PyPI ``bm4d``, optional, never a project dependency). Counting mode:
                  Anscombe transform -> white noise of sigma 1 -> BM4D -> closed-form unbiased
                  inverse (Makitalo & Foi 2011). Linear mode: the noise PSD estimated from the
@@ -187,7 +188,11 @@ def blind_classical(noisy):
     nlm = (f"nlm loss {n['n2s_loss']:.6g} (sigma_t {n['sigma_t']}, patch {n['patch']}, search {n['distance']}, "
            f"h {n['h']})" if "n2s_loss" in n else f"nlm {n}")
     mix = a["mix"]
-    mix = (f"mix loss {mix['n2s_loss']:.6g} ({mix['fit']['classes']} classes)" if "n2s_loss" in mix else f"mix {mix}")
+    gate = mix.get("gate") or {}
+    gate = (f"; gate loss {gate['n2s_loss']:.6g}, z {gate['z'] if gate['z'] is None else round(gate['z'], 1)}, "
+            f"{'kept' if gate['chosen'] else 'not kept'}" if "n2s_loss" in gate else f"; gate {gate}")
+    mix = (f"mix loss {mix['n2s_loss']:.6g} ({mix['fit']['classes']} classes{gate})" if "n2s_loss" in mix
+           else f"mix {mix}")
     return den, (f"chose {a['filter']}; gaussian loss {a['gaussian']['n2s_loss']:.6g} sigma {a['gaussian']['sigma']}; "
                  f"{nlm}; {mix}")
 

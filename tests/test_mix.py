@@ -111,6 +111,9 @@ def test_the_classical_candidate_takes_the_mix_when_significantly_lower(dynamic)
         filters.normalised_gaussian3d(y, *attrs["gaussian"]["sigma"][:2]), dynamic.clean) + 0.5
     blind = pipeline.classical_blind(y, attrs)  # the recorded blind version is the one scored
     assert metrics.self_supervised_loss(blind, y) == pytest.approx(attrs["n2s_loss"], rel=1e-6)
+    g = attrs["mix"]["gate"]  # the gate was fitted, and kept only when significantly lower
+    assert g["chosen"] == (g["z"] is not None and g["z"] < -metrics.SELECT_MIN_Z) == ("gate" in attrs["mix"]["fit"])
+    assert attrs["mix"]["n2s_loss"] == min(attrs["mix"]["classes_loss"], g["n2s_loss"]) or not g["chosen"]
     said = metrics.mix_sentence(attrs["mix"])
     assert said.startswith(f"Gaussian mix ({len(attrs['mix']['fit']['sigmas'])} Gaussians x ")
     assert said.endswith("against the tuned Gaussian: chosen over the Gaussian")
@@ -132,6 +135,10 @@ def test_the_mix_refuses_what_it_cannot_fit():
         filters.blind_gaussian_mix(y, 3, sigmas_t=(0.0,), sigmas_yx=(0.5,))
     _, attrs = pipeline.classical_candidate(np.full((4, 16, 16), 3.0, np.float32), 0)
     assert attrs["filter"] == "gaussian3d" and "no measurable noise" in attrs["mix"]["skipped"]
+    _, attrs = pipeline.classical_candidate(y, 0, nlm=False)  # too small for a gate: the class mix
+    assert "6 x 32" not in attrs["mix"]["gate"]["skipped"] and "sampled pixels" in attrs["mix"]["gate"]["skipped"]
+    assert "gate" not in attrs["mix"]["fit"] and attrs["mix"]["n2s_loss"] == attrs["mix"]["classes_loss"]
+    assert pipeline.classical_candidate(y, 0, nlm=False, gate=False)[1]["mix"]["gate"] == {"skipped": "off"}
 
 
 def test_the_mix_keeps_to_the_checkable_reach_unless_reaching_further_is_significantly_better(dynamic):
@@ -166,3 +173,119 @@ def test_the_mix_is_blind_to_more_than_the_noise_stage_where_the_noise_is_correl
     assert b > 0
     _, attrs = pipeline.classical_candidate(y, b, nlm=False)
     assert attrs["mix"]["fit"]["blind_radius"] == b + filters.MIX_EXTRA_BLIND and attrs["blind_radius"] == b
+
+
+# ------------------------------------------------------------------------------ the gate
+
+def _random_gate(fit: dict, y: np.ndarray, seed: int = 0, hidden: int = 8) -> dict:
+    """A gate of random weights (its MLP's last layer too: no trained state hides a leak)."""
+    import torch
+
+    from emdenoise.models import MixGate
+
+    g = torch.Generator().manual_seed(seed)
+    weights = []
+    for _ in (0, 1):
+        net = MixGate(len(fit["sigmas"]), hidden, g)
+        with torch.no_grad():
+            net.l3.weight.normal_(0.0, 0.3, generator=g)
+            net.l3.bias.normal_(0.0, 0.3, generator=g)
+        weights.append(net.export())
+    return {"scale": [float(y.mean()), float(y.std())], "structure": [0.0, 2.0, 1e-6], "hidden": hidden,
+            "weights": weights}
+
+
+@pytest.mark.parametrize("b", [0, 2])
+@pytest.mark.parametrize("t", [0, 7, 39])  # first, interior and last frame
+def test_the_gated_mix_never_sees_its_own_pixels(tmp_path, dynamic, mixed, b, t):
+    """The gate mixes blind outputs pixel by pixel, so with any weights (random here) output
+    (t, p) does not change when frame t changes within b px of p, and does change when a
+    pixel just outside does (so the test can fail); the NumPy forward pass that applies
+    it is the torch module's, and the tiles do not change it."""
+    import torch
+
+    from emdenoise.models import MixGate
+
+    y = dynamic.noisy.astype(np.float32)
+    fit = mixed.fit if b == 0 else filters.blind_gaussian_mix(y, b, classes=(1, 2), noise_variance=4.0,
+                                                               output="none").fit
+    fit = {**fit, "gate": _random_gate(fit, y, seed=b + t)}
+    ref, _ = filters.gaussian_mix_apply(y, fit, output="jinv")
+    py, px = 50, 61
+    inside = y.copy()
+    inside[t, py - b:py + b + 1, px - b:px + b + 1] += 40.0
+    out, _ = filters.gaussian_mix_apply(inside, fit, output="jinv")
+    assert out[t, py, px] == pytest.approx(ref[t, py, px], abs=1e-3)
+    assert np.abs(out[t] - ref[t]).max() > 0.1
+    outside = y.copy()
+    outside[t, py, px + b + 1] += 40.0
+    out, _ = filters.gaussian_mix_apply(outside, fit, output="jinv")
+    assert abs(out[t, py, px] - ref[t, py, px]) > 1e-2
+    den, _ = filters.gaussian_mix_apply(inside, fit)  # the own pixel comes back with its weight
+    den_ref, _ = filters.gaussian_mix_apply(y, fit)
+    assert den[t, py, px] - den_ref[t, py, px] == pytest.approx(40.0 * fit["own_pixel"]["weight"], rel=1e-2)
+    # NumPy (filters.mix_gate_predict) == torch (models.MixGate) on the same inputs
+    rng = np.random.default_rng(t)
+    feats = rng.normal(y.mean(), y.std(), (500, len(fit["sigmas"]))).astype(np.float32)
+    struct = rng.uniform(0.01, 10.0, 500)
+    gate = fit["gate"]
+    f, x = filters.mix_gate_inputs(gate, feats, struct)
+    net = MixGate(len(fit["sigmas"]), gate["hidden"])
+    w = gate["weights"][1]
+    with torch.no_grad():
+        for layer, name in ((net.l1, "1"), (net.l2, "2"), (net.l3, "3")):
+            layer.weight.copy_(torch.tensor(w["w" + name]))
+            layer.bias.copy_(torch.tensor(w["b" + name]))
+        net.lin.weight.copy_(torch.tensor([w["lin_w"]]))
+        net.lin.bias.fill_(w["lin_b"])
+        want = net(torch.from_numpy(f), torch.from_numpy(x)).double().numpy() * gate["scale"][1] + gate["scale"][0]
+    np.testing.assert_allclose(filters.mix_gate_predict(gate, 1, feats, struct), want, rtol=1e-4, atol=1e-3)
+    src = zarr.create_array(str(tmp_path / "in.zarr"), shape=y.shape, chunks=(40, 32, 32), dtype="float32")
+    src[:] = y
+    np.testing.assert_array_equal(filters.gaussian_mix_apply(src, fit, output="jinv")[0], ref)
+
+
+@pytest.fixture(scope="module")
+def gated(dynamic):
+    from emdenoise import train
+
+    y = dynamic.noisy.astype(np.float32)
+    r = filters.blind_gaussian_mix(y, 0, noise_variance=metrics.frame_difference_variance(y), output="none",
+                                   samples=filters.MIX_GATE_SAMPLES)
+    return r, train.fit_mix_gate(r.samples, steps=500)
+
+
+def test_the_gate_is_fitted_across_parities_so_its_loss_is_its_mse_plus_the_noise(dynamic, mixed, gated):
+    """Frame t's gate is fitted on the frames of the other parity (and its step chosen on
+    frame t's parity, as a network's epoch on validation frames): the loss of the gated
+    blind mix is still an unbiased estimate of its MSE + the noise variance."""
+    from emdenoise import train
+
+    y = dynamic.noisy.astype(np.float32)
+    x = dynamic.clean.astype(np.float64)
+    r, gate = gated
+    assert r.fit == mixed.fit  # sampling does not change the mix
+    assert r.samples["features"].shape == (y.size, len(r.fit["sigmas"]))  # every pixel of a small movie
+    blind, sums = filters.gaussian_mix_apply(y, {**r.fit, "gate": gate}, output="jinv", loss=True)
+    loss = float(sums.sum() / y.size)
+    assert loss == pytest.approx(metrics.self_supervised_loss(blind, y), rel=1e-6)
+    assert loss == pytest.approx(np.mean((blind - x) ** 2) + np.mean((y - x) ** 2), rel=2e-3)
+    for p in (0, 1):  # the least-squares start is measured first; the kept step is the lowest measured
+        held = gate["held_out"][p]
+        assert gate["steps"][p] == train.GATE_EVAL_EVERY * int(np.argmin(held)) and min(held) <= held[0]
+    assert train.fit_mix_gate(r.samples, steps=500) == gate  # same samples, same gate (CPU)
+    few = {k: v[:2 * train.GATE_MIN_PIXELS - 10] for k, v in r.samples.items()}
+    with pytest.raises(InputError, match="sampled pixels of each frame parity"):
+        train.fit_mix_gate(few)
+
+
+def test_the_sentence_says_whether_the_gate_or_the_classes_mix():
+    fit = {"sigmas": [[0.0, 1.0]] * 3, "classes": 8, "own_pixel": {"weight": 0.031}}
+    gated = {"fit": {**fit, "gate": {"hidden": 32}}, "gate": {"z": -5.24, "chosen": True}, "z": -9.0, "chosen": True}
+    assert metrics.mix_sentence(gated) == (
+        "Gaussian mix (3 Gaussians, per-pixel coefficients from a gate (MLP, 32 hidden units) fitted on the movie, "
+        "z -5.2 against 8 structure classes, own-pixel weight 0.031), z -9.0 against the tuned Gaussian: chosen over "
+        "the Gaussian")
+    classes = {"fit": fit, "gate": {"z": -1.0, "chosen": False}, "z": 1.5, "chosen": False}
+    assert metrics.mix_sentence(classes) == ("Gaussian mix (3 Gaussians x 8 structure classes, own-pixel weight "
+                                             "0.031), z +1.5 against the tuned Gaussian: not chosen")

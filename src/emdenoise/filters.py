@@ -1,7 +1,9 @@
 """Classical filters: Gaussian baselines (WCVD paper, section 4.3), a Gaussian 3D tuned
 without ground truth (Noise2Self, Batson & Royer 2019), NL-means of a temporal Gaussian
 average tuned the same way and a mix of Gaussians fitted per structure class on the same
-loss (the three classical candidates of ``model: auto``).
+loss (the three classical candidates of ``model: auto``); the mix can take its coefficients
+per pixel from a gate (a small MLP fitted with torch by ``train.fit_mix_gate``, applied here
+with NumPy: :func:`mix_gate_predict`).
 
 All functions take and return ``(T, Y, X)`` float32 stacks; sigmas are in pixels
 (spatial) and frames (temporal).  NumPy / SciPy (and scikit-image's NL-means) only: no
@@ -875,6 +877,9 @@ MIX_SAMPLES = 2**20
 #: better than the tuned Gaussian, 33.44); PSF 1.0 px 10 frames 28.20 / 28.27 / 28.27;
 #: PSF 0.7 px 32.22 / 32.24 / 32.24.  White noise (b = 0) has nothing left to exploit.
 MIX_EXTRA_BLIND = 2
+#: Pixels (at most about; a grid in frame coordinates) whose dictionary outputs the mix
+#: hands to the fit of its gate (:func:`blind_gaussian_mix` ``samples``, ``train.fit_mix_gate``).
+MIX_GATE_SAMPLES = 2**21
 #: Ridge of the normal equations, relative to their mean diagonal (near-equal dictionary
 #: entries -- sigma_t 16 and 32 on a 10-frame movie -- make them singular).
 MIX_RIDGE = 1e-7
@@ -896,12 +901,17 @@ class GaussianMix:
         frames -- the output's --, 'beta_cross' (2, classes, K + 1), [p] fitted on the
         frames whose parity is not p -- the blind version's --, 'pixels' per class,
         'own_pixel' {'weight', 'loss' (of the all-frame blind mix), 'noise_variance'}.
+    samples: with ``samples`` > 0, the dictionary's blind outputs on a grid of pixels, for
+        the gate (:func:`mix_gate_apply`): 'features' (n, K) float32 (the chosen fit's
+        dictionary, in its order), 'structure' (n,), 'target' (n,) (the noisy pixel),
+        'frame' (n,) int64.
     """
 
     denoised: np.ndarray | None
     loss: float
     loss_frames: np.ndarray
     fit: dict
+    samples: dict | None = None
 
 
 def mix_blind_radius(blind_radius: int) -> int:
@@ -1012,7 +1022,7 @@ def _mix_fit(gram, rhs, sq, members, n_k: int, edges, n_pixels: int) -> dict:
 def blind_gaussian_mix(stack, blind_radius: int = 0, *, sigmas_t=MIX_SIGMAS_T, sigmas_yx=MIX_SIGMAS_YX,
                        classes=MIX_CLASSES, noise_variance: float | None = None,
                        preferred_reach: int | None = None, min_z: float = 2.0, output: str = "plain",
-                       min_weight: float = 0.02, tile: int | None = None, out=None) -> GaussianMix:
+                       min_weight: float = 0.02, tile: int | None = None, out=None, samples: int = 0) -> GaussianMix:
     """A locally adaptive mix of Gaussian 3D filters, fitted on the noisy movie itself.
 
     Each output pixel is a linear combination of K Gaussian 3D filters of the movie (the
@@ -1064,6 +1074,9 @@ def blind_gaussian_mix(stack, blind_radius: int = 0, *, sigmas_t=MIX_SIGMAS_T, s
         in sub-tiles that fit ``TILE_BUDGET`` and written once.  The values do not depend
         on the tiles (each tile is read with a halo of :func:`_mix_halo` px).
     out: writable (T, Y, X) array (e.g. a Zarr array sharded by ``tile``) or None.
+    samples: keep the blind dictionary outputs of about this many pixels (every frame, a
+        grid of rows and columns fixed in frame coordinates) for a gate (result's
+        ``samples``); 0: none.
     """
     y = _check_stack(stack, "blind_gaussian_mix")
     b = _check_b(blind_radius)
@@ -1085,22 +1098,31 @@ def blind_gaussian_mix(stack, blind_radius: int = 0, *, sigmas_t=MIX_SIGMAS_T, s
     sub = _mix_tiles(y.shape, halo, n_k)
     # pass 1: class edges from a grid of the structure map (fixed in frame coordinates)
     step = max(1, int(math.ceil(math.sqrt(n_t * n_y * n_x / MIX_SAMPLES))))
-    samples = []
+    edge_samples = []
     for region in _tiles((n_y, n_x), sub):
         box, core = _read_tile(y, region, halo)
         st = _mix_structure(box, core)
         oy, ox = (-region[0].start) % step, (-region[1].start) % step
-        samples.append(st[:, oy::step, ox::step].ravel())
-    edges = np.quantile(np.concatenate(samples), np.linspace(0, 1, finest + 1)[1:-1])
+        edge_samples.append(st[:, oy::step, ox::step].ravel())
+    edges = np.quantile(np.concatenate(edge_samples), np.linspace(0, 1, finest + 1)[1:-1])
     # pass 2: normal equations per finest class and frame parity, from the blind dictionary
     gram = np.zeros((2, finest, n_k + 1, n_k + 1))
     rhs = np.zeros((2, finest, n_k + 1))
     sq = np.zeros((2, finest))
+    s_step = max(1, int(math.ceil(math.sqrt(n_t * n_y * n_x / samples)))) if samples else 0
+    kept = []
     for region in _tiles((n_y, n_x), sub):
         box, core = _read_tile(y, region, halo)
-        cls = np.digitize(_mix_structure(box, core), edges)
+        struct = _mix_structure(box, core)
+        cls = np.digitize(struct, edges)
         fb = _mix_features(box, core, region, filts, b)
         target = box[(slice(None),) + tuple(core)]
+        if s_step:
+            grid = (slice(None), slice((-region[0].start) % s_step, None, s_step),
+                    slice((-region[1].start) % s_step, None, s_step))
+            frame = np.broadcast_to(np.arange(n_t)[:, None, None], struct.shape)
+            kept.append((fb[(slice(None),) + grid].reshape(n_k, -1).T, struct[grid].ravel(),
+                         target[grid].ravel().astype(np.float32), frame[grid].ravel()))
         for t in range(n_t):
             for c in range(finest):
                 sel = cls[t] == c
@@ -1154,7 +1176,15 @@ def blind_gaussian_mix(stack, blind_radius: int = 0, *, sigmas_t=MIX_SIGMAS_T, s
     den = None
     if output != "none":
         den = _mix_apply(y, [fit], "denoised" if output == "plain" else "jinv", tile, out, None)[0]
-    return GaussianMix(denoised=den, loss=float(per_frame[best].mean()), loss_frames=per_frame[best], fit=fit)
+    picked = None
+    if kept:
+        cols = [[filts[k][0], filts[k][1]] for k in range(n_k)]
+        cols = np.array([cols.index(list(sig)) for sig in fit["sigmas"]])
+        picked = {"features": np.concatenate([k[0] for k in kept])[:, cols],
+                  **{name: np.concatenate([k[i] for k in kept]) for i, name in
+                     ((1, "structure"), (2, "target"), (3, "frame"))}}
+    return GaussianMix(denoised=den, loss=float(per_frame[best].mean()), loss_frames=per_frame[best], fit=fit,
+                       samples=picked)
 
 
 def gaussian_mix_apply(stack, fit: dict, *, output: str = "denoised", tile: int | None = None, out=None,
@@ -1165,6 +1195,9 @@ def gaussian_mix_apply(stack, fit: dict, *, output: str = "denoised", tile: int 
     ``fit['own_pixel']['weight']`` x (y - it) (the denoised movie); 'jinv' -- the
     J-invariant mix with the cross-fitted coefficients (frame t's from the frames of the
     other parity): exactly blind for the fit given; 'none' -- nothing (with ``loss``).
+    A fit with a 'gate' (``pipeline.gate_mix``) takes its coefficients per pixel from it
+    (:func:`mix_gate_predict`, the gate fitted on the other parity) instead of per class,
+    for 'denoised' too (no gate is fitted on all frames).
     loss: also return the (T,) sums over pixels of (cross-fitted blind mix - y)^2 (of
     ``region``, a (y, x) pair of slices, when given).  Returns (output array or None, loss
     sums or None).  tile / out as for :func:`blind_gaussian_mix`.
@@ -1174,6 +1207,40 @@ def gaussian_mix_apply(stack, fit: dict, *, output: str = "denoised", tile: int 
         raise InputError(None, f"gaussian_mix_apply: output must be 'denoised', 'jinv' or 'none', got {output!r}")
     res, sums = _mix_apply(y, [fit], output, tile, out, region, loss=loss)
     return res, (sums[0] if loss else None)
+
+
+#: The gate's hidden layers use this slope for negative inputs (LeakyReLU, as WCVD's).
+GATE_SLOPE = 0.1
+
+
+def mix_gate_inputs(gate: dict, features: np.ndarray, structure: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The gate's inputs for n pixels: the dictionary outputs (n, K) scaled by the
+    movie's mean and SD ('scale') and the same with the standardised log structure map
+    appended, (n, K + 1); both float32."""
+    mu, sd = gate["scale"]
+    f = (np.asarray(features, dtype=np.float32) - np.float32(mu)) / np.float32(sd)
+    m, s, eps = gate["structure"]
+    z = (np.log(np.asarray(structure, dtype=np.float64) + eps) - m) / s
+    return f, np.concatenate([f, z.astype(np.float32)[:, None]], 1)
+
+
+def mix_gate_predict(gate: dict, parity: int, features: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """The gated mix at n pixels (data units, float64): sum_k (a_k + g_k(x)) f_k + c, with
+    f the dictionary's blind outputs (n, K) (scaled, :func:`mix_gate_inputs`), (a, c) a
+    linear mix and g a small MLP (two hidden layers, LeakyReLU) of the scaled outputs
+    and the structure map (n,) -- per-pixel coefficients instead of per-class ones.
+    ``gate['weights'][parity]`` are the weights fitted on the frames of the other parity
+    (``train.fit_mix_gate``; the torch module ``models.MixGate`` computes the same)."""
+    w = gate["weights"][int(parity)]
+    f, x = mix_gate_inputs(gate, features, structure)
+    h = x
+    for name in ("1", "2"):
+        h = h @ np.asarray(w["w" + name], np.float32).T + np.asarray(w["b" + name], np.float32)
+        h = np.where(h > 0, h, np.float32(GATE_SLOPE) * h)
+    g = h @ np.asarray(w["w3"], np.float32).T + np.asarray(w["b3"], np.float32)
+    out = f @ np.asarray(w["lin_w"], np.float32) + np.float32(w["lin_b"]) + np.sum(g * f, 1)
+    mu, sd = gate["scale"]
+    return out.astype(np.float64) * sd + mu
 
 
 def _mix_apply(y, fits: list, output: str, tile, out, region, loss: bool = True):
@@ -1215,15 +1282,23 @@ def _mix_apply(y, fits: list, output: str, tile, out, region, loss: bool = True)
             for i in range(len(fits)):
                 cls = np.digitize(struct, edges[i])
                 fb = fb_all if index[i] is None else fb_all[index[i]]
+                gate = fits[i].get("gate")
                 for t in range(n_t):
-                    if (loss or output == "jinv") and (i == 0 or loss):
-                        coef = cross[i][t % 2][cls[t]]  # (h, w, K + 1)
-                        fj = np.einsum("khw,hwk->hw", fb[:, t].astype(np.float64), coef[..., :-1]) + coef[..., -1]
+                    if (loss or output == "jinv" or gate) and (i == 0 or loss):
+                        if gate:  # the gate's coefficients, from the model fitted on the other parity
+                            fj = mix_gate_predict(gate, t % 2, fb[:, t].reshape(len(fb), -1).T,
+                                                  struct[t].ravel()).reshape(struct.shape[1:])
+                        else:
+                            coef = cross[i][t % 2][cls[t]]  # (h, w, K + 1)
+                            fj = (np.einsum("khw,hwk->hw", fb[:, t].astype(np.float64), coef[..., :-1])
+                                  + coef[..., -1])
                         if loss:
                             sums[i, t] += float(np.sum(((fj - target[t]) ** 2)[k_in]))
                         if output == "jinv" and i == 0:
                             block[t][inner] = fj
-                    if output == "denoised" and i == 0:
+                        if output == "denoised" and i == 0 and gate:
+                            block[t][inner] = fj + w_own * (target[t] - fj)
+                    if output == "denoised" and i == 0 and not gate:
                         coef = beta[cls[t]]
                         f = np.einsum("khw,hwk->hw", fb[:, t].astype(np.float64), coef[..., :-1]) + coef[..., -1]
                         block[t][inner] = f + w_own * (target[t] - f)

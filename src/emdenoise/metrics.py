@@ -874,13 +874,21 @@ def nlm_sentence(nlm: dict) -> str:
 
 def mix_sentence(mix: dict) -> str:
     """One sentence on the classical candidate's Gaussian mix (``classical_candidate``'s
-    'mix' record, ``filters.blind_gaussian_mix``): its size and whether it replaced the
-    tuned Gaussian, or why it was skipped."""
+    'mix' record, ``filters.blind_gaussian_mix``): its size, its coefficients (per
+    structure class, or per pixel from its gate, ``pipeline.gate_mix``) and whether it
+    replaced the tuned Gaussian, or why it was skipped."""
     if "skipped" in mix:
         return f"Gaussian mix not tried ({mix['skipped']})"
     fit = mix.get("fit") or {}
-    size = (f" ({len(fit['sigmas'])} Gaussians x {fit['classes']} structure classes, own-pixel weight "
-            f"{fit['own_pixel']['weight']:.3f})" if fit else "")
+    gate = mix.get("gate") or {}
+    size = ""
+    if fit:
+        how = f" x {fit['classes']} structure classes"
+        if "gate" in fit:
+            vs = f", z {gate['z']:+.1f} against {fit['classes']} structure classes" if gate.get("z") is not None else ""
+            how = f", per-pixel coefficients from a gate (MLP, {fit['gate']['hidden']} hidden units) fitted on the movie{vs}"
+        size = f" ({len(fit['sigmas'])} Gaussians{how}, own-pixel weight {fit['own_pixel']['weight']:.3f})"
+
     z = mix.get("z")
     test = f", z {z:+.1f} against the tuned Gaussian" if z is not None else ""
     return f"Gaussian mix{size}{test}: " + ("chosen over the Gaussian" if mix.get("chosen") else "not chosen")

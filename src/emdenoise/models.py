@@ -64,6 +64,7 @@ from torch import nn
 
 from .config import SHINEParams, WCVDParams
 from .errors import InputError
+from .filters import GATE_SLOPE
 from .tiling import min_frames_for_windows, window_frames
 
 __all__ = [
@@ -78,6 +79,7 @@ __all__ = [
     "build_model",
     "check_blind_state",
     "resolve_device",
+    "MixGate",
 ]
 
 
@@ -803,3 +805,42 @@ def check_shine_state(state_dict: dict, source=None) -> None:
 # the centre frame (``tiling.window_index``): frame 0 gets (2, 1, 0, 1, 2), frame 1
 # gets (3, 0, 1, 2, 3).  The centre frame never appears among its own neighbours, so
 # the blind spot stays exact at the edges (tests/test_blindness.py audits every frame).
+
+
+class MixGate(nn.Module):
+    """The gate of the Gaussian mix (``filters.mix_gate_predict``, which applies it with
+    NumPy): per-pixel coefficients for the mix's K blind Gaussian outputs.
+
+    forward(f, x): f (n, K) scaled dictionary outputs, x (n, K + 1) the same and the
+    standardised structure map -> (n,) scaled prediction sum_k (a_k + g_k(x)) f_k + c,
+    g an MLP K + 1 -> hidden -> hidden -> K (LeakyReLU).  Not a blind-spot model by its
+    own construction: it is blind because every input is (the dictionary's outputs are
+    J-invariant, the structure map never reads frame t) and it mixes them pixel by pixel.
+    The last layer starts at zero, so the untrained gate is the linear mix (a, c).
+    """
+
+    def __init__(self, n_features: int, hidden: int = 32, generator: torch.Generator | None = None):
+        super().__init__()
+        k = int(n_features)
+        self.lin = nn.Linear(k, 1)
+        self.l1, self.l2, self.l3 = nn.Linear(k + 1, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, k)
+        with torch.no_grad():
+            for layer in (self.lin, self.l1, self.l2):
+                bound = 1.0 / layer.in_features ** 0.5  # torch's default range, from our generator
+                layer.weight.uniform_(-bound, bound, generator=generator)
+                layer.bias.uniform_(-bound, bound, generator=generator)
+            self.l3.weight.zero_()
+            self.l3.bias.zero_()
+
+    def forward(self, f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.l1(x), GATE_SLOPE)
+        h = F.leaky_relu(self.l2(h), GATE_SLOPE)
+        return self.lin(f)[:, 0] + (self.l3(h) * f).sum(1)
+
+    def export(self) -> dict:
+        """The weights as JSON-able lists (what ``filters.mix_gate_predict`` reads)."""
+        def v(t):
+            return t.detach().cpu().double().tolist()
+        return {"w1": v(self.l1.weight), "b1": v(self.l1.bias), "w2": v(self.l2.weight), "b2": v(self.l2.bias),
+                "w3": v(self.l3.weight), "b3": v(self.l3.bias), "lin_w": v(self.lin.weight[0]),
+                "lin_b": float(self.lin.bias.item())}

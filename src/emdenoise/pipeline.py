@@ -450,15 +450,53 @@ NLM_MAX_PIXELS = 2**28
 NLM_MIN_SIGMA_T = 1.0
 
 
+def gate_mix(stack, m, noise_variance: float) -> dict:
+    """Fit the Gaussian mix's gate (``train.fit_mix_gate``: per-pixel coefficients from a
+    small MLP instead of per-class ones) and keep it when its cross-fitted loss is lower
+    than the class mix's by ``metrics.SELECT_MIN_Z`` standard errors of the per-frame
+    difference (the rule every candidate passes).  ``m``: ``filters.blind_gaussian_mix``'s
+    result with ``samples``; when the gate is kept, ``m.fit`` / ``m.loss`` /
+    ``m.loss_frames`` become the gated mix's (its own-pixel weight from its loss).
+    Returns the record: 'n2s_loss', 'z' (against the class mix), 'chosen', 'steps',
+    'pixels', 'hidden', or 'skipped' (why).  The loss is a full pass over the movie's
+    tiles (``filters.gaussian_mix_apply``); the gate itself is fitted on the samples."""
+    from . import train  # the torch side, only here (the classical job otherwise runs without it)
+
+    samples, m.samples = m.samples, None
+    if samples is None:
+        return {"skipped": "no samples"}
+    try:
+        gate = train.fit_mix_gate(samples)
+    except InputError as exc:
+        return {"skipped": exc.problem}
+    gated = {**m.fit, "gate": gate}
+    _, sums = filters.gaussian_mix_apply(stack, gated, output="none", loss=True)
+    frames = sums / (int(stack.shape[1]) * int(stack.shape[2]))
+    loss = float(frames.mean())
+    pick = metrics.select_model({"classes": m.loss, "gate": loss}, {"classes": m.loss_frames, "gate": frames},
+                                fallback="classes")
+    chosen = pick["chosen"] == "gate"
+    record = {"n2s_loss": loss, "z": (pick.get("significance") or {}).get("z"), "chosen": chosen,
+              "steps": gate["steps"], "pixels": gate["pixels"], "hidden": gate["hidden"]}
+    if chosen:
+        var = float(noise_variance)
+        weight = float(np.clip(1.0 - var / loss, 0.0, 0.999)) if loss > 0 and np.isfinite(var) else 0.0
+        gated["own_pixel"] = {"weight": weight, "loss": loss, "noise_variance": var}
+        m.fit, m.loss, m.loss_frames = gated, loss, frames
+    return record
+
+
 def classical_candidate(stack, blind_radius: int, *, tile: int | None = None, out=None, nlm: bool = True,
-                        mix: bool = True, scratch=None) -> tuple[np.ndarray, dict]:
+                        mix: bool = True, gate: bool = True, scratch=None) -> tuple[np.ndarray, dict]:
     """The classical filter tuned on the movie itself (no ground truth): the Gaussian 3D
     (``filters.blind_gaussian3d``, Noise2Self with the noise stage's blind spot; any
     temporal reach, up to the mean of the whole movie), NL-means of a temporal Gaussian
     average (``filters.blind_nlm``, at the Gaussian's sigma_t, at least
     ``NLM_MIN_SIGMA_T``) or the Gaussian mix (``filters.blind_gaussian_mix``: Gaussians
     of several sigmas combined per structure class by least squares on the same loss,
-    blind to ``filters.mix_blind_radius(b)``).
+    blind to ``filters.mix_blind_radius(b)``), its coefficients per structure class or,
+    where significantly lower, per pixel from a small MLP of the same blind outputs
+    (:func:`gate_mix`; ``gate`` False: classes only).
     The lowest self-supervised loss replaces the Gaussian only when it is lower on the
     whole frames by ``metrics.SELECT_MIN_Z`` standard errors of the per-frame difference
     (the rule a network must pass too); every loss is unbiased (MSE + noise) for its
@@ -473,8 +511,9 @@ def classical_candidate(stack, blind_radius: int, *, tile: int | None = None, ou
     compares; ``n2s_loss_frames`` per frame), the Gaussian's score table ('scores'),
     'gaussian' (its sigma and loss), 'nlm' (its setting, loss and score table, 'z' of the
     paired test against the Gaussian (negative: NL-means lower), or why it was skipped)
-    and 'mix' (its loss, 'z', 'fit' -- what ``filters.gaussian_mix_apply`` needs --, or
-    why it was skipped).
+    and 'mix' (its loss, 'z', 'fit' -- what ``filters.gaussian_mix_apply`` needs, with
+    'gate' when gated --, 'classes_loss' (the class mix's) and 'gate' (:func:`gate_mix`'s
+    record), or why it was skipped).
 
     stack: a (T, Y, X) NumPy array (made float32) or a lazy array-like (Zarr), read by
     spatial tiles of all frames (``tile`` px, None: ``filters.auto_tile``) and, for
@@ -519,9 +558,11 @@ def classical_candidate(stack, blind_radius: int, *, tile: int | None = None, ou
     if skip_mix is None:
         m = filters.blind_gaussian_mix(stack, filters.mix_blind_radius(b), noise_variance=noise_sd ** 2,
                                        output="none", preferred_reach=max(0, metrics.checkable_reach(n_t)),
-                                       min_z=metrics.SELECT_MIN_Z)
+                                       min_z=metrics.SELECT_MIN_Z, samples=filters.MIX_GATE_SAMPLES if gate else 0)
+        classes_loss = m.loss
+        gated = gate_mix(stack, m, noise_sd ** 2) if gate else {"skipped": "off"}
         losses["gaussian_mix"], frames["gaussian_mix"] = m.loss, m.loss_frames
-        attrs["mix"] = {"n2s_loss": m.loss, "fit": m.fit}
+        attrs["mix"] = {"n2s_loss": m.loss, "fit": m.fit, "classes_loss": classes_loss, "gate": gated}
     else:
         attrs["mix"] = {"skipped": skip_mix}
     # the networks' rule: another filter replaces the Gaussian only when significantly lower
