@@ -902,7 +902,7 @@ class GaussianMix:
         frames whose parity is not p -- the blind version's --, 'pixels' per class,
         'own_pixel' {'weight', 'loss' (of the all-frame blind mix), 'noise_variance'}.
     samples: with ``samples`` > 0, the dictionary's blind outputs on a grid of pixels, for
-        the gate (:func:`mix_gate_apply`): 'features' (n, K) float32 (the chosen fit's
+        the gate (:func:`mix_gate_predict`): 'features' (n, K) float32 (the chosen fit's
         dictionary, in its order), 'structure' (n,), 'target' (n,) (the noisy pixel),
         'frame' (n,) int64.
     """

@@ -460,7 +460,7 @@ def gate_mix(stack, m, noise_variance: float) -> dict:
     Returns the record: 'n2s_loss', 'z' (against the class mix), 'chosen', 'steps',
     'pixels', 'hidden', or 'skipped' (why).  The loss is a full pass over the movie's
     tiles (``filters.gaussian_mix_apply``); the gate itself is fitted on the samples."""
-    from . import train  # the torch side, only here (the classical job otherwise runs without it)
+    from . import train  # the torch side: the classical job imports it only when it fits a gate
 
     samples, m.samples = m.samples, None
     if samples is None:
