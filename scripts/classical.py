@@ -1,8 +1,9 @@
 """Rule `classical`: the classical filter tuned on the movie itself (no ground truth), a
 `model: auto` candidate (emdenoise.pipeline.classical_candidate): the Gaussian 3D
 (emdenoise.filters.blind_gaussian3d) or NL-means of a temporal Gaussian average
-(emdenoise.filters.blind_nlm) or a mix of Gaussians per structure class
-(emdenoise.filters.blind_gaussian_mix), whichever self-supervised loss is lower.
+(emdenoise.filters.blind_nlm) or a mix of Gaussians per structure class or gated per pixel
+(emdenoise.filters.blind_gaussian_mix, emdenoise.pipeline.gate_mix), whichever
+self-supervised loss is lower.
 
 Streamed: the aligned movie is read by spatial tiles of all frames (with a halo of the
 widest spatial kernel) and the output written into an OME-Zarr whose shards are those
@@ -22,7 +23,8 @@ def main(smk):
     aligned, attrs = io.read_zarr(smk.input.stack)  # lazy: read tile by tile
     b = int(json.loads(open(smk.input.blindspot).read())["blindspot"]) // 2
     tile = filters.blind_tile(aligned.shape[0])  # the output's shards are the tuning's tiles
-    record = pipeline.classical_zarr(aligned, b, smk.output.denoised, attrs=attrs, pixel_size=attrs.get("pixel_size"))
+    record = pipeline.classical_zarr(aligned, b, smk.output.denoised, attrs=attrs, pixel_size=attrs.get("pixel_size"),
+                                     threads=max(1, smk.threads))  # the gate's torch threads
     g = record["gaussian"]
     stage.log.info("classical: Gaussian 3D sigma (t, y, x) = %s, blind radius %d, self-supervised loss %.6g "
                    "(tiles of %d px)", g["sigma"], b, g["n2s_loss"], tile)

@@ -271,6 +271,11 @@ def test_the_gate_is_fitted_across_parities_so_its_loss_is_its_mse_plus_the_nois
         held = gate["held_out"][p]
         assert gate["steps"][p] == train.GATE_EVAL_EVERY * int(np.argmin(held)) and min(held) <= held[0]
     assert train.fit_mix_gate(r.samples, steps=500) == gate  # same samples, same gate (CPU)
+    import torch
+
+    before = torch.get_num_threads()  # the workflow job's threads while fitting, then torch's again
+    assert train.fit_mix_gate(r.samples, steps=1, threads=1)["steps"] in ([0, 0], [0, 1], [1, 0], [1, 1])
+    assert torch.get_num_threads() == before
     few = {k: v[:2 * train.GATE_MIN_PIXELS - 10] for k, v in r.samples.items()}
     with pytest.raises(InputError, match="sampled pixels of each frame parity"):
         train.fit_mix_gate(few)

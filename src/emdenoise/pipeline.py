@@ -450,7 +450,7 @@ NLM_MAX_PIXELS = 2**28
 NLM_MIN_SIGMA_T = 1.0
 
 
-def gate_mix(stack, m, noise_variance: float) -> dict:
+def gate_mix(stack, m, noise_variance: float, threads: int | None = None) -> dict:
     """Fit the Gaussian mix's gate (``train.fit_mix_gate``: per-pixel coefficients from a
     small MLP instead of per-class ones) and keep it when its cross-fitted loss is lower
     than the class mix's by ``metrics.SELECT_MIN_Z`` standard errors of the per-frame
@@ -459,14 +459,15 @@ def gate_mix(stack, m, noise_variance: float) -> dict:
     ``m.loss_frames`` become the gated mix's (its own-pixel weight from its loss).
     Returns the record: 'n2s_loss', 'z' (against the class mix), 'chosen', 'steps',
     'pixels', 'hidden', or 'skipped' (why).  The loss is a full pass over the movie's
-    tiles (``filters.gaussian_mix_apply``); the gate itself is fitted on the samples."""
+    tiles (``filters.gaussian_mix_apply``); the gate itself is fitted on the samples, with
+    torch on ``threads`` CPU threads (None: torch's default)."""
     from . import train  # the torch side: the classical job imports it only when it fits a gate
 
     samples, m.samples = m.samples, None
     if samples is None:
         return {"skipped": "no samples"}
     try:
-        gate = train.fit_mix_gate(samples)
+        gate = train.fit_mix_gate(samples, threads=threads)
     except InputError as exc:
         return {"skipped": exc.problem}
     gated = {**m.fit, "gate": gate}
@@ -487,7 +488,8 @@ def gate_mix(stack, m, noise_variance: float) -> dict:
 
 
 def classical_candidate(stack, blind_radius: int, *, tile: int | None = None, out=None, nlm: bool = True,
-                        mix: bool = True, gate: bool = True, scratch=None) -> tuple[np.ndarray, dict]:
+                        mix: bool = True, gate: bool = True, scratch=None,
+                        threads: int | None = None) -> tuple[np.ndarray, dict]:
     """The classical filter tuned on the movie itself (no ground truth): the Gaussian 3D
     (``filters.blind_gaussian3d``, Noise2Self with the noise stage's blind spot; any
     temporal reach, up to the mean of the whole movie), NL-means of a temporal Gaussian
@@ -496,7 +498,7 @@ def classical_candidate(stack, blind_radius: int, *, tile: int | None = None, ou
     of several sigmas combined per structure class by least squares on the same loss,
     blind to ``filters.mix_blind_radius(b)``), its coefficients per structure class or,
     where significantly lower, per pixel from a small MLP of the same blind outputs
-    (:func:`gate_mix`; ``gate`` False: classes only).
+    (:func:`gate_mix`, fitted on ``threads`` CPU threads; ``gate`` False: classes only).
     The lowest self-supervised loss replaces the Gaussian only when it is lower on the
     whole frames by ``metrics.SELECT_MIN_Z`` standard errors of the per-frame difference
     (the rule a network must pass too); every loss is unbiased (MSE + noise) for its
@@ -560,7 +562,7 @@ def classical_candidate(stack, blind_radius: int, *, tile: int | None = None, ou
                                        output="none", preferred_reach=max(0, metrics.checkable_reach(n_t)),
                                        min_z=metrics.SELECT_MIN_Z, samples=filters.MIX_GATE_SAMPLES if gate else 0)
         classes_loss = m.loss
-        gated = gate_mix(stack, m, noise_sd ** 2) if gate else {"skipped": "off"}
+        gated = gate_mix(stack, m, noise_sd ** 2, threads) if gate else {"skipped": "off"}
         losses["gaussian_mix"], frames["gaussian_mix"] = m.loss, m.loss_frames
         attrs["mix"] = {"n2s_loss": m.loss, "fit": m.fit, "classes_loss": classes_loss, "gate": gated}
     else:
@@ -687,14 +689,16 @@ def _tiled_writer(path, shape, tile: int, **kw) -> io.ZarrStackWriter:
 
 
 def classical_zarr(stack, blind_radius: int, dst, *, attrs: dict | None = None, pixel_size=None,
-                   pyramid: bool = True) -> dict:
+                   pyramid: bool = True, threads: int | None = None) -> dict:
     """:func:`classical_candidate` from a lazy (T, Y, X) stack into an OME-Zarr at ``dst``
     (sharded by the tuning's tiles, ``filters.blind_tile``), at memory bounded by
-    ``filters.TILE_BUDGET``; returns its record (also stored with ``attrs``)."""
+    ``filters.TILE_BUDGET``; returns its record (also stored with ``attrs``).  threads: for
+    the mix's gate (:func:`gate_mix`)."""
     tile = filters.blind_tile(stack.shape[0])
     with (_scratch(dst, stack.shape) as scratch,
           _tiled_writer(dst, tuple(stack.shape), tile, pixel_size=pixel_size, attrs=attrs, pyramid=pyramid) as w):
-        _, record = classical_candidate(stack, blind_radius, tile=tile, out=w.array, scratch=scratch)
+        _, record = classical_candidate(stack, blind_radius, tile=tile, out=w.array, scratch=scratch,
+                                        threads=threads)
         w.update_attrs({**(attrs or {}), **record})
     return record
 

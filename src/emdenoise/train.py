@@ -590,7 +590,7 @@ GATE_MIN_PIXELS = 50_000
 
 
 def fit_mix_gate(samples: dict, *, seed: int = 0, steps: int = GATE_STEPS, hidden: int = GATE_HIDDEN,
-                 batch: int = GATE_BATCH, lr: float = 1e-3) -> dict:
+                 batch: int = GATE_BATCH, lr: float = 1e-3, threads: int | None = None) -> dict:
     """Fit the Gaussian mix's gate (``models.MixGate``) on its sampled pixels, cross-fitted.
 
     samples: ``filters.blind_gaussian_mix(..., samples=n).samples`` -- 'features' (n, K)
@@ -603,7 +603,9 @@ def fit_mix_gate(samples: dict, *, seed: int = 0, steps: int = GATE_STEPS, hidde
     one): weights[p] then predict frame t of parity p without having been fitted on
     it, so the loss ``filters.gaussian_mix_apply`` reports is a held-out one, as the mix's.
     The loss is Noise2Self's: every input is blind to the predicted pixel.
-    Deterministic on the CPU (seeded, deterministic algorithms).
+    Deterministic on the CPU (seeded, deterministic algorithms).  threads: torch's CPU
+    threads while fitting (the workflow job's allocation; None: torch's default), restored
+    afterwards.
 
     Returns the JSON-able gate for ``filters.mix_gate_predict``: 'scale' [mean, SD] of
     the targets, 'structure' [mean, SD, eps] of log(structure + eps), 'hidden', 'weights'
@@ -628,7 +630,11 @@ def fit_mix_gate(samples: dict, *, seed: int = 0, steps: int = GATE_STEPS, hidde
     f_all, x_all = torch.from_numpy(f_np), torch.from_numpy(x_np)
     y_all = torch.from_numpy(((target - mu) / sd).astype(np.float32))
     weights, kept, held = [], [], []
-    with _deterministic(True):
+    threads_before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    with _deterministic(True), contextlib.ExitStack() as restore:
+        restore.callback(torch.set_num_threads, threads_before)
         for p in (0, 1):
             tr = torch.from_numpy(np.flatnonzero(parity != p))
             te = torch.from_numpy(np.flatnonzero(parity == p))

@@ -1,5 +1,6 @@
-# The classical filter tuned without ground truth (Noise2Self): Gaussian 3D or NL-means of a
-# temporal average, whichever scores lower; a `model: auto` candidate.
+# The classical filter tuned without ground truth (Noise2Self): Gaussian 3D, NL-means of a
+# temporal average or a Gaussian mix (per class or gated per pixel), whichever scores lower;
+# a `model: auto` candidate.
 
 
 rule classical:
@@ -13,6 +14,7 @@ rule classical:
         cfg=stage("name"),
     log:
         f"{RESULTS}/logs/{{ds}}/classical.log",
+    threads: 2  # the mix's gate (torch)
     resources:
         mem_mb=mem_mb(0, 2500),  # streamed by tiles (filters.TILE_BUDGET)
         runtime=runtime(30, 25),
