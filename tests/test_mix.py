@@ -226,14 +226,8 @@ def test_the_gated_mix_never_sees_its_own_pixels(tmp_path, dynamic, blind_fits, 
     struct = rng.uniform(0.01, 10.0, 500)
     gate = fit["gate"]
     f, x = filters.mix_gate_inputs(gate, feats, struct)
-    net = MixGate(len(fit["sigmas"]), gate["hidden"])
-    w = gate["weights"][1]
+    net = MixGate.from_export(gate["weights"][1], gate["hidden"])
     with torch.no_grad():
-        for layer, name in ((net.l1, "1"), (net.l2, "2"), (net.l3, "3")):
-            layer.weight.copy_(torch.tensor(w["w" + name]))
-            layer.bias.copy_(torch.tensor(w["b" + name]))
-        net.lin.weight.copy_(torch.tensor([w["lin_w"]]))
-        net.lin.bias.fill_(w["lin_b"])
         want = net(torch.from_numpy(f), torch.from_numpy(x)).double().numpy() * gate["scale"][1] + gate["scale"][0]
     np.testing.assert_allclose(filters.mix_gate_predict(gate, 1, feats, struct), want, rtol=1e-4, atol=1e-3)
     src = zarr.create_array(str(tmp_path / "in.zarr"), shape=y.shape, chunks=(40, 32, 32), dtype="float32")

@@ -888,7 +888,6 @@ def mix_sentence(mix: dict) -> str:
             vs = f", z {gate['z']:+.1f} against {fit['classes']} structure classes" if gate.get("z") is not None else ""
             how = f", per-pixel coefficients from a gate (MLP, {fit['gate']['hidden']} hidden units) fitted on the movie{vs}"
         size = f" ({len(fit['sigmas'])} Gaussians{how}, own-pixel weight {fit['own_pixel']['weight']:.3f})"
-
     z = mix.get("z")
     test = f", z {z:+.1f} against the tuned Gaussian" if z is not None else ""
     return f"Gaussian mix{size}{test}: " + ("chosen over the Gaussian" if mix.get("chosen") else "not chosen")

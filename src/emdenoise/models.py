@@ -837,6 +837,18 @@ class MixGate(nn.Module):
         h = F.leaky_relu(self.l2(h), GATE_SLOPE)
         return self.lin(f)[:, 0] + (self.l3(h) * f).sum(1)
 
+    @classmethod
+    def from_export(cls, w: dict, hidden: int) -> "MixGate":
+        """The module holding the weights :meth:`export` wrote."""
+        net = cls(len(w["lin_w"]), hidden)
+        with torch.no_grad():
+            for layer, name in ((net.l1, "1"), (net.l2, "2"), (net.l3, "3")):
+                layer.weight.copy_(torch.tensor(w["w" + name]))
+                layer.bias.copy_(torch.tensor(w["b" + name]))
+            net.lin.weight.copy_(torch.tensor([w["lin_w"]]))
+            net.lin.bias.fill_(w["lin_b"])
+        return net
+
     def export(self) -> dict:
         """The weights as JSON-able lists (what ``filters.mix_gate_predict`` reads)."""
         def v(t):

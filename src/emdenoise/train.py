@@ -633,46 +633,48 @@ def fit_mix_gate(samples: dict, *, seed: int = 0, steps: int = GATE_STEPS, hidde
     threads_before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
-    with _deterministic(True), contextlib.ExitStack() as restore:
-        restore.callback(torch.set_num_threads, threads_before)
-        for p in (0, 1):
-            tr = torch.from_numpy(np.flatnonzero(parity != p))
-            te = torch.from_numpy(np.flatnonzero(parity == p))
-            gen = torch.Generator().manual_seed(int(seed) * 2 + p)
-            model = MixGate(f_all.shape[1], hidden, gen)
-            with torch.no_grad():  # the least-squares linear mix (float64 normal equations)
-                a = torch.cat([f_all[tr].double(), torch.ones(len(tr), 1, dtype=torch.float64)], 1)
-                g = a.T @ a
-                g += 1e-7 * torch.trace(g) / len(g) * torch.eye(len(g), dtype=torch.float64)
-                sol = torch.linalg.solve(g, a.T @ y_all[tr].double())
-                model.lin.weight.copy_(sol[:-1][None].float())
-                model.lin.bias.fill_(float(sol[-1]))
+    try:
+        with _deterministic(True):
+            for p in (0, 1):
+                tr = torch.from_numpy(np.flatnonzero(parity != p))
+                te = torch.from_numpy(np.flatnonzero(parity == p))
+                gen = torch.Generator().manual_seed(int(seed) * 2 + p)
+                model = MixGate(f_all.shape[1], hidden, gen)
+                with torch.no_grad():  # the least-squares linear mix (float64 normal equations)
+                    a = torch.cat([f_all[tr].double(), torch.ones(len(tr), 1, dtype=torch.float64)], 1)
+                    g = a.T @ a
+                    g += 1e-7 * torch.trace(g) / len(g) * torch.eye(len(g), dtype=torch.float64)
+                    sol = torch.linalg.solve(g, a.T @ y_all[tr].double())
+                    model.lin.weight.copy_(sol[:-1][None].float())
+                    model.lin.bias.fill_(float(sol[-1]))
 
-            def held_out() -> float:
-                with torch.no_grad():
-                    return float(sum(torch.sum((model(f_all[i], x_all[i]) - y_all[i]) ** 2).item()
-                                     for i in te.split(2**18)) / len(te))
+                def held_out() -> float:
+                    with torch.no_grad():
+                        return float(sum(torch.sum((model(f_all[i], x_all[i]) - y_all[i]) ** 2).item()
+                                         for i in te.split(2**18)) / len(te))
 
-            opt = torch.optim.Adam(model.parameters(), lr=lr)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(steps, "cosine"))
-            losses = [held_out()]
-            best = (losses[0], 0, model.export())
-            for step in range(1, steps + 1):
-                i = tr[torch.randint(0, len(tr), (batch,), generator=gen)]
-                loss = torch.mean((model(f_all[i], x_all[i]) - y_all[i]) ** 2)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-                if step % GATE_EVAL_EVERY == 0 or step == steps:
-                    losses.append(held_out())
-                    if losses[-1] < best[0]:
-                        best = (losses[-1], step, model.export())
-                    elif step - best[1] >= GATE_PATIENCE * GATE_EVAL_EVERY:
-                        break
-            weights.append(best[2])
-            kept.append(best[1])
-            held.append([v * sd * sd for v in losses])
+                opt = torch.optim.Adam(model.parameters(), lr=lr)
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(steps, "cosine"))
+                losses = [held_out()]
+                best = (losses[0], 0, model.export())
+                for step in range(1, steps + 1):
+                    i = tr[torch.randint(0, len(tr), (batch,), generator=gen)]
+                    loss = torch.mean((model(f_all[i], x_all[i]) - y_all[i]) ** 2)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    if step % GATE_EVAL_EVERY == 0 or step == steps:
+                        losses.append(held_out())
+                        if losses[-1] < best[0]:
+                            best = (losses[-1], step, model.export())
+                        elif step - best[1] >= GATE_PATIENCE * GATE_EVAL_EVERY:
+                            break
+                weights.append(best[2])
+                kept.append(best[1])
+                held.append([v * sd * sd for v in losses])
+    finally:
+        torch.set_num_threads(threads_before)
     return {**gate, "weights": weights, "steps": kept, "held_out": held, "pixels": counts}
 
 
