@@ -20,8 +20,11 @@ venv: $(BIN)/.installed
 run: venv
 	$(BIN)/snakemake --cores $(CORES) --configfile $(CONFIG) --printshellcmds
 
+# two workers: most tests wait on subprocesses (Snakemake, the CLI) or run one torch thread
+TEST_WORKERS ?= 2
+
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 lint: venv
 	$(BIN)/snakemake --lint

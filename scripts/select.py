@@ -2,7 +2,8 @@
 
 One candidate: it is the result. `model: auto`: the networks and the blind-tuned classical
 filter (`classical`: Gaussian 3D or NL-means); the one with the lowest self-supervised (Noise2Self) loss of its blind
-output, recorded by the stage that made it (`n2s_loss`: lowpass for the networks,
+output (then `ensemble`, their combination, in its place where significantly lower:
+emdenoise.pipeline.prefer_ensemble), recorded by the stage that made it (`n2s_loss`: lowpass for the networks,
 classical for the classical filter; emdenoise.metrics.select_model) -- the classical filter unless a
 network is lower by more than 2 standard errors of the per-frame difference
 (`n2s_loss_frames`) -- with its evidence in
@@ -27,13 +28,17 @@ def main(smk):
     # (its blind radius recorded by infer; the classical filter's is the noise's own)
     radii = {m: int(attrs["blind_radius"]) for m, (_, attrs) in stacks.items() if "blind_radius" in attrs}
     noise_radius = int(json.loads(open(smk.input.blindspot).read())["blindspot"]) // 2
-    choice = pipeline.choose({m: attrs.get("n2s_loss") for m, (_, attrs) in stacks.items()}, ds, radii,
-                             noise_radius, {m: attrs["n2s_loss_frames"] for m, (_, attrs) in stacks.items()
-                                            if "n2s_loss_frames" in attrs})
+    frames = {m: attrs["n2s_loss_frames"] for m, (_, attrs) in stacks.items() if "n2s_loss_frames" in attrs}
+    choice = pipeline.choose({m: attrs.get("n2s_loss") for m, (_, attrs) in stacks.items() if m != "ensemble"}, ds,
+                             radii, noise_radius, frames)
+    if "ensemble" in stacks:  # replaces the choice only where significantly lower
+        choice = pipeline.prefer_ensemble(choice, stacks["ensemble"][1]["ensemble"], frames)
     choice["reaches"] = {m: pipeline.temporal_reach(ds, m, attrs) for m, (_, attrs) in stacks.items()}
     # each network's own-pixel weight as applied (pipeline.postprocess; 0: not given back)
     choice["unblind"] = {m: attrs["lowpass"]["unblind"]["weight"] * attrs["lowpass"]["unblind"]["applied"]
                          for m, (_, attrs) in stacks.items() if "unblind" in (attrs.get("lowpass") or {})}
+    if "ensemble" in stacks:
+        choice["unblind"]["ensemble"] = stacks["ensemble"][1]["ensemble"]["own_pixel"]["weight"]
     if "model_shine" in smk.input.keys():  # which SHINE size ran (auto: CPU-sized without a GPU)
         from emdenoise import checkpoint  # torch: only here
 
@@ -44,6 +49,10 @@ def main(smk):
     key = f"model_{chosen}"
     if key in smk.input.keys():
         choice.update(kind="network", checkpoint=str(smk.input[key]))
+    elif chosen == "ensemble":  # every member's checkpoint
+        choice.update(kind="ensemble", checkpoint=None,
+                      checkpoints={m: str(smk.input[f"model_{m}"]) for m in choice["ensemble"]["members"]
+                                   if f"model_{m}" in smk.input.keys()})
     else:
         a = stacks[chosen][1]
         choice.update(kind="classical filter (no checkpoint)", checkpoint=None, sigma=a.get("sigma"),

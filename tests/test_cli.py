@@ -268,7 +268,7 @@ def test_auto_keeps_the_candidate_with_the_lower_true_mse(tmp_path, one_thread, 
     ds = emcfg.build({"datasets": {"m": {"path": str(src)}}, "defaults": settings}).datasets["m"]
     result = pipeline.denoise_stack(movie.noisy, ds, device="cpu", train_overrides={"device": "cpu", "epochs": 5})
     every = {name: float(np.mean((out - movie.clean) ** 2)) for name, out in result["outputs"].items()}
-    assert set(every) == {"wcvd", "shine", "classical"}
+    assert set(every) == {"wcvd", "shine", "classical", "ensemble"}
     # the rule between the two networks (the tuned Gaussian may beat both at 5 epochs)
     nets = {m: result["outputs"][m] for m in ("wcvd", "shine")}
     choice = pipeline.choose({m: result["choice"]["loss"][m] for m in nets}, ds)

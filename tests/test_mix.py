@@ -9,6 +9,7 @@ import zarr
 from emdenoise import filters, metrics, pipeline
 from emdenoise.errors import InputError
 from emdenoise.synthetic import simulate_scene
+from helpers import random_gate
 
 
 @pytest.fixture(scope="module")
@@ -188,24 +189,6 @@ def test_the_mix_is_blind_to_more_than_the_noise_stage_where_the_noise_is_correl
 
 # ------------------------------------------------------------------------------ the gate
 
-def _random_gate(fit: dict, y: np.ndarray, seed: int = 0, hidden: int = 8) -> dict:
-    """A gate of random weights (its MLP's last layer too: no trained state hides a leak)."""
-    import torch
-
-    from emdenoise.models import MixGate
-
-    g = torch.Generator().manual_seed(seed)
-    weights = []
-    for _ in (0, 1):
-        net = MixGate(len(fit["sigmas"]), hidden, g)
-        with torch.no_grad():
-            net.l3.weight.normal_(0.0, 0.3, generator=g)
-            net.l3.bias.normal_(0.0, 0.3, generator=g)
-        weights.append(net.export())
-    return {"scale": [float(y.mean()), float(y.std())], "structure": [0.0, 2.0, 1e-6], "hidden": hidden,
-            "weights": weights}
-
-
 @pytest.mark.parametrize("b", [0, 2])
 @pytest.mark.parametrize("t", [0, 7, 39])  # first, interior and last frame
 def test_the_gated_mix_never_sees_its_own_pixels(tmp_path, dynamic, blind_fits, b, t):
@@ -218,7 +201,7 @@ def test_the_gated_mix_never_sees_its_own_pixels(tmp_path, dynamic, blind_fits, 
     from emdenoise.models import MixGate
 
     y = dynamic.noisy.astype(np.float32)
-    fit = {**blind_fits[b], "gate": _random_gate(blind_fits[b], y, seed=b + t)}
+    fit = {**blind_fits[b], "gate": random_gate(len(blind_fits[b]["sigmas"]), y, seed=b + t)}
     _assert_blind(y, fit, b, t, tol=1e-3, rel=1e-2)
     # NumPy (filters.mix_gate_predict) == torch (models.MixGate) on the same inputs
     rng = np.random.default_rng(t)
@@ -273,6 +256,25 @@ def test_the_gate_is_fitted_across_parities_so_its_loss_is_its_mse_plus_the_nois
     few = {k: v[:2 * train.GATE_MIN_PIXELS - 10] for k, v in r.samples.items()}
     with pytest.raises(InputError, match="sampled pixels of each frame parity"):
         train.fit_mix_gate(few)
+
+
+def test_the_gated_mix_blind_output_is_recovered_from_its_output(dynamic, gated):
+    """The ensemble's classical member (pipeline.classical_blind_stack): a gated mix's
+    output gives its pixel back with weight w on the same cross-fitted blind output, so
+    (out - w y) / (1 - w) is that blind output (float32 rounding apart) -- no pass of the
+    filter; without a gate it takes the pass (pipeline.classical_blind)."""
+    y = dynamic.noisy.astype(np.float32)
+    r, gate = gated
+    fit = {**r.fit, "gate": gate, "own_pixel": {**r.fit["own_pixel"], "weight": 0.3}}
+    attrs = {"filter": "gaussian_mix", "mix": {"fit": fit}}
+    out, _ = filters.gaussian_mix_apply(y, fit)
+    jinv, _ = filters.gaussian_mix_apply(y, fit, output="jinv")
+    back = pipeline.classical_blind_stack(y, attrs, output=out)
+    assert isinstance(back, pipeline.Reblinded)
+    np.testing.assert_allclose(np.asarray(back), jinv, rtol=1e-5, atol=1e-5 * float(np.abs(jinv).max()))
+    plain = {"filter": "gaussian_mix", "mix": {"fit": r.fit}}  # classes: the output's mix is not cross-fitted
+    assert np.array_equal(pipeline.classical_blind_stack(y, plain, output=out),
+                          filters.gaussian_mix_apply(y, r.fit, output="jinv")[0])
 
 
 def test_the_sentence_says_whether_the_gate_or_the_classes_mix():

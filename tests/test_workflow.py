@@ -85,7 +85,7 @@ def test_tiny_run_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     table = pd.read_csv(tmp_path / "results" / "report" / "metrics.csv")
     for ds in config["datasets"]:
-        models = {"wcvd", "wcvd_ctx", "shine", "classical"} if ds == "lin" else {"wcvd"}
+        models = {"wcvd", "wcvd_ctx", "shine", "classical", "ensemble"} if ds == "lin" else {"wcvd"}
         assert set(table[table.dataset == ds].method) == {"raw", "gaussian2d", "gaussian3d"} | models, ds
     rows = table.set_index(["dataset", "method"])
     # ground truth was used where given, and only there
@@ -105,12 +105,21 @@ def test_tiny_run_end_to_end(tmp_path):
         choice = json.loads((res / ds / "model_choice.json").read_text())
         if choice["chosen"] == "classical":  # a filter: no checkpoint
             assert choice["checkpoint"] is None and len(choice["sigma"]) == 3
+        elif choice["chosen"] == "ensemble":  # several models: each member's checkpoint
+            assert choice["checkpoint"] is None and set(choice["checkpoints"]) == {"wcvd", "wcvd_ctx", "shine"}
         else:
             assert (tmp_path / choice["checkpoint"]).resolve() == (res / ds / choice["chosen"] / "model.pt").resolve()
         if ds == "lin":  # auto: the candidate with the lowest self-supervised loss, evidence recorded
-            assert set(choice["loss"]) == {"wcvd", "wcvd_ctx", "shine", "classical"}
+            assert set(choice["loss"]) == {"wcvd", "wcvd_ctx", "shine", "classical", "ensemble"}
             assert (res / ds / "classical" / "tuning.csv").exists()
-            assert choice["chosen"] == min(choice["loss"], key=choice["loss"].get)
+            single = {m: v for m, v in choice["loss"].items() if m != "ensemble"}
+            ens = choice["ensemble"]  # the candidates combined: chosen only where significantly lower
+            assert ens["members"] == ["wcvd", "wcvd_ctx", "shine", "classical"] and ens["versus"] == min(single,
+                                                                                                      key=single.get)
+            assert choice["chosen"] == ("ensemble" if ens["chosen"] else ens["versus"])
+            e_attrs = io.read_zarr(res / ds / "ensemble" / "denoised.zarr")[1]
+            assert e_attrs["n2s_loss"] == choice["loss"]["ensemble"] and e_attrs["ensemble"]["members"] == ens["members"]
+            assert e_attrs["temporal_reach"] == max(choice["reaches"][m] for m in ens["members"])
             # each loss is that of the candidate's blind output against the aligned movie
             aligned = io.read_zarr(res / ds / "aligned.zarr")[0][:]
             for m in ("wcvd", "shine"):
@@ -118,7 +127,7 @@ def test_tiny_run_end_to_end(tmp_path):
                 assert choice["loss"][m] == pytest.approx(float(np.mean((blind.astype(np.float64) - aligned) ** 2)),
                                                           rel=1e-6)
             # each network's own pixel given back with the recorded weight (SHINE: always, no low-pass after)
-            assert set(choice["unblind"]) == {"wcvd", "wcvd_ctx", "shine"}
+            assert set(choice["unblind"]) == {"wcvd", "wcvd_ctx", "shine", "ensemble"}
             w = choice["unblind"]["shine"]
             assert 0 <= w < 1 and io.read_zarr(res / ds / "shine" / "denoised.zarr")[1]["lowpass"]["unblind"]["applied"]
             np.testing.assert_allclose(io.read_zarr(res / ds / "shine" / "denoised.zarr")[0][:],
@@ -132,7 +141,9 @@ def test_tiny_run_end_to_end(tmp_path):
             assert choice["chosen"] == "wcvd"
         prov = json.loads((res / ds / "provenance.json").read_text())
         assert prov["input"]["sha256"]
-        if choice["chosen"] != "classical":
+        if choice["chosen"] == "ensemble":
+            assert prov["model"]["ensemble"]["models"]["wcvd"]["train_params"]["epochs"] == 3
+        elif choice["chosen"] != "classical":
             assert prov["model"]["train_params"]["epochs"] == 3
     # denoised stacks exported in the input's family, same frame count and pixel size as aligned
     with mrcfile.open(res / "own_mrc" / "denoised.mrc", permissive=True) as m:

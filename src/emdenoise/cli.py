@@ -170,6 +170,10 @@ def _denoise_into(args, arr, meta, ds, device, work) -> None:
     io.write_stack(args.output, result["output"], pixel_size=meta.get("pixel_size"),
                    metadata={"source": meta["source"], "sha256": meta["sha256"], "method": chosen,
                              **{k: meta[k] for k in ("frame_time", "tilt_angles") if k in meta}})
+    if chosen == "ensemble":
+        print(f"wrote {args.output} {stack.shape} ({metrics.ensemble_sentence(choice['ensemble'])}"
+              + ("; no model saved: the ensemble is several" if args.save_model else "") + ")")
+        return
     if ckpt is None:
         sigma = tuple(round(float(v), 2) for v in choice.get("sigma", ()))
         what = (metrics.nlm_sentence(choice["nlm"]) if choice.get("filter") == "nlm"

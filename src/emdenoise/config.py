@@ -362,6 +362,10 @@ class ModelConfig:
     # ((T - 11) // 2) where the longer one is not significantly better on held-out frames
     # (pipeline.choose_reach); 0 = no such candidate in auto
     context: int | str = setting("auto", minimum=0, also=["auto"])
+    # auto also combines its candidates' blind outputs pixel by pixel (pipeline.ensemble:
+    # a small MLP gate fitted on the movie, cross-fitted by frame parity) and takes that
+    # where its self-supervised loss is significantly lower than the chosen candidate's
+    ensemble: bool = setting(True)
     # WCVD's centre-frame blind spot (px, odd): null = the size the noise stage measured
     # (1 for uncorrelated counting noise; the detector PSF of linear mode needs more)
     blindspot: int | None = setting(None, enum=[1, 3, 5, 7, 9])
@@ -600,11 +604,13 @@ class _DatasetHelpers:
 
     @property
     def select_candidates(self) -> list[str]:
-        """What ``auto`` chooses from: the trained models and the Gaussian 3D tuned without
-        ground truth ('classical', no checkpoint); the configured model otherwise.
-        Needs ``model.name``."""
+        """What ``auto`` chooses from: the trained models, the Gaussian 3D tuned without
+        ground truth ('classical', no checkpoint) and, with ``model.ensemble``, their
+        combination ('ensemble', ``pipeline.ensemble``); the configured model otherwise.
+        Needs ``model.name`` (and ``model.ensemble``)."""
         auto = self.model.name == "auto" and not self.model.checkpoint
-        return self.candidates + (["classical"] if auto else [])
+        ensemble = auto and self.model.ensemble and bool(self.candidates)  # of the networks and 'classical'
+        return self.candidates + (["classical"] if auto else []) + (["ensemble"] if ensemble else [])
 
     def train_params(self, model: str, gpu: bool = False) -> TrainParams:
         """Training settings of one model: SHINE takes its size's batch / crop / schedule
@@ -637,7 +643,7 @@ class _DatasetHelpers:
 #: What each helper of _DatasetHelpers reads, for the error when a stage view lacks it.
 _HELPER_NEEDS = {"candidates": ("model.name", "model.kt", "model.long_kt", "model.context", "model.checkpoint"),
                  "select_candidates": ("model.name", "model.kt", "model.long_kt", "model.context",
-                                       "model.checkpoint"),
+                                       "model.checkpoint", "model.ensemble"),
                  "drift_enabled": ("drift", "kind"), "gpu_jobs": ("train", "infer", "prefilter")}
 
 

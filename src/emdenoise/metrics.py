@@ -893,6 +893,21 @@ def mix_sentence(mix: dict) -> str:
     return f"Gaussian mix{size}{test}: " + ("chosen over the Gaussian" if mix.get("chosen") else "not chosen")
 
 
+def ensemble_sentence(ens: dict) -> str:
+    """One sentence on ``auto``'s ensemble (the 'ensemble' record of
+    ``pipeline.prefer_ensemble``): its members, its kind, its test against the candidate
+    it would replace and whether it did, or why it was not fitted."""
+    members = ", ".join(ens.get("members", []))
+    if "skipped" in ens:
+        return f"ensemble of {members} not fitted ({ens['skipped']})"
+    how = "per-pixel weights from a gate (MLP)" if ens.get("kind") == "gated" else "linear weights"
+    z = ens.get("z")
+    test = f", z {z:+.1f} against {ens['versus']}" if z is not None else ""
+    verdict = "" if "chosen" not in ens else ": chosen" if ens["chosen"] else ": not chosen"  # before select: none
+    return (f"ensemble of {members} ({how} of their blind outputs, fitted on the movie, cross-fitted by frame "
+            f"parity){test}{verdict}")
+
+
 def disagreement_sentence(choice: dict, umse: dict, radius: int | None, versus: str = "classical") -> str | None:
     """The sentence the report gives when the two quality checks disagree about ``auto``'s
     choice: its self-supervised loss is lower than the tuned classical candidate's (the

@@ -643,6 +643,130 @@ def check_frames(ds, n_frames: int) -> None:
             raise InputError(None, f"has {n_frames} frames; {name} needs at least {need}")
 
 
+#: ``model: auto``'s ensemble (:func:`ensemble`) needs at least this many sampled pixels of each
+#: frame parity for its linear mix (cross-fitted least squares); its MLP gate needs
+#: ``train.GATE_MIN_PIXELS`` (the same as the Gaussian mix's gate).
+ENSEMBLE_MIN_PIXELS = 256
+
+#: Pixels the ensemble's gate is fitted on, at most (~0.7 GB while fitting): 4x the mix's
+#: (filters.MIX_GATE_SAMPLES), since it is fitted once per movie, not per tile -- on a
+#: 200 x 256² counting movie 2^21 random pixels gave 29.70 dB, 2^23 29.73 (the members 29.58 at best).
+ENSEMBLE_SAMPLES = 2**23
+
+
+def ensemble_structure(features: np.ndarray) -> np.ndarray:
+    """How much the ensemble's members disagree at n pixels: the variance of their blind
+    outputs ``features`` (n, K) across the K members, (n,) float64 (data units²).  Read
+    only at the pixel itself, so blind wherever the members are."""
+    return np.var(np.asarray(features, dtype=np.float64), axis=1)
+
+
+class Ensembled(filters.FrameMap):
+    """A lazy (T, Y, X) float32 stack: the ensemble's blind output, the gate
+    (``filters.mix_gate_predict``) of its members' blind stacks at each pixel, frame t with
+    the weights fitted on the frames of the other parity.  ``members``: (T, Y, X) stacks,
+    NumPy or lazy (Zarr, FrameMap), read frame block by frame block."""
+
+    def __init__(self, members: list, gate: dict):
+        super().__init__(members[0], None)
+        self.members, self.gate = list(members), gate
+
+    def _compute(self, a: int, b: int) -> np.ndarray:
+        blocks = [np.asarray(m[a:b], dtype=np.float32) for m in self.members]
+        out = np.empty((b - a,) + self.shape[1:], dtype=np.float32)
+        for i in range(b - a):
+            f = np.stack([blk[i].ravel() for blk in blocks], 1)
+            out[i] = filters.mix_gate_predict(self.gate, (a + i) % 2, f, ensemble_structure(f)).reshape(self.shape[1:])
+        return out
+
+
+def ensemble(blinds: dict, noisy, *, region=None, samples: int = ENSEMBLE_SAMPLES,
+             threads: int | None = None) -> tuple[dict, Ensembled | None]:
+    """``model: auto``'s ensemble: the candidates' blind outputs combined pixel by pixel.
+
+    blinds: name -> (T, Y, X) blind (J-invariant) output of each candidate the selection
+        trusts (blind to the whole noise-correlated window: the networks before their
+        low-pass and own pixel, the classical filter's :func:`classical_blind`), NumPy or
+        lazy; noisy: the movie they denoised (the aligned one), same shape and units;
+        region: (slice_y, slice_x) of the pixels fitted and scored (the canvas every frame
+        covers), None: all.
+    The output at (t, p) is sum_k (a_k + g_k(x)) f_k(t, p) + c: the gate of the Gaussian
+    mix (``models.MixGate``, ``train.fit_mix_gate``) with the members' outputs f_k as its
+    dictionary and their disagreement (:func:`ensemble_structure`) as its structure map --
+    an MLP where each frame parity has ``train.GATE_MIN_PIXELS`` sampled pixels, the
+    linear mix (a, c) alone below.  Fitted on ~``samples`` pixels (a grid fixed in frame
+    coordinates, every frame), cross-fitted: frame t takes the weights fitted on the frames
+    of the other parity, and each is kept at its lowest loss on the held-out parity.  Every
+    input at (t, p) is blind to y(t, p) and its correlated neighbours, and the gate reads
+    them at (t, p) only, so the ensemble is blind with any weights and its loss
+    (``metrics.self_supervised_loss``) is unbiased: MSE + noise variance, comparable with
+    the members'.  Members disagree where each errs differently (a network's texture, a
+    temporal average's motion blur); the gate learns whom to trust there.
+
+    Returns (record, lazy blind output or None): record {'members', 'n2s_loss',
+    'n2s_loss_frames', 'kind' ('gated' | 'linear'), 'steps', 'pixels', 'gate'} or
+    {'members', 'skipped': why} (no member, or fewer than ``ENSEMBLE_MIN_PIXELS``).  One
+    member: its calibration a f + c (what is left when the selection trusts one)."""
+    from . import train  # torch: only where an ensemble is fitted
+
+    names = list(blinds)
+    if not names:
+        return {"members": names, "skipped": "no candidate"}, None
+    stacks = [blinds[n] for n in names]
+    shape = tuple(int(n) for n in noisy.shape)
+    for n, st in zip(names, stacks):
+        if tuple(int(v) for v in st.shape) != shape:
+            raise InputError(None, f"the ensemble's member {n} has shape {tuple(st.shape)}, the movie {shape}")
+    cut = tuple(region) if region is not None else (slice(None), slice(None))
+    ny, nx = (len(range(*c.indices(n))) for c, n in zip(cut, shape[1:]))
+    ratio = shape[0] * ny * nx / max(1, samples)  # a grid of sy x sx px cells, one pixel each
+    sy = max(1, int(np.sqrt(ratio)))
+    sx = max(1, int(np.ceil(ratio / sy)))
+    feats, target, frame = [], [], []
+    for t in range(shape[0]):
+        f = np.stack([np.asarray(st[t], dtype=np.float32)[cut][::sy, ::sx].ravel() for st in stacks], 1)
+        feats.append(f)
+        target.append(np.asarray(noisy[t], dtype=np.float32)[cut][::sy, ::sx].ravel())
+        frame.append(np.full(len(f), t))
+    feats = np.concatenate(feats)
+    picked = {"features": feats, "structure": ensemble_structure(feats), "target": np.concatenate(target),
+              "frame": np.concatenate(frame)}
+    counts = [int(np.sum(picked["frame"] % 2 == p)) for p in (0, 1)]
+    if min(counts) < ENSEMBLE_MIN_PIXELS:
+        return {"members": names, "skipped": f"{min(counts)} sampled pixels in a frame parity "
+                                             f"(< {ENSEMBLE_MIN_PIXELS})"}, None
+    gated = min(counts) >= train.GATE_MIN_PIXELS
+    gate = train.fit_mix_gate(picked, steps=train.GATE_STEPS if gated else 0, threads=threads,
+                              min_pixels=ENSEMBLE_MIN_PIXELS)
+    blind = Ensembled(stacks, gate)
+    frames = metrics.self_supervised_loss_per_frame(blind, noisy, region)
+    return {"members": names, "n2s_loss": float(frames.mean()), "n2s_loss_frames": frames.tolist(),
+            "kind": "gated" if gated else "linear", "steps": gate["steps"], "pixels": counts, "gate": gate}, blind
+
+
+def prefer_ensemble(choice: dict, record: dict, frame_losses: dict) -> dict:
+    """:func:`choose`'s record with the ensemble (:func:`ensemble`'s ``record``) taken in
+    its chosen candidate's place only when its loss is lower by ``metrics.SELECT_MIN_Z``
+    standard errors of the per-frame difference (the rule every candidate passes: a tie
+    keeps the single candidate, the simpler output).  ``frame_losses``: name -> per-frame
+    losses of the candidates.  The test is recorded under 'ensemble'."""
+    choice = dict(choice)
+    if "n2s_loss" not in record:
+        choice["ensemble"] = {k: v for k, v in record.items() if k != "gate"}
+        return choice
+    base = choice["chosen"]
+    pick = metrics.select_model({base: float(np.mean(frame_losses[base])), "ensemble": record["n2s_loss"]},
+                                {base: frame_losses[base], "ensemble": record["n2s_loss_frames"]}, fallback=base)
+    chosen = pick["chosen"] == "ensemble"
+    choice["ensemble"] = {"members": record["members"], "n2s_loss": record["n2s_loss"], "kind": record["kind"],
+                          "versus": base, "z": (pick.get("significance") or {}).get("z"), "chosen": chosen}
+    if "loss" in choice:
+        choice["loss"] = {**choice["loss"], "ensemble": record["n2s_loss"]}
+    if chosen:
+        choice["chosen"] = "ensemble"
+    return choice
+
+
 def choose(losses: dict, ds, blind_radii: dict | None = None, noise_radius: int | None = None,
            frame_losses: dict | None = None) -> dict:
     """Which candidate denoises the dataset.  One candidate: it.  Several (``auto``): the
@@ -686,6 +810,38 @@ def _tiled_writer(path, shape, tile: int, **kw) -> io.ZarrStackWriter:
     n_t, ny, nx = shape
     ty, tx = min(tile, ny), min(tile, nx)
     return io.ZarrStackWriter(path, shape, chunks=(1, ty, tx), shards=(n_t, ty, tx), **kw)
+
+
+class Reblinded(filters.FrameMap):
+    """A lazy (T, Y, X) stack ``(out - w noisy) / (1 - w)``: the blind output back from one
+    that gave its own pixel back with weight w (:func:`with_own_pixel`; float32)."""
+
+    def __init__(self, out, noisy, weight: float):
+        super().__init__(out, None)
+        self.noisy, self.weight = noisy, float(weight)
+
+    def _compute(self, a: int, b: int) -> np.ndarray:
+        f = np.asarray(self.stack[a:b], dtype=np.float64)
+        y = np.asarray(self.noisy[a:b], dtype=np.float64)
+        return ((f - self.weight * y) / (1.0 - self.weight)).astype(np.float32)
+
+
+def classical_blind_stack(stack, attrs: dict, workdir=None, output=None):
+    """:func:`classical_blind` of ``stack``: in memory (``workdir`` None) or into a Zarr
+    store there, by the tiles of the classical filter (lazy, read back).  A gated mix
+    (``pipeline.gate_mix``) writes its cross-fitted blind output with the own pixel given
+    back, so from its ``output`` the blind one is recovered without a pass of the filter
+    (:class:`Reblinded`; float32 rounding divided by 1 - w)."""
+    fit = (attrs.get("mix") or {}).get("fit") or {}
+    if output is not None and attrs.get("filter") == "gaussian_mix" and "gate" in fit:
+        return Reblinded(output, stack, fit["own_pixel"]["weight"])
+    if workdir is None:
+        return classical_blind(stack, attrs)
+    path = _work_path(workdir, "classical_blind")
+    with (_scratch(path, stack.shape) as scratch,
+          _tiled_writer(path, tuple(stack.shape), filters.blind_tile(int(stack.shape[0])), pyramid=False) as w):
+        classical_blind(stack, attrs, scratch=scratch, out=w.array)
+    return io.read_zarr(path)[0]
 
 
 def classical_zarr(stack, blind_radius: int, dst, *, attrs: dict | None = None, pixel_size=None,
@@ -829,7 +985,8 @@ def denoise_stack(stack, ds, *, train_overrides: dict | None = None, device: str
         (``filters.FrameMap``), the losses read frame by frame.  Memory then does not grow
         with the movie; the values are those of the in-memory chain (CPU).
     Returns {'chosen', 'output' (T, Y, X) float32 in data units, 'outputs' per candidate
-    ('classical' too for ``auto``; on the input grid), 'checkpoints' per trained model,
+    ('classical' and, with ``model.ensemble``, 'ensemble' too for ``auto``: :func:`ensemble`,
+    :func:`prefer_ensemble`; on the input grid), 'checkpoints' per trained model,
     'choice' (record), 'blindspot' (noise stage result), 'drift' (record or None),
     'warnings' (list of str)}.  With ``workdir`` the outputs are lazy arrays reading
     from its stores: write them before the folder is removed.
@@ -860,7 +1017,7 @@ def denoise_stack(stack, ds, *, train_overrides: dict | None = None, device: str
         frame_losses[name] = metrics.self_supervised_loss_per_frame(blind, stack, region)
         return float(np.mean(frame_losses[name]))  # = metrics.self_supervised_loss
 
-    outputs, ckpts, losses, warnings = {}, {}, {}, []
+    outputs, ckpts, losses, warnings, blinds = {}, {}, {}, [], {}
     for name in ds.candidates:
         if name == "pretrained":
             model, ckpt = load_checkpoint(ds.model.checkpoint, device=device)
@@ -884,6 +1041,7 @@ def denoise_stack(stack, ds, *, train_overrides: dict | None = None, device: str
             if done:
                 done(shape[0], shape[0])
         losses[name] = loss(out, name)  # the network's own (blind) output, before any low-pass
+        blinds[name] = out
         outputs[name], _ = postprocess(out, ds, name, stack, model.params.halo_t, model_kind=ckpt.get("model"),
                                        ks_max=max(ckpt["model_params"].get("ks", [7])), loss=losses[name],
                                        region=region)
@@ -895,20 +1053,25 @@ def denoise_stack(stack, ds, *, train_overrides: dict | None = None, device: str
         else:
             attrs = classical_zarr(stack, b, _work_path(workdir, "classical"), pyramid=False)
             outputs["classical"], _ = io.read_zarr(_work_path(workdir, "classical"))
+        if shifted or "ensemble" in ds.select_candidates:  # the blind version (a pass, unless a gated mix)
+            blinds["classical"] = classical_blind_stack(stack, attrs, workdir, outputs["classical"])
         if not shifted:
             losses["classical"] = attrs["n2s_loss"]
             frame_losses["classical"] = attrs["n2s_loss_frames"]
-        elif workdir is None:
-            losses["classical"] = loss(classical_blind(stack, attrs), "classical")
         else:
-            tile = filters.blind_tile(shape[0])
-            path = _work_path(workdir, "classical_blind")
-            with (_scratch(path, stack.shape) as scratch,
-                  _tiled_writer(path, tuple(stack.shape), tile, pyramid=False) as w):
-                classical_blind(stack, attrs, scratch=scratch, out=w.array)
-            losses["classical"] = loss(io.read_zarr(path)[0], "classical")
+            losses["classical"] = loss(blinds["classical"], "classical")
     radii = {m: int(c.get("blind_radius", 0)) for m, c in ckpts.items()}
     choice = choose(losses, ds, radii, spot["blindspot"] // 2, frame_losses)
+    if "ensemble" in ds.select_candidates:  # the candidates the selection trusts, combined
+        ens, blind = ensemble({m: blinds[m] for m in losses if m not in choice.get("left_out", {})}, stack,
+                              region=region)
+        choice = prefer_ensemble(choice, ens, frame_losses)
+        if blind is not None:
+            w = unblind_weight(blind, stack, ens["n2s_loss"], region)
+            outputs["ensemble"] = with_own_pixel(blind, stack, w["weight"])
+            if workdir is None:
+                outputs["ensemble"] = np.asarray(outputs["ensemble"], dtype=np.float32)
+            choice["ensemble"]["own_pixel"] = w["weight"]
     if shifted:  # back onto the input grid
         outputs = {m: from_canvas(o, record, shape) for m, o in outputs.items()}
     if choice["chosen"] == "classical":

@@ -745,6 +745,8 @@ def _dataset_html(name: str, diag_dir: Path, index: dict, summary: dict, table: 
             extra += f". {html.escape(_metrics.nlm_sentence(choice['nlm']))}"
         if choice.get("mix"):
             extra += f". {html.escape(_metrics.mix_sentence(choice['mix']))}"
+        if choice.get("ensemble"):
+            extra += f". {html.escape(_metrics.ensemble_sentence(choice['ensemble']))}"
         if choice.get("reach_choice"):
             extra += f". {html.escape(_metrics.reach_sentence(choice['reach_choice']))}"
         out.append(f"<h3>Model choice</h3><p>{html.escape(choice.get('rule', ''))}. {extra}</p>"

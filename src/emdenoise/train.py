@@ -590,7 +590,8 @@ GATE_MIN_PIXELS = 50_000
 
 
 def fit_mix_gate(samples: dict, *, seed: int = 0, steps: int = GATE_STEPS, hidden: int = GATE_HIDDEN,
-                 batch: int = GATE_BATCH, lr: float = 1e-3, threads: int | None = None) -> dict:
+                 batch: int = GATE_BATCH, lr: float = 1e-3, threads: int | None = None,
+                 min_pixels: int = GATE_MIN_PIXELS) -> dict:
     """Fit the Gaussian mix's gate (``models.MixGate``) on its sampled pixels, cross-fitted.
 
     samples: ``filters.blind_gaussian_mix(..., samples=n).samples`` -- 'features' (n, K)
@@ -611,15 +612,16 @@ def fit_mix_gate(samples: dict, *, seed: int = 0, steps: int = GATE_STEPS, hidde
     the targets, 'structure' [mean, SD, eps] of log(structure + eps), 'hidden', 'weights'
     [p0, p1], 'steps' (the kept step of each), 'held_out' (each one's held-out losses,
     data units², one per evaluation; the first is the linear start's), 'pixels' per parity.
-    Raises InputError when a parity has fewer than ``GATE_MIN_PIXELS`` pixels.
+    Raises InputError when a parity has fewer than ``min_pixels`` pixels.  ``steps`` 0: the
+    least-squares linear mix alone (cross-fitted all the same; ``auto``'s ensemble on small
+    movies, ``pipeline.ensemble``).
     """
     feats = np.asarray(samples["features"], dtype=np.float32)
     target = np.asarray(samples["target"], dtype=np.float64)
     parity = np.asarray(samples["frame"]) % 2
     counts = [int(np.sum(parity == p)) for p in (0, 1)]
-    if min(counts) < GATE_MIN_PIXELS:
-        raise InputError(None, f"the mix's gate needs {GATE_MIN_PIXELS} sampled pixels of each frame parity, "
-                               f"got {counts}")
+    if min(counts) < min_pixels:
+        raise InputError(None, f"the gate needs {min_pixels} sampled pixels of each frame parity, got {counts}")
     mu, sd = float(target.mean()), float(target.std())
     sd = sd if sd > 0 else 1.0
     structure = np.asarray(samples["structure"], dtype=np.float64)

@@ -138,8 +138,17 @@ def candidates(ds):
 
 def select_candidates(ds):
     """What `select` chooses from: the trained models, and for `auto` also the Gaussian 3D
-    tuned without ground truth (`classical`, no checkpoint)."""
+    tuned without ground truth (`classical`, no checkpoint) and their `ensemble`."""
     return CFG.datasets[ds].select_candidates
+
+
+def ensemble_members(wildcards):
+    """The ensemble's members, key their name: each network's blind output (before its
+    low-pass and own pixel) and the classical candidate's stack (its blind version is
+    computed from its recorded settings)."""
+    ds = wildcards.ds
+    return {**{m: f"{RESULTS}/{ds}/{m}/denoised_raw.zarr" for m in candidates(ds)},
+            "classical": f"{RESULTS}/{ds}/classical/denoised.zarr"}
 
 
 def methods(ds):
