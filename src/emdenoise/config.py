@@ -48,7 +48,7 @@ class WCVDParams:
     """Architecture hyper-parameters (paper values as defaults).
 
     kt: temporal kernel size (odd, >= 3) for ``dims=3``; ignored for ``dims=2``.
-    ks: spatial kernel sizes of the ensemble branches (odd, >= 3).
+    ks: spatial kernel sizes of the parallel branches (odd, >= 3).
     channels: C_out of the BCK and of the hidden 1x1 layers.
     n_layers: N_L, number of hidden 1x1 layers with LeakyReLU.
     negative_slope: LeakyReLU slope.
