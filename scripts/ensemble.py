@@ -8,7 +8,7 @@ removed after).
 The gate is fitted on a grid of sampled pixels, cross-fitted by frame parity; its
 self-supervised loss (`n2s_loss`, per frame `n2s_loss_frames`) is what `select` compares
 with the candidate it would replace.  The output is the ensemble with its own pixel given
-back (emdenoise.pipeline.unblind_weight), streamed frame block by frame block.
+back (emdenoise.pipeline.ensemble_output), streamed frame block by frame block.
 """
 import json
 import tempfile
@@ -42,9 +42,9 @@ def main(smk):
         stage.log.info("ensemble: %s", metrics.ensemble_sentence(record))
         if blind is None:
             raise InputError(smk.input.stack, f"no ensemble: {record['skipped']}")
-        own = pipeline.unblind_weight(blind, stack, record["n2s_loss"])
+        output, own = pipeline.ensemble_output(blind, stack, record)
         stage.log.info("ensemble: loss %.6g, own-pixel weight %.3f", record["n2s_loss"], own["weight"])
-        io.write_zarr(out, pipeline.with_own_pixel(blind, stack, own["weight"]), pixel_size=attrs.get("pixel_size"),
+        io.write_zarr(out, output, pixel_size=attrs.get("pixel_size"),
                       attrs={"method": "ensemble", "n2s_loss": record["n2s_loss"],
                              "n2s_loss_frames": record["n2s_loss_frames"], "temporal_reach": max(reaches),
                              "blind_radius": min(radii), "ensemble": {**record, "own_pixel": own}})

@@ -744,6 +744,14 @@ def ensemble(blinds: dict, noisy, *, region=None, samples: int = ENSEMBLE_SAMPLE
             "kind": "gated" if gated else "linear", "steps": gate["steps"], "pixels": counts, "gate": gate}, blind
 
 
+def ensemble_output(blind: Ensembled, noisy, record: dict, region=None) -> tuple:
+    """The ensemble's output: its blind output ``blind`` (:func:`ensemble`) with its own
+    pixel given back by the networks' rule (:func:`unblind_weight` from ``record``'s loss,
+    :func:`with_own_pixel`; lazy).  Returns (stack, the weight's record)."""
+    own = unblind_weight(blind, noisy, record["n2s_loss"], region)
+    return with_own_pixel(blind, noisy, own["weight"]), own
+
+
 def prefer_ensemble(choice: dict, record: dict, frame_losses: dict) -> dict:
     """:func:`choose`'s record with the ensemble (:func:`ensemble`'s ``record``) taken in
     its chosen candidate's place only when its loss is lower by ``metrics.SELECT_MIN_Z``
@@ -1067,11 +1075,10 @@ def denoise_stack(stack, ds, *, train_overrides: dict | None = None, device: str
                               region=region)
         choice = prefer_ensemble(choice, ens, frame_losses)
         if blind is not None:
-            w = unblind_weight(blind, stack, ens["n2s_loss"], region)
-            outputs["ensemble"] = with_own_pixel(blind, stack, w["weight"])
+            outputs["ensemble"], own = ensemble_output(blind, stack, ens, region)
             if workdir is None:
                 outputs["ensemble"] = np.asarray(outputs["ensemble"], dtype=np.float32)
-            choice["ensemble"]["own_pixel"] = w["weight"]
+            choice["ensemble"]["own_pixel"] = own["weight"]
     if shifted:  # back onto the input grid
         outputs = {m: from_canvas(o, record, shape) for m, o in outputs.items()}
     if choice["chosen"] == "classical":
