@@ -17,14 +17,17 @@ import json
 import pandas as pd
 
 from emdenoise import filters, io, metrics, pipeline, stage
+from emdenoise.config import stage_config
 
 
 def main(smk):
+    ds = stage_config(smk.params.cfg)
     aligned, attrs = io.read_zarr(smk.input.stack)  # lazy: read tile by tile
     b = int(json.loads(open(smk.input.blindspot).read())["blindspot"]) // 2
     tile = filters.blind_tile(aligned.shape[0])  # the output's shards are the tuning's tiles
+    limit = pipeline.reach_limit(ds.model.max_reach, aligned.shape[0])
     record = pipeline.classical_zarr(aligned, b, smk.output.denoised, attrs=attrs, pixel_size=attrs.get("pixel_size"),
-                                     threads=max(1, smk.threads))  # the gate's torch threads
+                                     threads=max(1, smk.threads), max_reach=limit)  # threads: the gate's torch
     g = record["gaussian"]
     stage.log.info("classical: Gaussian 3D sigma (t, y, x) = %s, blind radius %d, self-supervised loss %.6g "
                    "(tiles of %d px)", g["sigma"], b, g["n2s_loss"], tile)

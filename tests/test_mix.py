@@ -161,8 +161,9 @@ def test_the_mix_keeps_to_the_checkable_reach_unless_reaching_further_is_signifi
     var = metrics.frame_difference_variance(y)
     kept = filters.blind_gaussian_mix(y, 0, classes=(1, 2), noise_variance=var, preferred_reach=14, min_z=1e9,
                                       output="none")
-    assert kept.fit["reach"] == 8 and max(s for s, _ in kept.fit["sigmas"]) == 4.0  # 2 sigma_t <= 14
-    assert kept.fit["reach_choice"]["reaches"] == [8, 64] and kept.fit["reach_choice"]["z"] < -2
+    assert max(s for s, _ in kept.fit["sigmas"]) == 4.0 and kept.fit["classes"] == 2  # 2 sigma_t <= 14
+    assert kept.fit["reach"] == 14 and kept.fit["structure_sigma_t"] == 7.0  # the classes' map keeps within it
+    assert kept.fit["reach_choice"]["reaches"] == [8, 14, 64] and kept.fit["reach_choice"]["z"] < -2
     far = filters.blind_gaussian_mix(y, 0, classes=(1, 2), noise_variance=var, preferred_reach=14, output="none")
     assert far.fit["reach"] == 64 and far.loss < kept.loss
     # the blind version of the shorter dictionary is the one scored
@@ -170,6 +171,40 @@ def test_the_mix_keeps_to_the_checkable_reach_unless_reaching_further_is_signifi
     np.testing.assert_allclose(sums / y[0].size, kept.loss_frames, rtol=1e-9)
     assert filters.blind_gaussian_mix(y, 0, classes=1, preferred_reach=100, output="none").fit["reach_choice"][
         "reaches"] == [64]
+
+
+def test_the_mix_reach_counts_the_frames_its_classes_read(dynamic):
+    """Output frame t depends on every frame the structure map of frame t averages (its
+    classes pick the coefficients), not only on the dictionary's Gaussians: the recorded
+    reach is the longer of the two (the map keeps within the preferred reach), and a frame
+    just past it changes nothing."""
+    y = dynamic.noisy.astype(np.float32)
+    fit = filters.blind_gaussian_mix(y, 0, sigmas_t=(0.0, 1.0, 2.0), classes=2, preferred_reach=14,
+                                     output="none").fit
+    assert fit["classes"] == 2 and max(filters.gaussian_reach(s) for s, _ in fit["sigmas"]) == 4
+    assert fit["structure_sigma_t"] == 7.0 and fit["reach"] == filters.mix_reach(fit) == 14
+    assert filters.mix_reach({**fit, "classes": 1}) == 4 and filters.mix_reach({**fit, "classes": 1, "gate": {"k": 1}}) == 14
+    t = 12
+    base = filters.gaussian_mix_apply(y, fit)[0][t]
+    stripes = np.zeros(y.shape[1:], np.float32)
+    stripes[30:80, 30:80:2] = 40.0  # strong fringes: a high-structure patch in one frame
+
+    def changed(lag):
+        z = y.copy()
+        z[t + lag] += stripes
+        return np.abs(filters.gaussian_mix_apply(z, fit)[0][t] - base).max() > 1e-4
+
+    assert changed(10) and changed(14) and not changed(15) and not changed(25)
+
+
+def test_max_reach_cuts_the_mix(dynamic):
+    """model.max_reach: no Gaussian and no structure map past it; 0 leaves one class and no gate."""
+    y = dynamic.noisy.astype(np.float32)
+    cut = filters.blind_gaussian_mix(y, 0, classes=(1, 2), max_reach=6, preferred_reach=14, output="none")
+    assert max(filters.gaussian_reach(s) for s, _ in cut.fit["sigmas"]) <= 6 and cut.fit["structure_sigma_t"] == 3.0
+    assert cut.fit["reach"] <= 6 and max(cut.fit["reach_choice"]["reaches"]) <= 6
+    zero = filters.blind_gaussian_mix(y, 0, max_reach=0, output="none", samples=filters.MIX_GATE_SAMPLES)
+    assert zero.fit["classes"] == 1 and zero.fit["reach"] == 0 and zero.samples is None
 
 
 def test_the_mix_is_blind_to_more_than_the_noise_stage_where_the_noise_is_correlated():

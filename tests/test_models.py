@@ -119,7 +119,7 @@ def test_ensemble_output_is_a_softmax_weighted_sum_of_branches():
         m.ensemble_logits.copy_(logits)
         mixed = m(x)
     a = torch.softmax(logits, 0)  # convex weights, as in the released code
-    assert abs(float(m.ensemble_weights.sum()) - 1) < 1e-6 and bool((m.ensemble_weights > 0).all())
+    assert abs(float(m.ensemble_weights.detach().sum()) - 1) < 1e-6 and bool((m.ensemble_weights > 0).all())
     torch.testing.assert_close(mixed, sum(ai * oi for ai, oi in zip(a, outs)), rtol=1e-5, atol=1e-6)
     assert bool((mixed >= 0).all())  # a convex combination of ReLU outputs stays >= 0
     assert not torch.allclose(outs[0], outs[2])  # the branches really differ (Ks = 3 vs 7)

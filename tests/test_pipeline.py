@@ -117,6 +117,42 @@ def test_auto_picks_the_lower_true_mse_between_kt3_and_kt7():
     assert choice["chosen"] == min(true_mse, key=true_mse.get), (true_mse, choice)
 
 
+def test_max_reach_limits_every_tuned_reach():
+    """model.max_reach: 'any' limits nothing, 'checkable' keeps to what uMSE can score on the
+    movie (nothing where it can score no reach at all), a number of frames is that; the
+    context candidate keeps at least one frame each side."""
+    assert pipeline.reach_limit("any", 100) is None and pipeline.reach_limit(7, None) == 7
+    assert pipeline.reach_limit("checkable", 100) == metrics.checkable_reach(100) == 44
+    assert pipeline.reach_limit("checkable", 11) == 0 and pipeline.reach_limit("checkable", 10) is None
+    for bad in (-1, True, "far"):
+        with pytest.raises(InputError, match="max_reach"):
+            pipeline.reach_limit(bad, 100)
+    with pytest.raises(InputError, match="number of frames"):
+        pipeline.reach_limit("checkable", None)
+    ctx = {m: pipeline.model_params(_ds(model={"max_reach": m}), "wcvd_ctx", n_frames=100).context
+           for m in ("any", "checkable", 3, 0)}
+    assert ctx == {"any": 99, "checkable": 44, 3: 3, 0: 1}
+    assert pipeline.model_params(_ds(model={"max_reach": 0}), "wcvd", n_frames=100).context == 0
+    for bad in ("far", -1):  # the schema refuses what the code would
+        with pytest.raises(InputError, match="max_reach"):
+            emcfg.validate({"datasets": {"x": {"path": "x", "model": {"max_reach": bad}}}})
+    emcfg.validate({"datasets": {"x": {"path": "x", "model": {"max_reach": "checkable"}}}})
+
+
+def test_the_classical_candidate_keeps_within_max_reach():
+    """Every classical filter tried keeps within the limit, and the record says so."""
+    y = simulate_movie(24, (64, 64), mode="counting", dose=2.0, seed=3).noisy.astype(np.float32)
+    _, free = pipeline.classical_candidate(y, 0, gate=False)
+    assert free["max_reach"] is None and free["gaussian"]["sigma"][0] >= 2  # a still scene: long averages
+    _, cut = pipeline.classical_candidate(y, 0, gate=False, max_reach=3)
+    assert cut["max_reach"] == 3 and cut["temporal_reach"] <= 3, cut["filter"]
+    assert filters.gaussian_reach(cut["gaussian"]["sigma"][0]) <= 3
+    assert filters.mix_reach(cut["mix"]["fit"]) <= 3 and cut["mix"]["fit"]["structure_sigma_t"] == 1.5
+    assert "reaches past model.max_reach" in cut["nlm"].get("skipped", "") or cut["nlm"]["sigma_t"] <= 1.5
+    _, none = pipeline.classical_candidate(y, 0, gate=False, nlm=False, max_reach=0)
+    assert none["temporal_reach"] == 0 and none["mix"]["fit"]["classes"] == 1  # no other frame for the classes
+
+
 def test_context_cap_depends_on_the_kind_of_data():
     # Movies: up to 99 frames each side, at most T - 1 (the whole movie: windows continue
     # past the ends, tiling.window_index); tilt series: 6 -- their neighbouring "frames"

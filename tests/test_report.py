@@ -290,6 +290,7 @@ def test_the_report_says_why_there_is_no_gain_figure():
     s = _unscored(table, choice, 100)
     assert s.startswith("No gain figure: the classical candidate reaches 64 frames each side") and "100 frames" in s
     assert "(radius 44)" in s and "wcvd_ctx's error is 10.87 (squared units) below it" in s, s
+    assert s.endswith("(model.max_reach: checkable keeps every candidate within what uMSE can check.)")
     assert "above it" in _unscored(table, {**choice, "loss": {"wcvd_ctx": 1770.0, "classical": 1769.11}}, 100)
     assert _unscored(table.assign(upsnr_db=[25.95, 39.906, 39.9]), choice, 100) is None  # a gain exists
     assert _unscored(table, {**choice, "chosen": "classical"}, 100) is None  # gain 0 by definition

@@ -128,6 +128,7 @@ def test_unedited_config_schedules_nothing(workdir):
     (("infer", "batch_frames"), 4, downstream("infer")),
     # unrelated to a WCVD dataset: only its provenance.json, which records the whole entry
     (("shine", "blocks"), 3, {"provenance"}),
+    (("model", "max_reach"), 5, {"provenance"}),  # read by the classical and wcvd_ctx jobs only
     (("shine_train", "batch_size"), 2, {"provenance"}),
 ])
 def test_an_edit_reruns_its_stage_and_what_follows(workdir, path, value, stages):

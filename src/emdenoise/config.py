@@ -362,6 +362,13 @@ class ModelConfig:
     # ((T - 11) // 2) where the longer one is not significantly better on held-out frames
     # (pipeline.choose_reach); 0 = no such candidate in auto
     context: int | str = setting("auto", minimum=0, also=["auto"])
+    # the longest temporal reach (frames each side of t) any tuned candidate may have: 'any'
+    # (the default: a candidate keeps to the reach uMSE can check unless reaching further is
+    # significantly better), 'checkable' (never further than uMSE can check on the movie,
+    # (T - 11) // 2, so the report scores every candidate; no limit where the movie is too
+    # short for any check) or a number of frames.  Limits the classical candidate's Gaussians,
+    # NL-means and mix and wcvd_ctx's context; WCVD's and SHINE's fixed windows stay as set.
+    max_reach: int | str = setting("any", minimum=0, also=["any", "checkable"])
     # auto also combines its candidates' blind outputs pixel by pixel (pipeline.ensemble:
     # a small MLP gate fitted on the movie, cross-fitted by frame parity) and takes that
     # where its self-supervised loss is significantly lower than the chosen candidate's
@@ -952,7 +959,7 @@ def model_settings(ds, model: str) -> list[str]:
         return ["shine", "shine_train"]
     _, kt = candidate_model(model)
     return ([f"model.{f}" for f in wcvd_arch(3 if kt is None else 2)] + ["model.blindspot"]
-            + (["model.context", "kind"] if model.endswith(CONTEXT_SUFFIX) else []))
+            + (["model.context", "model.max_reach", "kind"] if model.endswith(CONTEXT_SUFFIX) else []))
 
 
 def lowpass_settings(ds, model: str) -> list[str]:

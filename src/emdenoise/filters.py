@@ -940,14 +940,34 @@ def _mix_halo(sigmas_yx) -> int:
     return max(max(_spatial_radius(s) for s in sigmas_yx), struct)
 
 
-def _mix_structure(box: np.ndarray, core) -> np.ndarray:
+def mix_structure_sigma(max_reach: int | None) -> float:
+    """sigma_t (frames) of the mix's structure map: :data:`MIX_STRUCT_SIGMA_T`, or less so
+    that the map of frame t reads no frame beyond ``max_reach`` (its reach ceil(2 sigma_t)
+    is part of the mix's temporal reach); None or < 1: the default (no frame budget)."""
+    if max_reach is None or int(max_reach) < 1:
+        return MIX_STRUCT_SIGMA_T
+    return min(MIX_STRUCT_SIGMA_T, int(max_reach) / 2.0)
+
+
+def mix_reach(fit: dict) -> int:
+    """Temporal reach (frames each side) of a fitted mix's output: its dictionary's longest
+    Gaussian and, where the coefficients depend on the structure map (more than one class,
+    or a gate, which reads it), the map's temporal mean (:func:`mix_structure_sigma`)."""
+    reach = max(gaussian_reach(s_t) for s_t, _ in fit["sigmas"])
+    if int(fit.get("classes", 1)) > 1 or fit.get("gate"):
+        reach = max(reach, gaussian_reach(float(fit.get("structure_sigma_t", MIX_STRUCT_SIGMA_T))))
+    return int(reach)
+
+
+def _mix_structure(box: np.ndarray, core, sigma_t: float = MIX_STRUCT_SIGMA_T) -> np.ndarray:
     """(T, Y', X') box -> (T, core) float32 structure map: gradient energy of the temporal
-    Gaussian mean of the *other* frames (zero padding in t, renormalised), so frame t's
-    map never reads frame t.  The box must extend the core by :func:`_mix_halo` px where
-    the core is not at the frame's edge (the filters mirror only at the frame's edge)."""
+    Gaussian mean (``sigma_t`` frames) of the *other* frames (zero padding in t,
+    renormalised), so frame t's map never reads frame t.  The box must extend the core by
+    :func:`_mix_halo` px where the core is not at the frame's edge (the filters mirror only
+    at the frame's edge)."""
     n_t = box.shape[0]
-    reach = gaussian_reach(MIX_STRUCT_SIGMA_T)
-    gt = _kernel1d(MIX_STRUCT_SIGMA_T, reach).astype(np.float32)
+    reach = gaussian_reach(sigma_t)
+    gt = _kernel1d(sigma_t, reach).astype(np.float32)
     gt[reach] = 0.0  # leave frame t out
     num = ndimage.correlate1d(box.astype(np.float32, copy=False), gt, axis=0, mode="constant", cval=0.0)
     den = ndimage.correlate1d(np.ones(n_t, np.float32), gt, mode="constant", cval=0.0)
@@ -1022,7 +1042,8 @@ def _mix_fit(gram, rhs, sq, members, n_k: int, edges, n_pixels: int) -> dict:
 def blind_gaussian_mix(stack, blind_radius: int = 0, *, sigmas_t=MIX_SIGMAS_T, sigmas_yx=MIX_SIGMAS_YX,
                        classes=MIX_CLASSES, noise_variance: float | None = None,
                        preferred_reach: int | None = None, min_z: float = 2.0, output: str = "plain",
-                       min_weight: float = 0.02, tile: int | None = None, out=None, samples: int = 0) -> GaussianMix:
+                       min_weight: float = 0.02, tile: int | None = None, out=None, samples: int = 0,
+                       max_reach: int | None = None) -> GaussianMix:
     """A locally adaptive mix of Gaussian 3D filters, fitted on the noisy movie itself.
 
     Each output pixel is a linear combination of K Gaussian 3D filters of the movie (the
@@ -1065,7 +1086,12 @@ def blind_gaussian_mix(stack, blind_radius: int = 0, *, sigmas_t=MIX_SIGMAS_T, s
         still score the output (on the 100-frame Au movie the whole dictionary reaches 64
         frames, past the 44 uMSE can check).  The dictionary without the Gaussians that
         reach further (and each number of classes) is fitted from the same normal
-        equations.  None: no preference.
+        equations.  None: no preference.  The structure map's temporal mean keeps within it
+        too (:func:`mix_structure_sigma`; the classes, and so the output, depend on every
+        frame the map reads: :func:`mix_reach`).
+    max_reach: the longest temporal reach (frames) allowed at all (``model.max_reach``):
+        Gaussians reaching further leave the grid, the structure map keeps within it, and
+        with 0 the mix has one class and no gate (the map needs another frame).  None: any.
     classes: a number of structure classes, or several (a power-of-two ladder up to the
         largest, e.g. (1, 2, 4, 8): the lowest cross-fitted loss is kept).
     output: 'plain' (default: the denoised movie), 'jinv' (the cross-fitted blind mix) or
@@ -1086,6 +1112,12 @@ def blind_gaussian_mix(stack, blind_radius: int = 0, *, sigmas_t=MIX_SIGMAS_T, s
     if n_t < 2:
         raise InputError(None, f"blind_gaussian_mix: needs at least 2 frames (the structure map of frame t is "
                                f"made of the others), got {n_t}")
+    if max_reach is not None:
+        sigmas_t = tuple(s for s in sigmas_t if gaussian_reach(s) <= int(max_reach))
+    budget = [int(r) for r in (preferred_reach, max_reach) if r is not None]
+    s_sigma = mix_structure_sigma(min(budget) if budget else None)
+    if max_reach is not None and gaussian_reach(s_sigma) > int(max_reach):  # 0: no other frame for the map
+        classes, samples = 1, 0
     options = sorted({int(c) for c in np.atleast_1d(classes)})
     finest = options[-1]
     if options[0] < 1 or any(finest % c for c in options):
@@ -1101,7 +1133,7 @@ def blind_gaussian_mix(stack, blind_radius: int = 0, *, sigmas_t=MIX_SIGMAS_T, s
     edge_samples = []
     for region in _tiles((n_y, n_x), sub):
         box, core = _read_tile(y, region, halo)
-        st = _mix_structure(box, core)
+        st = _mix_structure(box, core, s_sigma)
         oy, ox = (-region[0].start) % step, (-region[1].start) % step
         edge_samples.append(st[:, oy::step, ox::step].ravel())
     edges = np.quantile(np.concatenate(edge_samples), np.linspace(0, 1, finest + 1)[1:-1])
@@ -1113,7 +1145,7 @@ def blind_gaussian_mix(stack, blind_radius: int = 0, *, sigmas_t=MIX_SIGMAS_T, s
     kept = []
     for region in _tiles((n_y, n_x), sub):
         box, core = _read_tile(y, region, halo)
-        struct = _mix_structure(box, core)
+        struct = _mix_structure(box, core, s_sigma)
         cls = np.digitize(struct, edges)
         fb = _mix_features(box, core, region, filts, b)
         target = box[(slice(None),) + tuple(core)]
@@ -1143,11 +1175,12 @@ def blind_gaussian_mix(stack, blind_radius: int = 0, *, sigmas_t=MIX_SIGMAS_T, s
         idx = np.array(keep + [n_k])  # + the intercept
         g_k, r_k = gram[:, :, idx][:, :, :, idx], rhs[:, :, idx]
         base = {"sigmas": [[filts[k][0], filts[k][1]] for k in keep], "blind_radius": b,
-                "sigmas_yx_grid": [float(s) for s in sigmas_yx], "reach": max(reach[k] for k in keep)}
+                "sigmas_yx_grid": [float(s) for s in sigmas_yx], "structure_sigma_t": s_sigma}
         for c in options:  # nested quantile classes: class i of c joins finest classes i*f .. (i+1)*f - 1
             f = finest // c
             fits.append({**base, **_mix_fit(g_k, r_k, sq, [list(range(i * f, (i + 1) * f)) for i in range(c)],
                                             len(keep), edges[f - 1::f][:c - 1], n_t * n_y * n_x)})
+            fits[-1]["reach"] = mix_reach(fits[-1])
     # pass 3: every fit's cross-fitted blind loss; the lowest within the preferred reach is kept
     # unless the whole dictionary's lowest is significantly lower
     _, sums = _mix_apply(y, fits, "none", None, None, None)
@@ -1259,6 +1292,7 @@ def _mix_apply(y, fits: list, output: str, tile, out, region, loss: bool = True)
     cross = [np.asarray(f["beta_cross"], dtype=np.float64) for f in fits]
     beta = np.asarray(fits[0]["beta"], dtype=np.float64)
     w_own = float(fits[0]["own_pixel"]["weight"]) if output == "denoised" else 0.0
+    s_sigma = float(fits[0].get("structure_sigma_t", MIX_STRUCT_SIGMA_T))  # fits of one call share it
     if output != "none" and out is None:
         out = np.empty(y.shape, dtype=np.float32)
     sums = np.zeros((len(fits), n_t)) if loss else None
@@ -1275,7 +1309,7 @@ def _mix_apply(y, fits: list, output: str, tile, out, region, loss: bool = True)
             reg = (slice(oy.start + inner[0].start, oy.start + inner[0].stop),
                    slice(ox.start + inner[1].start, ox.start + inner[1].stop))
             box, core = _read_tile(y, reg, halo)
-            struct = _mix_structure(box, core)
+            struct = _mix_structure(box, core, s_sigma)
             fb_all = _mix_features(box, core, reg, filts, b)
             target = box[(slice(None),) + tuple(core)].astype(np.float64)
             k_in = keep[reg]

@@ -951,7 +951,7 @@ def unscored_sentence(choice: dict, reach: int | None, n_frames: int | None, rad
         d = loss[versus] - loss[chosen]
         text += (f" By the self-supervised loss {chosen}'s error is {abs(d):.4g} (squared units) "
                  f"{'below' if d > 0 else 'above'} it.")
-    return text
+    return text + " (model.max_reach: checkable keeps every candidate within what uMSE can check.)"
 
 
 def reach_sentence(rec: dict) -> str:

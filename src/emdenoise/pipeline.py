@@ -121,7 +121,12 @@ def model_params(ds, name: str, blindspot: int | None = None, device: str | None
         return ds.shine.params(blindspot or ds.shine.blindspot, gpu=on_gpu(ds, name, device))
     base, kt = candidate_model(name)
     if base == "wcvd":
-        context = context_frames(ds.model.context, n_frames, kind=ds.kind) if name.endswith(CONTEXT_SUFFIX) else 0
+        context = 0
+        if name.endswith(CONTEXT_SUFFIX):
+            context = context_frames(ds.model.context, n_frames, kind=ds.kind)
+            limit = reach_limit(ds.model.max_reach, n_frames)
+            if limit is not None:  # at least one frame each side: the candidate's context is its point
+                context = max(1, min(context, limit))
         return ds.model.wcvd_params(kt=kt, context=context, blindspot=ds.model.blindspot or blindspot or 1)
     raise InputError(None, f"unknown candidate model {name!r}")
 
@@ -162,6 +167,25 @@ def train_candidate(stack, ds, name: str, blindspot: int | None = None, *,
     if name == "shine":  # which size ran, and why (recorded in provenance and the report)
         ckpt["shine_size"] = {"setting": ds.shine.size, "used": ds.shine.resolved_size(gpu), "gpu": gpu}
     return ckpt
+
+
+def reach_limit(setting, n_frames: int | None) -> int | None:
+    """The longest temporal reach (frames each side of t) ``model.max_reach`` allows a tuned
+    candidate on an ``n_frames`` movie: None for 'any'; for 'checkable' the longest uMSE can
+    still score (:func:`metrics.checkable_reach`: 44 of 100 frames) -- None where the movie is
+    too short for uMSE at any reach (a limit would cost quality and buy no check); an int as
+    given."""
+    if setting in (None, "any"):
+        return None
+    if setting == "checkable":
+        if n_frames is None:
+            raise InputError(None, "model.max_reach: checkable depends on the number of frames; pass n_frames")
+        r = metrics.checkable_reach(int(n_frames))
+        return r if r >= 0 else None
+    if isinstance(setting, bool) or not isinstance(setting, (int, np.integer)) or int(setting) < 0:
+        raise InputError(None, f"model.max_reach must be 'any', 'checkable' or a number of frames >= 0, "
+                               f"got {setting!r}")
+    return int(setting)
 
 
 def choose_reach(stack, mp, tp: TrainParams, n_frames: int, names: list[str] | None = None) -> tuple:
@@ -471,6 +495,7 @@ def gate_mix(stack, m, noise_variance: float, threads: int | None = None) -> dic
     except InputError as exc:
         return {"skipped": exc.problem}
     gated = {**m.fit, "gate": gate}
+    gated["reach"] = filters.mix_reach(gated)  # the gate reads the structure map, whatever the classes
     _, sums = filters.gaussian_mix_apply(stack, gated, output="none", loss=True)
     frames = sums / (int(stack.shape[1]) * int(stack.shape[2]))
     loss = float(frames.mean())
@@ -489,7 +514,7 @@ def gate_mix(stack, m, noise_variance: float, threads: int | None = None) -> dic
 
 def classical_candidate(stack, blind_radius: int, *, tile: int | None = None, out=None, nlm: bool = True,
                         mix: bool = True, gate: bool = True, scratch=None,
-                        threads: int | None = None) -> tuple[np.ndarray, dict]:
+                        threads: int | None = None, max_reach: int | None = None) -> tuple[np.ndarray, dict]:
     """The classical filter tuned on the movie itself (no ground truth): the Gaussian 3D
     (``filters.blind_gaussian3d``, Noise2Self with the noise stage's blind spot; any
     temporal reach, up to the mean of the whole movie), NL-means of a temporal Gaussian
@@ -523,18 +548,22 @@ def classical_candidate(stack, blind_radius: int, *, tile: int | None = None, ou
     writable (T, Y, X) array such as a Zarr array sharded by those tiles, filled and
     returned.  scratch: where NL-means keeps its temporal averages, a writable (T, Y, X)
     array (None: in memory).  Memory: bounded by ``filters.TILE_BUDGET`` (and
-    ``filters.BLOCK_BYTES`` for NL-means) plus ``out`` and ``scratch`` when in memory."""
+    ``filters.BLOCK_BYTES`` for NL-means) plus ``out`` and ``scratch`` when in memory.
+    max_reach: the longest temporal reach (frames each side) any of them may have
+    (``model.max_reach``, :func:`reach_limit`; recorded as 'max_reach'): the Gaussian's
+    sigma_t grid and the mix's are cut there, NL-means whose average reaches further is
+    skipped; None: any."""
     if isinstance(stack, np.ndarray) or not hasattr(stack, "shape"):
         stack = np.asarray(stack, dtype=np.float32)
     b = int(blind_radius)
     n_t = int(stack.shape[0])
-    g = filters.blind_gaussian3d(stack, b, tile=tile, output="none")
+    g = filters.blind_gaussian3d(stack, b, tile=tile, output="none", max_reach=max_reach)
     scores = [{k: None if v != v else float(v) for k, v in row.items()}  # NaN -> null (JSON)
               for row in g.scores.to_dict(orient="records")]
     gauss = {"sigma": [g.sigma[0], g.sigma[1], g.sigma[1]], "n2s_loss": g.loss}
     attrs = {"method": "classical", "filter": "gaussian3d", "sigma": gauss["sigma"], "temporal_reach": g.reach,
              "blind_radius": b, "output": "plain", "n2s_loss": g.loss, "n2s_loss_frames": g.loss_frames.tolist(),
-             "scores": scores, "gaussian": gauss}
+             "scores": scores, "gaussian": gauss, "max_reach": max_reach}
     losses, frames = {"gaussian3d": g.loss}, {"gaussian3d": g.loss_frames}
     skip = None if nlm else "off"
     if skip is None and n_t < 2:
@@ -544,9 +573,12 @@ def classical_candidate(stack, blind_radius: int, *, tile: int | None = None, ou
     noise_sd = float(np.sqrt(metrics.frame_difference_variance(stack))) if n_t >= 2 else float("nan")
     silent = "no measurable noise (frames identical)" if not (noise_sd > 0 and np.isfinite(noise_sd)) else None
     skip = skip or silent
+    nlm_sigma_t = max(g.sigma[0], NLM_MIN_SIGMA_T)
+    if skip is None and max_reach is not None and filters.gaussian_reach(nlm_sigma_t) > max_reach:
+        skip = f"its temporal average (sigma_t {nlm_sigma_t:g}) reaches past model.max_reach ({max_reach} frames)"
     r = None
     if skip is None:
-        r = filters.blind_nlm(stack, max(g.sigma[0], NLM_MIN_SIGMA_T), noise_sd=noise_sd, average=scratch)
+        r = filters.blind_nlm(stack, nlm_sigma_t, noise_sd=noise_sd, average=scratch)
         losses["nlm"], frames["nlm"] = r.loss, r.loss_frames
         attrs["nlm"] = {"sigma_t": r.sigma_t, "patch": r.patch, "distance": r.distance, "h": r.h,
                         "noise_sd": r.noise_sd, "n2s_loss": r.loss, "scores": r.scores.to_dict(orient="records")}
@@ -560,7 +592,8 @@ def classical_candidate(stack, blind_radius: int, *, tile: int | None = None, ou
     if skip_mix is None:
         m = filters.blind_gaussian_mix(stack, filters.mix_blind_radius(b), noise_variance=noise_sd ** 2,
                                        output="none", preferred_reach=max(0, metrics.checkable_reach(n_t)),
-                                       min_z=metrics.SELECT_MIN_Z, samples=filters.MIX_GATE_SAMPLES if gate else 0)
+                                       min_z=metrics.SELECT_MIN_Z, samples=filters.MIX_GATE_SAMPLES if gate else 0,
+                                       max_reach=max_reach)
         classes_loss = m.loss
         gated = gate_mix(stack, m, noise_sd ** 2, threads) if gate else {"skipped": "off"}
         losses["gaussian_mix"], frames["gaussian_mix"] = m.loss, m.loss_frames
@@ -853,16 +886,16 @@ def classical_blind_stack(stack, attrs: dict, workdir=None, output=None):
 
 
 def classical_zarr(stack, blind_radius: int, dst, *, attrs: dict | None = None, pixel_size=None,
-                   pyramid: bool = True, threads: int | None = None) -> dict:
+                   pyramid: bool = True, threads: int | None = None, max_reach: int | None = None) -> dict:
     """:func:`classical_candidate` from a lazy (T, Y, X) stack into an OME-Zarr at ``dst``
     (sharded by the tuning's tiles, ``filters.blind_tile``), at memory bounded by
     ``filters.TILE_BUDGET``; returns its record (also stored with ``attrs``).  threads: for
-    the mix's gate (:func:`gate_mix`)."""
+    the mix's gate (:func:`gate_mix`); max_reach: :func:`reach_limit`'s."""
     tile = filters.blind_tile(stack.shape[0])
     with (_scratch(dst, stack.shape) as scratch,
           _tiled_writer(dst, tuple(stack.shape), tile, pixel_size=pixel_size, attrs=attrs, pyramid=pyramid) as w):
         _, record = classical_candidate(stack, blind_radius, tile=tile, out=w.array, scratch=scratch,
-                                        threads=threads)
+                                        threads=threads, max_reach=max_reach)
         w.update_attrs({**(attrs or {}), **record})
     return record
 
@@ -1056,10 +1089,11 @@ def denoise_stack(stack, ds, *, train_overrides: dict | None = None, device: str
         ckpts[name] = ckpt
     if "classical" in ds.select_candidates:
         b = spot["blindspot"] // 2
+        lim = reach_limit(ds.model.max_reach, shape[0])
         if workdir is None:
-            outputs["classical"], attrs = classical_candidate(stack, b)
+            outputs["classical"], attrs = classical_candidate(stack, b, max_reach=lim)
         else:
-            attrs = classical_zarr(stack, b, _work_path(workdir, "classical"), pyramid=False)
+            attrs = classical_zarr(stack, b, _work_path(workdir, "classical"), pyramid=False, max_reach=lim)
             outputs["classical"], _ = io.read_zarr(_work_path(workdir, "classical"))
         if shifted or "ensemble" in ds.select_candidates:  # the blind version (a pass, unless a gated mix)
             blinds["classical"] = classical_blind_stack(stack, attrs, workdir, outputs["classical"])

@@ -11,7 +11,7 @@ rule classical:
         denoised=directory(f"{RESULTS}/{{ds}}/classical/denoised.zarr"),
         tuning=f"{RESULTS}/{{ds}}/classical/tuning.csv",
     params:
-        cfg=stage("name"),
+        cfg=stage("name", "model.max_reach"),
     log:
         f"{RESULTS}/logs/{{ds}}/classical.log",
     threads: 2  # the mix's gate (torch)
